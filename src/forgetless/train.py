@@ -1,0 +1,169 @@
+"""The training recipe, a straight line: config -> data -> model -> ForgetlessTrainer -> outputs.
+
+OUTPUT_DIR after a run:
+  adapter_config.json + adapter_model.safetensors (LoRA)  or  config.json + model.safetensors (full)
+  tokenizer files, config.yaml (the resolved config), metrics.jsonl, train_summary.json (written last)
+  merged/            (LoRA with merge: true) a full model with the adapter folded in
+  checkpoints/       Trainer checkpoints, for --resume
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from forgetless import data as data_mod
+from forgetless.config import ForgetlessConfig, dump_config
+from forgetless.errors import ConfigError
+from forgetless.model import load_for_training
+from forgetless.regularizers import build_regularizers
+from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
+
+logger = logging.getLogger(__name__)
+
+SUMMARY = "train_summary.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    summary: dict[str, Any]
+
+
+def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> TrainingArguments:
+    t = config.train
+    # Passed only when on: transformers v5 warns about the old name even when it is False.
+    checkpointing = (
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        if t.gradient_checkpointing else {}
+    )
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers v5: a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        **checkpointing,
+        bf16=t.bf16,
+        disable_tqdm=not t.progress_bar,
+        remove_unused_columns=False,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Never clobber a finished run by accident; --overwrite starts afresh, --resume continues."""
+    if resume:
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            finished = (output_dir / SUMMARY).exists()
+            what = "a finished run" if finished else "files from an earlier (unfinished) run"
+            hint = "pass --overwrite to replace it" if finished else "pass --resume to continue it or --overwrite to start again"
+            raise ConfigError(f"output_dir {output_dir} already holds {what}; {hint}")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+
+def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> TrainResult:
+    """Run one fine-tune as `config` describes and write its outputs. See the module docstring."""
+    output_dir = Path(config.output_dir)
+    prepare_output_dir(output_dir, overwrite, resume)
+    checkpoint_dir = output_dir / "checkpoints"
+    set_seed(config.train.seed)
+
+    # model first: the tokenizer decides how data is rendered
+    model, tokenizer, model_path = load_for_training(config.model)
+    train_ds = data_mod.build_dataset(config.data.train, tokenizer, config.data)
+    eval_ds = data_mod.build_dataset(config.data.eval, tokenizer, config.data) if config.data.eval else None
+    regularizers = build_regularizers(config.regularizers)
+
+    args = training_arguments(config, checkpoint_dir)
+    trainer = ForgetlessTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=data_mod.collator(tokenizer),
+        processing_class=tokenizer,
+        regularizers=regularizers,
+        callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
+    )
+    dump_config(config, output_dir / "config.yaml")
+
+    resume_from = latest_checkpoint(checkpoint_dir) if resume else None
+    if resume and resume_from is None:
+        logger.warning("--resume: no checkpoint in %s, starting from the beginning", checkpoint_dir)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - started
+
+    summary: dict[str, Any] = {
+        "method": config.method,
+        "model": str(model_path),
+        "finetune": config.model.finetune,
+        "train_examples": len(train_ds),
+        "global_steps": result.global_step,
+        "train_loss": result.training_loss,
+        "train_seconds": round(train_seconds, 2),
+    }
+    if eval_ds is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(output_dir))
+        tokenizer.save_pretrained(str(output_dir))
+        if config.merge:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(str(output_dir / "merged"))
+            tokenizer.save_pretrained(str(output_dir / "merged"))
+            summary["merged_dir"] = str(output_dir / "merged")
+        # Written last: its presence marks a finished run.
+        (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(output_dir, summary)
+
+
+def load_trained(output_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a forgetless output folder (adapter or full model) for inference: (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output_dir = Path(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
+    if (output_dir / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(output_dir, dtype=dtype, local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=dtype, local_files_only=True)
+    return model, tokenizer

@@ -1,0 +1,122 @@
+"""ForgetlessTrainer: transformers.Trainer whose training step composes SFT + regularizers.
+
+The step, top to bottom (see `training_step`):
+  1. clean forward (hidden states only if a regularizer needs them);
+  2. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
+     tokens in the whole optimizer step, across accumulation and processes): the mean over the
+     step's tokens, exactly as transformers normalises with `num_items_in_batch`;
+  3. + each regularizer's term;  4. one backward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from forgetless.data import IGNORE_INDEX
+from forgetless.regularizers import Regularizer, StepContext
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token NLL at trained positions only: a 1-D tensor, one entry per label != -100.
+
+    Only the selected positions are upcast to fp32, so prompt and padding logits cost nothing extra.
+    """
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    selected = logits[:, :-1][keep].float()
+    return F.cross_entropy(selected, shift_labels[keep], reduction="none")
+
+
+class ForgetlessTrainer(Trainer):
+    # training_step normalises by the step's token count itself; Trainer must not divide again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.regularizers = list(regularizers or [])
+        # Makes Trainer count the response tokens of each optimizer step (over accumulation and
+        # processes) and pass the count to training_step as `num_items_in_batch`.
+        self.model_accepts_loss_kwargs = True
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._tokens_seen = 0
+        self._last_log_time = time.perf_counter()
+        for reg in self.regularizers:
+            reg.setup(self)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
+        local_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        if num_items_in_batch is None:  # called outside Trainer's loop: this batch is the whole step
+            num_items_in_batch = local_tokens * self.accelerator.num_processes
+        token_scale = self.accelerator.num_processes / max(float(num_items_in_batch), 1.0)
+        need_hidden = any(reg.needs_hidden_states for reg in self.regularizers)
+
+        with self.compute_loss_context_manager():
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                output_hidden_states=need_hidden,
+                use_cache=False,
+            )
+            nll = token_nll(outputs.logits, labels)
+            sft_loss = nll.sum() * token_scale
+            total = sft_loss
+            ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self)
+            for reg in self.regularizers:
+                term, metrics = reg.loss(ctx)
+                total = total + term
+                for key, value in metrics.items():
+                    self._metrics[key].append(value)
+
+        self.accelerator.backward(total)
+
+        if local_tokens:
+            self._metrics["l_sft"].append(nll.detach().mean().item())
+        self._tokens_seen += int(inputs["attention_mask"].sum())
+        return total.detach()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Evaluation loss: mean NLL over the response tokens of the batch."""
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        loss = token_nll(outputs.logits, inputs["labels"]).mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the step's loss parts and throughput, averaged over processes, to Trainer's own logs."""
+        if "loss" in logs:  # a training log (evaluation logs carry eval_*)
+            for key, values in self._metrics.items():
+                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
+                logs[key] = self.accelerator.gather(mean).mean().item()
+            self._metrics.clear()
+            tokens = torch.tensor(self._tokens_seen, device=self.args.device)
+            total_tokens = self.accelerator.gather(tokens).sum().item()
+            now = time.perf_counter()
+            logs["tokens_per_s"] = total_tokens / max(now - self._last_log_time, 1e-9)
+            self._tokens_seen, self._last_log_time = 0, now
+        super().log(logs, start_time)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log line (with its step) to OUTPUT_DIR/metrics.jsonl, on the main process only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch}
+        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,103 @@
+"""Tiny models and a tiny tokenizer, built locally (no hub): random-init Llama- and GPT-2-style."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import forgetless  # noqa: F401  (sets the offline flags before transformers is imported)
+
+CORPUS = [
+    "Calculate 3 + 4. 7", "Calculate 12 - 5. 7", "the quick brown fox jumps over the lazy dog",
+    "### User:\n### Assistant:\n", "<|user|> <|assistant|> hello world", "0 1 2 3 4 5 6 7 8 9 + - = .",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(kind: str, vocab_size: int, pad_id: int, eos_id: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                     pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
+    return GPT2LMHeadModel(cfg)
+
+
+def save_tiny(path: Path, kind: str, chat: bool) -> Path:
+    tokenizer = build_tokenizer(chat)
+    model = build_model(kind, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random-init Llama-style model folder with a chat template."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", chat=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A random-init GPT-2-style model folder without a chat template (plain template path)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", chat=False)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def memorisation_rows(n: int = 8) -> list[dict]:
+    """Short fixed question/answer pairs with answers of different lengths."""
+    answers = ["7", "12", "quick brown", "fox", "lazy dog jumps", "0", "9 8", "hello world over"]
+    return [{"prompt": f"Calculate {i} + {i}.", "response": answers[i % len(answers)]} for i in range(n)]
+
+
+@pytest.fixture
+def memo_data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "memo.jsonl", memorisation_rows())
+
+
+def tiny_config(model_dir: Path, data: Path, out: Path, **train):
+    from forgetless.config import load_config
+
+    overrides = [
+        f"model.name_or_path={model_dir}", f"data.train={data}", f"output_dir={out}",
+        "data.max_length=64", "train.progress_bar=false", "train.logging_steps=1", "train.warmup_ratio=0",
+        "train.lr_scheduler=constant", "model.lora.target_modules=all-linear",
+    ]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(None, overrides)

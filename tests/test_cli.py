@@ -1,0 +1,59 @@
+"""The command line as a user runs it: subprocesses, exit codes, messages without tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import memorisation_rows, write_jsonl
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "forgetless.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def test_help_everywhere():
+    for args in [["--help"], ["train", "--help"], ["config", "--help"]]:
+        res = run_cli(*args)
+        assert res.returncode == 0, res.stderr
+        assert "usage: forgetless" in res.stdout
+
+
+def test_bad_config_key_is_one_clear_error(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  batchsize: 4\n")
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 2
+    assert "run.yaml: train.batchsize: unknown key (did you mean 'train.batch_size'?)" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_model_is_one_clear_error(tmp_path):
+    res = run_cli("train", "default", "model.name_or_path=meta-llama/Llama-3.1-8B", f"output_dir={tmp_path}/o")
+    assert res.returncode == 2
+    assert "is not a local folder" in res.stderr and "never downloads" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_train_end_to_end_from_yaml(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows())
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"output_dir: {tmp_path / 'out'}\nmodel:\n  name_or_path: {tiny_llama}\n  lora: {{target_modules: all-linear}}\n"
+        f"data:\n  train: {data}\n  eval: {data}\n  max_length: 64\ntrain:\n  max_steps: 4\n  batch_size: 4\n"
+        "  logging_steps: 2\n  save_steps: 2\n"
+    )
+    res = run_cli("train", str(cfg), "train.learning_rate=1e-3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_steps"] == 4 and summary["eval_loss"] > 0
+    assert "learning_rate: 0.001" in (out / "config.yaml").read_text()
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "l_sft" in r] == [1, 2, 4]
+    # a second run into the same folder is refused
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 2 and "--overwrite" in res.stderr
