@@ -48,7 +48,9 @@ def build_model(kind: str, vocab_size: int, pad_id: int, eos_id: int):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg)
+    # dropout off, so by-hand references (eval mode) and training (train mode) compute the same function
     cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                      pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
     return GPT2LMHeadModel(cfg)
 

@@ -70,3 +70,12 @@ def test_missing_file_and_bad_override():
 def test_merge_requires_lora():
     with pytest.raises(ConfigError, match="merge: only applies"):
         load_config(None, ["merge=true", "model.finetune=full"])
+
+
+def test_method_presets_fill_regularizers():
+    assert load_config(None, ["method=lfu"]).regularizers == [{"lfu": {"variant": "lora"}}]
+    assert load_config(None, ["method=lfu-reps"]).regularizers == [{"lfu": {"variant": "reps"}}]
+    explicit = load_config(None, ["method=my-lfu", "regularizers=[{lfu: {lam: 1.0}}]"])
+    assert explicit.regularizers == [{"lfu": {"lam": 1.0}}] and explicit.method == "my-lfu"
+    with pytest.raises(ConfigError, match="method: unknown method 'lfuu'"):
+        load_config(None, ["method=lfuu"])

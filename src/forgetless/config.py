@@ -20,6 +20,13 @@ from forgetless.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# `method: NAME` fills `regularizers` with these when the config lists none itself.
+METHOD_PRESETS: dict[str, list[dict[str, Any]]] = {
+    "sft": [],
+    "lfu": [{"lfu": {"variant": "lora"}}],
+    "lfu-reps": [{"lfu": {"variant": "reps"}}],
+}
+
 
 @dataclass
 class LoraSettings:
@@ -82,7 +89,7 @@ class TrainingSettings:
 @dataclass
 class ForgetlessConfig:
     output_dir: str = "runs/default"
-    # A label for the run; presets of regularizers arrive with their issues (lfu, kl, replay).
+    # A preset (see METHOD_PRESETS) when `regularizers` is empty; otherwise just the run's label.
     method: str = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -271,6 +278,13 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
         raise ConfigError(f"{where}data.limit: must be >= 1, got {config.data.limit}")
     if config.merge and config.model.finetune != "lora":
         raise ConfigError(f"{where}merge: only applies to model.finetune: lora (a full fine-tune is already merged)")
+    if not config.regularizers:
+        if config.method not in METHOD_PRESETS:
+            raise ConfigError(
+                f"{where}method: unknown method '{config.method}' (presets: {', '.join(METHOD_PRESETS)}); "
+                "or list `regularizers` explicitly and use method as a label"
+            )
+        config.regularizers = [dict(entry) for entry in METHOD_PRESETS[config.method]]
     parse_regularizers(config.regularizers, where)
 
 

@@ -1,15 +1,19 @@
 """ForgetlessTrainer: transformers.Trainer whose training step composes SFT + regularizers.
 
 The step, top to bottom (see `training_step`):
-  1. clean forward (hidden states only if a regularizer needs them);
+  1. clean forward (hidden states only if a regularizer needs them; regularizers may hook in);
   2. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
      tokens in the whole optimizer step, across accumulation and processes): the mean over the
      step's tokens, exactly as transformers normalises with `num_items_in_batch`;
-  3. + each regularizer's term;  4. one backward.
+  3. + each regularizer's term;  4. backward;
+  5. only with a perturbing regularizer (LfU): the clean backward runs without gradient sync,
+     this micro-batch's gradient of l_sft alone is handed to it, and it runs its own
+     forward + backward (the last backward of the micro-step, so the one that syncs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from forgetless.data import IGNORE_INDEX
+from forgetless.errors import ConfigError
 from forgetless.regularizers import Regularizer, StepContext
 
 
@@ -43,6 +48,10 @@ class ForgetlessTrainer(Trainer):
     def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.regularizers = list(regularizers or [])
+        perturbers = [reg for reg in self.regularizers if reg.perturbs]
+        if len(perturbers) > 1:
+            raise ConfigError("regularizers: at most one perturbing regularizer (lfu) per run")
+        self.perturber = perturbers[0] if perturbers else None
         # Makes Trainer count the response tokens of each optimizer step (over accumulation and
         # processes) and pass the count to training_step as `num_items_in_batch`.
         self.model_accepts_loss_kwargs = True
@@ -63,28 +72,63 @@ class ForgetlessTrainer(Trainer):
         need_hidden = any(reg.needs_hidden_states for reg in self.regularizers)
 
         with self.compute_loss_context_manager():
-            outputs = model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                output_hidden_states=need_hidden,
-                use_cache=False,
-            )
+            with contextlib.ExitStack() as hooks:
+                for reg in self.regularizers:
+                    hooks.enter_context(reg.clean_forward(model, inputs))
+                outputs = model(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    output_hidden_states=need_hidden,
+                    use_cache=False,
+                )
             nll = token_nll(outputs.logits, labels)
             sft_loss = nll.sum() * token_scale
-            total = sft_loss
             ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self)
+            extra = None
             for reg in self.regularizers:
                 term, metrics = reg.loss(ctx)
-                total = total + term
-                for key, value in metrics.items():
-                    self._metrics[key].append(value)
+                if term is not None:
+                    extra = term if extra is None else extra + term
+                self._record(metrics)
+        total = sft_loss if extra is None else sft_loss + extra
 
-        self.accelerator.backward(total)
+        if self.perturber is None:
+            self.accelerator.backward(total)
+        else:
+            # The clean backward never syncs: the perturbed backward that follows is the micro-step's last.
+            with self.accelerator.no_sync(model):
+                if extra is not None:
+                    self.accelerator.backward(extra, retain_graph=True)
+                ctx.sft_grads = self._isolated_backward(sft_loss, self.perturber.ascent_tensors())
+            ctx.outputs = outputs = None  # free the clean logits before the perturbed forward
+            with self.compute_loss_context_manager():
+                term, metrics = self.perturber.perturbed_backward(ctx)
+            total = total + term
+            self._record(metrics)
 
         if local_tokens:
             self._metrics["l_sft"].append(nll.detach().mean().item())
         self._tokens_seen += int(inputs["attention_mask"].sum())
         return total.detach()
+
+    def _isolated_backward(self, loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Backward `loss`, returning its gradient w.r.t. `tensors` alone while still accumulating it.
+
+        The accumulated .grad of earlier micro-batches is set aside (references, no copy), so after
+        the backward .grad holds exactly this loss's gradient; then the two are summed back.
+        """
+        saved = [t.grad for t in tensors]
+        for t in tensors:
+            t.grad = None
+        self.accelerator.backward(loss)
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
+        for t, old, new in zip(tensors, saved, grads):
+            t.grad = new if old is None else old.add_(new)
+        return grads
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._metrics[key].append(value)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: mean NLL over the response tokens of the batch."""

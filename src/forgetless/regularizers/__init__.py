@@ -9,12 +9,20 @@ A regularizer sees a `StepContext`: the model, the batch, the clean forward's ou
 factor that normalises a *sum over response tokens* exactly like the SFT loss (correct under
 gradient accumulation and across processes). It returns a scalar tensor (already weighted by its
 coefficient) and a dict of floats to log. One module per regularizer; register it in REGISTRY.
+
+A regularizer that simulates an update (LfU) sets `perturbs = True` and implements two more hooks:
+`ascent_tensors()` (whose gradient of l_sft *alone, for this micro-batch* it needs; the step
+isolates it from the accumulated .grad and hands it over as `ctx.sft_grads`) and
+`perturbed_backward(ctx)` (its own forward + backward after the clean one, whose graph is freed
+by then). `clean_forward(model, batch)` is a context manager around the clean forward, for
+regularizers that hook into it (capture hidden states, add steering vectors).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -29,6 +37,9 @@ class StepContext:
     sft_loss: torch.Tensor  # the normalised SFT term of this micro-batch
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
     trainer: Any  # the ForgetlessTrainer, for regularizers that need its state (e.g. a reference model)
+    # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
+    # Read them before running any backward of your own (autograd may accumulate into them in place).
+    sft_grads: list[torch.Tensor] | None = None
 
 
 class Regularizer:
@@ -36,11 +47,25 @@ class Regularizer:
 
     name: str = "regularizer"
     needs_hidden_states: bool = False
+    perturbs: bool = False
 
     def setup(self, trainer: Any) -> None:
         """Called once before training (e.g. to snapshot initial weights). Optional."""
 
-    def loss(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def clean_forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ContextManager:
+        """Context around the clean forward (install hooks). Optional."""
+        return contextlib.nullcontext()
+
+    def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """A term added to the clean loss, and metrics. Default: no term."""
+        return None, {}
+
+    # --- perturbing regularizers only (perturbs = True)
+    def ascent_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def perturbed_backward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """Run the extra forward + backward; return the (detached) weighted term and metrics."""
         raise NotImplementedError
 
 
@@ -74,3 +99,7 @@ def parse_regularizers(entries: list[dict[str, Any]], where: str = "") -> list[t
 
 def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:
     return [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries)]
+
+
+# Each regularizer module registers itself on import.
+from forgetless.regularizers import lfu  # noqa: E402,F401

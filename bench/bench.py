@@ -1,0 +1,200 @@
+"""Step time and peak memory of each method as ratios to plain SFT, measured in one run.
+
+    .venv/bin/python bench/bench.py                       # SmolLM2-135M default, CPU or GPU
+    .venv/bin/python bench/bench.py --steps 20 --batch 8 --seq-len 128 --methods sft lfu_lora lfu_reps
+
+Timing: every method gets its own ForgetlessTrainer on one shared model and the same fixed batch
+(shape [batch, seq_len], the first half of each row is prompt, masked); after warm-up the methods
+run interleaved (A B C A B C ...), and a step is training_step + optimizer.step + zero_grad.
+The median over --steps is reported.
+Memory: on a GPU, torch.cuda.max_memory_allocated over each method's steps (reset in between).
+On a CPU nothing per-tensor is available, so each method also runs alone in a fresh subprocess,
+where a thread samples the resident set size every millisecond during its steps: `peak_rss` is the
+highest RSS seen during the steps (model, libraries and all), `peak_mem_delta` that peak minus
+the RSS just before the first step (activations, gradients, optimizer state: what the method adds).
+Writes bench/results.json (merging into what is there) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import forgetless  # noqa: F401  (offline flags)
+from forgetless.config import ModelConfig
+from forgetless.model import apply_finetune, load_model, load_tokenizer, resolve_model_path
+from forgetless.regularizers import build_regularizers
+from forgetless.trainer import ForgetlessTrainer
+
+HERE = Path(__file__).resolve().parent
+
+METHODS = {
+    "sft": [],
+    "lfu_lora": [{"lfu": {"variant": "lora"}}],
+    "lfu_reps": [{"lfu": {"variant": "reps"}}],
+}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def fixed_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, vocab, (batch, seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : seq_len // 2] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def build(args, model, method: str) -> ForgetlessTrainer:
+    from transformers import TrainingArguments
+
+    targs = TrainingArguments(output_dir="/tmp/forgetless-bench", report_to="none", learning_rate=1e-5,
+                              use_cpu=not torch.cuda.is_available(), bf16=args.bf16)
+    trainer = ForgetlessTrainer(model=model, args=targs, regularizers=build_regularizers(METHODS[method]))
+    trainer.create_optimizer()
+    return trainer
+
+
+def one_step(trainer: ForgetlessTrainer, batch) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.training_step(trainer.model, dict(batch))
+    trainer.optimizer.step()
+    trainer.model.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def load(args):
+    path = resolve_model_path(args.model)
+    cfg = ModelConfig(name_or_path=args.model, finetune=args.finetune, dtype="bfloat16" if args.bf16 else "float32")
+    cfg.lora.r, cfg.lora.alpha = 16, 32
+    model = apply_finetune(load_model(cfg, path), cfg).to(device())
+    return model, len(load_tokenizer(path))
+
+
+def memory_probe(args, method: str) -> dict:
+    """Run one method alone (this process was started for it) and report its memory peaks."""
+    model, vocab = load(args)
+    trainer = build(args, model, method)
+    batch = {k: v.to(device()) for k, v in fixed_batch(vocab, args.batch, args.seq_len).items()}
+    with torch.no_grad():  # page in the (memory-mapped) weights so they count as "before"
+        for param in model.parameters():
+            param.sum()
+    gc.collect()
+    rss_before = current_rss()
+    peak = [rss_before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for _ in range(args.memory_steps):
+        one_step(trainer, batch)
+    done.set()
+    sampler.join()
+    return {"peak_rss": peak[0], "peak_mem_delta": peak[0] - rss_before}
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--finetune", default="lora", choices=["lora", "full"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args, args.memory_probe)))
+        return
+    if "sft" not in args.methods:
+        args.methods.insert(0, "sft")
+
+    model, vocab = load(args)
+    batch = {k: v.to(device()) for k, v in fixed_batch(vocab, args.batch, args.seq_len).items()}
+    trainers = {m: build(args, model, m) for m in args.methods}
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    gpu_peak: dict[str, int] = {m: 0 for m in args.methods}
+    for m in args.methods:
+        for _ in range(args.warmup):
+            one_step(trainers[m], batch)
+    for i in range(args.steps):
+        for m in args.methods:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            times[m].append(one_step(trainers[m], batch))
+            if torch.cuda.is_available():
+                gpu_peak[m] = max(gpu_peak[m], torch.cuda.max_memory_allocated())
+        print(f"round {i + 1}/{args.steps}: " + "  ".join(f"{m} {times[m][-1]:.2f}s" for m in args.methods), flush=True)
+
+    memory = {}
+    if not torch.cuda.is_available():
+        for m in args.methods:
+            cmd = [sys.executable, __file__, "--memory-probe", m, "--model", args.model, "--finetune", args.finetune,
+                   "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--memory-steps", str(args.memory_steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            memory[m] = json.loads(out)
+            print(f"memory {m}: peak RSS {memory[m]['peak_rss'] / 2**20:.0f} MiB, "
+                  f"above pre-step RSS {memory[m]['peak_mem_delta'] / 2**20:.0f} MiB", flush=True)
+
+    base_time = statistics.median(times["sft"])
+    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    setting = {"model": args.model, "finetune": args.finetune, "batch": args.batch, "seq_len": args.seq_len,
+               "steps": args.steps, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    print(f"\n{'method':10s} {'step s':>8s} {'time x':>7s} {'mem x':>7s}  ({setting['machine']})")
+    for m in args.methods:
+        median = statistics.median(times[m])
+        row = {"step_time_s": round(median, 4), "step_time_ratio": round(median / base_time, 3), **setting}
+        if torch.cuda.is_available():
+            row["peak_mem_bytes"] = gpu_peak[m]
+            row["peak_mem_ratio"] = round(gpu_peak[m] / gpu_peak["sft"], 3)
+        else:
+            row["peak_rss_bytes"] = memory[m]["peak_rss"]
+            row["peak_mem_ratio"] = round(memory[m]["peak_rss"] / memory["sft"]["peak_rss"], 3)
+            row["peak_mem_delta_bytes"] = memory[m]["peak_mem_delta"]
+            row["peak_mem_delta_ratio"] = round(memory[m]["peak_mem_delta"] / max(memory["sft"]["peak_mem_delta"], 1), 3)
+        results[m] = row
+        print(f"{m:10s} {median:8.3f} {row['step_time_ratio']:7.2f} {row['peak_mem_ratio']:7.2f}")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

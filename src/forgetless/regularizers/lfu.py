@@ -1,0 +1,236 @@
+"""LfU — Learning from the Undesirable (arXiv 2511.13052), as specified in docs/methods/lfu.md.
+
+Per micro-batch (x, y):
+  g      = d l_sft / d phi at phi = 0           (from the clean backward SFT needs anyway)
+  phi    = alpha * g / (||g||_2 + eps)           (one global norm over all auxiliary tensors)
+  l_cons = mean_{layers, response tokens, dims} (stopgrad(h_l(theta)) - h_l(theta, phi))^2
+  loss   = l_sft + lam * l_cons                  (grad of l_cons taken at theta+phi, applied to theta)
+
+variant "lora": phi is an offset on the trainable weights (the LoRA matrices in a LoRA run, every
+weight in a full fine-tune). After the clean backward has freed its graph, phi is added in place,
+the perturbed forward + backward runs, and the exact original values are copied back (the copy
+costs one set of trainable weights: tiny for LoRA, 1x the model for full fine-tuning).
+variant "reps": phi is one steering vector per decoder layer, added to that layer's output.
+
+Cost: the clean forward/backward is SFT's own; the perturbed forward stops after the last
+layer whose consistency is measured (no LM head, no logits) in a single process, then one
+backward. The clean graph is freed before the perturbed forward starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from forgetless.data import IGNORE_INDEX
+from forgetless.errors import ConfigError
+from forgetless.regularizers import Regularizer, StepContext, register
+
+EPS = 1e-12
+
+
+@dataclass
+class LfUConfig:
+    variant: Literal["lora", "reps"] = "lora"
+    lam: float = 5.0  # λ, weight of the consistency loss
+    alpha: float = 0.1  # α, size of the undesirable step (alpha >= 0.5 collapsed the paper's model)
+    # "all", "early" / "middle" / "late" (thirds of the stack), or explicit decoder-layer indices
+    layers: str | list[int] = "all"
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the last layer the perturbed pass needs: the rest is never computed."""
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer stack of any HF causal LM (Llama's `layers`, GPT-2's `h`, ...), also through PEFT."""
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not candidates:
+        raise ConfigError(f"lfu: cannot find the {n_layers} decoder layers of {type(model).__name__}")
+    return candidates[0]
+
+
+def select_layers(spec: str | list[int], n_layers: int) -> list[int]:
+    if isinstance(spec, list):
+        bad = [i for i in spec if not -n_layers <= i < n_layers]
+        if bad or not spec:
+            raise ConfigError(f"regularizers.lfu.layers: indices {bad or spec} out of range for {n_layers} layers")
+        return sorted({i % n_layers for i in spec})
+    third = max(1, n_layers // 3)
+    ranges = {
+        "all": range(n_layers),
+        "early": range(0, third),
+        "middle": range(third, n_layers - third) if n_layers > 2 else range(n_layers),
+        "late": range(n_layers - third, n_layers),
+    }
+    if spec not in ranges:
+        raise ConfigError(f"regularizers.lfu.layers: expected all|early|middle|late or a list of indices, got {spec!r}")
+    return list(ranges[spec])
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _rng_state():
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, s in zip(_cuda_devices(), cuda):
+        torch.cuda.set_rng_state(s, device)
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden):
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+class LfU(Regularizer):
+    name = "lfu"
+    perturbs = True
+
+    def __init__(self, cfg: LfUConfig) -> None:
+        if cfg.lam < 0 or cfg.alpha < 0:
+            raise ConfigError("regularizers.lfu: lam and alpha must be >= 0")
+        self.cfg = cfg
+        self.layers: nn.ModuleList | None = None
+        self.selected: list[int] = []
+        self.steering: list[torch.Tensor] = []  # RepS: zero vectors of the clean pass (leaves)
+        self.clean_hidden: dict[int, torch.Tensor] = {}
+        self.early_stop = True
+        self.params: list[torch.Tensor] = []  # LoRA variant: the trainable weights phi offsets
+
+    def setup(self, trainer) -> None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        self.layers = find_decoder_layers(model)
+        self.selected = select_layers(self.cfg.layers, len(self.layers))
+        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        # Stopping the perturbed forward early leaves later parameters without a gradient, which
+        # DDP would wait for; with several processes the whole forward runs (see perturbed_backward).
+        self.early_stop = trainer.accelerator.num_processes == 1
+
+    # ------------------------------------------------------------------ clean pass
+
+    @contextlib.contextmanager
+    def clean_forward(self, model, batch):
+        """Capture each selected layer's response-token states (detached: the fixed target)."""
+        mask = batch["labels"] != IGNORE_INDEX
+        self.clean_hidden = {}
+        self.steering = []
+        # The perturbed pass replays this RNG state, so dropout masks are the same on both sides.
+        self.rng_state = _rng_state()
+
+        def hook(index):
+            def fn(module, args, output):
+                h = _hidden(output)
+                if self.cfg.variant == "reps":
+                    d = torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device, requires_grad=True)
+                    self.steering.append(d)
+                    h = h + d
+                    output = _replace_hidden(output, h)
+                if index in self.selected:
+                    self.clean_hidden[index] = h.detach()[mask]
+                return output
+            return fn
+
+        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def ascent_tensors(self) -> list[torch.Tensor]:
+        if self.cfg.variant == "reps":
+            return self.steering
+        return self.params
+
+    # ------------------------------------------------------------------ perturbed pass
+
+    def perturbed_backward(self, ctx: StepContext):
+        cfg = self.cfg
+        # phi from this micro-batch's SFT gradient (read before any backward of ours touches .grad)
+        grad_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in ctx.sft_grads))
+        scale = cfg.alpha / (grad_norm + EPS)
+        phi = [(g * scale).detach().to(g.dtype) for g in ctx.sft_grads]
+        perturb_norm = torch.sqrt(sum((p.float() ** 2).sum() for p in phi))
+
+        mask = ctx.batch["labels"] != IGNORE_INDEX
+        n_tokens = int(mask.sum())
+        last = max(self.selected)
+        sq_sum = []
+
+        def hook(index):
+            def fn(module, args, output):
+                h = _hidden(output)
+                if cfg.variant == "reps":
+                    h = h + phi[index]
+                    output = _replace_hidden(output, h)
+                if index in self.clean_hidden:
+                    sq_sum.append(((h[mask] - self.clean_hidden[index]).float() ** 2).sum())
+                if index == last and self.early_stop:
+                    raise _StopForward
+                return output
+            return fn
+
+        model = ctx.model
+        kwargs = dict(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"], use_cache=False)
+        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
+        outputs = None
+        originals = []
+        if cfg.variant == "lora":
+            # theta + phi in place: the clean graph is already freed, so no saved tensor sees it;
+            # the exact originals are copied back afterwards (adding and subtracting phi would round).
+            with torch.no_grad():
+                for p, d in zip(self.params, phi):
+                    originals.append(p.detach().clone())
+                    p.add_(d)
+        try:
+            try:
+                with torch.random.fork_rng(devices=_cuda_devices()):
+                    _set_rng_state(self.rng_state)
+                    outputs = model(**kwargs)
+            except _StopForward:
+                pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            hidden_size = self.clean_hidden[last].shape[-1]
+            # mean over layers x dims, and over the step's tokens through token_scale (as l_sft is)
+            cons_sum = torch.stack(sq_sum).sum() / (len(self.selected) * hidden_size)
+            term = cfg.lam * cons_sum * ctx.token_scale
+            if outputs is not None:
+                # Several processes: every parameter must receive a gradient for DDP to sync; a zero one does.
+                term = term + 0.0 * outputs.logits.float().mean()
+            # The gradient of l_cons is taken at theta + phi and accumulates into theta's .grad.
+            ctx.trainer.accelerator.backward(term)
+        finally:
+            with torch.no_grad():
+                for p, original in zip(self.params, originals):
+                    p.copy_(original)
+        self.clean_hidden = {}
+        self.steering = []
+
+        mean_nll_scale = ctx.token_scale * max(n_tokens, 1)  # g is of the token_scale-weighted sum
+        metrics = {
+            "l_cons": cons_sum.item() / max(n_tokens, 1),
+            "lfu_ascent_grad_norm": grad_norm.item() / mean_nll_scale if mean_nll_scale else math.nan,
+            "lfu_perturb_norm": perturb_norm.item(),
+        }
+        return term.detach(), metrics
+
+
+register("lfu", LfUConfig, LfU)

@@ -1,0 +1,223 @@
+"""LfU against a by-hand computation in float64, and its guarantees (lam=0, accumulation, logs)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from forgetless.config import ModelConfig
+from forgetless.data import collator, load_records, tokenize_records
+from forgetless.config import DataConfig
+from forgetless.model import apply_finetune, load_tokenizer
+from forgetless.regularizers import build_regularizers
+from forgetless.regularizers.lfu import find_decoder_layers, select_layers
+from forgetless.train import load_trained, train
+from forgetless.trainer import ForgetlessTrainer
+
+from conftest import memorisation_rows, tiny_config, write_jsonl
+
+LAM, ALPHA = 5.0, 0.1
+
+
+def make_batch(model_dir, tmp_path, rows):
+    tok = load_tokenizer(model_dir)
+    path = write_jsonl(tmp_path / "b.jsonl", rows)
+    examples, _ = tokenize_records(load_records(str(path), DataConfig()), tok, DataConfig(max_length=64))
+    return collator(tok)(examples)
+
+
+def make_model(model_dir, finetune):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    torch.manual_seed(1)
+    model = apply_finetune(model, ModelConfig(finetune=finetune, lora=ModelConfig().lora))
+    if finetune == "lora":
+        # LoRA's B starts at zero, which would make A's gradient zero: give B a value so every tensor is tested
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def layer_outputs(model, batch, indices, steering=None):
+    """Explicit reference: run the model, collect decoder-layer outputs at response tokens."""
+    layers = find_decoder_layers(model)
+    mask = batch["labels"] != -100
+    got = {}
+
+    def hook(i):
+        def fn(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            if steering is not None:
+                h = h + steering[i]
+                out = (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+            got[i] = h[mask]
+            return out
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, [got[i] for i in indices]
+
+
+def mean_nll(logits, labels):
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] != -100:
+                total = total - torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]]
+                count += 1
+    return total / count
+
+
+def hand_lfu_grads(model, batch, variant, layers_spec):
+    """The spec's equations, step by step, on a deep copy: returns (loss, {name: grad})."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n_layers = len(find_decoder_layers(model))
+    indices = select_layers(layers_spec, n_layers)
+    hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    if variant == "lora":
+        logits, clean = layer_outputs(model, batch, indices)
+        l_sft = mean_nll(logits, batch["labels"])
+        g = torch.autograd.grad(l_sft, list(params.values()))
+        norm = torch.sqrt(sum((x ** 2).sum() for x in g))
+        perturbed = copy.deepcopy(model)
+        with torch.no_grad():
+            grad_of = dict(zip(params, g))
+            for name, p in perturbed.named_parameters():
+                if name in grad_of:
+                    p.add_(ALPHA * grad_of[name] / norm)
+        _, pert = layer_outputs(perturbed, batch, indices)
+        l_cons = sum(((c.detach() - h) ** 2).mean() for c, h in zip(clean, pert)) / len(indices)
+        cons_grads = torch.autograd.grad(l_cons, [p for n, p in perturbed.named_parameters() if n in params],
+                                         allow_unused=True)  # e.g. the LM head: l_cons does not reach it
+        grads = {n: gi + LAM * (0 if ci is None else ci) for n, gi, ci in zip(params, g, cons_grads)}
+    else:
+        zeros = [torch.zeros(hidden, dtype=torch.float64, requires_grad=True) for _ in range(n_layers)]
+        logits, clean = layer_outputs(model, batch, indices, steering=zeros)
+        l_sft = mean_nll(logits, batch["labels"])
+        g_theta = torch.autograd.grad(l_sft, list(params.values()), retain_graph=True)
+        g_d = torch.autograd.grad(l_sft, zeros)
+        norm = torch.sqrt(sum((x ** 2).sum() for x in g_d))
+        d = [ALPHA * x / norm for x in g_d]
+        _, pert = layer_outputs(model, batch, indices, steering=d)
+        l_cons = sum(((c.detach() - h) ** 2).mean() for c, h in zip(clean, pert)) / len(indices)
+        cons_grads = torch.autograd.grad(l_cons, list(params.values()), allow_unused=True)
+        grads = {n: gi + LAM * (0 if ci is None else ci) for n, gi, ci in zip(params, g_theta, cons_grads)}
+    return (l_sft + LAM * l_cons).item(), grads
+
+
+def library_step(model, batch, tmp_path, variant, layers_spec, lam=LAM):
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True)
+    regs = build_regularizers([{"lfu": {"variant": variant, "lam": lam, "alpha": ALPHA, "layers": layers_spec}}])
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=regs)
+    loss = trainer.training_step(model, dict(batch))
+    metrics = {k: v[-1] for k, v in trainer._metrics.items()}
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, metrics
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("variant, finetune, layers", [
+    ("lora", "lora", "all"), ("lora", "full", "all"), ("reps", "lora", "all"), ("reps", "full", [0]),
+    ("lora", "lora", "late"),
+])
+def test_one_step_matches_the_hand_computation(model_fixture, variant, finetune, layers, tmp_path, request):
+    model_dir = request.getfixturevalue(model_fixture)
+    rows = memorisation_rows(3)
+    batch = make_batch(model_dir, tmp_path, rows)
+    model = make_model(model_dir, finetune)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected_loss, expected = hand_lfu_grads(copy.deepcopy(model), batch, variant, layers)
+    loss, grads, metrics = library_step(model, batch, tmp_path, variant, layers)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert metrics["l_cons"] > 0 and metrics["lfu_perturb_norm"] == pytest.approx(ALPHA, rel=1e-6)
+    for name, g in expected.items():
+        err = (grads[name] - g).norm() / g.norm()
+        assert err < 1e-6, (name, err.item())
+    # the perturbation is discarded: weights are untouched by the step (no optimizer here)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_ascent_gradient_never_leaks_into_the_accumulated_gradient(tiny_llama, tmp_path):
+    """Two micro-batches: .grad must be the sum of each micro-batch's own LfU gradient."""
+    rows = memorisation_rows(4)
+    b1 = make_batch(tiny_llama, tmp_path, rows[:2])
+    b2 = make_batch(tiny_llama, tmp_path, rows[2:])
+    model = make_model(tiny_llama, "lora")
+    tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in (b1, b2)]
+    expected = {}
+    for b, n in zip((b1, b2), tokens):
+        _, g = hand_lfu_grads(copy.deepcopy(model), b, "lora", "all")
+        for name, gi in g.items():  # per-micro mean -> weighted by its share of the step's tokens
+            expected[name] = expected.get(name, 0) + gi * n / sum(tokens)
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, gradient_accumulation_steps=2)
+    regs = build_regularizers([{"lfu": {"lam": LAM, "alpha": ALPHA}}])
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=regs)
+    for b in (b1, b2):
+        trainer.training_step(model, dict(b), num_items_in_batch=sum(tokens))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            err = (p.grad - expected[name]).norm() / expected[name].norm()
+            assert err < 1e-6, (name, err.item())
+
+
+def test_lam_zero_reproduces_plain_sft_exactly(tiny_llama, memo_data, tmp_path):
+    finals = {}
+    for name, regs in [("sft", []), ("lfu0", [{"lfu": {"lam": 0.0}}])]:
+        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, max_steps=4, batch_size=4, learning_rate=1e-2)
+        cfg.regularizers = regs
+        train(cfg)
+        finals[name] = dict(load_trained(tmp_path / name)[0].named_parameters())
+    for n, p in finals["sft"].items():
+        assert torch.equal(p, finals["lfu0"][n]), n
+
+
+@pytest.mark.parametrize("variant", ["lora", "reps"])
+def test_lfu_trains_and_logs_its_parts(tiny_gpt2, memo_data, tmp_path, variant):
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=3, batch_size=4, learning_rate=1e-2)
+    cfg.regularizers = [{"lfu": {"variant": variant}}]
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    logged = [r for r in rows if "l_cons" in r]
+    assert len(logged) == 3
+    for r in logged:
+        assert r["l_cons"] > 0 and r["lfu_ascent_grad_norm"] > 0
+        assert r["lfu_perturb_norm"] == pytest.approx(0.1, rel=1e-4)
+        assert r["loss"] == pytest.approx(r["l_sft"] + 5.0 * r["l_cons"], rel=1e-5)  # logged loss = all terms
+
+
+def test_dropout_masks_are_shared_by_the_clean_and_perturbed_pass(tmp_path):
+    """With alpha = 0 the perturbed model is the clean one: l_cons must be exactly 0 even with dropout."""
+    from conftest import save_tiny
+    from transformers import GPT2LMHeadModel
+
+    model_dir = save_tiny(tmp_path / "m", "gpt2", chat=False)
+    model = GPT2LMHeadModel.from_pretrained(model_dir, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    model = apply_finetune(model, ModelConfig(finetune="full"))
+    batch = make_batch(model_dir, tmp_path, memorisation_rows(3))
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True)
+    regs = build_regularizers([{"lfu": {"alpha": 0.0}}])
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=regs)
+    trainer.training_step(model, dict(batch))
+    assert trainer._metrics["l_cons"][-1] == 0.0
+    # and dropout really is on: two clean forwards in train mode differ
+    model.train()
+    a = model(input_ids=batch["input_ids"]).logits
+    b = model(input_ids=batch["input_ids"]).logits
+    assert not torch.equal(a, b)
+
+
+def test_bad_lfu_options_are_named():
+    from forgetless.config import load_config
+    from forgetless.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].lfu.variant: must be one of 'lora' \| 'reps'"):
+        load_config(None, ["regularizers=[{lfu: {variant: lorra}}]"])
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].lfu.lamda: unknown key \(did you mean"):
+        load_config(None, ["regularizers=[{lfu: {lamda: 1}}]"])
