@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from forgetless.errors import ConfigError
 from forgetless.regularizers import REGISTRY, Regularizer, register
 from forgetless.train import load_trained, train
-from forgetless.trainer import token_nll
+from forgetless.losses import token_nll
 
 from conftest import memorisation_rows, tiny_config, write_jsonl
 

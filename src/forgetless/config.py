@@ -25,6 +25,11 @@ METHOD_PRESETS: dict[str, list[dict[str, Any]]] = {
     "sft": [],
     "lfu": [{"lfu": {"variant": "lora"}}],
     "lfu-reps": [{"lfu": {"variant": "reps"}}],
+    "kl": [{"kl": {}}],
+    "replay": [{"replay": {}}],
+    # regularized approximate replay: both together
+    "arr": [{"kl": {}}, {"replay": {}}],
+    "kl+replay": [{"kl": {}}, {"replay": {}}],
 }
 
 
@@ -185,6 +190,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = ""
     """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # YAML 1.1 reads an unquoted `on:` / `off:` key as a boolean; give it back its name.
+    data = {({True: "on", False: "off"}.get(k, k) if isinstance(k, bool) else k): v for k, v in data.items()}
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)

@@ -16,10 +16,9 @@ from typing import Any, Iterator
 from forgetless.assets import resolve_builtin
 from forgetless.config import DataConfig
 from forgetless.errors import DataError
+from forgetless.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 
@@ -228,11 +227,71 @@ def build_dataset(spec: str, tokenizer, cfg: DataConfig):
     import datasets
 
     examples, _ = tokenize_records(load_records(spec, cfg), tokenizer, cfg)
+    for i, example in enumerate(examples):
+        example["example_id"] = i  # lets per-example caches (e.g. the KL reference cache) find their rows
     return datasets.Dataset.from_list(examples)
 
 
 def collator(tokenizer):
-    """Right-pads input_ids with the pad token and labels with -100 (transformers' own collator)."""
+    """Right-pads input_ids with the pad token and labels with -100 (transformers' own collator);
+    an `example_id` per row, when present, comes along as a 1-D tensor."""
+    import torch
     from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+    def collate(features: list[dict]) -> dict:
+        ids = [f.pop("example_id") for f in features if "example_id" in f]
+        batch = pad(features)
+        if ids:
+            batch["example_id"] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+    return collate
+
+
+# ---------------------------------------------------------------- plain text corpora (replay, evaluation)
+
+
+def load_texts(spec: str, text_field: str = "text") -> list[str]:
+    """Documents from a text corpus: .txt / .txt.gz (blank-line separated paragraphs), or the
+    `text_field` of .jsonl / .json / .csv / .parquet / a datasets folder."""
+    import gzip
+
+    path = resolve_builtin(spec)
+    if not path.exists():
+        raise DataError(f"text corpus {path} does not exist")
+    name = path.name.lower()
+    if name.endswith(".txt") or name.endswith(".txt.gz"):
+        opener = gzip.open if name.endswith(".gz") else open
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                raw = f.read()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        texts = [doc.strip() for doc in raw.split("\n\n") if doc.strip()]
+    else:
+        texts = []
+        for where, row in read_rows(spec):
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with a '{text_field}' field")
+            texts.append(_text_field(row, text_field, where))
+    if not texts:
+        raise DataError(f"{path}: no text found")
+    return texts
+
+
+def pack_blocks(texts: list[str], tokenizer, block_len: int) -> "torch.Tensor":
+    """Tokenise documents, join them with eos, cut the stream into [n_blocks, block_len] (rest dropped)."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    n_blocks = len(stream) // block_len
+    if n_blocks == 0:
+        raise DataError(f"the text corpus has {len(stream)} tokens, fewer than one block of {block_len}")
+    return torch.tensor(stream[: n_blocks * block_len], dtype=torch.long).view(n_blocks, block_len)

@@ -22,23 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from forgetless.data import IGNORE_INDEX
 from forgetless.errors import ConfigError
+from forgetless.losses import IGNORE_INDEX, token_nll
 from forgetless.regularizers import Regularizer, StepContext
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token NLL at trained positions only: a 1-D tensor, one entry per label != -100.
-
-    Only the selected positions are upcast to fp32, so prompt and padding logits cost nothing extra.
-    """
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    selected = logits[:, :-1][keep].float()
-    return F.cross_entropy(selected, shift_labels[keep], reduction="none")
 
 
 class ForgetlessTrainer(Trainer):
@@ -100,7 +88,7 @@ class ForgetlessTrainer(Trainer):
                 if extra is not None:
                     self.accelerator.backward(extra, retain_graph=True)
                 ctx.sft_grads = self._isolated_backward(sft_loss, self.perturber.ascent_tensors())
-            ctx.outputs = outputs = None  # free the clean logits before the perturbed forward
+            ctx.outputs = ctx.replay_outputs = outputs = None  # free the clean logits before the perturbed forward
             with self.compute_loss_context_manager():
                 term, metrics = self.perturber.perturbed_backward(ctx)
             total = total + term

@@ -40,6 +40,11 @@ class StepContext:
     # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
     # Read them before running any backward of your own (autograd may accumulate into them in place).
     sft_grads: list[torch.Tensor] | None = None
+    # Set by the replay regularizer (which runs first): its blocks, their forward, and the factor
+    # that turns a sum over replay tokens into the step's mean (as token_scale does for SFT tokens).
+    replay_batch: torch.Tensor | None = None
+    replay_outputs: Any = None
+    replay_scale: float = 0.0
 
 
 class Regularizer:
@@ -48,6 +53,7 @@ class Regularizer:
     name: str = "regularizer"
     needs_hidden_states: bool = False
     perturbs: bool = False
+    priority: int = 10  # lower runs first in the step
 
     def setup(self, trainer: Any) -> None:
         """Called once before training (e.g. to snapshot initial weights). Optional."""
@@ -98,8 +104,9 @@ def parse_regularizers(entries: list[dict[str, Any]], where: str = "") -> list[t
 
 
 def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:
-    return [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries)]
+    regs = [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries)]
+    return sorted(regs, key=lambda reg: reg.priority)  # stable: config order otherwise
 
 
 # Each regularizer module registers itself on import.
-from forgetless.regularizers import lfu  # noqa: E402,F401
+from forgetless.regularizers import kl, lfu, replay  # noqa: E402,F401

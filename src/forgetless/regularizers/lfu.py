@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from forgetless.data import IGNORE_INDEX
+from forgetless.losses import IGNORE_INDEX
 from forgetless.errors import ConfigError
 from forgetless.regularizers import Regularizer, StepContext, register
 

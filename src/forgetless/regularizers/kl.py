@@ -1,0 +1,227 @@
+"""KL penalty towards the initial model (arXiv 2512.22337), as specified in docs/methods/replay.md.
+
+term = coef * mean over covered tokens of KL(p_init || p_theta)   (direction "forward", default)
+                                       or KL(p_theta || p_init)   (direction "reverse")
+
+Covered tokens: the SFT loss's response tokens (`on: sft`), the replay blocks' tokens
+(`on: replay`), or both, each normalised exactly like its own loss (token_scale / replay_scale).
+
+The reference is the initial model, run under no_grad in eval mode (no dropout) on the same
+inputs and attention mask:
+- LoRA: the same network with its adapters disabled (peft's `disable_adapter()`): no weight copy.
+  Refused when the LoRA init rewrites the base weights (PiSSA, OLoRA, LoftQ, ...): then the
+  adapter-disabled network is not the initial model.
+- Full fine-tuning: a frozen copy made before the first update, optionally in bf16 / on the CPU
+  (`reference_dtype`, `reference_device`): +1x the model's weights in memory (0.5x in bf16).
+
+`cache: topk` removes the reference forward from the training step: before training, the
+reference's top-k log-probs (and the mass of the rest) at every response token of every training
+example are computed once and stored with the run (CHECKPOINTS/kl_cache.safetensors, reused
+across epochs and on resume); each step then computes the top-k + rest KL from the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from forgetless.errors import ConfigError
+from forgetless.losses import IGNORE_INDEX, token_kl, upcast
+from forgetless.regularizers import Regularizer, StepContext, register
+
+logger = logging.getLogger(__name__)
+
+# LoRA initialisations that leave the base weights untouched and start as a no-op.
+NO_OP_LORA_INITS = (True, "gaussian")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.01  # β
+    direction: Literal["forward", "reverse"] = "forward"
+    on: Literal["sft", "replay", "both"] = "sft"
+    # 0 = exact over the full vocabulary; k > 0 = reference top-k + one "rest" bucket (approximate)
+    topk: int = 0
+    # full fine-tuning only: where and in what precision the frozen reference copy lives
+    reference_dtype: Literal["same", "bfloat16", "float16", "float32"] = "same"
+    reference_device: Literal["same", "cpu"] = "same"
+    # "topk": precompute the reference's top-k (k = topk, 64 when topk is 0) once per example (SFT tokens)
+    cache: Literal["none", "topk"] = "none"
+
+
+class KL(Regularizer):
+    name = "kl"
+
+    def __init__(self, cfg: KLConfig) -> None:
+        if cfg.coef < 0 or cfg.topk < 0:
+            raise ConfigError("regularizers.kl: coef and topk must be >= 0")
+        self.cfg = cfg
+        self.reference: torch.nn.Module | None = None  # full fine-tuning only
+        self.cache: dict[str, torch.Tensor] | None = None
+
+    def setup(self, trainer) -> None:
+        model = trainer.model
+        self.accelerator = trainer.accelerator
+        if self.cfg.cache == "topk" and self.cfg.on != "sft" and not getattr(model, "peft_config", None):
+            raise ConfigError("regularizers.kl: cache: topk with full fine-tuning supports on: sft only")
+        if self.cfg.on in ("replay", "both") and not any(r.name == "replay" for r in trainer.regularizers):
+            raise ConfigError(f"regularizers.kl.on: '{self.cfg.on}' needs a replay regularizer in the same run")
+        peft_config = getattr(model, "peft_config", None)
+        if peft_config:
+            for name, pc in peft_config.items():
+                init = getattr(pc, "init_lora_weights", True)
+                if init not in NO_OP_LORA_INITS:
+                    raise ConfigError(
+                        f"regularizers.kl: adapter '{name}' uses init_lora_weights={init!r}, which rewrites the "
+                        "base weights, so the adapter-disabled model is not the initial model; use the default init"
+                    )
+            self.uses_adapter = True
+        else:
+            self.uses_adapter = False
+            ref = copy.deepcopy(model).eval().requires_grad_(False)
+            if self.cfg.reference_dtype != "same":
+                ref = ref.to(DTYPES[self.cfg.reference_dtype])
+            if self.cfg.reference_device == "cpu":
+                ref = ref.to("cpu")
+            self.reference = ref
+        if self.cfg.cache == "topk":
+            self.cache = self._load_or_build_cache(trainer)
+            self.reference = None  # the cache replaces the frozen copy (full fine-tuning: on: sft only)
+
+    # ------------------------------------------------------------------ reference cache
+
+    @property
+    def cache_k(self) -> int:
+        return self.cfg.topk or 64
+
+    def _load_or_build_cache(self, trainer) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        dataset = trainer.train_dataset
+        if dataset is None or "example_id" not in dataset.column_names:
+            raise ConfigError("regularizers.kl.cache: needs a training dataset built by forgetless (with example ids)")
+        path = Path(trainer.args.output_dir) / "kl_cache.safetensors"
+        with trainer.accelerator.main_process_first():
+            if path.exists():
+                cache = load_file(str(path))
+                if cache["meta"].tolist() == [len(dataset), self.cache_k]:
+                    logger.info("KL reference cache: reusing %s", path)
+                    return cache
+                logger.warning("KL reference cache %s is for other data or k; rebuilding it", path)
+            if trainer.accelerator.is_main_process:
+                cache = self._build_cache(trainer, dataset)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file(cache, str(tmp))
+                os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
+            else:
+                cache = load_file(str(path))
+        return cache
+
+    @torch.no_grad()
+    def _build_cache(self, trainer, dataset) -> dict[str, torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        from forgetless.data import collator
+
+        model, k = trainer.model, self.cache_k
+        collate = collator(trainer.processing_class)
+        batch_size = trainer.args.per_device_eval_batch_size
+        counts = torch.zeros(len(dataset), dtype=torch.long)
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        device = trainer.args.device
+        for start in tqdm(range(0, len(dataset), batch_size), desc="KL reference cache", disable=trainer.args.disable_tqdm):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            ids, mask, labels = (batch[key].to(device) for key in ("input_ids", "attention_mask", "labels"))
+            logr = torch.log_softmax(upcast(self.reference_logits(model, ids, mask))[:, :-1], dim=-1)
+            for row, example_id in enumerate(batch["example_id"].tolist()):
+                keep = labels[row, 1:] != IGNORE_INDEX
+                top, idx = logr[row][keep].topk(k, dim=-1)
+                rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+                rows[example_id] = (idx.int().cpu(), top.float().cpu(), rest.float().cpu())
+                counts[example_id] = int(keep.sum())
+        order = range(len(dataset))
+        return {
+            "meta": torch.tensor([len(dataset), k]),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
+            "topk_ids": torch.cat([rows[i][0] for i in order]),
+            "topk_logp": torch.cat([rows[i][1] for i in order]),
+            "rest_logp": torch.cat([rows[i][2] for i in order]),
+        }
+
+    def _cached_kl_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """KL over (top-k of the reference + rest) with the reference's side read from the cache."""
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        offsets = self.cache["offsets"]
+        rows = [torch.arange(offsets[i], offsets[i + 1]) for i in batch["example_id"].tolist()]
+        sel = torch.cat(rows)
+        if sel.numel() != int(keep.sum()):
+            raise ConfigError("regularizers.kl.cache: the cached reference does not match this data; delete "
+                              "CHECKPOINTS/kl_cache.safetensors or start with --overwrite")
+        device = logits.device
+        idx = self.cache["topk_ids"][sel].to(device).long()
+        logr = torch.cat([self.cache["topk_logp"][sel], self.cache["rest_logp"][sel].unsqueeze(-1)], -1).to(device)
+        logp_all = torch.log_softmax(upcast(logits[:, :-1][keep]), dim=-1)
+        logp_k = logp_all.gather(-1, idx)
+        rest_p = torch.log1p(-logp_k.exp().sum(-1).clamp(max=1 - 1e-6))
+        logp = torch.cat([logp_k, rest_p.unsqueeze(-1)], dim=-1)
+        logr = logr.to(logp.dtype)
+        if self.cfg.direction == "forward":
+            kl = (logr.exp() * (logr - logp)).sum(-1)
+        else:
+            kl = (logp.exp() * (logp - logr)).sum(-1)
+        return kl.sum(), kl.numel()
+
+    @torch.no_grad()
+    def reference_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.uses_adapter:
+            base = self.accelerator.unwrap_model(model)
+            was_training = base.training
+            base.eval()
+            try:
+                with base.disable_adapter():
+                    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            finally:
+                base.train(was_training)
+        device = next(self.reference.parameters()).device
+        logits = self.reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                use_cache=False).logits
+        return logits.to(input_ids.device)
+
+    def _kl_sum(self, model, input_ids, attention_mask, logits, labels) -> tuple[torch.Tensor, int]:
+        keep = labels[:, 1:] != IGNORE_INDEX
+        ref = self.reference_logits(model, input_ids, attention_mask)
+        kl = token_kl(logits[:, :-1][keep], ref[:, :-1][keep], self.cfg.direction, self.cfg.topk)
+        return kl.sum(), kl.numel()
+
+    def loss(self, ctx: StepContext):
+        term = None
+        metrics = {}
+        if self.cfg.on in ("sft", "both"):
+            b = ctx.batch
+            if self.cache is not None:
+                kl_sum, n = self._cached_kl_sum(ctx.outputs.logits, b)
+            else:
+                kl_sum, n = self._kl_sum(ctx.model, b["input_ids"], b["attention_mask"], ctx.outputs.logits, b["labels"])
+            term = kl_sum * ctx.token_scale
+            if n:
+                metrics["kl"] = kl_sum.item() / n
+        if self.cfg.on in ("replay", "both") and ctx.replay_outputs is not None:
+            ids = ctx.replay_batch
+            kl_sum, n = self._kl_sum(ctx.model, ids, torch.ones_like(ids), ctx.replay_outputs.logits, ids)
+            replay_term = kl_sum * ctx.replay_scale
+            term = replay_term if term is None else term + replay_term
+            metrics["kl_replay"] = kl_sum.item() / n
+        if term is None:
+            return None, metrics
+        return self.cfg.coef * term, metrics
+
+
+register("kl", KLConfig, KL)

@@ -1,0 +1,102 @@
+"""Approximate replay (arXiv 2512.22337), as specified in docs/methods/replay.md.
+
+The original pre-training data is unavailable, so a similar open corpus stands in: its text is
+packed into fixed-length token blocks, and every micro-batch of n SFT examples brings
+floor(ratio * (k + n)) - floor(ratio * k) replay blocks with it (k = SFT examples seen so far),
+so the replay-to-SFT ratio holds exactly over a run without any state beyond k, which is derived
+from the step count on resume. Block j of the run (j-th draw, across processes) is position
+j mod N of a permutation reshuffled every cycle through the corpus, seeded by the run's seed.
+
+The replay blocks go through the model in their own forward (no padding to the SFT lengths) and
+add `weight * mean next-token NLL over all replay tokens of the optimizer step`, normalised like
+l_sft under gradient accumulation and across processes. Replay never changes the number of
+optimizer steps or the LR schedule: each step simply carries ratio x more examples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from forgetless.data import load_texts, pack_blocks
+from forgetless.errors import ConfigError
+from forgetless.regularizers import Regularizer, StepContext, register
+from forgetless.losses import token_nll
+
+DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
+
+
+@dataclass
+class ReplayConfig:
+    data: str = DEFAULT_CORPUS  # .txt/.txt.gz, or .jsonl/.json/.csv/.parquet/datasets folder with `text_field`
+    ratio: float = 0.25  # replay blocks per SFT example
+    max_length: int = 128  # tokens per replay block
+    weight: float = 1.0  # weight of the replay NLL term
+    text_field: str = "text"
+
+
+class Replay(Regularizer):
+    name = "replay"
+    priority = 0  # runs before the others, so KL (on: replay) can reuse its forward
+
+    def __init__(self, cfg: ReplayConfig) -> None:
+        if cfg.ratio < 0 or cfg.weight < 0:
+            raise ConfigError("regularizers.replay: ratio and weight must be >= 0")
+        if cfg.max_length < 2:
+            raise ConfigError("regularizers.replay.max_length: must be >= 2")
+        self.cfg = cfg
+        self.blocks: torch.Tensor | None = None
+        self.examples_seen: int | None = None
+        self._perm_cycle = -1
+        self._perm: torch.Tensor | None = None
+
+    def setup(self, trainer) -> None:
+        tokenizer = trainer.processing_class
+        if self.cfg.ratio > 0:
+            self.blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), tokenizer, self.cfg.max_length)
+        self.seed = trainer.args.seed
+        self.world = trainer.accelerator.num_processes
+        self.rank = trainer.accelerator.process_index
+        self.accum = trainer.args.gradient_accumulation_steps
+        self.batch_size = trainer.args.per_device_train_batch_size
+
+    def block_indices(self, first: int, count: int) -> list[int]:
+        """Corpus blocks for this process's draws first..first+count-1 (disjoint across processes)."""
+        n = self.blocks.shape[0]
+        out = []
+        for j in range(first, first + count):
+            slot = j * self.world + self.rank
+            cycle, pos = divmod(slot, n)
+            if cycle != self._perm_cycle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
+                self._perm, self._perm_cycle = torch.randperm(n, generator=g), cycle
+            out.append(int(self._perm[pos]))
+        return out
+
+    def loss(self, ctx: StepContext):
+        n_sft = ctx.batch["input_ids"].shape[0]
+        if self.examples_seen is None:  # first step of this process, possibly after a resume
+            self.examples_seen = ctx.trainer.state.global_step * self.accum * self.batch_size
+        k = self.examples_seen
+        self.examples_seen += n_sft
+        first = math.floor(self.cfg.ratio * k)
+        count = math.floor(self.cfg.ratio * (k + n_sft)) - first
+        if count == 0 or self.blocks is None:
+            return None, {"replay_fraction": 0.0}
+
+        ids = self.blocks[self.block_indices(first, count)].to(ctx.batch["input_ids"].device)
+        outputs = ctx.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        nll = token_nll(outputs.logits, ids)
+        # replay tokens in this optimizer step on every process: the same formula for each of them
+        step_start = (k // (self.accum * self.batch_size)) * self.accum * self.batch_size
+        step_blocks = (math.floor(self.cfg.ratio * (step_start + self.accum * self.batch_size))
+                       - math.floor(self.cfg.ratio * step_start))
+        replay_scale = 1.0 / (max(step_blocks, count) * (self.cfg.max_length - 1))
+        ctx.replay_batch, ctx.replay_outputs, ctx.replay_scale = ids, outputs, replay_scale
+        term = self.cfg.weight * nll.sum() * replay_scale
+        return term, {"l_replay": nll.detach().mean().item(), "replay_fraction": count / (count + n_sft)}
+
+
+register("replay", ReplayConfig, Replay)

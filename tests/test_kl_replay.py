@@ -1,0 +1,281 @@
+"""KL to the initial model and approximate replay: hand computations, storage, ratios, exact no-ops."""
+
+import gc
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from forgetless.config import DataConfig, ModelConfig, load_config
+from forgetless.data import collator, load_records, load_texts, pack_blocks, tokenize_records
+from forgetless.errors import ConfigError, DataError
+from forgetless.losses import token_kl
+from forgetless.model import apply_finetune, load_tokenizer
+from forgetless.regularizers import build_regularizers
+from forgetless.train import load_trained, train
+from forgetless.trainer import ForgetlessTrainer
+
+from conftest import memorisation_rows, tiny_config, write_jsonl
+
+
+# ------------------------------------------------------------------ the divergence itself
+
+def test_token_kl_matches_a_hand_computation_in_both_directions():
+    torch.manual_seed(0)
+    logits, ref = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    fwd, rev = token_kl(logits, ref, "forward"), token_kl(logits, ref, "reverse")
+    for i in range(5):
+        p = [math.exp(x) for x in torch.log_softmax(logits[i], -1).tolist()]   # current model
+        r = [math.exp(x) for x in torch.log_softmax(ref[i], -1).tolist()]      # initial model
+        assert fwd[i].item() == pytest.approx(sum(ri * math.log(ri / pi) for ri, pi in zip(r, p)), rel=1e-6)
+        assert rev[i].item() == pytest.approx(sum(pi * math.log(pi / ri) for ri, pi in zip(r, p)), rel=1e-6)
+    # F.kl_div(input, target) is KL(target || input): forward = kl_div(log p_theta, log p_ref)
+    expected = F.kl_div(torch.log_softmax(logits, -1), torch.log_softmax(ref, -1), log_target=True,
+                        reduction="none").sum(-1)
+    torch.testing.assert_close(fwd, expected)
+    assert not torch.allclose(fwd, rev)
+
+
+def test_topk_kl_is_a_lower_bound_that_becomes_exact():
+    torch.manual_seed(1)
+    logits, ref = torch.randn(6, 50), 3 * torch.randn(6, 50)
+    exact = token_kl(logits, ref)
+    for k in [1, 8, 32]:
+        approx = token_kl(logits, ref, topk=k)
+        assert (approx >= -1e-6).all() and (approx <= exact + 1e-5).all()
+    torch.testing.assert_close(token_kl(logits, ref, topk=49), exact, rtol=1e-4, atol=1e-5)
+    assert (token_kl(logits, ref, topk=32) - exact).abs().max() < (token_kl(logits, ref, topk=1) - exact).abs().max()
+
+
+# ------------------------------------------------------------------ the regularizer in a training step
+
+def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = apply_finetune(model, ModelConfig(finetune=finetune))
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, learning_rate=0.5,
+                             optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant")
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regs),
+                                processing_class=load_tokenizer(model_dir))
+    trainer.create_optimizer()
+    return trainer
+
+
+def make_batch(model_dir, tmp_path, rows):
+    tok = load_tokenizer(model_dir)
+    path = write_jsonl(tmp_path / "b.jsonl", rows)
+    examples, _ = tokenize_records(load_records(str(path), DataConfig()), tok, DataConfig(max_length=64))
+    return collator(tok)(examples)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_is_zero_before_the_first_update_and_matches_by_hand_after(tiny_llama, tmp_path, finetune, direction):
+    coef = 0.7
+    trainer = make_trainer(tiny_llama, tmp_path, finetune, [{"kl": {"coef": coef, "direction": direction}}])
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    model = trainer.model
+    trainer.training_step(model, dict(batch))
+    assert trainer._metrics["kl"][-1] == 0.0  # exactly: the reference is the model as it starts
+    trainer.optimizer.step()
+    model.zero_grad()
+
+    trainer._metrics.clear()
+    loss = trainer.training_step(model, dict(batch))
+    # by hand: initial model from disk vs the updated model, mean over response tokens
+    initial = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+    model.eval()
+    with torch.no_grad():
+        cur = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref = initial(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count, nll = 0.0, 0, 0.0
+    labels = batch["labels"]
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] == -100:
+                continue
+            lp, lr = torch.log_softmax(cur[b, t], -1), torch.log_softmax(ref[b, t], -1)
+            if direction == "forward":
+                total += (lr.exp() * (lr - lp)).sum().item()
+            else:
+                total += (lp.exp() * (lp - lr)).sum().item()
+            nll -= lp[labels[b, t + 1]].item()
+            count += 1
+    assert total / count > 1e-6
+    assert trainer._metrics["kl"][-1] == pytest.approx(total / count, rel=1e-6)
+    assert loss.item() == pytest.approx(nll / count + coef * total / count, rel=1e-6)
+
+
+def _tensor_elements() -> int:
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def test_lora_kl_keeps_no_second_copy_of_the_weights_full_finetuning_does(tiny_llama, tmp_path):
+    model_bytes = sum(p.numel() * 8 for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
+    grown = {}
+    for finetune in ["lora", "full"]:
+        trainer = make_trainer(tiny_llama, tmp_path, finetune, [])
+        before = _tensor_elements()
+        kl = build_regularizers([{"kl": {}}])[0]
+        kl.setup(trainer)
+        grown[finetune] = _tensor_elements() - before
+        assert (kl.reference is None) == (finetune == "lora")
+        del trainer, kl
+    assert grown["lora"] == 0
+    assert grown["full"] >= 0.9 * model_bytes
+
+
+def test_lora_init_that_rewrites_the_base_is_refused(tiny_llama, tmp_path):
+    trainer = make_trainer(tiny_llama, tmp_path, "lora", [])
+    trainer.model.peft_config["default"].init_lora_weights = "pissa"
+    with pytest.raises(ConfigError, match="rewrites the base weights"):
+        build_regularizers([{"kl": {}}])[0].setup(trainer)
+
+
+def test_kl_on_replay_needs_replay(tiny_llama, tmp_path):
+    with pytest.raises(ConfigError, match="needs a replay regularizer"):
+        make_trainer(tiny_llama, tmp_path, "lora", [{"kl": {"on": "replay"}}])
+
+
+# ------------------------------------------------------------------ replay
+
+def test_replay_corpus_loading_and_packing(tiny_gpt2, tmp_path):
+    tok = load_tokenizer(tiny_gpt2)
+    texts = load_texts("builtin:replay/kjv.txt.gz")
+    assert len(texts) > 200 and texts[0].startswith("In the beginning")
+    blocks = pack_blocks(texts[:3], tok, 16)
+    assert blocks.shape[1] == 16 and blocks.shape[0] > 10
+    assert (blocks == tok.eos_token_id).sum() >= 2  # documents separated by eos
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "the quick brown fox"}, {"body": "x"}])
+    with pytest.raises(DataError, match=r"c.jsonl:2: missing field 'text'"):
+        load_texts(str(path))
+
+
+def test_replay_mix_ratio_is_exact_deterministic_and_cycles(tiny_gpt2, tmp_path):
+    trainer = make_trainer(tiny_gpt2, tmp_path, "lora", [])
+    replay = build_regularizers([{"replay": {"ratio": 0.3, "max_length": 16}}])[0]
+    replay.setup(trainer)
+    n_blocks = replay.blocks.shape[0]
+    draws = replay.block_indices(0, 3 * n_blocks)
+    for c in range(3):  # each cycle visits every block once, in a fresh order
+        assert sorted(draws[c * n_blocks:(c + 1) * n_blocks]) == list(range(n_blocks))
+    assert draws[:n_blocks] != draws[n_blocks:2 * n_blocks]
+    again = build_regularizers([{"replay": {"ratio": 0.3, "max_length": 16}}])[0]
+    again.setup(trainer)
+    assert again.block_indices(0, 50) == draws[:50]
+
+
+def test_replay_fraction_over_a_run(tiny_gpt2, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(9))  # full batches of 3 every epoch
+    cfg = tiny_config(tiny_gpt2, data, tmp_path / "o", max_steps=20, batch_size=3, learning_rate=1e-3)
+    cfg.regularizers = [{"replay": {"ratio": 0.4, "max_length": 16}}]
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl") if '"replay_fraction"' in line]
+    assert len(rows) == 20
+    # 60 SFT examples -> exactly floor(0.4 * 60) = 24 replay blocks: fraction 24 / 84 overall
+    counts = [round(r["replay_fraction"] * 3 / (1 - r["replay_fraction"])) for r in rows]
+    assert sum(counts) == 24
+    assert all(r["l_replay"] > 0 for r in rows if r["replay_fraction"] > 0)
+
+
+def test_replay_with_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(4))
+    params = {}
+    for batch, accum in [(4, 1), (1, 4)]:
+        cfg = tiny_config(tiny_llama, data, tmp_path / f"o{batch}", max_steps=2, batch_size=batch, grad_accum=accum,
+                          learning_rate=0.5, optim="sgd", max_grad_norm=0, seed=3)
+        cfg.model.finetune = "full"
+        cfg.regularizers = [{"replay": {"ratio": 0.5, "max_length": 12, "weight": 2.0}}, {"kl": {"coef": 0.5}}]
+        train(cfg)
+        params[batch] = dict(load_trained(tmp_path / f"o{batch}")[0].named_parameters())
+    for name, p in params[4].items():
+        torch.testing.assert_close(params[1][name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_coef_and_zero_ratio_reproduce_plain_sft_exactly(tiny_llama, memo_data, tmp_path):
+    finals = {}
+    for name, regs in [("sft", []), ("noop", [{"kl": {"coef": 0.0}}, {"replay": {"ratio": 0.0}}])]:
+        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, max_steps=4, batch_size=4, learning_rate=1e-2)
+        cfg.regularizers = regs
+        train(cfg)
+        finals[name] = dict(load_trained(tmp_path / name)[0].named_parameters())
+    for n, p in finals["sft"].items():
+        assert torch.equal(p, finals["noop"][n]), n
+
+
+@pytest.mark.parametrize("method", ["arr", "kl", "replay"])
+def test_presets_train_and_log(tiny_gpt2, memo_data, tmp_path, method):
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=3, batch_size=4, learning_rate=1e-2)
+    cfg = load_config(None, [f"method={method}", f"model.name_or_path={cfg.model.name_or_path}",
+                             f"data.train={cfg.data.train}", f"output_dir={cfg.output_dir}", "train.max_steps=3",
+                             "train.logging_steps=1", "train.progress_bar=false", "model.lora.target_modules=all-linear",
+                             "regularizers=[]"] + (["regularizers=[{kl: {on: both}}, {replay: {max_length: 16}}]"]
+                                                   if method == "arr" else []))
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    keys = set().union(*rows)
+    expected = {"arr": {"kl", "kl_replay", "l_replay"}, "kl": {"kl"}, "replay": {"l_replay", "replay_fraction"}}[method]
+    assert expected <= keys
+
+
+def test_lfu_composes_with_kl_and_replay(tiny_gpt2, memo_data, tmp_path):
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=3, batch_size=4, learning_rate=1e-2)
+    cfg.regularizers = [{"lfu": {}}, {"kl": {"coef": 0.1}}, {"replay": {"max_length": 16, "ratio": 0.5}}]
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl") if '"l_cons"' in line]
+    assert rows and all({"kl", "l_replay", "l_cons"} <= set(r) for r in rows)
+
+
+def test_cached_reference_matches_the_topk_kl_and_is_reused(tiny_llama, tmp_path, monkeypatch):
+    import datasets
+
+    from forgetless.regularizers.kl import KL
+
+    tok = load_tokenizer(tiny_llama)
+    path = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(6))
+    examples, _ = tokenize_records(load_records(str(path), DataConfig()), tok, DataConfig(max_length=64))
+    for i, ex in enumerate(examples):
+        ex["example_id"] = i
+    ds = datasets.Dataset.from_list(examples)
+    k = 5
+    regs = [{"kl": {"coef": 1.0, "topk": k, "cache": "topk"}}]
+
+    def trainer_with(regs):
+        model = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64), ModelConfig())
+        args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), report_to="none", use_cpu=True,
+                                 learning_rate=0.5, optim="sgd", per_device_eval_batch_size=4, disable_tqdm=True)
+        return ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regs), train_dataset=ds,
+                                 processing_class=tok)
+
+    trainer = trainer_with(regs)
+    assert (tmp_path / "ckpt" / "kl_cache.safetensors").exists()
+    kl = trainer.regularizers[0]
+    batch = collator(tok)([dict(ds[i]) for i in [4, 1, 2]])  # any order, any subset
+    # move the model away from the reference: perturb the LoRA B matrices
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    cached_sum, n = kl._cached_kl_sum(logits, batch)
+    keep = batch["labels"][:, 1:] != -100
+    ref = kl.reference_logits(trainer.model, batch["input_ids"], batch["attention_mask"])
+    expected = token_kl(logits[:, :-1][keep], ref[:, :-1][keep], "forward", topk=k)
+    exact = token_kl(logits[:, :-1][keep], ref[:, :-1][keep], "forward")
+    assert n == int(keep.sum()) and cached_sum.item() > 0
+    assert cached_sum.item() == pytest.approx(expected.sum().item(), rel=1e-5)
+    assert cached_sum.item() <= exact.sum().item() + 1e-9
+
+    # a second run (e.g. a resume) reuses the stored cache instead of recomputing it
+    monkeypatch.setattr(KL, "_build_cache", lambda *a: pytest.fail("the cache was rebuilt"))
+    trainer_with(regs)
