@@ -267,11 +267,12 @@ def test_cached_reference_matches_the_topk_kl_and_is_reused(tiny_llama, tmp_path
             if "lora_B" in name:
                 p.normal_(std=0.1)
     logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    cached_sum, n = kl._cached_kl_sum(logits, batch)
     keep = batch["labels"][:, 1:] != -100
+    rows = logits[:, :-1][keep]
+    cached_sum, n = kl._cached_kl_sum(rows, batch)
     ref = kl.reference_logits(trainer.model, batch["input_ids"], batch["attention_mask"])
-    expected = token_kl(logits[:, :-1][keep], ref[:, :-1][keep], "forward", topk=k)
-    exact = token_kl(logits[:, :-1][keep], ref[:, :-1][keep], "forward")
+    expected = token_kl(rows, ref[:, :-1][keep], "forward", topk=k)
+    exact = token_kl(rows, ref[:, :-1][keep], "forward")
     assert n == int(keep.sum()) and cached_sum.item() > 0
     assert cached_sum.item() == pytest.approx(expected.sum().item(), rel=1e-5)
     assert cached_sum.item() <= exact.sum().item() + 1e-9

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from forgetless.errors import ConfigError
 from forgetless.regularizers import REGISTRY, Regularizer, register
 from forgetless.train import load_trained, train
-from forgetless.losses import token_nll
+from forgetless.losses import next_token_targets, prediction_mask, token_nll
 
 from conftest import memorisation_rows, tiny_config, write_jsonl
 
@@ -23,7 +23,8 @@ def test_masked_positions_contribute_nothing():
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11, requires_grad=True)
     labels = torch.tensor([[-100, -100, -100, 4, 5, 6], [-100, -100, 1, 2, -100, -100]])
-    nll = token_nll(logits, labels)
+    keep = prediction_mask(labels)
+    nll = token_nll(logits[keep], next_token_targets(labels, keep))
     # by hand: position t predicts label t+1
     expected = []
     for b in range(2):

@@ -42,14 +42,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_DIR")
 
+    p = sub.add_parser("eval", help="evaluate the base model (and a fine-tuned run) with the evaluation suite",
+                       description="Run the `evaluation` suite of CONFIG on the base model and, with --run, on a "
+                                   "fine-tuned output folder (with drift measured against the base). Writes eval.json.")
+    _add_config_args(p)
+    p.add_argument("--run", help="a forgetless output folder (adapter or full model) to evaluate against the base")
+
+    p = sub.add_parser("compare", help="train several methods and report what each gained and broke",
+                       description="Train every method in compare.methods from the same base, data, seed and steps, "
+                                   "evaluate base and results with the same suite, and write OUTPUT_DIR/report.md, "
+                                   "report.json and PNG plots. Finished identical runs are reused unless --overwrite.")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="retrain every method even if a finished run exists")
+
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit",
                        description="Validate CONFIG with its overrides and print the full resolved config.")
     _add_config_args(p)
     return parser
 
 
+def run_eval(config, run_dir: str | None) -> int:
+    import json
+
+    from forgetless.evaluate import check_disjoint, evaluate
+    from forgetless.model import load_model, load_tokenizer, resolve_model_path
+    from forgetless.train import load_trained
+
+    path = resolve_model_path(config.model.name_or_path)
+    tokenizer = load_tokenizer(path)
+    base = load_model(config.model, path).eval()
+    check_disjoint(config.evaluation, config.data, [config.data.train], [])
+    results = {"base": evaluate(base, tokenizer, config.evaluation, config.data, name="base")}
+    if run_dir:
+        model, _ = load_trained(run_dir)
+        results[run_dir] = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name="run")
+    out = Path(run_dir or config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name, res in results.items():
+        print(name)
+        for key, entry in res.items():
+            if isinstance(entry, dict) and "value" in entry:
+                ci = entry.get("ci95")
+                extra = f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+                print(f"  {key:18s} {entry['value']:.4f}{extra}  (n={entry['n']})")
+    print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Flags may sit between overrides (`train cfg a=1 --resume b=2`): argparse leaves the later ones over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Imported here so `--help` stays fast.
     from forgetless.config import load_config
@@ -58,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(resolve_config_path(args.config), args.overrides)
         if args.command == "config":
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+            return 0
+        if args.command == "eval":
+            return run_eval(config, args.run)
+        if args.command == "compare":
+            from forgetless.compare import run_compare
+
+            report = run_compare(config, overwrite=args.overwrite)
+            root = Path(config.output_dir)
+            print((root / "report.md").read_text().split("\n\nn:")[0])
+            print(f"\nwrote {root / 'report.md'}, report.json, tradeoff.png, measures.png")
             return 0
         from forgetless.train import train
 

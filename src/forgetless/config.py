@@ -89,6 +89,43 @@ class TrainingSettings:
     gradient_checkpointing: bool = False
     bf16: bool = False
     progress_bar: bool = True
+    # micro-batches with a NaN/inf loss are skipped; this many in a row stop the run
+    max_nonfinite_steps: int = 5
+
+
+# Paraphrases of how the same task is asked; {prompt} is the test example's own prompt.
+DEFAULT_TEMPLATES = [
+    "{prompt}",
+    "Question: {prompt}\nAnswer:",
+    "{prompt} Reply with the answer only.",
+    "Please solve the following.\n{prompt}",
+    "Here is a problem for you. {prompt} What is the result?",
+]
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation suite (see forgetless.evaluate)."""
+
+    task: str | None = "builtin:arithmetic/test.jsonl"  # prompt/response (or messages) test split
+    task_limit: int = 100
+    extractor: Literal["number", "exact", "contains"] = "number"
+    max_new_tokens: int = 16
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    general_text: str | None = "builtin:general/verne_2889.txt"
+    general_blocks: int = 48
+    block_length: int = 128
+    mc: str | None = "builtin:mmlu/mmlu_sample.jsonl"  # {"question", "choices", "answer"} rows
+    mc_limit: int = 120
+    batch_size: int = 16
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class CompareSettings:
+    # each a method preset (see METHOD_PRESETS); trained from the same base, data, seed and steps
+    methods: list[str] = field(default_factory=lambda: ["sft", "lfu", "kl+replay"])
 
 
 @dataclass
@@ -103,6 +140,9 @@ class ForgetlessConfig:
     regularizers: list[dict[str, Any]] = field(default_factory=list)
     # For LoRA runs: also write a merged full model to OUTPUT_DIR/merged.
     merge: bool = False
+    # The evaluation suite (`forgetless eval`, `forgetless compare`); see forgetless.evaluate.EvalConfig.
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareSettings = field(default_factory=CompareSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -293,6 +333,15 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
             )
         config.regularizers = [dict(entry) for entry in METHOD_PRESETS[config.method]]
     parse_regularizers(config.regularizers, where)
+    for i, method in enumerate(config.compare.methods):
+        if method not in METHOD_PRESETS:
+            raise ConfigError(f"{where}compare.methods[{i}]: unknown method '{method}' (presets: {', '.join(METHOD_PRESETS)})")
+    ev = config.evaluation
+    if ev.task and len(ev.templates) < 1:
+        raise ConfigError(f"{where}evaluation.templates: give at least one template")
+    for i, template in enumerate(ev.templates):
+        if "{prompt}" not in template:
+            raise ConfigError(f"{where}evaluation.templates[{i}]: must contain {{prompt}}, got {template!r}")
 
 
 def dump_config(config: ForgetlessConfig, path: str | Path) -> None:

@@ -15,15 +15,31 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token next-token NLL at trained positions only: a 1-D tensor, one entry per label != -100.
+def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True at position t when the token at t+1 is trained on (label != -100).
 
-    Only the selected positions are upcast to fp32, so prompt and padding logits cost nothing extra.
-    """
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    selected = upcast(logits[:, :-1][keep])
-    return F.cross_entropy(selected, shift_labels[keep], reduction="none")
+    Passed to the model as `logits_to_keep`, so the LM head runs on these positions only
+    (transformers returns their logits as rows [N, V], in row-major order)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def next_token_targets(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The [N] tokens predicted at the `keep` positions, in the same order as the logit rows."""
+    return labels[:, 1:][keep[:, :-1]]
+
+
+def forward_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor, **kwargs):
+    """Forward that computes logits only where `keep` is True: returns (outputs, logits rows [N, V])."""
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **kwargs)
+    logits = outputs.logits
+    return outputs, (logits if logits.dim() == 2 else logits[keep])  # older models return every position
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL of logit rows [N, V] against targets [N] (half precision upcast to fp32)."""
+    return F.cross_entropy(upcast(logits), targets, reduction="none")
 
 
 def token_kl(

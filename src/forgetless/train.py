@@ -22,7 +22,7 @@ from transformers import TrainingArguments, set_seed
 
 from forgetless import data as data_mod
 from forgetless.config import ForgetlessConfig, dump_config
-from forgetless.errors import ConfigError
+from forgetless.errors import ConfigError, TrainingError
 from forgetless.model import load_for_training
 from forgetless.regularizers import build_regularizers
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
@@ -90,9 +90,18 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    """The newest *complete* checkpoint: Trainer writes trainer_state.json last, so a folder whose
+    state file is missing or unreadable was cut short by a kill and is passed over."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s", path)
+    return None
 
 
 def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> TrainResult:
@@ -117,6 +126,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         data_collator=data_mod.collator(tokenizer),
         processing_class=tokenizer,
         regularizers=regularizers,
+        max_nonfinite_steps=config.train.max_nonfinite_steps,
         callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
     )
     dump_config(config, output_dir / "config.yaml")
@@ -140,6 +150,10 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if eval_ds is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
 
+    bad = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); "
+                            "nothing was saved. Lower train.learning_rate or train.max_grad_norm")
     if trainer.is_world_process_zero():
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))

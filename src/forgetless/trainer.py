@@ -21,20 +21,29 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import torch
 from transformers import Trainer, TrainerCallback
 
-from forgetless.errors import ConfigError
-from forgetless.losses import IGNORE_INDEX, token_nll
+from forgetless.errors import ConfigError, TrainingError
+from forgetless.losses import IGNORE_INDEX, forward_rows, next_token_targets, prediction_mask, token_nll
 from forgetless.regularizers import Regularizer, StepContext
+
+
+logger = logging.getLogger(__name__)
 
 
 class ForgetlessTrainer(Trainer):
     # training_step normalises by the step's token count itself; Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None,
+                 max_nonfinite_steps: int = 5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # A micro-batch whose loss is NaN/inf is skipped (no backward); this many in a row abort the run.
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_in_a_row = 0
         self.regularizers = list(regularizers or [])
         perturbers = [reg for reg in self.regularizers if reg.perturbs]
         if len(perturbers) > 1:
@@ -63,15 +72,13 @@ class ForgetlessTrainer(Trainer):
             with contextlib.ExitStack() as hooks:
                 for reg in self.regularizers:
                     hooks.enter_context(reg.clean_forward(model, inputs))
-                outputs = model(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    output_hidden_states=need_hidden,
-                    use_cache=False,
-                )
-            nll = token_nll(outputs.logits, labels)
+                # logits only where a response token is predicted: the LM head skips prompt and padding
+                keep = prediction_mask(labels)
+                outputs, logits = forward_rows(model, inputs["input_ids"], inputs["attention_mask"], keep,
+                                               output_hidden_states=need_hidden)
+            nll = token_nll(logits, next_token_targets(labels, keep))
             sft_loss = nll.sum() * token_scale
-            ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self)
+            ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self, keep=keep, logits=logits)
             extra = None
             for reg in self.regularizers:
                 term, metrics = reg.loss(ctx)
@@ -79,6 +86,9 @@ class ForgetlessTrainer(Trainer):
                     extra = term if extra is None else extra + term
                 self._record(metrics)
         total = sft_loss if extra is None else sft_loss + extra
+        if not torch.isfinite(total.detach()):
+            return self._skip_nonfinite(total)
+        self._nonfinite_in_a_row = 0
 
         if self.perturber is None:
             self.accelerator.backward(total)
@@ -88,7 +98,8 @@ class ForgetlessTrainer(Trainer):
                 if extra is not None:
                     self.accelerator.backward(extra, retain_graph=True)
                 ctx.sft_grads = self._isolated_backward(sft_loss, self.perturber.ascent_tensors())
-            ctx.outputs = ctx.replay_outputs = outputs = None  # free the clean logits before the perturbed forward
+            # free the clean logits before the perturbed forward
+            ctx.outputs = ctx.logits = ctx.replay_outputs = ctx.replay_logits = outputs = logits = None
             with self.compute_loss_context_manager():
                 term, metrics = self.perturber.perturbed_backward(ctx)
             total = total + term
@@ -98,6 +109,19 @@ class ForgetlessTrainer(Trainer):
             self._metrics["l_sft"].append(nll.detach().mean().item())
         self._tokens_seen += int(inputs["attention_mask"].sum())
         return total.detach()
+
+    def _skip_nonfinite(self, total: torch.Tensor) -> torch.Tensor:
+        self._nonfinite_in_a_row += 1
+        self._record({"nonfinite_skipped": 1.0})
+        logger.warning("non-finite loss (%s) at step %d: micro-batch skipped (%d in a row)",
+                       total.item(), self.state.global_step, self._nonfinite_in_a_row)
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise TrainingError(
+                f"the loss was NaN/inf for {self._nonfinite_in_a_row} micro-batches in a row (step "
+                f"{self.state.global_step}); training stopped and nothing was saved. Lower train.learning_rate, "
+                "check the data, or raise train.max_nonfinite_steps"
+            )
+        return torch.zeros((), device=total.device)
 
     def _isolated_backward(self, loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Backward `loss`, returning its gradient w.r.t. `tensors` alone while still accumulating it.
@@ -120,8 +144,9 @@ class ForgetlessTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: mean NLL over the response tokens of the batch."""
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        loss = token_nll(outputs.logits, inputs["labels"]).mean()
+        keep = prediction_mask(inputs["labels"])
+        outputs, logits = forward_rows(model, inputs["input_ids"], inputs["attention_mask"], keep)
+        loss = token_nll(logits, next_token_targets(inputs["labels"], keep)).mean()
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

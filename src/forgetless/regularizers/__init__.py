@@ -37,6 +37,8 @@ class StepContext:
     sft_loss: torch.Tensor  # the normalised SFT term of this micro-batch
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
     trainer: Any  # the ForgetlessTrainer, for regularizers that need its state (e.g. a reference model)
+    keep: torch.Tensor | None = None  # [B, T] bool: positions whose next token is trained (losses.prediction_mask)
+    logits: torch.Tensor | None = None  # [N, V] logits at the `keep` positions only, row-major
     # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
     # Read them before running any backward of your own (autograd may accumulate into them in place).
     sft_grads: list[torch.Tensor] | None = None
@@ -44,6 +46,8 @@ class StepContext:
     # that turns a sum over replay tokens into the step's mean (as token_scale does for SFT tokens).
     replay_batch: torch.Tensor | None = None
     replay_outputs: Any = None
+    replay_keep: torch.Tensor | None = None
+    replay_logits: torch.Tensor | None = None
     replay_scale: float = 0.0
 
 

@@ -22,6 +22,7 @@ across epochs and on resume); each step then computes the top-k + rest KL from t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -32,7 +33,7 @@ from typing import Literal
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.losses import IGNORE_INDEX, token_kl, upcast
+from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, token_kl, upcast
 from forgetless.regularizers import Regularizer, StepContext, register
 
 logger = logging.getLogger(__name__)
@@ -140,13 +141,16 @@ class KL(Regularizer):
         for start in tqdm(range(0, len(dataset), batch_size), desc="KL reference cache", disable=trainer.args.disable_tqdm):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             ids, mask, labels = (batch[key].to(device) for key in ("input_ids", "attention_mask", "labels"))
-            logr = torch.log_softmax(upcast(self.reference_logits(model, ids, mask))[:, :-1], dim=-1)
-            for row, example_id in enumerate(batch["example_id"].tolist()):
-                keep = labels[row, 1:] != IGNORE_INDEX
-                top, idx = logr[row][keep].topk(k, dim=-1)
-                rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-                rows[example_id] = (idx.int().cpu(), top.float().cpu(), rest.float().cpu())
-                counts[example_id] = int(keep.sum())
+            keep = prediction_mask(labels)
+            logr = torch.log_softmax(upcast(self.reference_logits(model, ids, mask, keep)), dim=-1)  # [N, V]
+            top, idx = logr.topk(k, dim=-1)
+            rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+            per_row = keep.sum(1).tolist()
+            for (i_top, i_idx, i_rest), example_id, n in zip(
+                zip(top.split(per_row), idx.split(per_row), rest.split(per_row)), batch["example_id"].tolist(), per_row
+            ):
+                rows[example_id] = (i_idx.int().cpu(), i_top.float().cpu(), i_rest.float().cpu())
+                counts[example_id] = n
         order = range(len(dataset))
         return {
             "meta": torch.tensor([len(dataset), k]),
@@ -157,7 +161,8 @@ class KL(Regularizer):
         }
 
     def _cached_kl_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """KL over (top-k of the reference + rest) with the reference's side read from the cache."""
+        """KL over (top-k of the reference + rest), the reference's side read from the cache; `logits`
+        are the current model's rows at the batch's prediction positions."""
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         offsets = self.cache["offsets"]
         rows = [torch.arange(offsets[i], offsets[i + 1]) for i in batch["example_id"].tolist()]
@@ -168,7 +173,7 @@ class KL(Regularizer):
         device = logits.device
         idx = self.cache["topk_ids"][sel].to(device).long()
         logr = torch.cat([self.cache["topk_logp"][sel], self.cache["rest_logp"][sel].unsqueeze(-1)], -1).to(device)
-        logp_all = torch.log_softmax(upcast(logits[:, :-1][keep]), dim=-1)
+        logp_all = torch.log_softmax(upcast(logits), dim=-1)
         logp_k = logp_all.gather(-1, idx)
         rest_p = torch.log1p(-logp_k.exp().sum(-1).clamp(max=1 - 1e-6))
         logp = torch.cat([logp_k, rest_p.unsqueeze(-1)], dim=-1)
@@ -180,25 +185,36 @@ class KL(Regularizer):
         return kl.sum(), kl.numel()
 
     @torch.no_grad()
-    def reference_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.uses_adapter:
-            base = self.accelerator.unwrap_model(model)
-            was_training = base.training
-            base.eval()
-            try:
-                with base.disable_adapter():
-                    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            finally:
-                base.train(was_training)
-        device = next(self.reference.parameters()).device
-        logits = self.reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                use_cache=False).logits
-        return logits.to(input_ids.device)
+    def reference_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The initial model's logits: [B, T, V], or with `keep` ([B, T] bool, losses.prediction_mask)
+        the rows [N, V] at those positions, computed exactly as the training forward computes its own."""
+        with self._reference(model) as ref:
+            device = next(ref.parameters()).device
+            ids, mask = input_ids.to(device), attention_mask.to(device)
+            if keep is None:
+                return ref(input_ids=ids, attention_mask=mask, use_cache=False).logits.to(input_ids.device)
+            return forward_rows(ref, ids, mask, keep.to(device))[1].to(input_ids.device)
 
-    def _kl_sum(self, model, input_ids, attention_mask, logits, labels) -> tuple[torch.Tensor, int]:
-        keep = labels[:, 1:] != IGNORE_INDEX
-        ref = self.reference_logits(model, input_ids, attention_mask)
-        kl = token_kl(logits[:, :-1][keep], ref[:, :-1][keep], self.cfg.direction, self.cfg.topk)
+    @contextlib.contextmanager
+    def _reference(self, model):
+        """The reference as a plain causal LM: the adapter-disabled network, or the frozen copy."""
+        if not self.uses_adapter:
+            yield self.reference
+            return
+        peft_model = self.accelerator.unwrap_model(model)
+        was_training = peft_model.training
+        peft_model.eval()
+        try:
+            with peft_model.disable_adapter():
+                yield peft_model.get_base_model()
+        finally:
+            peft_model.train(was_training)
+
+    def _kl_sum(self, model, input_ids, attention_mask, keep, logits) -> tuple[torch.Tensor, int]:
+        """Sum of token KLs at the `keep` positions; `logits` are the current model's rows there."""
+        ref = self.reference_logits(model, input_ids, attention_mask, keep)
+        kl = token_kl(logits, ref, self.cfg.direction, self.cfg.topk)
         return kl.sum(), kl.numel()
 
     def loss(self, ctx: StepContext):
@@ -207,15 +223,15 @@ class KL(Regularizer):
         if self.cfg.on in ("sft", "both"):
             b = ctx.batch
             if self.cache is not None:
-                kl_sum, n = self._cached_kl_sum(ctx.outputs.logits, b)
+                kl_sum, n = self._cached_kl_sum(ctx.logits, b)
             else:
-                kl_sum, n = self._kl_sum(ctx.model, b["input_ids"], b["attention_mask"], ctx.outputs.logits, b["labels"])
+                kl_sum, n = self._kl_sum(ctx.model, b["input_ids"], b["attention_mask"], ctx.keep, ctx.logits)
             term = kl_sum * ctx.token_scale
             if n:
                 metrics["kl"] = kl_sum.item() / n
         if self.cfg.on in ("replay", "both") and ctx.replay_outputs is not None:
             ids = ctx.replay_batch
-            kl_sum, n = self._kl_sum(ctx.model, ids, torch.ones_like(ids), ctx.replay_outputs.logits, ids)
+            kl_sum, n = self._kl_sum(ctx.model, ids, torch.ones_like(ids), ctx.replay_keep, ctx.replay_logits)
             replay_term = kl_sum * ctx.replay_scale
             term = replay_term if term is None else term + replay_term
             metrics["kl_replay"] = kl_sum.item() / n

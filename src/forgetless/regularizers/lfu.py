@@ -187,7 +187,10 @@ class LfU(Regularizer):
             return fn
 
         model = ctx.model
-        kwargs = dict(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"], use_cache=False)
+        # logits_to_keep=1: only reached without the early stop (several processes), where the head's
+        # parameters just need a (zero) gradient for DDP; one position is enough for that.
+        kwargs = dict(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"], use_cache=False,
+                      logits_to_keep=1)
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
         outputs = None
         originals = []

@@ -23,7 +23,7 @@ import torch
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import ConfigError
 from forgetless.regularizers import Regularizer, StepContext, register
-from forgetless.losses import token_nll
+from forgetless.losses import forward_rows, next_token_targets, token_nll
 
 DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
 
@@ -87,14 +87,17 @@ class Replay(Regularizer):
             return None, {"replay_fraction": 0.0}
 
         ids = self.blocks[self.block_indices(first, count)].to(ctx.batch["input_ids"].device)
-        outputs = ctx.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-        nll = token_nll(outputs.logits, ids)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[:, -1] = False  # every token but the first is a target
+        outputs, logits = forward_rows(ctx.model, ids, torch.ones_like(ids), keep)
+        nll = token_nll(logits, next_token_targets(ids, keep))
         # replay tokens in this optimizer step on every process: the same formula for each of them
         step_start = (k // (self.accum * self.batch_size)) * self.accum * self.batch_size
         step_blocks = (math.floor(self.cfg.ratio * (step_start + self.accum * self.batch_size))
                        - math.floor(self.cfg.ratio * step_start))
         replay_scale = 1.0 / (max(step_blocks, count) * (self.cfg.max_length - 1))
         ctx.replay_batch, ctx.replay_outputs, ctx.replay_scale = ids, outputs, replay_scale
+        ctx.replay_keep, ctx.replay_logits = keep, logits
         term = self.cfg.weight * nll.sum() * replay_scale
         return term, {"l_replay": nll.detach().mean().item(), "replay_fraction": count / (count + n_sft)}
 

@@ -1,0 +1,237 @@
+"""What fine-tuning gained and what it broke, measured the same way for the base and every tuned model.
+
+Measures (each with its sample count `n`, and a bootstrap 95% interval where cheap):
+  target_nll         mean NLL of the reference answers of the task's test split (response tokens)
+  target_acc         greedy-decoding accuracy on the task, with an answer extractor
+  robust_acc_mean / robust_acc_std   accuracy across K paraphrased prompt templates
+  general_ppl        perplexity on held-out general text (never a training or replay source)
+  general_drift_kl   mean token KL(base || model) on that text (0 for the base itself)
+  mc_acc / mc_acc_norm   multiple-choice accuracy by log-likelihood of each choice, the
+                     lm-evaluation-harness convention (acc_norm divides by the choice's length in bytes)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from forgetless.data import load_records, load_texts, pack_blocks, read_rows, render, render_prompt, uses_chat_template
+from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
+from forgetless.errors import DataError
+from forgetless.losses import token_kl, upcast
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- small statistics
+
+
+def bootstrap_ci(values: list[float], stat=None, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% interval of `stat` (default: the mean) over resamples of `values`."""
+    if not values or n_boot <= 0:
+        return (math.nan, math.nan)
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
+    samples = x[idx]
+    stats = samples.mean(1) if stat is None else torch.stack([stat(s) for s in samples])
+    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return (lo, hi)
+
+
+def measure(value: float, n: int, ci: tuple[float, float] | None = None) -> dict[str, Any]:
+    out = {"value": value, "n": n}
+    if ci is not None:
+        out["ci95"] = list(ci)
+    return out
+
+
+# ---------------------------------------------------------------- answers
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s.-]", " ", text.lower()).split()).strip(" .")
+
+
+def is_correct(generated: str, reference: str, extractor: str) -> bool:
+    if extractor == "number":
+        found = _NUMBER.findall(generated)
+        want = _NUMBER.findall(reference)
+        if not found or not want:
+            return False
+        try:
+            return float(found[-1].replace(",", "")) == float(want[-1].replace(",", ""))
+        except ValueError:
+            return False
+    if extractor == "exact":
+        return _normalise(generated) == _normalise(reference)
+    return _normalise(reference) in _normalise(generated)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+    """Greedy completions of already-rendered prompt texts (left-padded batches)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, desc: str) -> list[float]:
+    """Sum of log p(continuation | context) for each (context, continuation) pair."""
+    rows = []
+    for context, continuation in pairs:
+        ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        rows.append((ctx_ids + cont_ids, len(ctx_ids)))
+    scores = []
+    pad = tokenizer.pad_token_id
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (seq, _) in enumerate(chunk):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        logp = torch.log_softmax(upcast(logits), dim=-1)
+        for i, (seq, n_ctx) in enumerate(chunk):
+            targets = torch.tensor(seq[n_ctx:], device=logp.device)
+            positions = torch.arange(n_ctx - 1, len(seq) - 1, device=logp.device)
+            scores.append(logp[i, positions, targets].sum().item())
+    return scores
+
+
+@torch.no_grad()
+def block_nll_and_drift(model, blocks: torch.Tensor, batch_size: int, base=None) -> tuple[list[float], list[float], int]:
+    """Per-block mean NLL and (with `base`) per-block mean token KL(base || model)."""
+    nll, drift = [], []
+    for start in tqdm(range(0, len(blocks), batch_size), desc="general text", leave=False):
+        ids = blocks[start:start + batch_size].to(model.device)
+        logits = upcast(model(input_ids=ids).logits)[:, :-1]
+        logp = torch.log_softmax(logits, dim=-1)
+        nll += (-logp.gather(-1, ids[:, 1:, None]).squeeze(-1)).mean(-1).tolist()
+        if base is not None:
+            ref = upcast(base(input_ids=ids.to(base.device)).logits)[:, :-1].to(logits.device)
+            drift += token_kl(logits.flatten(0, 1), ref.flatten(0, 1)).view(ids.shape[0], -1).mean(-1).tolist()
+    return nll, drift, blocks.shape[1] - 1
+
+
+def load_mc(spec: str, limit: int) -> list[dict]:
+    rows = []
+    for where, row in read_rows(spec):
+        if not isinstance(row, dict) or not isinstance(row.get("choices"), list) or not isinstance(row.get("answer"), int):
+            raise DataError(f"{where}: a multiple-choice row needs 'question', 'choices' (list) and 'answer' (index)")
+        if not 0 <= row["answer"] < len(row["choices"]):
+            raise DataError(f"{where}: field 'answer' = {row['answer']} is not an index into 'choices'")
+        rows.append(row)
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def check_disjoint(cfg: EvalConfig, data_cfg: DataConfig, train_specs: list[str], replay_specs: list[str]) -> None:
+    """Never evaluate on what was trained on: task prompts vs training prompts, general text vs replay text."""
+    if cfg.task:
+        test = {r.messages[-2]["content"] for r in load_records(cfg.task, data_cfg)}
+        for spec in train_specs:
+            seen = {r.messages[-2]["content"] for r in load_records(spec, data_cfg)}
+            overlap = test & seen
+            if overlap:
+                raise DataError(f"eval.task: {len(overlap)} test prompts also appear in the training data {spec} "
+                                f"(e.g. {next(iter(overlap))!r}); evaluate on held-out data")
+    if cfg.general_text:
+        general = set(load_texts(cfg.general_text))
+        for spec in replay_specs:
+            if general & set(load_texts(spec)):
+                raise DataError(f"eval.general_text shares documents with the replay corpus {spec}; use another source")
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None, name: str = "model") -> dict[str, Any]:
+    """Run the suite on `model` (and drift against `base`, when given). Deterministic given the seed."""
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    results: dict[str, Any] = {}
+    chat = uses_chat_template(tokenizer, data_cfg)
+
+    if cfg.task:
+        records = load_records(cfg.task, data_cfg)[: cfg.task_limit]
+        # target NLL of the reference answers, with the training template
+        pairs = [render(r.messages, tokenizer, chat) for r in records]
+        scores = continuation_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: task NLL")
+        lengths = [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for _, resp in pairs]
+        per_token = [-s / n for s, n in zip(scores, lengths)]
+        results["target_nll"] = measure(sum(-s for s in scores) / sum(lengths), len(records),
+                                        bootstrap_ci(per_token, n_boot=cfg.bootstrap, seed=cfg.seed))
+        per_template = []
+        for t, template in enumerate(cfg.templates):
+            prompts = []
+            for r in records:
+                messages = [dict(m) for m in r.messages[:-1]]
+                messages[-1]["content"] = template.format(prompt=messages[-1]["content"])
+                prompts.append(render_prompt(messages, tokenizer, chat))
+            answers = greedy_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
+                                     f"{name}: task template {t + 1}/{len(cfg.templates)}")
+            correct = [float(is_correct(a, r.messages[-1]["content"], cfg.extractor)) for a, r in zip(answers, records)]
+            per_template.append(sum(correct) / len(correct))
+            if t == 0:
+                results["target_acc"] = measure(per_template[0], len(records),
+                                                bootstrap_ci(correct, n_boot=cfg.bootstrap, seed=cfg.seed))
+                results["examples"] = [{"prompt": p, "answer": a} for p, a in zip(prompts[:3], answers[:3])]
+        mean = sum(per_template) / len(per_template)
+        std = math.sqrt(sum((a - mean) ** 2 for a in per_template) / max(len(per_template) - 1, 1))
+        results["robust_acc_mean"] = measure(mean, len(records) * len(per_template))
+        results["robust_acc_std"] = measure(std, len(per_template))
+        results["robust_acc_per_template"] = per_template
+
+    if cfg.general_text:
+        blocks = pack_blocks(load_texts(cfg.general_text), tokenizer, cfg.block_length)[: cfg.general_blocks]
+        nll, drift, tokens = block_nll_and_drift(model, blocks, cfg.batch_size, base)
+        ppl = math.exp(sum(nll) / len(nll))
+        ci = bootstrap_ci(nll, n_boot=cfg.bootstrap, seed=cfg.seed)
+        results["general_ppl"] = measure(ppl, len(nll) * tokens, (math.exp(ci[0]), math.exp(ci[1])))
+        if base is not None:
+            results["general_drift_kl"] = measure(sum(drift) / len(drift), len(drift) * tokens,
+                                                  bootstrap_ci(drift, n_boot=cfg.bootstrap, seed=cfg.seed))
+        else:
+            results["general_drift_kl"] = measure(0.0, len(nll) * tokens)
+
+    if cfg.mc:
+        rows = load_mc(cfg.mc, cfg.mc_limit)
+        pairs = [(f"Question: {row['question'].strip()}\nAnswer:", f" {choice}") for row in rows for choice in row["choices"]]
+        scores = continuation_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: multiple choice")
+        acc, acc_norm, i = [], [], 0
+        for row in rows:
+            k = len(row["choices"])
+            s = scores[i:i + k]
+            norm = [v / max(len(c.encode("utf-8")) + 1, 1) for v, c in zip(s, row["choices"])]
+            acc.append(float(max(range(k), key=lambda j: s[j]) == row["answer"]))
+            acc_norm.append(float(max(range(k), key=lambda j: norm[j]) == row["answer"]))
+            i += k
+        results["mc_acc"] = measure(sum(acc) / len(acc), len(acc), bootstrap_ci(acc, n_boot=cfg.bootstrap, seed=cfg.seed))
+        results["mc_acc_norm"] = measure(sum(acc_norm) / len(acc_norm), len(acc_norm),
+                                         bootstrap_ci(acc_norm, n_boot=cfg.bootstrap, seed=cfg.seed))
+    return results

@@ -1,0 +1,134 @@
+"""The evaluation suite and `compare` on tiny models: hand computations, identities, no leakage."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from forgetless.config import DataConfig, EvalConfig, load_config
+from forgetless.data import load_texts, pack_blocks
+from forgetless.errors import DataError
+from forgetless.evaluate import (bootstrap_ci, check_disjoint, continuation_logprobs, evaluate, is_correct)
+from forgetless.model import load_tokenizer
+
+from conftest import write_jsonl
+
+GENERAL = ("the quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 8
+
+
+@pytest.fixture
+def suite(tmp_path):
+    task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i + 1)} for i in range(6)])
+    text = tmp_path / "general.txt"
+    text.write_text(GENERAL)
+    mc = write_jsonl(tmp_path / "mc.jsonl", [
+        {"question": "What jumps?", "choices": ["the fox", "the dog", "hello world"], "answer": 0},
+        {"question": "Who is lazy?", "choices": ["fox", "the lazy dog"], "answer": 1},
+        {"question": "Sum?", "choices": ["7", "12", "0", "9 8"], "answer": 2},
+    ])
+    return EvalConfig(task=str(task), task_limit=6, max_new_tokens=4, general_text=str(text), general_blocks=4,
+                      block_length=16, mc=str(mc), batch_size=2, bootstrap=200)
+
+
+def test_mc_scoring_equals_a_hand_computation(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = load_tokenizer(tiny_llama)
+    pairs = [("Question: What jumps?\nAnswer:", " the fox"), ("Question: Sum?\nAnswer:", " 12"), ("hello", " world over")]
+    got = continuation_logprobs(model, tok, pairs, batch_size=2, desc="t")
+    for (ctx, cont), score in zip(pairs, got):
+        ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"]
+        cont_ids = tok(cont, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx_ids + cont_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        expected = 0.0
+        for j, token in enumerate(cont_ids):  # token at position len(ctx)+j is predicted at the position before
+            expected += torch.log_softmax(logits[len(ctx_ids) + j - 1], -1)[token].item()
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_perplexity_is_exp_of_mean_nll_and_identical_model_has_zero_drift(tiny_llama, suite):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = load_tokenizer(tiny_llama)
+    twin = copy.deepcopy(model)
+    res = evaluate(twin, tok, suite, DataConfig(), base=model)
+    blocks = pack_blocks(load_texts(suite.general_text), tok, 16)[:4]
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+    nll = -torch.log_softmax(logits, -1).gather(-1, blocks[:, 1:, None]).mean()
+    assert res["general_ppl"]["value"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    assert res["general_ppl"]["n"] == 4 * 15
+    assert res["general_drift_kl"]["value"] == 0.0
+    alone = evaluate(model, tok, suite, DataConfig())
+    for key in ["target_nll", "target_acc", "general_ppl", "mc_acc", "mc_acc_norm", "robust_acc_mean", "robust_acc_std"]:
+        assert res[key]["value"] == alone[key]["value"], key  # equal scores, and deterministic
+    assert res["mc_acc"]["n"] == 3 and res["target_acc"]["n"] == 6
+    assert len(res["robust_acc_per_template"]) == 5
+
+
+def test_tuned_model_shows_drift(tiny_llama, suite):
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    res = evaluate(tuned, load_tokenizer(tiny_llama), suite, DataConfig(), base=base)
+    assert res["general_drift_kl"]["value"] > 0
+    lo, hi = res["general_drift_kl"]["ci95"]
+    assert lo <= res["general_drift_kl"]["value"] <= hi
+
+
+def test_never_evaluates_on_training_data(tmp_path, suite):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Calculate 3 + 1.", "response": "4"}])
+    with pytest.raises(DataError, match="1 test prompts also appear in the training data"):
+        check_disjoint(suite, DataConfig(), [str(train)], [])
+    replay = tmp_path / "replay.txt"
+    replay.write_text(GENERAL)
+    with pytest.raises(DataError, match="shares documents with the replay corpus"):
+        check_disjoint(suite, DataConfig(), [], [str(replay)])
+    # the shipped defaults are disjoint
+    default = load_config(None)
+    check_disjoint(default.evaluation, default.data, [default.data.train], ["builtin:replay/kjv.txt.gz"])
+
+
+def test_answer_extractors_and_bootstrap():
+    assert is_correct("The answer is 42.", "42", "number")
+    assert is_correct("4 - 1 = 3", "3", "number") and not is_correct("3 and then 5", "3", "number")
+    assert is_correct("-1,200", "-1200", "number") and not is_correct("no digits", "7", "number")
+    assert is_correct("  Paris. ", "paris", "exact") and not is_correct("Paris, France", "paris", "exact")
+    assert is_correct("It is Paris, France", "Paris", "contains")
+    values = [0.0, 1.0] * 50
+    lo, hi = bootstrap_ci(values, n_boot=500, seed=1)
+    assert lo < 0.5 < hi and bootstrap_ci(values, n_boot=500, seed=1) == (lo, hi)
+
+
+def test_compare_end_to_end(tiny_llama, suite, tmp_path, monkeypatch):
+    from forgetless.compare import run_compare
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Calculate {i} + 2.", "response": str(i + 2)} for i in range(8)])
+    replay = tmp_path / "replay.txt"
+    replay.write_text(("in the beginning was the word. " * 10 + "\n\n") * 20)
+    config = load_config(None, [
+        f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
+        "data.max_length=64", "train.max_steps=3", "train.batch_size=4", "train.progress_bar=false",
+        "model.lora.target_modules=all-linear", "train.learning_rate=1e-2", "compare.methods=[sft, lfu, arr]",
+    ])
+    config.evaluation = suite
+    # arr with a small local replay corpus
+    from forgetless.config import METHOD_PRESETS
+    monkeypatch.setitem(METHOD_PRESETS, "arr", [{"kl": {}}, {"replay": {"data": str(replay), "max_length": 16}}])
+    report = run_compare(config)
+    root = tmp_path / "cmp"
+    for name in ["report.md", "report.json", "tradeoff.png", "measures.png"]:
+        assert (root / name).stat().st_size > 0, name
+    assert set(report["results"]) == {"base", "sft", "lfu", "arr"}
+    assert report["results"]["base"]["general_drift_kl"]["value"] == 0.0
+    for method in ["sft", "lfu", "arr"]:
+        assert report["results"][method]["general_drift_kl"]["value"] > 0
+        assert report["runs"][method]["global_steps"] == 3 and report["runs"][method]["step_time_s"] > 0
+    table = (root / "report.md").read_text()
+    assert "| lfu |" in table and "| base |" in table
+    assert json.loads((root / "report.json").read_text())["methods"] == ["sft", "lfu", "arr"]

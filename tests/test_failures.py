@@ -1,0 +1,105 @@
+"""Failure behaviour: non-finite losses, kills mid-run and exact resume, never a half-written output."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from forgetless.errors import TrainingError
+from forgetless.regularizers import REGISTRY, Regularizer
+from forgetless.train import latest_checkpoint, load_trained, train
+
+from conftest import memorisation_rows, tiny_config, write_jsonl
+
+
+@dataclass
+class PoisonConfig:
+    bad_steps: list[int]
+
+
+class Poison(Regularizer):
+    """Test-only: adds NaN to the loss at the listed optimizer steps."""
+
+    name = "poison"
+
+    def __init__(self, cfg):
+        self.bad = set(cfg.bad_steps)
+
+    def loss(self, ctx):
+        if ctx.trainer.state.global_step in self.bad:
+            return torch.tensor(float("nan")), {}
+        return None, {}
+
+
+def test_nonfinite_steps_are_skipped_and_logged(tiny_gpt2, memo_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "poison", (PoisonConfig, Poison))
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=6, batch_size=4, learning_rate=1e-2)
+    cfg.regularizers = [{"poison": {"bad_steps": [1, 3]}}]
+    train(cfg)
+    model, _ = load_trained(tmp_path / "o")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert sum(1 for r in rows if r.get("nonfinite_skipped")) == 2
+
+
+def test_repeated_nonfinite_loss_aborts_without_writing_a_model(tiny_gpt2, memo_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "poison", (PoisonConfig, Poison))
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=10, batch_size=4, max_nonfinite_steps=3)
+    cfg.regularizers = [{"poison": {"bad_steps": list(range(2, 10))}}]
+    with pytest.raises(TrainingError, match="NaN/inf for 3 micro-batches in a row"):
+        train(cfg)
+    out = tmp_path / "o"
+    assert not (out / "train_summary.json").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_latest_checkpoint_skips_a_half_written_one(tmp_path):
+    for step, state in [(2, '{"global_step": 2}'), (4, '{"global_st')]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-6").mkdir()  # killed before its state file was written
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "forgetless.cli", "train", *args]
+
+
+@pytest.mark.parametrize("method", ["sft", "arr"])
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny_llama, tmp_path, method):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(("the quick brown fox jumps over the lazy dog " * 8 + "\n\n") * 30)
+    common = [f"model.name_or_path={tiny_llama}", f"data.train={data}", "data.max_length=64", "train.max_steps=40",
+              "train.batch_size=4", "train.save_steps=4", "train.save_total_limit=3", "train.learning_rate=1e-3",
+              "train.progress_bar=false", "model.lora.target_modules=all-linear", "train.logging_steps=100"]
+    if method == "arr":
+        common.append(f"regularizers=[{{kl: {{coef: 0.1}}}}, {{replay: {{data: {corpus}, max_length: 16}}}}]")
+    ref = subprocess.run(_cli("default", f"output_dir={tmp_path / 'ref'}", *common), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli("default", f"output_dir={run}", *common), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "checkpoint-12").exists():
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "train_summary.json").exists(), "the run finished before it could be killed"
+    assert latest_checkpoint(run / "checkpoints") is not None
+
+    refused = subprocess.run(_cli("default", f"output_dir={run}", *common), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(_cli("default", f"output_dir={run}", "--resume", *common), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = dict(load_trained(tmp_path / "ref")[0].named_parameters())
+    b = dict(load_trained(run)[0].named_parameters())
+    for name, p in a.items():
+        torch.testing.assert_close(b[name], p, rtol=0, atol=1e-6)
