@@ -13,7 +13,7 @@ with MALLOC_MMAP_THRESHOLD_=65536 (so freed tensors leave the RSS at once instea
 glibc's heap), where a thread samples the resident set size every millisecond during its steps: `peak_rss` is the
 highest RSS seen during the steps (model, libraries and all), `peak_mem_delta` that peak minus
 the RSS just before the first step (activations, gradients, optimizer state: what the method adds).
-Writes bench/results.json (merging into what is there) and prints a table.
+Writes bench/results.json (replacing it: all ratios come from one run) and prints a table.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def main() -> None:
                   f"above pre-step RSS {memory[m]['peak_mem_delta'] / 2**20:.0f} MiB", flush=True)
 
     base_time = statistics.median(times["sft"])
-    results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    results = {}  # every ratio in the file comes from this one run
     setting = {"model": args.model, "finetune": args.finetune, "batch": args.batch, "seq_len": args.seq_len,
                "steps": args.steps, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     print(f"\n{'method':10s} {'step s':>8s} {'time x':>7s} {'mem x':>7s}  ({setting['machine']})")

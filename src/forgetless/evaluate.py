@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from forgetless.data import load_records, load_texts, pack_blocks, read_rows, render, render_prompt, uses_chat_template
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
 from forgetless.errors import DataError
-from forgetless.losses import token_kl, upcast
+from forgetless.losses import forward_rows, token_kl, upcast
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +82,18 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     """Greedy completions of already-rendered prompt texts (left-padded batches)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out = []
+    # batches of similar length waste little on padding; answers are put back in input order
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+            chunk = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(chunk, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+                out[i] = text
     finally:
         tokenizer.padding_side = side
     return out
@@ -103,22 +107,27 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
         ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
         cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
         rows.append((ctx_ids + cont_ids, len(ctx_ids)))
-    scores = []
+    scores: list[float] = [0.0] * len(rows)
     pad = tokenizer.pad_token_id
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch together
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
-        chunk = rows[start:start + batch_size]
+        index = order[start:start + batch_size]
+        chunk = [rows[i] for i in index]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, (seq, _) in enumerate(chunk):
+        keep = torch.zeros_like(ids, dtype=torch.bool)  # positions that predict a continuation token
+        targets = []
+        for i, (seq, n_ctx) in enumerate(chunk):
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            keep[i, n_ctx - 1: len(seq) - 1] = True
+            targets += seq[n_ctx:]
+        _, logits = forward_rows(model, ids.to(model.device), mask.to(model.device), keep.to(model.device))
         logp = torch.log_softmax(upcast(logits), dim=-1)
-        for i, (seq, n_ctx) in enumerate(chunk):
-            targets = torch.tensor(seq[n_ctx:], device=logp.device)
-            positions = torch.arange(n_ctx - 1, len(seq) - 1, device=logp.device)
-            scores.append(logp[i, positions, targets].sum().item())
+        token_logp = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)]
+        for i, part in zip(index, token_logp.split([len(seq) - n_ctx for seq, n_ctx in chunk])):
+            scores[i] = part.sum().item()
     return scores
 
 

@@ -72,6 +72,9 @@ def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> Traini
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # explicit on machines without an accelerator: it is what makes several processes under
+        # `accelerate launch` form a gloo process group instead of running as independent copies
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
 
 

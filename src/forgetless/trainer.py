@@ -68,36 +68,41 @@ class ForgetlessTrainer(Trainer):
         token_scale = self.accelerator.num_processes / max(float(num_items_in_batch), 1.0)
         need_hidden = any(reg.needs_hidden_states for reg in self.regularizers)
 
-        with self.compute_loss_context_manager():
-            with contextlib.ExitStack() as hooks:
+        # With a perturbing regularizer the clean pass must not sync gradients: DDP decides at
+        # *forward* time, so no_sync covers the clean forward and backward; the perturbed
+        # backward that follows is the micro-step's last, and the one that syncs.
+        clean_pass = self.accelerator.no_sync(model) if self.perturber else contextlib.nullcontext()
+        with clean_pass:
+            with self.compute_loss_context_manager():
+                with contextlib.ExitStack() as hooks:
+                    for reg in self.regularizers:
+                        hooks.enter_context(reg.clean_forward(model, inputs))
+                    # logits only where a response token is predicted: the LM head skips prompt and padding
+                    keep = prediction_mask(labels)
+                    outputs, logits = forward_rows(model, inputs["input_ids"], inputs["attention_mask"], keep,
+                                                   output_hidden_states=need_hidden)
+                nll = token_nll(logits, next_token_targets(labels, keep))
+                sft_loss = nll.sum() * token_scale
+                ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self, keep=keep, logits=logits)
+                extra = None
                 for reg in self.regularizers:
-                    hooks.enter_context(reg.clean_forward(model, inputs))
-                # logits only where a response token is predicted: the LM head skips prompt and padding
-                keep = prediction_mask(labels)
-                outputs, logits = forward_rows(model, inputs["input_ids"], inputs["attention_mask"], keep,
-                                               output_hidden_states=need_hidden)
-            nll = token_nll(logits, next_token_targets(labels, keep))
-            sft_loss = nll.sum() * token_scale
-            ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self, keep=keep, logits=logits)
-            extra = None
-            for reg in self.regularizers:
-                term, metrics = reg.loss(ctx)
-                if term is not None:
-                    extra = term if extra is None else extra + term
-                self._record(metrics)
-        total = sft_loss if extra is None else sft_loss + extra
-        if not torch.isfinite(total.detach()):
-            return self._skip_nonfinite(total)
-        self._nonfinite_in_a_row = 0
+                    term, metrics = reg.loss(ctx)
+                    if term is not None:
+                        extra = term if extra is None else extra + term
+                    self._record(metrics)
+            total = sft_loss if extra is None else sft_loss + extra
+            if not torch.isfinite(total.detach()):
+                return self._skip_nonfinite(total)
+            self._nonfinite_in_a_row = 0
 
-        if self.perturber is None:
-            self.accelerator.backward(total)
-        else:
-            # The clean backward never syncs: the perturbed backward that follows is the micro-step's last.
-            with self.accelerator.no_sync(model):
+            if self.perturber is None:
+                self.accelerator.backward(total)
+            else:
                 if extra is not None:
                     self.accelerator.backward(extra, retain_graph=True)
                 ctx.sft_grads = self._isolated_backward(sft_loss, self.perturber.ascent_tensors())
+
+        if self.perturber is not None:
             # free the clean logits before the perturbed forward
             ctx.outputs = ctx.logits = ctx.replay_outputs = ctx.replay_logits = outputs = logits = None
             with self.compute_loss_context_manager():

@@ -114,6 +114,10 @@ class LfU(Regularizer):
         self.params: list[torch.Tensor] = []  # LoRA variant: the trainable weights phi offsets
 
     def setup(self, trainer) -> None:
+        kind = str(trainer.accelerator.distributed_type)
+        if "FSDP" in kind or "DEEPSPEED" in kind:
+            raise ConfigError(f"regularizers.lfu: not supported with {kind} (the ascent step needs the whole trainable "
+                              "tensors and their per-micro-batch gradient); use DDP or a single process")
         model = trainer.accelerator.unwrap_model(trainer.model)
         self.layers = find_decoder_layers(model)
         self.selected = select_layers(self.cfg.layers, len(self.layers))

@@ -1,0 +1,40 @@
+"""Two CPU processes (gloo) through `accelerate launch` give the same model as one process that
+sees the same micro-batches (batch 2 x 2 accumulation steps), for SFT, LfU and KL+replay."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetless.train import load_trained
+
+from conftest import memorisation_rows, write_jsonl
+
+ACCELERATE_CPU = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "cpu_2proc.yaml"
+
+
+@pytest.mark.parametrize("method", ["sft", "lfu", "arr"])
+def test_two_processes_match_one(tiny_llama, tmp_path, method):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(("the quick brown fox jumps over the lazy dog " * 8 + "\n\n") * 30)
+    common = [f"model.name_or_path={tiny_llama}", f"data.train={data}", "data.max_length=64", "train.max_steps=3",
+              "train.batch_size=2", "train.learning_rate=0.05", "train.optim=sgd", "train.max_grad_norm=0",
+              "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.progress_bar=false",
+              "model.lora.target_modules=all-linear", f"method={method}"]
+    if method == "arr":
+        common.append(f"regularizers=[{{kl: {{coef: 0.5}}}}, {{replay: {{data: {corpus}, max_length: 16, ratio: 0.5}}}}]")
+    one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
+                          "train.grad_accum=2", *common], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
+                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'two'}", *common],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = dict(load_trained(tmp_path / "one")[0].named_parameters())
+    b = dict(load_trained(tmp_path / "two")[0].named_parameters())
+    for name, p in a.items():
+        torch.testing.assert_close(b[name], p, rtol=1e-4, atol=1e-6)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in a.items())  # training really moved the adapter
