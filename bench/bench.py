@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 
 import forgetless  # noqa: F401  (offline flags)
 from forgetless.config import ModelConfig
+from forgetless.memory import peak_memory
 from forgetless.model import apply_finetune, load_model, load_tokenizer, resolve_model_path
 from forgetless.regularizers import build_regularizers
 from forgetless.trainer import ForgetlessTrainer
@@ -142,27 +142,32 @@ def memory_probe(args, method: str) -> dict:
         for param in model.parameters():
             param.sum()
     gc.collect()
-    rss_before = current_rss()
-    peak = [rss_before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], current_rss())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(args.memory_steps):
-        one_step(trainer, batch)
-    done.set()
-    sampler.join()
-    return {"peak_rss": peak[0], "peak_mem_delta": peak[0] - rss_before}
+    mem: dict = {}
+    with peak_memory(mem):
+        for _ in range(args.memory_steps):
+            one_step(trainer, batch)
+    return {"peak_rss": mem["peak_bytes"], "peak_mem_delta": mem["delta_bytes"]}
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def scaling(args) -> None:
+    """Training throughput of plain SFT as sequence length and batch grow (median of --steps)."""
+    model, tokenizer = load(args)
+    rows = []
+    for seq_len in (128, 512, 1024):
+        for batch_size in (1, 4, 8):
+            batch = {k: v.to(device()) for k, v in fixed_batch(len(tokenizer), batch_size, seq_len).items()}
+            args.batch = batch_size
+            trainer = build(args, model, "sft", tokenizer, batch)
+            for _ in range(args.warmup):
+                one_step(trainer, batch)
+            median = statistics.median(one_step(trainer, batch) for _ in range(args.steps))
+            rows.append({"seq_len": seq_len, "batch": batch_size, "step_time_s": round(median, 3),
+                         "tokens_per_s": round(batch_size * seq_len / median, 1)})
+            print(rows[-1], flush=True)
+    out = HERE / "scaling.json"
+    out.write_text(json.dumps({"machine": machine(), "model": args.model, "finetune": args.finetune,
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -179,10 +184,15 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    p.add_argument("--scaling", action="store_true",
+                   help="instead: plain-SFT tokens/s at seq 128/512/1024 x batch 1/4/8 -> bench/scaling.json")
     args = p.parse_args()
 
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
+        return
+    if args.scaling:
+        scaling(args)
         return
     if "sft" not in args.methods:
         args.methods.insert(0, "sft")
