@@ -42,6 +42,27 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(upcast(logits), targets, reduction="none")
 
 
+def rest_logprob(logp_k: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum of the k probabilities): the mass of everything outside a top-k set."""
+    return torch.log1p(-logp_k.exp().sum(-1).clamp(max=1 - 1e-6))
+
+
+def topk_kl(logp: torch.Tensor, ref_idx: torch.Tensor, ref_logp_k: torch.Tensor, ref_rest: torch.Tensor,
+            direction: Literal["forward", "reverse"] = "forward") -> torch.Tensor:
+    """KL over the reference's top-k tokens plus one "rest" bucket (k + 1 outcomes), per row.
+
+    logp: the current model's log-probs [N, V]; ref_idx / ref_logp_k: the reference's top-k token ids
+    and log-probs [N, k]; ref_rest: the reference's rest mass (log) [N]. Still the KL of two
+    distributions, never above the exact one, and equal to it when the reference's mass is in its top k.
+    """
+    logp_k = logp.gather(-1, ref_idx)
+    cur = torch.cat([logp_k, rest_logprob(logp_k).unsqueeze(-1)], dim=-1)
+    ref = torch.cat([ref_logp_k, ref_rest.unsqueeze(-1)], dim=-1).to(cur.dtype)
+    if direction == "forward":
+        return (ref.exp() * (ref - cur)).sum(-1)
+    return (cur.exp() * (cur - ref)).sum(-1)
+
+
 def token_kl(
     logits: torch.Tensor, ref_logits: torch.Tensor, direction: Literal["forward", "reverse"] = "forward",
     topk: int = 0,
@@ -49,19 +70,13 @@ def token_kl(
     """Per-position KL between next-token distributions, rows of [N, V] logits: a 1-D tensor [N].
 
     forward = KL(p_ref || p_theta) = sum_v p_ref (log p_ref - log p_theta); reverse swaps the two.
-    topk > 0: the distributions are coarsened to the reference's top-k tokens plus one "rest" bucket
-    (k + 1 outcomes). That is still a KL of two distributions, never above the exact one, and equal
-    to it when the reference's mass sits in its top k.
+    topk > 0: coarsened to the reference's top-k tokens plus a "rest" bucket (see topk_kl).
     """
     logp = torch.log_softmax(upcast(logits), dim=-1)
     logr = torch.log_softmax(upcast(ref_logits), dim=-1).to(logp.dtype)
     if topk > 0:
         logr_k, idx = logr.topk(min(topk, logr.shape[-1]), dim=-1)
-        logp_k = logp.gather(-1, idx)
-        rest_r = torch.log1p(-logr_k.exp().sum(-1).clamp(max=1 - 1e-6))
-        rest_p = torch.log1p(-logp_k.exp().sum(-1).clamp(max=1 - 1e-6))
-        logp = torch.cat([logp_k, rest_p.unsqueeze(-1)], dim=-1)
-        logr = torch.cat([logr_k, rest_r.unsqueeze(-1)], dim=-1)
+        return topk_kl(logp, idx, logr_k, rest_logprob(logr_k), direction)
     if direction == "forward":
         return (logr.exp() * (logr - logp)).sum(-1)
     return (logp.exp() * (logp - logr)).sum(-1)

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, token_kl, upcast
+from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.regularizers import Regularizer, StepContext, register
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class KL(Regularizer):
             keep = prediction_mask(labels)
             logr = torch.log_softmax(upcast(self.reference_logits(model, ids, mask, keep)), dim=-1)  # [N, V]
             top, idx = logr.topk(k, dim=-1)
-            rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+            rest = rest_logprob(top)
             per_row = keep.sum(1).tolist()
             for (i_top, i_idx, i_rest), example_id, n in zip(
                 zip(top.split(per_row), idx.split(per_row), rest.split(per_row)), batch["example_id"].tolist(), per_row
@@ -171,17 +171,9 @@ class KL(Regularizer):
             raise ConfigError("regularizers.kl.cache: the cached reference does not match this data; delete "
                               "CHECKPOINTS/kl_cache.safetensors or start with --overwrite")
         device = logits.device
-        idx = self.cache["topk_ids"][sel].to(device).long()
-        logr = torch.cat([self.cache["topk_logp"][sel], self.cache["rest_logp"][sel].unsqueeze(-1)], -1).to(device)
-        logp_all = torch.log_softmax(upcast(logits), dim=-1)
-        logp_k = logp_all.gather(-1, idx)
-        rest_p = torch.log1p(-logp_k.exp().sum(-1).clamp(max=1 - 1e-6))
-        logp = torch.cat([logp_k, rest_p.unsqueeze(-1)], dim=-1)
-        logr = logr.to(logp.dtype)
-        if self.cfg.direction == "forward":
-            kl = (logr.exp() * (logr - logp)).sum(-1)
-        else:
-            kl = (logp.exp() * (logp - logr)).sum(-1)
+        kl = topk_kl(torch.log_softmax(upcast(logits), dim=-1), self.cache["topk_ids"][sel].to(device).long(),
+                     self.cache["topk_logp"][sel].to(device), self.cache["rest_logp"][sel].to(device),
+                     self.cfg.direction)
         return kl.sum(), kl.numel()
 
     @torch.no_grad()
