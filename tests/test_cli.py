@@ -57,3 +57,21 @@ def test_train_end_to_end_from_yaml(tiny_llama, tmp_path):
     # a second run into the same folder is refused
     res = run_cli("train", str(cfg))
     assert res.returncode == 2 and "--overwrite" in res.stderr
+
+
+def test_eval_command_writes_results_for_base_and_run(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows())
+    task = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"Calculate {i} + 5.", "response": str(i + 5)} for i in range(4)])
+    text = tmp_path / "g.txt"
+    text.write_text(("the quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 4)
+    common = [f"model.name_or_path={tiny_llama}", f"data.train={data}", "data.max_length=64",
+              "model.lora.target_modules=all-linear", f"evaluation.task={task}", f"evaluation.general_text={text}",
+              "evaluation.block_length=16", "evaluation.mc=null", "evaluation.max_new_tokens=3"]
+    res = run_cli("train", "default", f"output_dir={tmp_path / 'o'}", "train.max_steps=2", "train.progress_bar=false", *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli("eval", "default", *common, "--run", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert set(results) == {"base", str(tmp_path / "o")}
+    assert results["base"]["general_drift_kl"]["value"] == 0.0
+    assert results[str(tmp_path / "o")]["target_acc"]["n"] == 4

@@ -280,3 +280,25 @@ def test_cached_reference_matches_the_topk_kl_and_is_reused(tiny_llama, tmp_path
     # a second run (e.g. a resume) reuses the stored cache instead of recomputing it
     monkeypatch.setattr(KL, "_build_cache", lambda *a: pytest.fail("the cache was rebuilt"))
     trainer_with(regs)
+
+
+def test_full_finetune_cache_needs_no_reference_copy_and_starts_at_zero(tiny_llama, tmp_path):
+    import datasets
+
+    tok = load_tokenizer(tiny_llama)
+    path = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(4))
+    examples, _ = tokenize_records(load_records(str(path), DataConfig()), tok, DataConfig(max_length=64))
+    for i, ex in enumerate(examples):
+        ex["example_id"] = i
+    model = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64),
+                           ModelConfig(finetune="full"))
+    args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = ForgetlessTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(examples),
+                                regularizers=build_regularizers([{"kl": {"cache": "topk", "topk": 5}}]),
+                                processing_class=tok)
+    kl = trainer.regularizers[0]
+    assert kl.reference is None and kl.cache is not None
+    batch = collator(tok)([dict(examples[i]) for i in range(4)])
+    trainer.training_step(model, batch)
+    # the cache holds the model as it started (stored in fp32, so zero up to fp32 rounding)
+    assert abs(trainer._metrics["kl"][-1]) < 1e-6

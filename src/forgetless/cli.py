@@ -64,18 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_eval(config, run_dir: str | None) -> int:
     import json
 
-    from forgetless.evaluate import check_disjoint, evaluate
-    from forgetless.model import load_model, load_tokenizer, resolve_model_path
-    from forgetless.train import load_trained
+    from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
 
-    path = resolve_model_path(config.model.name_or_path)
-    tokenizer = load_tokenizer(path)
-    base = load_model(config.model, path).eval()
     check_disjoint(config.evaluation, config.data, [config.data.train], [])
-    results = {"base": evaluate(base, tokenizer, config.evaluation, config.data, name="base")}
-    if run_dir:
-        model, _ = load_trained(run_dir)
-        results[run_dir] = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name="run")
+    results = evaluate_base_and_runs(config, {run_dir: run_dir} if run_dir else {})
     out = Path(run_dir or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -113,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from forgetless.compare import run_compare
 
-            report = run_compare(config, overwrite=args.overwrite)
+            run_compare(config, overwrite=args.overwrite)
             root = Path(config.output_dir)
             print((root / "report.md").read_text().split("\n\nn:")[0])
             print(f"\nwrote {root / 'report.md'}, report.json, tradeoff.png, measures.png")

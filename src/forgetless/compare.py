@@ -15,14 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from forgetless.config import METHOD_PRESETS, ForgetlessConfig, validate
-from forgetless.evaluate import check_disjoint, evaluate
+from forgetless.config import ForgetlessConfig, validate
+from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
 from forgetless.memory import peak_memory
-from forgetless.model import load_model, load_tokenizer, resolve_model_path
-from forgetless.train import SUMMARY, load_trained, train
+from forgetless.model import resolve_model_path
+from forgetless.train import SUMMARY, train
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +83,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
         runs[method] = summary
 
     logger.info("evaluating the base model and %d fine-tuned models", len(runs))
+    results = evaluate_base_and_runs(config, {method: configs[method].output_dir for method in runs})
     path = resolve_model_path(config.model.name_or_path)
-    tokenizer = load_tokenizer(path)
-    base = load_model(config.model, path).eval()
-    results = {"base": evaluate(base, tokenizer, config.evaluation, config.data, base=None, name="base")}
-    for method in runs:
-        model, _ = load_trained(configs[method].output_dir)
-        results[method] = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name=method)
-        del model
 
     report = {"base_model": str(path), "methods": methods, "runs": runs, "results": results,
               "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,

@@ -179,14 +179,13 @@ def _plain_prompt(messages: list[dict[str, str]]) -> str:
 
 def render(messages: list[dict[str, str]], tokenizer, chat: bool) -> tuple[str, str]:
     """Split an example into (prompt text, response text); only the response is trained on."""
+    prompt = render_prompt(messages[:-1], tokenizer, chat)
     if chat:
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt):
             raise DataError("the tokenizer's chat template does not render the prompt as a prefix; use data.template: plain")
         return prompt, full[len(prompt):]
-    eos = tokenizer.eos_token or ""
-    return _plain_prompt(messages[:-1]), messages[-1]["content"] + eos
+    return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
 
 
 def render_prompt(messages: list[dict[str, str]], tokenizer, chat: bool) -> str:

@@ -244,3 +244,20 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         results["mc_acc_norm"] = measure(sum(acc_norm) / len(acc_norm), len(acc_norm),
                                          bootstrap_ci(acc_norm, n_boot=cfg.bootstrap, seed=cfg.seed))
     return results
+
+
+def evaluate_base_and_runs(config, runs: dict[str, str]) -> dict[str, Any]:
+    """The suite on the config's base model and on each fine-tuned output folder in `runs`
+    (name -> folder), with drift measured against the base. Returns name -> results."""
+    from forgetless.model import load_model, load_tokenizer, resolve_model_path
+    from forgetless.train import load_trained
+
+    path = resolve_model_path(config.model.name_or_path)
+    tokenizer = load_tokenizer(path)
+    base = load_model(config.model, path).eval()
+    results = {"base": evaluate(base, tokenizer, config.evaluation, config.data, name="base")}
+    for name, out_dir in runs.items():
+        model, _ = load_trained(out_dir)
+        results[name] = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name=name)
+        del model
+    return results

@@ -1,7 +1,7 @@
 """ForgetlessTrainer: transformers.Trainer whose training step composes SFT + regularizers.
 
 The step, top to bottom (see `training_step`):
-  1. clean forward (hidden states only if a regularizer needs them; regularizers may hook in);
+  1. clean forward (regularizers may hook into it, e.g. to capture hidden states);
   2. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
      tokens in the whole optimizer step, across accumulation and processes): the mean over the
      step's tokens, exactly as transformers normalises with `num_items_in_batch`;
@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-
-import logging
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -66,7 +65,6 @@ class ForgetlessTrainer(Trainer):
         if num_items_in_batch is None:  # called outside Trainer's loop: this batch is the whole step
             num_items_in_batch = local_tokens * self.accelerator.num_processes
         token_scale = self.accelerator.num_processes / max(float(num_items_in_batch), 1.0)
-        need_hidden = any(reg.needs_hidden_states for reg in self.regularizers)
 
         # With a perturbing regularizer the clean pass must not sync gradients: DDP decides at
         # *forward* time, so no_sync covers the clean forward and backward; the perturbed
@@ -79,8 +77,7 @@ class ForgetlessTrainer(Trainer):
                         hooks.enter_context(reg.clean_forward(model, inputs))
                     # logits only where a response token is predicted: the LM head skips prompt and padding
                     keep = prediction_mask(labels)
-                    outputs, logits = forward_rows(model, inputs["input_ids"], inputs["attention_mask"], keep,
-                                                   output_hidden_states=need_hidden)
+                    outputs, logits = forward_rows(model, inputs["input_ids"], inputs["attention_mask"], keep)
                 nll = token_nll(logits, next_token_targets(labels, keep))
                 sft_loss = nll.sum() * token_scale
                 ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self, keep=keep, logits=logits)

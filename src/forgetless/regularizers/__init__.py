@@ -33,7 +33,7 @@ from forgetless.errors import ConfigError
 class StepContext:
     model: torch.nn.Module  # as the trainer calls it (possibly wrapped by accelerate)
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (-100 = not trained on)
-    outputs: Any  # the clean forward's CausalLMOutput (hidden_states when any regularizer asks)
+    outputs: Any  # the clean forward's CausalLMOutput
     sft_loss: torch.Tensor  # the normalised SFT term of this micro-batch
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
     trainer: Any  # the ForgetlessTrainer, for regularizers that need its state (e.g. a reference model)
@@ -52,10 +52,9 @@ class StepContext:
 
 
 class Regularizer:
-    """Base class. Subclasses set `name`, may set `needs_hidden_states`, and implement `loss`."""
+    """Base class. Subclasses set `name` and implement `loss` (and the optional hooks below)."""
 
     name: str = "regularizer"
-    needs_hidden_states: bool = False
     perturbs: bool = False
     priority: int = 10  # lower runs first in the step
 

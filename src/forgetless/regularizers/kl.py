@@ -84,6 +84,11 @@ class KL(Regularizer):
                         "base weights, so the adapter-disabled model is not the initial model; use the default init"
                     )
             self.uses_adapter = True
+        elif self.cfg.cache == "topk":
+            # Before the first update the model *is* the initial model: the cache is built from it,
+            # and no frozen copy is ever made (full fine-tuning with the cache supports on: sft only).
+            self.uses_adapter = False
+            self.reference = model
         else:
             self.uses_adapter = False
             ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -93,8 +98,13 @@ class KL(Regularizer):
                 ref = ref.to("cpu")
             self.reference = ref
         if self.cfg.cache == "topk":
-            self.cache = self._load_or_build_cache(trainer)
-            self.reference = None  # the cache replaces the frozen copy (full fine-tuning: on: sft only)
+            was_training = model.training
+            model.eval()  # no dropout in the reference
+            try:
+                self.cache = self._load_or_build_cache(trainer)
+            finally:
+                model.train(was_training)
+            self.reference = None
 
     # ------------------------------------------------------------------ reference cache
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -110,6 +110,7 @@ class LfU(Regularizer):
         self.selected: list[int] = []
         self.steering: list[torch.Tensor] = []  # RepS: zero vectors of the clean pass (leaves)
         self.clean_hidden: dict[int, torch.Tensor] = {}
+        self.rng_state = None  # set by each clean pass, replayed by the perturbed one
         self.early_stop = True
         self.params: list[torch.Tensor] = []  # LoRA variant: the trainable weights phi offsets
 
