@@ -30,6 +30,11 @@ METHOD_PRESETS: dict[str, list[dict[str, Any]]] = {
     # regularized approximate replay: both together
     "arr": [{"kl": {}}, {"replay": {}}],
     "kl+replay": [{"kl": {}}, {"replay": {}}],
+    # the standard baselines (issue #8)
+    "neftune": [{"neftune": {}}],
+    "l2sp": [{"l2sp": {}}],
+    "ewc": [{"ewc": {}}],
+    "wise-ft": [{"wise_ft": {}}],
 }
 
 

@@ -137,3 +137,22 @@ def load_for_training(cfg: ModelConfig):
     tokenizer = load_tokenizer(path)
     model = apply_finetune(load_model(cfg, path), cfg)
     return model, tokenizer, path
+
+
+def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scaling) of every active LoRA adapter on a linear layer: the layer's weight moved by
+    scaling * B @ A. Empty for a model without adapters. Refuses variants where that is not the
+    update (DoRA), since the weight-space baselines (L2-SP, WiSE-FT) rely on it."""
+    from peft.tuners.lora import LoraLayer
+
+    factors = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter, False):
+                raise ModelError(f"{name}: DoRA adapters are not a plain B @ A update; L2-SP / WiSE-FT need plain LoRA")
+            factors.append((module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])))
+    return factors

@@ -150,6 +150,8 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         "train_loss": result.training_loss,
         "train_seconds": round(train_seconds, 2),
     }
+    for reg in regularizers:  # post-training steps (WiSE-FT's weight mix) before anything is saved
+        summary.update(reg.finalize(trainer.accelerator.unwrap_model(trainer.model)))
     if eval_ds is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
 

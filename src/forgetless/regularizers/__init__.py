@@ -50,6 +50,13 @@ class StepContext:
     replay_logits: torch.Tensor | None = None
     replay_scale: float = 0.0
 
+    def step_share(self) -> float:
+        """This micro-batch's share of its optimizer step (its response tokens * token_scale): a
+        per-step penalty weighted by it is counted exactly once per step, under gradient
+        accumulation and across processes (where DDP averages)."""
+        n = int(self.keep.sum()) if self.keep is not None else int((self.batch["labels"][:, 1:] != -100).sum())
+        return n * self.token_scale
+
 
 class Regularizer:
     """Base class. Subclasses set `name` and implement `loss` (and the optional hooks below)."""
@@ -68,6 +75,10 @@ class Regularizer:
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
         """A term added to the clean loss, and metrics. Default: no term."""
         return None, {}
+
+    def finalize(self, model: torch.nn.Module) -> dict[str, float]:
+        """After the last step, before the weights are saved; may change them (WiSE-FT). Optional."""
+        return {}
 
     # --- perturbing regularizers only (perturbs = True)
     def ascent_tensors(self) -> list[torch.Tensor]:
@@ -112,4 +123,4 @@ def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:
 
 
 # Each regularizer module registers itself on import.
-from forgetless.regularizers import kl, lfu, replay  # noqa: E402,F401
+from forgetless.regularizers import ewc, kl, l2sp, lfu, neftune, replay, wise_ft  # noqa: E402,F401

@@ -1,0 +1,129 @@
+"""EWC: elastic weight consolidation with a diagonal Fisher (Kirkpatrick et al., "Overcoming
+catastrophic forgetting in neural networks", PNAS 2017, arXiv 1612.00796).
+
+term = coef / 2 * sum_i F_i (theta_i - theta_0,i)^2 over the trainable weights, once per optimizer step.
+
+F is the diagonal empirical Fisher of the *initial* model on a small general-text sample (what we
+want to keep), i.e. the mean over `samples` text blocks of the squared gradient of the block's
+mean next-token NLL, then divided by its mean over all weights: with mean(F) = 1, `coef` means
+what L2-SP's coef means, and EWC only redistributes the pull towards the weights general text
+depends on. The Fisher is computed once in eval mode (no dropout), stored with the run
+(CHECKPOINTS/ewc_fisher.safetensors, atomically) and reused on resume.
+
+With LoRA the trainable weights are the adapters' A and B. B starts at 0, so the Fisher of A is 0
+and EWC pulls B (hence the update scaling * B @ A) towards 0, weighted by how much general text
+cares about each direction. Full fine-tuning keeps F and a snapshot theta_0 on the device: +2x
+the trainable weights in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from forgetless.data import load_texts, pack_blocks
+from forgetless.errors import ConfigError
+from forgetless.regularizers import Regularizer, StepContext, register
+from forgetless.regularizers.replay import DEFAULT_CORPUS
+
+logger = logging.getLogger(__name__)
+
+FISHER_FILE = "ewc_fisher.safetensors"
+
+
+@dataclass
+class EWCConfig:
+    coef: float = 0.01
+    data: str = DEFAULT_CORPUS  # the general-text sample the Fisher is estimated on
+    samples: int = 32  # text blocks
+    max_length: int = 128  # tokens per block
+    text_field: str = "text"
+
+
+def empirical_fisher(model, params: list[tuple[str, torch.Tensor]], blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean over blocks of (d mean-NLL(block) / d theta)^2, normalised to mean 1 over all weights."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = params[0][1].device
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params}
+    try:
+        for block in tqdm(blocks, desc="EWC Fisher", leave=False):
+            ids = block[None].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            grads = torch.autograd.grad(nll, [p for _, p in params], allow_unused=True)
+            for (name, _), g in zip(params, grads):
+                if g is not None:
+                    fisher[name] += g.float().pow(2)
+    finally:
+        model.train(was_training)
+    total = sum(f.sum() for f in fisher.values())
+    count = sum(f.numel() for f in fisher.values())
+    mean = float(total) / count
+    if not mean > 0 or not torch.isfinite(torch.tensor(mean)):
+        raise ConfigError("regularizers.ewc: the Fisher estimate is zero or not finite on this text sample")
+    return {name: f / mean for name, f in fisher.items()}
+
+
+class EWC(Regularizer):
+    name = "ewc"
+
+    def __init__(self, cfg: EWCConfig) -> None:
+        if cfg.coef < 0 or cfg.samples < 1 or cfg.max_length < 2:
+            raise ConfigError("regularizers.ewc: coef must be >= 0, samples >= 1, max_length >= 2")
+        self.cfg = cfg
+
+    def setup(self, trainer) -> None:
+        model = trainer.model
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.initial = [p.detach().clone() for _, p in self.params]
+        fisher = self._load_or_build(trainer)
+        self.fisher = [fisher[n].to(p.device) for n, p in self.params]
+
+    def _meta(self) -> dict[str, str]:
+        c = self.cfg
+        return {"data": c.data, "samples": str(c.samples), "max_length": str(c.max_length),
+                "weights": str(len(self.params))}
+
+    def _load_or_build(self, trainer) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        path = Path(trainer.args.output_dir) / FISHER_FILE
+        names = {n for n, _ in self.params}
+        with trainer.accelerator.main_process_first():
+            if path.exists():
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata()
+                fisher = load_file(str(path))
+                if meta == self._meta() and set(fisher) == names:
+                    logger.info("EWC: reusing the Fisher in %s", path)
+                    return fisher
+                logger.warning("EWC: %s is for other settings or weights; re-estimating it", path)
+            blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), trainer.processing_class,
+                                 self.cfg.max_length)
+            # a fixed, seed-independent sample spread over the corpus
+            pick = torch.linspace(0, len(blocks) - 1, min(self.cfg.samples, len(blocks))).round().long()
+            fisher = empirical_fisher(trainer.model, self.params, blocks[pick])
+            if trainer.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(tmp), metadata=self._meta())
+                os.replace(tmp, path)  # atomic: a killed run never leaves half a Fisher
+        return fisher
+
+    def penalty(self) -> torch.Tensor:
+        return sum((f * (p - p0).pow(2)).sum() for (_, p), p0, f in zip(self.params, self.initial, self.fisher))
+
+    def loss(self, ctx: StepContext):
+        value = self.penalty()
+        return 0.5 * self.cfg.coef * value * ctx.step_share(), {"ewc_penalty": value.item()}
+
+
+register("ewc", EWCConfig, EWC)
