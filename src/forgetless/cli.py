@@ -110,8 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             print((root / "report.md").read_text().split("\n\nn:")[0])
             print(f"\nwrote {root / 'report.md'}, report.json, tradeoff.png, measures.png")
             return 0
+        from forgetless.budget import budget_active, train_with_budget
         from forgetless.train import train
 
+        if budget_active(config):
+            report = train_with_budget(config, overwrite=args.overwrite, resume=args.resume)
+            chosen, held = report["chosen"], report["held_out"]
+            print(f"done: {config.output_dir} (forgetting budget, knob {report['knob']})")
+            print("  chosen: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in chosen.items() if k != "run"))
+            if held:
+                print(f"  held-out general text: ppl {100 * held['general_drop']:+.2f}%, drift {held['drift_kl']:.4f} "
+                      f"({'within' if held['within_bound'] else 'OVER'} the bound)")
+            print(f"  every candidate: {Path(config.output_dir) / 'budget.json'}")
+            return 0
         result = train(config, overwrite=args.overwrite, resume=args.resume)
         print(f"done: {result.output_dir}")
         for key, value in result.summary.items():

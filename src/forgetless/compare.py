@@ -50,7 +50,12 @@ def _same_finished_run(cfg: ForgetlessConfig) -> dict | None:
     out = Path(cfg.output_dir)
     if not (out / SUMMARY).exists() or not (out / "config.yaml").exists():
         return None
-    if yaml.safe_load((out / "config.yaml").read_text()) != yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
+    # what the run was trained with; the evaluation and the list of compared methods do not matter
+    def training_part(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in ("evaluation", "compare")}
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))):
         return None
     return json.loads((out / SUMMARY).read_text())
 

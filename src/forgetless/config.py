@@ -134,6 +134,24 @@ class CompareSettings:
 
 
 @dataclass
+class BudgetConfig:
+    """Forgetting budget (see forgetless.budget): off unless a bound is set."""
+
+    # accepted relative rise of general-text perplexity on validation text (0.01 = +1%)
+    max_general_drop: float | None = None
+    # accepted mean token KL(base || tuned) on that text
+    max_drift_kl: float | None = None
+    # what is searched: the WiSE-FT mixing weight (one training run), or a regularizer's strength (retrains)
+    knob: Literal["wise_ft", "lfu", "kl", "replay", "l2sp", "ewc"] = "wise_ft"
+    grid: list[float] | None = None  # candidate values (default per knob, see forgetless.budget)
+    refine: int = 3  # wise_ft: bisection steps after the grid
+    margin: float = 0.1  # aim at (1 - margin) x the bound on validation, as the held-out figure varies
+    general_text: str | None = None  # default: evaluation.general_text after its evaluation.general_blocks
+    validation_blocks: int = 16
+    validation_examples: int = 64  # held out from the end of data.train
+
+
+@dataclass
 class ForgetlessConfig:
     output_dir: str = "runs/default"
     # A preset (see METHOD_PRESETS) when `regularizers` is empty; otherwise just the run's label.
@@ -148,6 +166,7 @@ class ForgetlessConfig:
     # The evaluation suite (`forgetless eval`, `forgetless compare`); see forgetless.evaluate.EvalConfig.
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareSettings = field(default_factory=CompareSettings)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -341,6 +360,18 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
     for i, method in enumerate(config.compare.methods):
         if method not in METHOD_PRESETS:
             raise ConfigError(f"{where}compare.methods[{i}]: unknown method '{method}' (presets: {', '.join(METHOD_PRESETS)})")
+    b = config.budget
+    for key, value in [("max_general_drop", b.max_general_drop), ("max_drift_kl", b.max_drift_kl)]:
+        if value is not None and value < 0:
+            raise ConfigError(f"{where}budget.{key}: must be >= 0, got {value}")
+    if not 0 <= b.margin < 1:
+        raise ConfigError(f"{where}budget.margin: must be in [0, 1), got {b.margin}")
+    if b.validation_examples < 1 or b.validation_blocks < 1 or b.refine < 0:
+        raise ConfigError(f"{where}budget: validation_examples and validation_blocks must be >= 1, refine >= 0")
+    if b.grid is not None and (not b.grid or any(v < 0 for v in b.grid)):
+        raise ConfigError(f"{where}budget.grid: give at least one value, all >= 0")
+    if b.knob == "wise_ft" and b.grid and any(v > 1 for v in b.grid):
+        raise ConfigError(f"{where}budget.grid: WiSE-FT mixing weights must be in [0, 1]")
     ev = config.evaluation
     if ev.task and len(ev.templates) < 1:
         raise ConfigError(f"{where}evaluation.templates: give at least one template")

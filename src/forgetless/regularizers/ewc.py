@@ -37,7 +37,7 @@ FISHER_FILE = "ewc_fisher.safetensors"
 
 @dataclass
 class EWCConfig:
-    coef: float = 0.01
+    coef: float = 0.1  # with mean(F) = 1, on L2-SP's scale (see l2sp.L2SPConfig)
     data: str = DEFAULT_CORPUS  # the general-text sample the Fisher is estimated on
     samples: int = 32  # text blocks
     max_length: int = 128  # tokens per block

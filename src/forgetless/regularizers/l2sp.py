@@ -24,8 +24,9 @@ from forgetless.regularizers import Regularizer, StepContext, register
 
 @dataclass
 class L2SPConfig:
-    # On the embedded default, plain SFT moves the adapted weights by ||dW||^2 ~ 57 in 80 steps.
-    coef: float = 0.01
+    # Calibrated on the embedded default: after its 80 plain-SFT steps ||dW||^2 ~ 57, and at coef 0.1
+    # the penalty's gradient is about as large as the SFT loss's (norms 1.08 vs 1.14).
+    coef: float = 0.1
 
 
 def lora_delta_sq(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:

@@ -1,0 +1,273 @@
+"""Forgetting budget: the user states how much general capability they accept to lose, forgetless
+picks the regularisation strength that stays inside it while keeping as much target gain as it can.
+
+    forgetless train default budget.max_general_drop=0.01      # general-text perplexity +1% at most
+    forgetless train default budget.max_drift_kl=0.02          # or: mean token KL(base || tuned) bound
+
+The search, on a validation split (never the data the final figures are reported on):
+  - general text: `budget.general_text`, or by default the blocks of `evaluation.general_text` *after*
+    the first `evaluation.general_blocks` (which the evaluation reports on), a documented held-out split;
+  - target task: the last `budget.validation_examples` training examples, held out from training.
+A candidate passes when its validation perplexity rise (ppl / ppl_base - 1) and/or drift KL stay
+within (1 - margin) x the bound(s); among passing candidates the one with the lowest validation
+target NLL wins.
+
+Knobs:
+  wise_ft (default, cheapest): train once, then mix W_0 + alpha (W_tuned - W_0) (WiSE-FT) for alpha in
+    `grid` (default 1, .75, .5, .25) and `refine` bisection steps between the best passing alpha and the
+    next failing one. Cost: one training run + (len(grid) + refine) validation passes.
+  lfu (lam), kl (coef), replay (ratio), l2sp (coef), ewc (coef): retrain with each strength of `grid`,
+    weakest first, stopping at the first that passes (stronger = less forgetting and less gain, so the
+    first passing strength keeps the most gain). Cost: up to len(grid) training runs.
+Finally the chosen model is measured on the held-out test blocks the evaluation uses, and everything
+(every candidate, the choice, the held-out check) goes to OUTPUT_DIR/budget.json and the run summary.
+
+OUTPUT_DIR: the chosen model (as a normal run), budget.json, budget/ (split data, trial runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forgetless.config import ForgetlessConfig, dump_config
+from forgetless.data import load_records, load_texts, pack_blocks, render
+from forgetless.errors import ConfigError, DataError, TrainingError
+from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
+from forgetless.train import SUMMARY, load_trained, prepare_output_dir, train
+
+logger = logging.getLogger(__name__)
+
+# knob -> (regularizer name, option searched, default grid, weakest first)
+RETRAIN_KNOBS = {
+    "lfu": ("lfu", "lam", [1.0, 5.0, 20.0]),
+    "kl": ("kl", "coef", [0.01, 0.1, 1.0, 10.0]),
+    "replay": ("replay", "ratio", [0.25, 0.5, 1.0]),
+    "l2sp": ("l2sp", "coef", [0.1, 1.0, 10.0]),
+    "ewc": ("ewc", "coef", [0.1, 1.0, 10.0]),
+}
+WISE_GRID = [1.0, 0.75, 0.5, 0.25]
+
+
+def budget_active(config: ForgetlessConfig) -> bool:
+    b = config.budget
+    return b.max_general_drop is not None or b.max_drift_kl is not None
+
+
+class Validator:
+    """Validation measures of a model: general-text perplexity and drift, target NLL."""
+
+    def __init__(self, config: ForgetlessConfig, val_records, tokenizer, base) -> None:
+        from forgetless.data import uses_chat_template
+
+        b, ev = config.budget, config.evaluation
+        self.batch_size = ev.batch_size
+        self.tokenizer, self.base = tokenizer, base
+        if b.general_text:
+            blocks = pack_blocks(load_texts(b.general_text), tokenizer, ev.block_length)
+            where = b.general_text
+        elif ev.general_text:
+            # held out from the evaluation: the blocks it does not report on
+            blocks = pack_blocks(load_texts(ev.general_text), tokenizer, ev.block_length)[ev.general_blocks:]
+            where = f"{ev.general_text} after its first {ev.general_blocks} blocks (evaluation.general_blocks)"
+        else:
+            raise ConfigError("budget: needs general text to validate on: set budget.general_text or evaluation.general_text")
+        self.blocks = blocks[: b.validation_blocks]
+        if len(self.blocks) < 4:
+            raise DataError(f"budget: only {len(self.blocks)} validation blocks of {ev.block_length} tokens in {where}; "
+                            "give budget.general_text a longer text, or lower evaluation.general_blocks")
+        chat = uses_chat_template(tokenizer, config.data)
+        self.pairs = [render(r.messages, tokenizer, chat) for r in val_records]
+        self.lengths = [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for _, resp in self.pairs]
+        self.base_ppl = None
+        self.base_ppl, _, self.base_nll = self.measure_raw(base)
+
+    def measure_raw(self, model) -> tuple[float, float, float]:
+        nll, drift, _ = block_nll_and_drift(model, self.blocks, self.batch_size,
+                                            None if self.base_ppl is None else self.base)
+        scores = continuation_logprobs(model, self.tokenizer, self.pairs, self.batch_size, "budget: target NLL")
+        return math.exp(sum(nll) / len(nll)), (sum(drift) / len(drift) if drift else 0.0), -sum(scores) / sum(self.lengths)
+
+    def measure(self, model) -> dict[str, float]:
+        model.eval()
+        ppl, drift, target_nll = self.measure_raw(model)
+        return {"general_ppl": ppl, "general_drop": ppl / self.base_ppl - 1, "drift_kl": drift, "target_nll": target_nll}
+
+
+def passes(m: dict[str, float], config: ForgetlessConfig) -> bool:
+    b = config.budget
+    slack = 1 - b.margin
+    ok = True
+    if b.max_general_drop is not None:
+        ok &= m["general_drop"] <= slack * b.max_general_drop
+    if b.max_drift_kl is not None:
+        ok &= m["drift_kl"] <= slack * b.max_drift_kl
+    return bool(ok)
+
+
+def split_training_data(config: ForgetlessConfig, folder: Path) -> tuple[str, list]:
+    """Hold out the last `validation_examples` training examples; write both parts as JSONL."""
+    records = load_records(config.data.train, config.data)
+    n_val = config.budget.validation_examples
+    if len(records) < n_val + 8:
+        raise DataError(f"budget.validation_examples: {n_val} held out of {len(records)} training examples leaves "
+                        "too few to train on; lower it")
+    train_recs, val_recs = records[:-n_val], records[-n_val:]
+    folder.mkdir(parents=True, exist_ok=True)
+    key = config.data.messages_field
+    for name, part in [("train.jsonl", train_recs), ("validation.jsonl", val_recs)]:
+        with open(folder / name, "w", encoding="utf-8") as f:
+            for r in part:
+                f.write(json.dumps({key: r.messages}) + "\n")
+    return str(folder / "train.jsonl"), val_recs
+
+
+def _without(regs: list[dict], name: str) -> list[dict]:
+    return [dict(e) for e in regs if name not in e]
+
+
+def _with_strength(regs: list[dict], name: str, option: str, value: float) -> list[dict]:
+    out, found = [], False
+    for entry in regs:
+        ((reg, opts),) = entry.items()
+        if reg == name:
+            opts, found = dict(opts or {}, **{option: value}), True
+        out.append({reg: opts})
+    return out if found else out + [{name: {option: value}}]
+
+
+def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Train as `config` says, with the regularisation strength searched to meet `config.budget`."""
+    from forgetless.model import load_model, load_tokenizer, resolve_model_path
+    from forgetless.regularizers.wise_ft import WeightMixer
+
+    b = config.budget
+    if b.knob != "wise_ft" and b.knob not in RETRAIN_KNOBS:
+        raise ConfigError(f"budget.knob: unknown '{b.knob}' (wise_ft, {', '.join(RETRAIN_KNOBS)})")
+    out = Path(config.output_dir)
+    prepare_output_dir(out, overwrite, resume)
+    work = out / "budget"
+    train_spec, val_records = split_training_data(config, work)
+
+    path = resolve_model_path(config.model.name_or_path)
+    tokenizer = load_tokenizer(path)
+    base = load_model(config.model, path).eval()
+    validator = Validator(config, val_records, tokenizer, base)
+    logger.info("budget: base validation ppl %.3f, target NLL %.4f", validator.base_ppl, validator.base_nll)
+
+    def trial_config(name: str, regs: list[dict]) -> ForgetlessConfig:
+        cfg = copy.deepcopy(config)
+        cfg.budget.max_general_drop = cfg.budget.max_drift_kl = None
+        cfg.data.train, cfg.data.limit = train_spec, None
+        cfg.output_dir = str(work / name)
+        cfg.regularizers = regs
+        return cfg
+
+    trials: list[dict[str, Any]] = []
+    chosen: dict[str, Any] | None = None
+    if b.knob == "wise_ft":
+        cfg = trial_config("tuned", _without(config.regularizers, "wise_ft"))
+        train(cfg, overwrite=not resume, resume=resume)
+        model, _ = load_trained(cfg.output_dir)
+        initial = None if (Path(cfg.output_dir) / "adapter_config.json").exists() else dict(base.state_dict())
+        mixer = WeightMixer(model, initial)
+
+        def try_alpha(alpha: float) -> dict[str, Any]:
+            mixer.set(alpha)
+            row = {"alpha": alpha, **validator.measure(model)}
+            row["passes"] = passes(row, config)
+            logger.info("budget: alpha %.3f -> ppl %+.2f%%, drift %.4f, target NLL %.4f (%s)", alpha,
+                        100 * row["general_drop"], row["drift_kl"], row["target_nll"], "ok" if row["passes"] else "over")
+            trials.append(row)
+            return row
+
+        for alpha in sorted(b.grid or WISE_GRID, reverse=True):
+            try_alpha(alpha)
+        for _ in range(b.refine):
+            ok = [t for t in trials if t["passes"]]
+            best = min(ok, key=lambda t: t["target_nll"])["alpha"] if ok else 0.0
+            above = [t["alpha"] for t in trials if not t["passes"] and t["alpha"] > best]
+            if not above:
+                break
+            try_alpha((best + min(above)) / 2)
+        ok = [t for t in trials if t["passes"]]
+        if ok:
+            chosen = min(ok, key=lambda t: t["target_nll"])
+        else:  # alpha = 0 is the base model itself: inside any non-negative bound
+            chosen = {"alpha": 0.0, **validator.measure(base), "passes": True}
+            mixer.set(0.0)
+            trials.append(chosen)
+        mixer.set(chosen["alpha"])
+        chosen_model = model
+        cfg.regularizers = cfg.regularizers + [{"wise_ft": {"alpha": chosen["alpha"]}}]
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        for name in ("metrics.jsonl",):
+            if (Path(cfg.output_dir) / name).exists():
+                shutil.copy2(Path(cfg.output_dir) / name, out / name)
+        summary = json.loads((Path(cfg.output_dir) / SUMMARY).read_text())
+    else:
+        reg, option, default_grid = RETRAIN_KNOBS[b.knob]
+        for value in sorted(b.grid or default_grid):
+            cfg = trial_config(f"{b.knob}-{value:g}", _with_strength(config.regularizers, reg, option, value))
+            train(cfg, overwrite=not resume, resume=resume)
+            model, _ = load_trained(cfg.output_dir)
+            row = {option: value, "run": cfg.output_dir, **validator.measure(model)}
+            row["passes"] = passes(row, config)
+            logger.info("budget: %s.%s=%g -> ppl %+.2f%%, drift %.4f, target NLL %.4f (%s)", reg, option, value,
+                        100 * row["general_drop"], row["drift_kl"], row["target_nll"], "ok" if row["passes"] else "over")
+            trials.append(row)
+            if row["passes"]:
+                chosen, chosen_model = row, model
+                break
+            del model
+        if chosen is None:
+            (out / "budget.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
+            raise TrainingError(
+                f"budget: no {reg}.{option} in {sorted(b.grid or default_grid)} met the bound on validation "
+                f"(closest: {min(trials, key=lambda t: t['general_drop'])}); widen budget.grid or use budget.knob=wise_ft. "
+                f"Trial runs are kept in {work}"
+            )
+        for item in Path(chosen["run"]).iterdir():
+            if item.name != "checkpoints" and item.is_file():
+                shutil.copy2(item, out / item.name)
+        summary = json.loads((Path(chosen["run"]) / SUMMARY).read_text())
+        cfg = trial_config("chosen", _with_strength(config.regularizers, reg, option, chosen[option]))
+
+    # the held-out check: the test blocks the evaluation reports on (not those the search saw)
+    held_out = None
+    ev = config.evaluation
+    if ev.general_text:
+        blocks = pack_blocks(load_texts(ev.general_text), tokenizer, ev.block_length)[: ev.general_blocks]
+        base_nll, _, _ = block_nll_and_drift(base, blocks, ev.batch_size)
+        nll, drift, _ = block_nll_and_drift(chosen_model.eval(), blocks, ev.batch_size, base)
+        drop = math.exp(sum(nll) / len(nll) - sum(base_nll) / len(base_nll)) - 1
+        mean_drift = sum(drift) / len(drift)
+        held_out = {"general_drop": drop, "drift_kl": mean_drift, "blocks": len(blocks),
+                    "within_bound": bool((b.max_general_drop is None or drop <= b.max_general_drop)
+                                         and (b.max_drift_kl is None or mean_drift <= b.max_drift_kl))}
+    report = {
+        "knob": b.knob, "max_general_drop": b.max_general_drop, "max_drift_kl": b.max_drift_kl, "margin": b.margin,
+        "base": {"general_ppl": validator.base_ppl, "target_nll": validator.base_nll},
+        "validation_blocks": len(validator.blocks), "validation_examples": len(val_records),
+        "trials": trials, "chosen": chosen, "held_out": held_out,
+    }
+    full = [t for t in trials if t.get("alpha") == 1.0]  # wise_ft: the unmixed fine-tune
+    if full and validator.base_nll > full[0]["target_nll"]:
+        report["target_gain_kept"] = (validator.base_nll - chosen["target_nll"]) / (validator.base_nll - full[0]["target_nll"])
+    (out / "budget.json").write_text(json.dumps(report, indent=2) + "\n")
+    final = copy.deepcopy(config)
+    final.regularizers = cfg.regularizers
+    dump_config(final, out / "config.yaml")
+    summary["budget"] = {k: report[k] for k in ("knob", "chosen", "held_out")}
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks a finished run
+    logger.info("budget: chose %s; held-out general-text ppl %+.2f%% (bound %s)", chosen,
+                100 * held_out["general_drop"] if held_out else math.nan, b.max_general_drop)
+    return report
