@@ -50,6 +50,10 @@ METHODS = {
     "kl_cached": [{"kl": {"cache": "topk", "topk": 64}}],
     "replay": [{"replay": {"ratio": 0.25}}],
     "kl_replay": [{"kl": {}}, {"replay": {"ratio": 0.25}}],
+    # the baselines (issue #8). WiSE-FT changes nothing during training (no step cost); NEFTune's
+    # hook is attached by Trainer.train(), which this bench bypasses (its cost: one uniform_ per step)
+    "l2sp": [{"l2sp": {}}],
+    "ewc": [{"ewc": {}}],
     "trl_sft": None,  # plain SFT in TRL's SFTTrainer: the peer anchor (needs `pip install trl`)
 }
 REPLAY_RATIO = {"replay": 0.25, "kl_replay": 0.25}

@@ -132,3 +132,33 @@ def test_compare_end_to_end(tiny_llama, suite, tmp_path, monkeypatch):
     table = (root / "report.md").read_text()
     assert "| lfu |" in table and "| base |" in table
     assert json.loads((root / "report.json").read_text())["methods"] == ["sft", "lfu", "arr"]
+
+
+def test_lm_eval_backend_runs_in_memory_and_agrees_with_our_mc_scoring(tiny_llama, suite, tmp_path):
+    """lm-evaluation-harness through its in-memory HFLM on a local task; our own log-likelihood MC
+    scoring follows its convention, so both give the same acc and acc_norm on the same questions."""
+    import dataclasses
+
+    from forgetless.errors import ConfigError
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [json.loads(line) for line in open(suite.mc)]
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {suite.mc}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = load_tokenizer(tiny_llama)
+    cfg = dataclasses.replace(suite, task=None, general_text=None, lm_eval_tasks=["tiny_mc"],
+                              lm_eval_include=str(tasks))
+    res = evaluate(model, tok, cfg, DataConfig())
+    ours = evaluate(model, tok, dataclasses.replace(suite, task=None, general_text=None), DataConfig())
+    got = res["lm_eval"]["tiny_mc"]
+    assert got["n"] == len(rows) == ours["mc_acc"]["n"]
+    assert got["acc,none"] == pytest.approx(ours["mc_acc"]["value"])
+    assert got["acc_norm,none"] == pytest.approx(ours["mc_acc_norm"]["value"])
+    with pytest.raises(ConfigError, match="no task 'nonexistent_task'"):
+        evaluate(model, tok, dataclasses.replace(cfg, lm_eval_tasks=["nonexistent_task"]), DataConfig())

@@ -52,7 +52,7 @@ def _same_finished_run(cfg: ForgetlessConfig) -> dict | None:
         return None
     # what the run was trained with; the evaluation and the list of compared methods do not matter
     def training_part(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in ("evaluation", "compare")}
+        return {k: v for k, v in d.items() if k not in ("evaluation", "compare", "budget")}
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))):

@@ -125,6 +125,12 @@ class EvalConfig:
     batch_size: int = 16
     bootstrap: int = 1000
     seed: int = 0
+    # Optional: EleutherAI lm-evaluation-harness tasks run on the in-memory model (pip install
+    # 'forgetless[lm-eval]'); names it knows, or tasks defined in YAML files under lm_eval_include.
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
+    lm_eval_num_fewshot: int | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from typing import Any
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from forgetless.data import load_records, load_texts, pack_blocks, read_rows, render, render_prompt, uses_chat_template
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
-from forgetless.errors import DataError
+from forgetless.errors import ConfigError, DataError
 from forgetless.losses import forward_rows, token_kl, upcast
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,39 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         results["mc_acc"] = measure(sum(acc) / len(acc), len(acc), bootstrap_ci(acc, n_boot=cfg.bootstrap, seed=cfg.seed))
         results["mc_acc_norm"] = measure(sum(acc_norm) / len(acc_norm), len(acc_norm),
                                          bootstrap_ci(acc_norm, n_boot=cfg.bootstrap, seed=cfg.seed))
+    if cfg.lm_eval_tasks:
+        results["lm_eval"] = run_lm_eval(model, tokenizer, cfg)
     return results
+
+
+def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
+    """lm-evaluation-harness on the model in memory (its HFLM wrapper; nothing is re-implemented):
+    task -> {metric: value} plus the sample count, as lm_eval reports them."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ConfigError("evaluation.lm_eval_tasks: needs lm-evaluation-harness; "
+                          "pip install 'forgetless[lm-eval]' (or leave lm_eval_tasks empty)") from None
+    if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
+        raise ConfigError(f"evaluation.lm_eval_include: {cfg.lm_eval_include} is not a folder of task YAML files")
+    # a PEFT model's base model carries the injected adapters: the tuned network, as a transformers model
+    network = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = HFLM(pretrained=network, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    manager = TaskManager(include_path=cfg.lm_eval_include)
+    unknown = [t for t in cfg.lm_eval_tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ConfigError(f"evaluation.lm_eval_tasks: lm_eval knows no task {unknown[0]!r} "
+                          "(define it in a YAML file under evaluation.lm_eval_include)")
+    out = simple_evaluate(model=lm, tasks=list(cfg.lm_eval_tasks), task_manager=manager, limit=cfg.lm_eval_limit,
+                          num_fewshot=cfg.lm_eval_num_fewshot, log_samples=False, bootstrap_iters=cfg.bootstrap,
+                          random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                          fewshot_random_seed=cfg.seed)
+    samples = out.get("n-samples", {})
+    return {task: {**{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"},
+                   "n": samples.get(task, {}).get("effective")}
+            for task, metrics in out["results"].items()}
 
 
 def evaluate_base_and_runs(config, runs: dict[str, str]) -> dict[str, Any]:
