@@ -176,11 +176,15 @@ def plot(report: dict, root: Path) -> None:
     ax.axvline(0, color="grey", lw=0.8)
     ax.scatter([0], [0], color="black", marker="s")
     ax.annotate("base", (0, 0), textcoords="offset points", xytext=(5, 5))
-    for m in methods:
-        x = 100 * (_value(res[m], "target_acc") - _value(base, "target_acc"))
-        y = 100 * (_value(res[m], "general_ppl") / _value(base, "general_ppl") - 1)
+    points = {m: (100 * (_value(res[m], "target_acc") - _value(base, "target_acc")),
+                  100 * (_value(res[m], "general_ppl") / _value(base, "general_ppl") - 1)) for m in methods}
+    xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]
+    near_x, near_y = 0.05 * (max(xs + [0]) - min(xs + [0]) or 1), 0.05 * (max(ys + [0]) - min(ys + [0]) or 1)
+    for m, (x, y) in points.items():
         ax.scatter([x], [y], s=60)
-        ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, 5))
+        # a label goes below its point when a close neighbour sits just above, so both stay readable
+        below = any(abs(x2 - x) < near_x and 0 < y2 - y < near_y for n, (x2, y2) in points.items() if n != m)
+        ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, -13 if below else 5))
     ax.set_xlabel("target accuracy gain over base (points)")
     ax.set_ylabel("general-text perplexity change (%)  ↓ better")
     ax.set_title("What each method gained vs what it broke")
