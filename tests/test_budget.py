@@ -97,3 +97,18 @@ def test_unreachable_budget_fails_clearly(pretrained, tmp_path):
         train_with_budget(cfg)
     assert json.loads((tmp_path / "x" / "budget.json").read_text())["trials"]
     assert not (tmp_path / "x" / "train_summary.json").exists()  # no finished run claimed
+
+
+def test_wise_ft_budget_with_full_finetuning_saves_the_exact_mix(pretrained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    assert main(budget_args(pretrained, out, "budget.max_general_drop=0.05", "model.finetune=full",
+                            "train.learning_rate=1e-3", "budget.refine=1")) == 0
+    alpha = json.loads((out / "budget.json").read_text())["chosen"]["alpha"]
+    base = dict(AutoModelForCausalLM.from_pretrained(pretrained / "model").named_parameters())
+    tuned = dict(AutoModelForCausalLM.from_pretrained(out / "budget" / "tuned").named_parameters())
+    saved = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    for name, w0 in base.items():
+        torch.testing.assert_close(saved[name], w0 + alpha * (tuned[name] - w0), rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(saved[n], base[n]) for n in base) or alpha == 0
