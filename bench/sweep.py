@@ -1,0 +1,58 @@
+"""Sweep one regularizer's strength on the embedded default and record what each value costs and keeps.
+
+    .venv/bin/python bench/sweep.py kl coef 0.01 0.1 1.0
+    .venv/bin/python bench/sweep.py replay ratio 0.25 0.5 1.0
+
+Each value trains `forgetless train default` with that one regularizer (on the training split
+minus the 64 examples the forgetting budget holds out) and is measured on the budget's
+validation split (forgetless.budget.Validator: general-text perplexity change and drift on the
+10 Verne blocks the evaluation does not report on, target NLL of the 64 held-out examples).
+Writes bench/sweep_<regularizer>_<option>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import forgetless  # noqa: F401  (offline flags)
+from forgetless.budget import Validator, split_training_data
+from forgetless.cli import resolve_config_path
+from forgetless.config import load_config
+from forgetless.model import load_model, load_tokenizer, resolve_model_path
+from forgetless.train import load_trained, train
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench import machine  # noqa: E402
+
+
+def main() -> None:
+    reg, option, *values = sys.argv[1:]
+    root = Path("runs/sweep") / f"{reg}_{option}"
+    config = load_config(resolve_config_path("default"), [f"output_dir={root}"])
+    train_spec, val_records = split_training_data(config, root)
+    path = resolve_model_path(config.model.name_or_path)
+    tokenizer = load_tokenizer(path)
+    base = load_model(config.model, path).eval()
+    validator = Validator(config, val_records, tokenizer, base)
+    rows = []
+    for value in [0.0] + [float(v) for v in values]:  # 0: plain SFT, the reference
+        cfg = load_config(resolve_config_path("default"), [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}"])
+        cfg.regularizers = [] if value == 0 else [{reg: {option: value}}]
+        started = time.perf_counter()
+        summary = train(cfg, overwrite=True).summary
+        model, _ = load_trained(cfg.output_dir)
+        row = {option: value, "train_seconds": round(time.perf_counter() - started, 1),
+               "train_loss": summary["train_loss"], **validator.measure(model)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    out = {"machine": machine(), "regularizer": reg, "option": option,
+           "base": {"general_ppl": validator.base_ppl, "target_nll": validator.base_nll}, "rows": rows}
+    (HERE / f"sweep_{reg}_{option}.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
