@@ -35,8 +35,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.data import load_records, load_texts, pack_blocks, render
 from forgetless.errors import ConfigError, DataError, TrainingError
@@ -86,18 +84,17 @@ class Validator:
         chat = uses_chat_template(tokenizer, config.data)
         self.pairs = [render(r.messages, tokenizer, chat) for r in val_records]
         self.lengths = [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for _, resp in self.pairs]
-        self.base_ppl = None
         self.base_ppl, _, self.base_nll = self.measure_raw(base)
 
-    def measure_raw(self, model) -> tuple[float, float, float]:
-        nll, drift, _ = block_nll_and_drift(model, self.blocks, self.batch_size,
-                                            None if self.base_ppl is None else self.base)
+    def measure_raw(self, model, base=None) -> tuple[float, float, float]:
+        """(perplexity, drift against `base` (0 without), target NLL) on the validation split."""
+        nll, drift, _ = block_nll_and_drift(model, self.blocks, self.batch_size, base)
         scores = continuation_logprobs(model, self.tokenizer, self.pairs, self.batch_size, "budget: target NLL")
         return math.exp(sum(nll) / len(nll)), (sum(drift) / len(drift) if drift else 0.0), -sum(scores) / sum(self.lengths)
 
     def measure(self, model) -> dict[str, float]:
         model.eval()
-        ppl, drift, target_nll = self.measure_raw(model)
+        ppl, drift, target_nll = self.measure_raw(model, self.base)
         return {"general_ppl": ppl, "general_drop": ppl / self.base_ppl - 1, "drift_kl": drift, "target_nll": target_nll}
 
 
