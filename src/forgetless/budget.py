@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import ForgetlessConfig, dump_config
-from forgetless.data import load_records, load_texts, pack_blocks, render
+from forgetless.data import load_records, load_texts, pack_blocks, render, uses_chat_template
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
 from forgetless.train import SUMMARY, load_trained, prepare_output_dir, train
@@ -63,8 +63,6 @@ class Validator:
     """Validation measures of a model: general-text perplexity and drift, target NLL."""
 
     def __init__(self, config: ForgetlessConfig, val_records, tokenizer, base) -> None:
-        from forgetless.data import uses_chat_template
-
         b, ev = config.budget, config.evaluation
         self.batch_size = ev.batch_size
         self.tokenizer, self.base = tokenizer, base
@@ -96,6 +94,16 @@ class Validator:
         model.eval()
         ppl, drift, target_nll = self.measure_raw(model, self.base)
         return {"general_ppl": ppl, "general_drop": ppl / self.base_ppl - 1, "drift_kl": drift, "target_nll": target_nll}
+
+
+def judge(validator: Validator, config: ForgetlessConfig, model, **fields) -> dict[str, Any]:
+    """One candidate: its validation measures and whether it is inside the bound(s)."""
+    row = {**fields, **validator.measure(model)}
+    row["passes"] = passes(row, config)
+    label = ", ".join(f"{k}={v:g}" for k, v in fields.items() if isinstance(v, float))
+    logger.info("budget: %s -> ppl %+.2f%%, drift %.4f, target NLL %.4f (%s)", label, 100 * row["general_drop"],
+                row["drift_kl"], row["target_nll"], "ok" if row["passes"] else "over")
+    return row
 
 
 def passes(m: dict[str, float], config: ForgetlessConfig) -> bool:
@@ -145,9 +153,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     from forgetless.model import load_model, load_tokenizer, resolve_model_path
     from forgetless.regularizers.wise_ft import WeightMixer
 
-    b = config.budget
-    if b.knob != "wise_ft" and b.knob not in RETRAIN_KNOBS:
-        raise ConfigError(f"budget.knob: unknown '{b.knob}' (wise_ft, {', '.join(RETRAIN_KNOBS)})")
+    b = config.budget  # knob, grid and bounds are validated with the config
     out = Path(config.output_dir)
     prepare_output_dir(out, overwrite, resume)
     work = out / "budget"
@@ -176,14 +182,9 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
         initial = None if (Path(cfg.output_dir) / "adapter_config.json").exists() else dict(base.state_dict())
         mixer = WeightMixer(model, initial)
 
-        def try_alpha(alpha: float) -> dict[str, Any]:
+        def try_alpha(alpha: float) -> None:
             mixer.set(alpha)
-            row = {"alpha": alpha, **validator.measure(model)}
-            row["passes"] = passes(row, config)
-            logger.info("budget: alpha %.3f -> ppl %+.2f%%, drift %.4f, target NLL %.4f (%s)", alpha,
-                        100 * row["general_drop"], row["drift_kl"], row["target_nll"], "ok" if row["passes"] else "over")
-            trials.append(row)
-            return row
+            trials.append(judge(validator, config, model, alpha=alpha))
 
         for alpha in sorted(b.grid or WISE_GRID, reverse=True):
             try_alpha(alpha)
@@ -199,30 +200,26 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             chosen = min(ok, key=lambda t: t["target_nll"])
         else:  # alpha = 0 is the base model itself: inside any non-negative bound
             chosen = {"alpha": 0.0, **validator.measure(base), "passes": True}
-            mixer.set(0.0)
             trials.append(chosen)
         mixer.set(chosen["alpha"])
         chosen_model = model
-        cfg.regularizers = cfg.regularizers + [{"wise_ft": {"alpha": chosen["alpha"]}}]
+        final_regs = cfg.regularizers + [{"wise_ft": {"alpha": chosen["alpha"]}}]
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        for name in ("metrics.jsonl",):
-            if (Path(cfg.output_dir) / name).exists():
-                shutil.copy2(Path(cfg.output_dir) / name, out / name)
+        if (Path(cfg.output_dir) / "metrics.jsonl").exists():
+            shutil.copy2(Path(cfg.output_dir) / "metrics.jsonl", out / "metrics.jsonl")
         summary = json.loads((Path(cfg.output_dir) / SUMMARY).read_text())
     else:
         reg, option, default_grid = RETRAIN_KNOBS[b.knob]
         for value in sorted(b.grid or default_grid):
-            cfg = trial_config(f"{b.knob}-{value:g}", _with_strength(config.regularizers, reg, option, value))
+            regs = _with_strength(config.regularizers, reg, option, value)
+            cfg = trial_config(f"{b.knob}-{value:g}", regs)
             train(cfg, overwrite=not resume, resume=resume)
             model, _ = load_trained(cfg.output_dir)
-            row = {option: value, "run": cfg.output_dir, **validator.measure(model)}
-            row["passes"] = passes(row, config)
-            logger.info("budget: %s.%s=%g -> ppl %+.2f%%, drift %.4f, target NLL %.4f (%s)", reg, option, value,
-                        100 * row["general_drop"], row["drift_kl"], row["target_nll"], "ok" if row["passes"] else "over")
+            row = judge(validator, config, model, **{option: value, "run": cfg.output_dir})
             trials.append(row)
             if row["passes"]:
-                chosen, chosen_model = row, model
+                chosen, chosen_model, final_regs = row, model, regs
                 break
             del model
         if chosen is None:
@@ -236,7 +233,6 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             if item.name != "checkpoints" and item.is_file():
                 shutil.copy2(item, out / item.name)
         summary = json.loads((Path(chosen["run"]) / SUMMARY).read_text())
-        cfg = trial_config("chosen", _with_strength(config.regularizers, reg, option, chosen[option]))
 
     # the held-out check: the test blocks the evaluation reports on (not those the search saw)
     held_out = None
@@ -261,7 +257,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
         report["target_gain_kept"] = (validator.base_nll - chosen["target_nll"]) / (validator.base_nll - full[0]["target_nll"])
     (out / "budget.json").write_text(json.dumps(report, indent=2) + "\n")
     final = copy.deepcopy(config)
-    final.regularizers = cfg.regularizers
+    final.regularizers = final_regs
     dump_config(final, out / "config.yaml")
     summary["budget"] = {k: report[k] for k in ("knob", "chosen", "held_out")}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks a finished run
