@@ -103,3 +103,13 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **train):
     ]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(None, overrides)
+
+
+def trained_weights(model_dir: Path, data: Path, out: Path, regularizers: list, **train_settings) -> dict:
+    """Train a tiny run with these regularizers and return its saved parameters by name."""
+    from forgetless.train import load_trained, train
+
+    cfg = tiny_config(model_dir, data, out, **train_settings)
+    cfg.regularizers = regularizers
+    train(cfg)
+    return dict(load_trained(out)[0].named_parameters())

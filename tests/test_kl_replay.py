@@ -18,7 +18,7 @@ from forgetless.regularizers import build_regularizers
 from forgetless.train import load_trained, train
 from forgetless.trainer import ForgetlessTrainer
 
-from conftest import memorisation_rows, tiny_config, write_jsonl
+from conftest import trained_weights, memorisation_rows, tiny_config, write_jsonl
 
 
 # ------------------------------------------------------------------ the divergence itself
@@ -203,14 +203,11 @@ def test_replay_with_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
 
 
 def test_zero_coef_and_zero_ratio_reproduce_plain_sft_exactly(tiny_llama, memo_data, tmp_path):
-    finals = {}
-    for name, regs in [("sft", []), ("noop", [{"kl": {"coef": 0.0}}, {"replay": {"ratio": 0.0}}])]:
-        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, max_steps=4, batch_size=4, learning_rate=1e-2)
-        cfg.regularizers = regs
-        train(cfg)
-        finals[name] = dict(load_trained(tmp_path / name)[0].named_parameters())
-    for n, p in finals["sft"].items():
-        assert torch.equal(p, finals["noop"][n]), n
+    steps = dict(max_steps=4, batch_size=4, learning_rate=1e-2)
+    sft = trained_weights(tiny_llama, memo_data, tmp_path / "sft", [], **steps)
+    noop = trained_weights(tiny_llama, memo_data, tmp_path / "noop", [{"kl": {"coef": 0.0}}, {"replay": {"ratio": 0.0}}], **steps)
+    for n, p in sft.items():
+        assert torch.equal(p, noop[n]), n
 
 
 @pytest.mark.parametrize("method", ["arr", "kl", "replay"])

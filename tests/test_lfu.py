@@ -13,10 +13,10 @@ from forgetless.config import DataConfig
 from forgetless.model import apply_finetune, load_tokenizer
 from forgetless.regularizers import build_regularizers
 from forgetless.regularizers.lfu import find_decoder_layers, select_layers
-from forgetless.train import load_trained, train
+from forgetless.train import train
 from forgetless.trainer import ForgetlessTrainer
 
-from conftest import memorisation_rows, tiny_config, write_jsonl
+from conftest import trained_weights, memorisation_rows, tiny_config, write_jsonl
 
 LAM, ALPHA = 5.0, 0.1
 
@@ -168,14 +168,11 @@ def test_ascent_gradient_never_leaks_into_the_accumulated_gradient(tiny_llama, t
 
 
 def test_lam_zero_reproduces_plain_sft_exactly(tiny_llama, memo_data, tmp_path):
-    finals = {}
-    for name, regs in [("sft", []), ("lfu0", [{"lfu": {"lam": 0.0}}])]:
-        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, max_steps=4, batch_size=4, learning_rate=1e-2)
-        cfg.regularizers = regs
-        train(cfg)
-        finals[name] = dict(load_trained(tmp_path / name)[0].named_parameters())
-    for n, p in finals["sft"].items():
-        assert torch.equal(p, finals["lfu0"][n]), n
+    steps = dict(max_steps=4, batch_size=4, learning_rate=1e-2)
+    sft = trained_weights(tiny_llama, memo_data, tmp_path / "sft", [], **steps)
+    lfu0 = trained_weights(tiny_llama, memo_data, tmp_path / "lfu0", [{"lfu": {"lam": 0.0}}], **steps)
+    for n, p in sft.items():
+        assert torch.equal(p, lfu0[n]), n
 
 
 @pytest.mark.parametrize("variant", ["lora", "reps"])
