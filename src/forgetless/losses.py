@@ -63,6 +63,54 @@ def topk_kl(logp: torch.Tensor, ref_idx: torch.Tensor, ref_logp_k: torch.Tensor,
     return (cur.exp() * (cur - ref)).sum(-1)
 
 
+# rows per chunk of the exact KL: ~2^23 logits (32 MiB in fp32) of temporaries at a time
+KL_CHUNK_ELEMENTS = 2**23
+
+
+class _ExactKL(torch.autograd.Function):
+    """Per-row KL over the full vocabulary, computed in row chunks; its backward keeps one [N, V] tensor.
+
+    Autograd through log_softmax/exp/mul would keep several [N, V] fp32 tensors alive until the
+    backward (log-probs of both sides, the reference's probabilities, their difference). The
+    gradient w.r.t. the current logits z has a closed form, so the forward computes it chunk by
+    chunk and saves only that:
+      forward  KL(r || p): dKL/dz = p - r
+      reverse  KL(p || r): dKL/dz = p * (log p - log r - KL)
+    The reference logits get no gradient (they come from a no_grad forward).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ref_logits: torch.Tensor, reverse: bool) -> torch.Tensor:
+        n, vocab = logits.shape
+        out = torch.empty(n, dtype=upcast(logits).dtype, device=logits.device)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        step = max(1, KL_CHUNK_ELEMENTS // max(vocab, 1))
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            logp = torch.log_softmax(upcast(logits[rows]), dim=-1)
+            logr = torch.log_softmax(upcast(ref_logits[rows]), dim=-1).to(logp.dtype)
+            if reverse:
+                p = logp.exp()
+                diff = logp.sub_(logr)  # log p - log r, in place of logp
+                kl = (p * diff).sum(-1)
+                if grad is not None:
+                    grad[rows] = p.mul_(diff.sub_(kl.unsqueeze(-1)))
+            else:
+                r = logr.exp()
+                kl = (r * (logr - logp)).sum(-1)
+                if grad is not None:
+                    grad[rows] = logp.exp_().sub_(r)
+            out[rows] = kl
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.unsqueeze(-1).to(grad.dtype), None, None
+
+
 def token_kl(
     logits: torch.Tensor, ref_logits: torch.Tensor, direction: Literal["forward", "reverse"] = "forward",
     topk: int = 0,
@@ -71,12 +119,11 @@ def token_kl(
 
     forward = KL(p_ref || p_theta) = sum_v p_ref (log p_ref - log p_theta); reverse swaps the two.
     topk > 0: coarsened to the reference's top-k tokens plus a "rest" bucket (see topk_kl).
+    The exact KL (topk = 0) is differentiable w.r.t. `logits` only (the reference is a target).
     """
-    logp = torch.log_softmax(upcast(logits), dim=-1)
-    logr = torch.log_softmax(upcast(ref_logits), dim=-1).to(logp.dtype)
     if topk > 0:
+        logp = torch.log_softmax(upcast(logits), dim=-1)
+        logr = torch.log_softmax(upcast(ref_logits), dim=-1).to(logp.dtype)
         logr_k, idx = logr.topk(min(topk, logr.shape[-1]), dim=-1)
         return topk_kl(logp, idx, logr_k, rest_logprob(logr_k), direction)
-    if direction == "forward":
-        return (logr.exp() * (logr - logp)).sum(-1)
-    return (logp.exp() * (logp - logr)).sum(-1)
+    return _ExactKL.apply(logits, ref_logits.detach(), direction == "reverse")
