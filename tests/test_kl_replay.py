@@ -72,11 +72,11 @@ def test_topk_kl_is_a_lower_bound_that_becomes_exact():
 
 # ------------------------------------------------------------------ the regularizer in a training step
 
-def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64):
+def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, **args_kwargs):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = apply_finetune(model, ModelConfig(finetune=finetune))
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, learning_rate=0.5,
-                             optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant")
+                             optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", **args_kwargs)
     trainer = ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regs),
                                 processing_class=load_tokenizer(model_dir))
     trainer.create_optimizer()
@@ -160,6 +160,54 @@ def test_lora_init_that_rewrites_the_base_is_refused(tiny_llama, tmp_path):
     trainer.model.peft_config["default"].init_lora_weights = "pissa"
     with pytest.raises(ConfigError, match="rewrites the base weights"):
         build_regularizers([{"kl": {}}])[0].setup(trainer)
+
+
+def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, tmp_path, monkeypatch):
+    # The replay blocks run their own forward + backward before the SFT pass; the accumulated
+    # gradient must still be that of the one loss the spec defines, computed here by autograd:
+    #   mean SFT NLL + coef * mean KL (SFT tokens) + weight * mean replay NLL + coef * mean KL (replay tokens)
+    from forgetless.regularizers.replay import Replay
+
+    coef, weight = 0.5, 2.0
+    drawn = []
+    original = Replay.block_indices
+    monkeypatch.setattr(Replay, "block_indices", lambda self, first, count: drawn.append(original(self, first, count))
+                        or drawn[-1])
+    trainer = make_trainer(tiny_llama, tmp_path, "full", [{"replay": {"ratio": 1.0, "max_length": 8, "weight": weight}},
+                                                           {"kl": {"coef": coef, "on": "both"}}],
+                           per_device_train_batch_size=3)
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    model = trainer.model
+    trainer.training_step(model, dict(batch))  # a first update, so the model differs from the reference
+    trainer.optimizer.step()
+    model.zero_grad()
+    loss = trainer.training_step(model, dict(batch))
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    replay_reg = trainer.regularizers[0]
+    blocks = replay_reg.blocks[drawn[-1]]
+    assert blocks.shape == (3, 8)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+    model.eval()  # no dropout in the tiny model; eval() only so the hand pass matches the reference side
+
+    def parts(ids, mask, labels):
+        cur = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        with torch.no_grad():
+            ref = initial(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        keep = labels[:, 1:] != -100
+        logp, logr = torch.log_softmax(cur[keep], -1), torch.log_softmax(ref[keep], -1)
+        nll = -logp.gather(-1, labels[:, 1:][keep].unsqueeze(-1)).mean()
+        return nll, (logr.exp() * (logr - logp)).sum(-1).mean()
+
+    sft_nll, sft_kl = parts(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    rep_nll, rep_kl = parts(blocks, torch.ones_like(blocks), blocks)
+    expected_loss = sft_nll + coef * sft_kl + weight * rep_nll + coef * rep_kl
+    expected_loss.backward()
+    assert sft_kl.item() > 1e-6 and rep_kl.item() > 1e-6
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-9)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-7, atol=1e-12, msg=n)
 
 
 def test_kl_on_replay_needs_replay(tiny_llama, tmp_path):

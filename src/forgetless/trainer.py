@@ -1,6 +1,8 @@
 """ForgetlessTrainer: transformers.Trainer whose training step composes SFT + regularizers.
 
 The step, top to bottom (see `training_step`):
+  0. separate passes first (replay: forward + backward on its own blocks, without gradient sync),
+     so their activations are freed before the SFT forward allocates its own;
   1. clean forward (regularizers may hook into it, e.g. to capture hidden states);
   2. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
      tokens in the whole optimizer step, across accumulation and processes): the mean over the
@@ -66,9 +68,17 @@ class ForgetlessTrainer(Trainer):
             num_items_in_batch = local_tokens * self.accelerator.num_processes
         token_scale = self.accelerator.num_processes / max(float(num_items_in_batch), 1.0)
 
-        # With a perturbing regularizer the clean pass must not sync gradients: DDP decides at
-        # *forward* time, so no_sync covers the clean forward and backward; the perturbed
-        # backward that follows is the micro-step's last, and the one that syncs.
+        # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time):
+        # separate passes never do; the clean pass does unless a perturbed backward follows it.
+        separate_terms = []
+        with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+            for reg in self.regularizers:
+                ctx = StepContext(model, inputs, None, None, token_scale, self)
+                term, metrics = reg.separate_pass(ctx)
+                if term is not None:
+                    separate_terms.append(term)
+                self._record(metrics)
+
         clean_pass = self.accelerator.no_sync(model) if self.perturber else contextlib.nullcontext()
         with clean_pass:
             with self.compute_loss_context_manager():
@@ -89,6 +99,7 @@ class ForgetlessTrainer(Trainer):
                     self._record(metrics)
             total = sft_loss if extra is None else sft_loss + extra
             if not torch.isfinite(total.detach()):
+                # a finite replay pass has already added its gradient; it is kept (it is still valid)
                 return self._skip_nonfinite(total)
             self._nonfinite_in_a_row = 0
 
@@ -101,12 +112,14 @@ class ForgetlessTrainer(Trainer):
 
         if self.perturber is not None:
             # free the clean logits before the perturbed forward
-            ctx.outputs = ctx.logits = ctx.replay_outputs = ctx.replay_logits = outputs = logits = None
+            ctx.outputs = ctx.logits = outputs = logits = None
             with self.compute_loss_context_manager():
                 term, metrics = self.perturber.perturbed_backward(ctx)
             total = total + term
             self._record(metrics)
 
+        for term in separate_terms:
+            total = total + term
         if local_tokens:
             self._metrics["l_sft"].append(nll.detach().mean().item())
         self._tokens_seen += int(inputs["attention_mask"].sum())

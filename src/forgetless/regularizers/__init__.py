@@ -10,6 +10,10 @@ factor that normalises a *sum over response tokens* exactly like the SFT loss (c
 gradient accumulation and across processes). It returns a scalar tensor (already weighted by its
 coefficient) and a dict of floats to log. One module per regularizer; register it in REGISTRY.
 
+A regularizer that trains on other data (replay) implements `separate_pass(ctx)`: its own forward +
+backward, run before the clean forward (so the two passes' activations never coexist), returning
+its detached term; other regularizers add terms on those blocks through `loss_on_replay`.
+
 A regularizer that simulates an update (LfU) sets `perturbs = True` and implements two more hooks:
 `ascent_tensors()` (whose gradient of l_sft *alone, for this micro-batch* it needs; the step
 isolates it from the accumulated .grad and hands it over as `ctx.sft_grads`) and
@@ -30,11 +34,20 @@ from forgetless.errors import ConfigError
 
 
 @dataclass
+class ReplayBlocks:
+    """The replay pass's blocks and its forward, for terms other regularizers add on them."""
+    input_ids: torch.Tensor  # [R, L] token blocks (no padding)
+    keep: torch.Tensor  # [R, L] bool: positions whose next token is trained (all but the last)
+    logits: torch.Tensor  # [N, V] the current model's logits at the `keep` positions
+    scale: float  # sum over replay tokens * scale == mean over the step's replay tokens (like token_scale)
+
+
+@dataclass
 class StepContext:
     model: torch.nn.Module  # as the trainer calls it (possibly wrapped by accelerate)
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (-100 = not trained on)
-    outputs: Any  # the clean forward's CausalLMOutput
-    sft_loss: torch.Tensor  # the normalised SFT term of this micro-batch
+    outputs: Any  # the clean forward's CausalLMOutput (None in separate_pass, which runs before it)
+    sft_loss: torch.Tensor | None  # the normalised SFT term of this micro-batch (None in separate_pass)
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
     trainer: Any  # the ForgetlessTrainer, for regularizers that need its state (e.g. a reference model)
     keep: torch.Tensor | None = None  # [B, T] bool: positions whose next token is trained (losses.prediction_mask)
@@ -42,14 +55,6 @@ class StepContext:
     # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
     # Read them before running any backward of your own (autograd may accumulate into them in place).
     sft_grads: list[torch.Tensor] | None = None
-    # Set by the replay regularizer (which runs first): its blocks, their forward, and the factor
-    # that turns a sum over replay tokens into the step's mean (as token_scale does for SFT tokens).
-    replay_batch: torch.Tensor | None = None
-    replay_outputs: Any = None
-    replay_keep: torch.Tensor | None = None
-    replay_logits: torch.Tensor | None = None
-    replay_scale: float = 0.0
-
     def step_share(self) -> float:
         """This micro-batch's share of its optimizer step (its response tokens * token_scale): a
         per-step penalty weighted by it is counted exactly once per step, under gradient
@@ -63,7 +68,6 @@ class Regularizer:
 
     name: str = "regularizer"
     perturbs: bool = False
-    priority: int = 10  # lower runs first in the step
 
     def setup(self, trainer: Any) -> None:
         """Called once before training (e.g. to snapshot initial weights). Optional."""
@@ -74,6 +78,15 @@ class Regularizer:
 
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
         """A term added to the clean loss, and metrics. Default: no term."""
+        return None, {}
+
+    def separate_pass(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Forward + backward on data of its own (replay), before the clean forward; returns the detached
+        term (for the logged loss) and metrics. Runs without gradient sync. Optional."""
+        return None, {}
+
+    def loss_on_replay(self, ctx: StepContext, replay: ReplayBlocks) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """A term on the replay blocks, added to the replay pass's loss before its backward. Optional."""
         return None, {}
 
     def finalize(self, model: torch.nn.Module) -> dict[str, float]:
@@ -118,8 +131,7 @@ def parse_regularizers(entries: list[dict[str, Any]], where: str = "") -> list[t
 
 
 def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:
-    regs = [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries)]
-    return sorted(regs, key=lambda reg: reg.priority)  # stable: config order otherwise
+    return [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries)]
 
 
 # Each regularizer module registers itself on import.

@@ -34,7 +34,7 @@ import torch
 
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
-from forgetless.regularizers import Regularizer, StepContext, register
+from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -220,26 +220,21 @@ class KL(Regularizer):
         return kl.sum(), kl.numel()
 
     def loss(self, ctx: StepContext):
-        term = None
-        metrics = {}
-        if self.cfg.on in ("sft", "both"):
-            b = ctx.batch
-            if self.cache is not None:
-                kl_sum, n = self._cached_kl_sum(ctx.logits, b)
-            else:
-                kl_sum, n = self._kl_sum(ctx.model, b["input_ids"], b["attention_mask"], ctx.keep, ctx.logits)
-            term = kl_sum * ctx.token_scale
-            if n:
-                metrics["kl"] = kl_sum.item() / n
-        if self.cfg.on in ("replay", "both") and ctx.replay_outputs is not None:
-            ids = ctx.replay_batch
-            kl_sum, n = self._kl_sum(ctx.model, ids, torch.ones_like(ids), ctx.replay_keep, ctx.replay_logits)
-            replay_term = kl_sum * ctx.replay_scale
-            term = replay_term if term is None else term + replay_term
-            metrics["kl_replay"] = kl_sum.item() / n
-        if term is None:
-            return None, metrics
-        return self.cfg.coef * term, metrics
+        if self.cfg.on == "replay":
+            return None, {}
+        b = ctx.batch
+        if self.cache is not None:
+            kl_sum, n = self._cached_kl_sum(ctx.logits, b)
+        else:
+            kl_sum, n = self._kl_sum(ctx.model, b["input_ids"], b["attention_mask"], ctx.keep, ctx.logits)
+        return self.cfg.coef * kl_sum * ctx.token_scale, ({"kl": kl_sum.item() / n} if n else {})
+
+    def loss_on_replay(self, ctx: StepContext, replay: ReplayBlocks):
+        if self.cfg.on == "sft":
+            return None, {}
+        ids = replay.input_ids
+        kl_sum, n = self._kl_sum(ctx.model, ids, torch.ones_like(ids), replay.keep, replay.logits)
+        return self.cfg.coef * kl_sum * replay.scale, {"kl_replay": kl_sum.item() / n}
 
 
 register("kl", KLConfig, KL)

@@ -7,9 +7,11 @@ so the replay-to-SFT ratio holds exactly over a run without any state beyond k, 
 from the step count on resume. Block j of the run (j-th draw, across processes) is position
 j mod N of a permutation reshuffled every cycle through the corpus, seeded by the run's seed.
 
-The replay blocks go through the model in their own forward (no padding to the SFT lengths) and
-add `weight * mean next-token NLL over all replay tokens of the optimizer step`, normalised like
-l_sft under gradient accumulation and across processes. Replay never changes the number of
+The replay blocks go through the model in their own forward and backward (no padding to the SFT
+lengths), run before the SFT forward so the two passes' activations never coexist (peak memory is
+the larger pass, not their sum). They add `weight * mean next-token NLL over all replay tokens of
+the optimizer step`, normalised like l_sft under gradient accumulation and across processes; the
+KL regularizer with `on: replay|both` adds its term on the same forward (`loss_on_replay`). Replay never changes the number of
 optimizer steps or the LR schedule: each step simply carries ratio x more examples.
 """
 
@@ -22,7 +24,7 @@ import torch
 
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import ConfigError
-from forgetless.regularizers import Regularizer, StepContext, register
+from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext, register
 from forgetless.losses import forward_rows, next_token_targets, token_nll
 
 DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
@@ -39,7 +41,6 @@ class ReplayConfig:
 
 class Replay(Regularizer):
     name = "replay"
-    priority = 0  # runs before the others, so KL (on: replay) can reuse its forward
 
     def __init__(self, cfg: ReplayConfig) -> None:
         if cfg.ratio < 0 or cfg.weight < 0:
@@ -75,7 +76,7 @@ class Replay(Regularizer):
             out.append(int(self._perm[pos]))
         return out
 
-    def loss(self, ctx: StepContext):
+    def separate_pass(self, ctx: StepContext):
         n_sft = ctx.batch["input_ids"].shape[0]
         if self.examples_seen is None:  # first step of this process, possibly after a resume
             self.examples_seen = ctx.trainer.state.global_step * self.accum * self.batch_size
@@ -96,10 +97,19 @@ class Replay(Regularizer):
         step_blocks = (math.floor(self.cfg.ratio * (step_start + self.accum * self.batch_size))
                        - math.floor(self.cfg.ratio * step_start))
         replay_scale = 1.0 / (max(step_blocks, count) * (self.cfg.max_length - 1))
-        ctx.replay_batch, ctx.replay_outputs, ctx.replay_scale = ids, outputs, replay_scale
-        ctx.replay_keep, ctx.replay_logits = keep, logits
         term = self.cfg.weight * nll.sum() * replay_scale
-        return term, {"l_replay": nll.detach().mean().item(), "replay_fraction": count / (count + n_sft)}
+        metrics = {"l_replay": nll.detach().mean().item(), "replay_fraction": count / (count + n_sft)}
+        blocks = ReplayBlocks(ids, keep, logits, replay_scale)
+        for reg in ctx.trainer.regularizers:
+            extra, extra_metrics = reg.loss_on_replay(ctx, blocks)
+            if extra is not None:
+                term = term + extra
+            metrics.update(extra_metrics)
+        if not torch.isfinite(term.detach()):
+            # skipped like a non-finite SFT loss (no backward); the SFT pass still runs
+            return None, {**metrics, "replay_nonfinite_skipped": 1.0}
+        ctx.trainer.accelerator.backward(term)
+        return term.detach(), metrics
 
 
 register("replay", ReplayConfig, Replay)
