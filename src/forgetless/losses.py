@@ -63,8 +63,8 @@ def topk_kl(logp: torch.Tensor, ref_idx: torch.Tensor, ref_logp_k: torch.Tensor,
     return (cur.exp() * (cur - ref)).sum(-1)
 
 
-# rows per chunk of the exact KL: ~2^23 logits (32 MiB in fp32) of temporaries at a time
-KL_CHUNK_ELEMENTS = 2**23
+# rows per chunk of the exact KL: ~2^22 logits (16 MiB in fp32) of temporaries at a time
+KL_CHUNK_ELEMENTS = 2**22
 
 
 class _ExactKL(torch.autograd.Function):
