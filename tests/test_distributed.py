@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) through `accelerate launch` give the same model as one process that
 sees the same micro-batches (batch 2 x 2 accumulation steps), for SFT, LfU and KL+replay."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +30,18 @@ def test_two_processes_match_one(tiny_llama, tmp_path, method):
     one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=2", *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
+    stale = tmp_path / "two" / "stale.txt"  # --overwrite under several processes: emptied once, no race
+    stale.parent.mkdir()
+    stale.write_text("from an earlier run")
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
-                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'two'}", *common],
-                         capture_output=True, text=True, timeout=600)
+                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'two'}", "--overwrite",
+                          *common], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert not stale.exists()
+    assert two.stdout.count("done:") == 1  # the summary is printed by the main process only
+    # ... and its train_loss is the mean over processes, as one process computes it
+    losses = [json.loads((tmp_path / run / "train_summary.json").read_text())["train_loss"] for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     a = dict(load_trained(tmp_path / "one")[0].named_parameters())
     b = dict(load_trained(tmp_path / "two")[0].named_parameters())
     for name, p in a.items():

@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  every candidate: {Path(config.output_dir) / 'budget.json'}")
             return 0
         result = train(config, overwrite=args.overwrite, resume=args.resume)
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
+            return 0
         print(f"done: {result.output_dir}")
         for key, value in result.summary.items():
             print(f"  {key}: {value}")

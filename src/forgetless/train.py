@@ -9,6 +9,7 @@ OUTPUT_DIR after a run:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -78,18 +79,25 @@ def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> Traini
     )
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Never clobber a finished run by accident; --overwrite starts afresh, --resume continues."""
-    if resume:
+def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Never clobber a run by accident: a non-empty output_dir needs --overwrite or --resume."""
+    if resume or overwrite or not output_dir.is_dir() or not any(output_dir.iterdir()):
         return
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            finished = (output_dir / SUMMARY).exists()
-            what = "a finished run" if finished else "files from an earlier (unfinished) run"
-            hint = "pass --overwrite to replace it" if finished else "pass --resume to continue it or --overwrite to start again"
-            raise ConfigError(f"output_dir {output_dir} already holds {what}; {hint}")
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    finished = (output_dir / SUMMARY).exists()
+    what = "a finished run" if finished else "files from an earlier (unfinished) run"
+    hint = "pass --overwrite to replace it" if finished else "pass --resume to continue it or --overwrite to start again"
+    raise ConfigError(f"output_dir {output_dir} already holds {what}; {hint}")
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool, args: TrainingArguments | None = None) -> None:
+    """--overwrite starts afresh: the main process empties the folder while the others wait
+    (`args` None: a single process)."""
+    check_output_dir(output_dir, overwrite, resume)
+    with args.main_process_first(local=False, desc="preparing output_dir") if args else contextlib.nullcontext():
+        if args is None or args.process_index == 0:
+            if overwrite and not resume and output_dir.exists():
+                shutil.rmtree(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
@@ -110,7 +118,7 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
 def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> TrainResult:
     """Run one fine-tune as `config` describes and write its outputs. See the module docstring."""
     output_dir = Path(config.output_dir)
-    prepare_output_dir(output_dir, overwrite, resume)
+    check_output_dir(output_dir, overwrite, resume)  # before the model loads: fail fast
     checkpoint_dir = output_dir / "checkpoints"
     set_seed(config.train.seed)
 
@@ -121,6 +129,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     regularizers = build_regularizers(config.regularizers)
 
     args = training_arguments(config, checkpoint_dir)
+    prepare_output_dir(output_dir, overwrite, resume, args)  # before any regularizer caches into it
     trainer = ForgetlessTrainer(
         model=model,
         args=args,
@@ -147,7 +156,9 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         "finetune": config.model.finetune,
         "train_examples": len(train_ds),
         "global_steps": result.global_step,
-        "train_loss": result.training_loss,
+        # Trainer's figure is this process's own for the steps since its last log: average it
+        "train_loss": trainer.accelerator.reduce(
+            torch.tensor(result.training_loss, device=trainer.args.device), "mean").item(),
         "train_seconds": round(train_seconds, 2),
     }
     for reg in regularizers:  # post-training steps (WiSE-FT's weight mix) before anything is saved
