@@ -168,10 +168,13 @@ class LfU(Regularizer):
     def perturbed_backward(self, ctx: StepContext):
         cfg = self.cfg
         # phi from this micro-batch's SFT gradient (read before any backward of ours touches .grad)
-        grad_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in ctx.sft_grads))
+        # foreach ops: one kernel launch per op over all (often hundreds of small LoRA) tensors
+        grads = [g.detach() for g in ctx.sft_grads]
+        norm_dtype = torch.promote_types(grads[0].dtype, torch.float32)  # half-precision norms in fp32
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype)))
         scale = cfg.alpha / (grad_norm + EPS)
-        phi = [(g * scale).detach().to(g.dtype) for g in ctx.sft_grads]
-        perturb_norm = torch.sqrt(sum((p.float() ** 2).sum() for p in phi))
+        phi = torch._foreach_mul(grads, scale.to(grads[0].dtype))
+        perturb_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(phi, 2, dtype=norm_dtype)))
 
         mask = ctx.batch["labels"] != IGNORE_INDEX
         n_tokens = int(mask.sum())
@@ -203,9 +206,8 @@ class LfU(Regularizer):
             # theta + phi in place: the clean graph is already freed, so no saved tensor sees it;
             # the exact originals are copied back afterwards (adding and subtracting phi would round).
             with torch.no_grad():
-                for p, d in zip(self.params, phi):
-                    originals.append(p.detach().clone())
-                    p.add_(d)
+                originals = [p.detach().clone() for p in self.params]
+                torch._foreach_add_(self.params, phi)
         try:
             try:
                 with torch.random.fork_rng(devices=_cuda_devices()):
@@ -226,9 +228,9 @@ class LfU(Regularizer):
             # The gradient of l_cons is taken at theta + phi and accumulates into theta's .grad.
             ctx.trainer.accelerator.backward(term)
         finally:
-            with torch.no_grad():
-                for p, original in zip(self.params, originals):
-                    p.copy_(original)
+            if originals:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.params, originals)
         self.clean_hidden = {}
         self.steering = []
 
