@@ -11,8 +11,9 @@ The replay blocks go through the model in their own forward and backward (no pad
 lengths), run before the SFT forward so the two passes' activations never coexist (peak memory is
 the larger pass, not their sum). They add `weight * mean next-token NLL over all replay tokens of
 the optimizer step`, normalised like l_sft under gradient accumulation and across processes; the
-KL regularizer with `on: replay|both` adds its term on the same forward (`loss_on_replay`). Replay never changes the number of
-optimizer steps or the LR schedule: each step simply carries ratio x more examples.
+KL regularizer with `on: replay|both` adds its term on the same forward (`loss_on_replay`).
+Replay never changes the number of optimizer steps or the LR schedule: each step simply carries
+ratio x more examples.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class Replay(Regularizer):
         ids = self.blocks[self.block_indices(first, count)].to(ctx.batch["input_ids"].device)
         keep = torch.ones_like(ids, dtype=torch.bool)
         keep[:, -1] = False  # every token but the first is a target
-        outputs, logits = forward_rows(ctx.model, ids, torch.ones_like(ids), keep)
+        _, logits = forward_rows(ctx.model, ids, torch.ones_like(ids), keep)
         nll = token_nll(logits, next_token_targets(ids, keep))
         # replay tokens in this optimizer step on every process: the same formula for each of them
         step_start = (k // (self.accum * self.batch_size)) * self.accum * self.batch_size
