@@ -72,9 +72,9 @@ class ForgetlessTrainer(Trainer):
         # separate passes never do; the clean pass does unless a perturbed backward follows it.
         separate_terms = []
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+            before_ctx = StepContext(model, inputs, None, None, token_scale, self)
             for reg in self.regularizers:
-                ctx = StepContext(model, inputs, None, None, token_scale, self)
-                term, metrics = reg.separate_pass(ctx)
+                term, metrics = reg.separate_pass(before_ctx)
                 if term is not None:
                     separate_terms.append(term)
                 self._record(metrics)

@@ -55,6 +55,7 @@ class StepContext:
     # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
     # Read them before running any backward of your own (autograd may accumulate into them in place).
     sft_grads: list[torch.Tensor] | None = None
+
     def step_share(self) -> float:
         """This micro-batch's share of its optimizer step (its response tokens * token_scale): a
         per-step penalty weighted by it is counted exactly once per step, under gradient
