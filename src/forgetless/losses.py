@@ -82,7 +82,8 @@ class _ExactKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, ref_logits: torch.Tensor, reverse: bool) -> torch.Tensor:
         n, vocab = logits.shape
-        out = torch.empty(n, dtype=upcast(logits).dtype, device=logits.device)
+        # upcast's dtype, without upcasting the whole [N, V] tensor just to read it
+        out = torch.empty(n, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         step = max(1, KL_CHUNK_ELEMENTS // max(vocab, 1))
         for start in range(0, n, step):
