@@ -13,6 +13,9 @@ with MALLOC_MMAP_THRESHOLD_=65536 (so freed tensors leave the RSS at once instea
 glibc's heap), where a thread samples the resident set size every millisecond during its steps: `peak_rss` is the
 highest RSS seen during the steps (model, libraries and all), `peak_mem_delta` that peak minus
 the RSS just before the first step (activations, gradients, optimizer state: what the method adds).
+Two rows are floors, not methods, timed the same way: `decoder_pass` (one forward + backward through
+the decoder layers alone: 1 + its ratio is the least an exact LfU step can cost) and `sft_plus_rows`
+(plain SFT with the replay blocks' worth of fully-trained rows added: the replay tokens' own cost).
 Writes bench/results.json (replacing it: all ratios come from one run) and prints a table.
 """
 
@@ -48,15 +51,18 @@ METHODS = {
     "lfu_lora_early": [{"lfu": {"variant": "lora", "layers": "early"}}],
     "kl": [{"kl": {}}],
     "kl_cached": [{"kl": {"cache": "topk", "topk": 64}}],
-    "replay": [{"replay": {"ratio": 0.25}}],
+    "replay": [{"replay": {"ratio": 0.25}}],  # blocks join the SFT forward (forward: auto)
+    "replay_own": [{"replay": {"ratio": 0.25, "forward": "own"}}],  # their own pass: lowest peak memory
     "kl_replay": [{"kl": {}}, {"replay": {"ratio": 0.25}}],
     # the baselines (issue #8). WiSE-FT changes nothing during training (no step cost); NEFTune's
     # hook is attached by Trainer.train(), which this bench bypasses (its cost: one uniform_ per step)
     "l2sp": [{"l2sp": {}}],
     "ewc": [{"ewc": {}}],
     "trl_sft": None,  # plain SFT in TRL's SFTTrainer: the peer anchor (needs `pip install trl`)
+    "decoder_pass": None,  # not a method: the floor of LfU's extra pass (see DecoderPass)
+    "sft_plus_rows": None,  # not a method: the floor of replay at 0.25 (see SFTPlusTrainedRows)
 }
-REPLAY_RATIO = {"replay": 0.25, "kl_replay": 0.25}
+REPLAY_RATIO = {"replay": 0.25, "replay_own": 0.25, "kl_replay": 0.25}
 
 
 def device() -> torch.device:
@@ -86,6 +92,38 @@ def bench_dataset(batch: dict[str, torch.Tensor]):
                                        "example_id": list(range(batch["input_ids"].shape[0]))})
 
 
+class DecoderPass:
+    """Not a method: one forward + backward through the decoder stack alone (no LM head, a mean-square
+    loss on the last hidden state), timed like a step. Any exact LfU perturbed pass redoes every
+    selected layer under the perturbation and backpropagates through them, so 1 + this ratio is
+    the least an LfU step can cost relative to plain SFT (with `layers: all`)."""
+
+    def __init__(self, trainer: ForgetlessTrainer) -> None:
+        self.model, self.optimizer = trainer.model, trainer.optimizer
+
+    def training_step(self, model, batch) -> torch.Tensor:
+        decoder = getattr(model, "get_base_model", lambda: model)().get_decoder()
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+        loss = hidden.float().pow(2).mean()
+        loss.backward()
+        return loss.detach()
+
+
+class SFTPlusTrainedRows:
+    """Not a method: plain SFT on the batch plus ratio x batch more rows trained on every token, which
+    is what replay blocks are: the replay tokens' own cost with nothing else, the floor of a replay step."""
+
+    def __init__(self, trainer: ForgetlessTrainer, batch: dict[str, torch.Tensor], ratio: float = 0.25) -> None:
+        self.trainer, self.model, self.optimizer = trainer, trainer.model, trainer.optimizer
+        batch_size, seq_len = batch["input_ids"].shape
+        extra = fixed_batch(len(trainer.processing_class), round(ratio * batch_size), seq_len, seed=1)
+        extra["labels"] = extra["input_ids"].clone()
+        self.batch = {k: torch.cat([batch[k], extra[k].to(batch[k].device)]) for k in ("input_ids", "attention_mask", "labels")}
+
+    def training_step(self, model, batch) -> torch.Tensor:
+        return self.trainer.training_step(model, dict(self.batch))
+
+
 def build(args, model, method: str, tokenizer, batch, shared: bool = True):
     import tempfile
 
@@ -93,6 +131,10 @@ def build(args, model, method: str, tokenizer, batch, shared: bool = True):
 
     common = dict(output_dir=tempfile.mkdtemp(prefix="forgetless-bench-"), report_to="none", learning_rate=1e-5,
                   use_cpu=not torch.cuda.is_available(), bf16=args.bf16, disable_tqdm=True)
+    if method == "sft_plus_rows":
+        return SFTPlusTrainedRows(build(args, model, "sft", tokenizer, batch, shared), batch)
+    if method == "decoder_pass":
+        return DecoderPass(build(args, model, "sft", tokenizer, batch, shared))
     if method == "trl_sft":
         import copy
 

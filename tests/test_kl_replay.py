@@ -162,9 +162,12 @@ def test_lora_init_that_rewrites_the_base_is_refused(tiny_llama, tmp_path):
         build_regularizers([{"kl": {}}])[0].setup(trainer)
 
 
-def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, tmp_path, monkeypatch):
-    # The replay blocks run their own forward + backward before the SFT pass; the accumulated
-    # gradient must still be that of the one loss the spec defines, computed here by autograd:
+@pytest.mark.parametrize("forward,length", [("own", 8), ("with_sft", 8), ("with_sft", 40)])
+def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, tmp_path, monkeypatch, forward,
+                                                                    length):
+    # The replay blocks either join the SFT forward (padded to one length: the blocks when shorter than
+    # the SFT rows, the SFT rows when the blocks are longer) or run their own forward + backward before
+    # it; the accumulated gradient must be that of the one loss the spec defines, computed here by autograd:
     #   mean SFT NLL + coef * mean KL (SFT tokens) + weight * mean replay NLL + coef * mean KL (replay tokens)
     from forgetless.regularizers.replay import Replay
 
@@ -173,21 +176,31 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     original = Replay.block_indices
     monkeypatch.setattr(Replay, "block_indices", lambda self, first, count: drawn.append(original(self, first, count))
                         or drawn[-1])
-    trainer = make_trainer(tiny_llama, tmp_path, "full", [{"replay": {"ratio": 1.0, "max_length": 8, "weight": weight}},
-                                                           {"kl": {"coef": coef, "on": "both"}}],
-                           per_device_train_batch_size=3)
+    trainer = make_trainer(tiny_llama, tmp_path, "full",
+                           [{"replay": {"ratio": 1.0, "max_length": length, "weight": weight, "forward": forward}},
+                            {"kl": {"coef": coef, "on": "both"}}], per_device_train_batch_size=3)
     batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
     model = trainer.model
     trainer.training_step(model, dict(batch))  # a first update, so the model differs from the reference
     trainer.optimizer.step()
     model.zero_grad()
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
     loss = trainer.training_step(model, dict(batch))
+    hook.remove()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
     replay_reg = trainer.regularizers[0]
     blocks = replay_reg.blocks[drawn[-1]]
-    assert blocks.shape == (3, 8)
+    assert blocks.shape == (3, length)
+    sft_length = batch["input_ids"].shape[1]
+    assert 8 < sft_length < 40  # so both kinds of rows get padded across the cases
+    if forward == "own":
+        assert forwards == [(3, length), (3, sft_length)]
+    else:  # one forward of SFT rows + blocks
+        assert forwards == [(6, max(length, sft_length))]
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
     model.eval()  # no dropout in the tiny model; eval() only so the hand pass matches the reference side
 
@@ -208,6 +221,28 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-9)
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-7, atol=1e-12, msg=n)
+
+
+def test_replay_auto_joins_the_sft_forward_only_when_padding_is_small(tiny_llama, tmp_path):
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    sft_length = batch["input_ids"].shape[1]
+
+    def forwards_of_one_step(regs):
+        trainer = make_trainer(tiny_llama, tmp_path, "lora", regs, per_device_train_batch_size=3)
+        shapes = []
+        trainer.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                                with_kwargs=True)
+        trainer.training_step(trainer.model, dict(batch))
+        return shapes
+
+    same = {"replay": {"ratio": 1.0, "max_length": sft_length}}
+    assert forwards_of_one_step([same]) == [(6, sft_length)]  # equal lengths: one forward
+    long = {"replay": {"ratio": 1.0, "max_length": 3 * sft_length}}  # padding would add far more than 10%
+    assert forwards_of_one_step([long]) == [(3, 3 * sft_length), (3, sft_length)]
+    # LfU's hooks read the SFT rows of the clean forward: replay runs apart (3 = LfU's perturbed pass)
+    assert forwards_of_one_step([same, {"lfu": {}}]) == [(3, sft_length)] * 3
+    with pytest.raises(ConfigError, match="with_sft cannot be combined with lfu"):
+        make_trainer(tiny_llama, tmp_path, "lora", [{"replay": {"forward": "with_sft"}}, {"lfu": {}}])
 
 
 def test_kl_on_replay_needs_replay(tiny_llama, tmp_path):

@@ -1,9 +1,11 @@
 """ForgetlessTrainer: transformers.Trainer whose training step composes SFT + regularizers.
 
 The step, top to bottom (see `training_step`):
-  0. separate passes first (replay: forward + backward on its own blocks, without gradient sync),
+  0. rows that join the clean forward are gathered (replay blocks, by default); separate passes run
+     first (replay with `forward: own`: forward + backward on its blocks, without gradient sync),
      so their activations are freed before the SFT forward allocates its own;
-  1. clean forward (regularizers may hook into it, e.g. to capture hidden states);
+  1. clean forward on the SFT rows plus any joined rows (regularizers may hook into it, e.g. to
+     capture hidden states); the joined rows' logits go back to their regularizer;
   2. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
      tokens in the whole optimizer step, across accumulation and processes): the mean over the
      step's tokens, exactly as transformers normalises with `num_items_in_batch`;
@@ -25,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from forgetless.errors import ConfigError, TrainingError
 from forgetless.losses import IGNORE_INDEX, forward_rows, next_token_targets, prediction_mask, token_nll
-from forgetless.regularizers import Regularizer, StepContext
+from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext
 
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ class ForgetlessTrainer(Trainer):
         separate_terms = []
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
             before_ctx = StepContext(model, inputs, None, None, token_scale, self)
+            joined = [rows for reg in self.regularizers if (rows := reg.extra_rows(before_ctx)) is not None]
             for reg in self.regularizers:
                 term, metrics = reg.separate_pass(before_ctx)
                 if term is not None:
@@ -87,8 +91,10 @@ class ForgetlessTrainer(Trainer):
                         hooks.enter_context(reg.clean_forward(model, inputs))
                     # logits only where a response token is predicted: the LM head skips prompt and padding
                     keep = prediction_mask(labels)
-                    outputs, logits = forward_rows(model, inputs["input_ids"], inputs["attention_mask"], keep)
-                nll = token_nll(logits, next_token_targets(labels, keep))
+                    outputs, logits = forward_rows(model, *append_rows(inputs, keep, joined))
+                targets = [next_token_targets(labels, keep)] + [next_token_targets(b.input_ids, b.keep) for b in joined]
+                nll = token_nll(logits, torch.cat(targets))  # one cross-entropy over every row
+                nll, logits = split_rows(nll, logits, keep, joined)
                 sft_loss = nll.sum() * token_scale
                 ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self, keep=keep, logits=logits)
                 extra = None
@@ -177,6 +183,36 @@ class ForgetlessTrainer(Trainer):
             logs["tokens_per_s"] = total_tokens / max(now - self._last_log_time, 1e-9)
             self._tokens_seen, self._last_log_time = 0, now
         super().log(logs, start_time)
+
+
+def append_rows(inputs: dict[str, torch.Tensor], keep: torch.Tensor, joined: list[ReplayBlocks]):
+    """input_ids, attention_mask and keep of the SFT rows followed by the joined blocks, right-padded to
+    one length (padding is masked and never predicted, so no real token's output changes)."""
+    if not joined:
+        return inputs["input_ids"], inputs["attention_mask"], keep
+    length = max(t.shape[1] for t in [inputs["input_ids"], *(b.input_ids for b in joined)])
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:
+        return F.pad(x, (0, length - x.shape[1]), value=value)
+
+    ids = torch.cat([pad(inputs["input_ids"], 0)] + [pad(b.input_ids, 0) for b in joined])
+    mask = torch.cat([pad(inputs["attention_mask"], 0)] + [pad(torch.ones_like(b.input_ids), 0) for b in joined])
+    keep = torch.cat([pad(keep, False)] + [pad(b.keep, False) for b in joined])
+    return ids, mask, keep
+
+
+def split_rows(nll: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor, joined: list[ReplayBlocks]):
+    """The SFT rows' (nll, logits); each joined block set gets its own (rows come in row-major `keep` order).
+
+    One split, not slices: its backward concatenates the parts' gradients into one [N, V] tensor, where
+    each slice's backward would allocate and zero-fill a full-size one of its own to be summed."""
+    if not joined:
+        return nll, logits
+    sizes = [int(keep.sum())] + [int(b.keep.sum()) for b in joined]
+    (sft_nll, *nlls), (sft_logits, *parts) = torch.split(nll, sizes), torch.split(logits, sizes)
+    for blocks, part_nll, part in zip(joined, nlls, parts):
+        blocks.nll, blocks.logits = part_nll, part
+    return sft_nll, sft_logits
 
 
 class MetricsFileCallback(TrainerCallback):

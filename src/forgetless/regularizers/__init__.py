@@ -10,9 +10,11 @@ factor that normalises a *sum over response tokens* exactly like the SFT loss (c
 gradient accumulation and across processes). It returns a scalar tensor (already weighted by its
 coefficient) and a dict of floats to log. One module per regularizer; register it in REGISTRY.
 
-A regularizer that trains on other data (replay) implements `separate_pass(ctx)`: its own forward +
-backward, run before the clean forward (so the two passes' activations never coexist), returning
-its detached term; other regularizers add terms on those blocks through `loss_on_replay`.
+A regularizer that trains on other data (replay) either hands its rows to the clean forward
+(`extra_rows(ctx)`: they are appended to the SFT rows, padded to one length, and come back with
+their logits for its `loss`), or runs them in `separate_pass(ctx)`: its own forward + backward
+before the clean forward (so the two passes' activations never coexist), returning its detached
+term. Other regularizers add terms on those blocks through `loss_on_replay`.
 
 A regularizer that simulates an update (LfU) sets `perturbs = True` and implements two more hooks:
 `ascent_tensors()` (whose gradient of l_sft *alone, for this micro-batch* it needs; the step
@@ -35,18 +37,19 @@ from forgetless.errors import ConfigError
 
 @dataclass
 class ReplayBlocks:
-    """The replay pass's blocks and its forward, for terms other regularizers add on them."""
+    """Replay blocks and their forward, for terms other regularizers add on them."""
     input_ids: torch.Tensor  # [R, L] token blocks (no padding)
     keep: torch.Tensor  # [R, L] bool: positions whose next token is trained (all but the last)
-    logits: torch.Tensor  # [N, V] the current model's logits at the `keep` positions
+    logits: torch.Tensor | None  # [N, V] the current model's logits at the `keep` positions (once computed)
     scale: float  # sum over replay tokens * scale == mean over the step's replay tokens (like token_scale)
+    nll: torch.Tensor | None = None  # [N] per-token NLL, when the step computed it with the SFT rows'
 
 
 @dataclass
 class StepContext:
     model: torch.nn.Module  # as the trainer calls it (possibly wrapped by accelerate)
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (-100 = not trained on)
-    outputs: Any  # the clean forward's CausalLMOutput (None in separate_pass, which runs before it)
+    outputs: Any  # the clean forward's CausalLMOutput (its rows may include joined replay rows; None in separate_pass)
     sft_loss: torch.Tensor | None  # the normalised SFT term of this micro-batch (None in separate_pass)
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
     trainer: Any  # the ForgetlessTrainer, for regularizers that need its state (e.g. a reference model)
@@ -80,6 +83,11 @@ class Regularizer:
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
         """A term added to the clean loss, and metrics. Default: no term."""
         return None, {}
+
+    def extra_rows(self, ctx: StepContext) -> ReplayBlocks | None:
+        """Rows to append to the clean forward (called before it, once per micro-batch); the step fills in
+        their `logits` and next-token `nll` before calling `loss`. Optional."""
+        return None
 
     def separate_pass(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Forward + backward on data of its own (replay), before the clean forward; returns the detached

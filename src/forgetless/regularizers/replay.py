@@ -7,19 +7,24 @@ so the replay-to-SFT ratio holds exactly over a run without any state beyond k, 
 from the step count on resume. Block j of the run (j-th draw, across processes) is position
 j mod N of a permutation reshuffled every cycle through the corpus, seeded by the run's seed.
 
-The replay blocks go through the model in their own forward and backward (no padding to the SFT
-lengths), run before the SFT forward so the two passes' activations never coexist (peak memory is
-the larger pass, not their sum). They add `weight * mean next-token NLL over all replay tokens of
-the optimizer step`, normalised like l_sft under gradient accumulation and across processes; the
-KL regularizer with `on: replay|both` adds its term on the same forward (`loss_on_replay`).
-Replay never changes the number of optimizer steps or the LR schedule: each step simply carries
-ratio x more examples.
+Where the blocks run (`forward`): by default they join the SFT rows in the clean forward (padded to
+one length, masked padding), which costs only the replay tokens' own compute but holds both kinds of
+rows' activations at once; `forward: own` gives them their own forward + backward before the SFT
+forward instead, so the two never coexist (peak memory is the larger pass, not their sum) at the
+price of a second, smaller pass (on a 2-core CPU about 7% of a plain-SFT step more, at ratio 0.25).
+`auto` joins unless padding to one length would add more than 10% tokens, or an LfU regularizer
+runs (its hooks capture the SFT rows of the clean forward). Either way the blocks add
+`weight * mean next-token NLL over all replay tokens of the optimizer step`, normalised like l_sft
+under gradient accumulation and across processes; the KL regularizer with `on: replay|both` adds
+its term on the same forward (`loss_on_replay`). Replay never changes the number of optimizer
+steps or the LR schedule: each step simply carries ratio x more examples.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -38,6 +43,8 @@ class ReplayConfig:
     max_length: int = 128  # tokens per replay block
     weight: float = 1.0  # weight of the replay NLL term
     text_field: str = "text"
+    # auto | with_sft (join the SFT forward: fastest) | own (own forward + backward: lowest peak memory)
+    forward: Literal["auto", "with_sft", "own"] = "auto"
 
 
 class Replay(Regularizer):
@@ -53,8 +60,14 @@ class Replay(Regularizer):
         self.examples_seen: int | None = None
         self._perm_cycle = -1
         self._perm: torch.Tensor | None = None
+        self._joined: ReplayBlocks | None = None  # this micro-batch's blocks, riding in the SFT forward
+        self._own: ReplayBlocks | None = None  # ... or waiting for their own pass
+        self._fraction = 0.0
 
     def setup(self, trainer) -> None:
+        if self.cfg.forward == "with_sft" and trainer.perturber is not None:
+            raise ConfigError("regularizers.replay.forward: with_sft cannot be combined with lfu (its hooks capture "
+                              "the SFT rows of the clean forward); use auto or own")
         tokenizer = trainer.processing_class
         if self.cfg.ratio > 0:
             self.blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), tokenizer, self.cfg.max_length)
@@ -77,7 +90,8 @@ class Replay(Regularizer):
             out.append(int(self._perm[pos]))
         return out
 
-    def separate_pass(self, ctx: StepContext):
+    def _draw(self, ctx: StepContext) -> ReplayBlocks | None:
+        """This micro-batch's blocks (floor(ratio * examples seen) so far), with their loss scale."""
         n_sft = ctx.batch["input_ids"].shape[0]
         if self.examples_seen is None:  # first step of this process, possibly after a resume
             self.examples_seen = ctx.trainer.state.global_step * self.accum * self.batch_size
@@ -85,32 +99,66 @@ class Replay(Regularizer):
         self.examples_seen += n_sft
         first = math.floor(self.cfg.ratio * k)
         count = math.floor(self.cfg.ratio * (k + n_sft)) - first
+        self._fraction = count / (count + n_sft)
         if count == 0 or self.blocks is None:
-            return None, {"replay_fraction": 0.0}
-
+            return None
         ids = self.blocks[self.block_indices(first, count)].to(ctx.batch["input_ids"].device)
         keep = torch.ones_like(ids, dtype=torch.bool)
         keep[:, -1] = False  # every token but the first is a target
-        _, logits = forward_rows(ctx.model, ids, torch.ones_like(ids), keep)
-        nll = token_nll(logits, next_token_targets(ids, keep))
         # replay tokens in this optimizer step on every process: the same formula for each of them
         step_start = (k // (self.accum * self.batch_size)) * self.accum * self.batch_size
         step_blocks = (math.floor(self.cfg.ratio * (step_start + self.accum * self.batch_size))
                        - math.floor(self.cfg.ratio * step_start))
-        replay_scale = 1.0 / (max(step_blocks, count) * (self.cfg.max_length - 1))
-        term = self.cfg.weight * nll.sum() * replay_scale
-        metrics = {"l_replay": nll.detach().mean().item(), "replay_fraction": count / (count + n_sft)}
-        blocks = ReplayBlocks(ids, keep, logits, replay_scale)
-        for reg in ctx.trainer.regularizers:
-            extra, extra_metrics = reg.loss_on_replay(ctx, blocks)
-            if extra is not None:
-                term = term + extra
-            metrics.update(extra_metrics)
+        return ReplayBlocks(ids, keep, None, 1.0 / (max(step_blocks, count) * (self.cfg.max_length - 1)))
+
+    def _joins_sft(self, ctx: StepContext, blocks: ReplayBlocks) -> bool:
+        if self.cfg.forward != "auto":
+            return self.cfg.forward == "with_sft"
+        if ctx.trainer.perturber is not None:
+            return False
+        (b, t), (r, length) = ctx.batch["input_ids"].shape, blocks.input_ids.shape
+        return (b + r) * max(t, length) <= 1.1 * (b * t + r * length)
+
+    def extra_rows(self, ctx: StepContext) -> ReplayBlocks | None:
+        self._joined = self._own = None
+        blocks = self._draw(ctx)
+        if blocks is not None and self._joins_sft(ctx, blocks):
+            self._joined = blocks
+        else:
+            self._own = blocks
+        return self._joined
+
+    def separate_pass(self, ctx: StepContext):
+        blocks, self._own = self._own, None
+        if blocks is None:
+            return None, ({} if self._joined is not None else {"replay_fraction": 0.0})
+        ids = blocks.input_ids
+        _, blocks.logits = forward_rows(ctx.model, ids, torch.ones_like(ids), blocks.keep)
+        term, metrics = self._term(ctx, blocks)
         if not torch.isfinite(term.detach()):
             # skipped like a non-finite SFT loss (no backward); the SFT pass still runs
             return None, {**metrics, "replay_nonfinite_skipped": 1.0}
         ctx.trainer.accelerator.backward(term)
         return term.detach(), metrics
+
+    def loss(self, ctx: StepContext):
+        blocks, self._joined = self._joined, None
+        if blocks is None:
+            return None, {}
+        return self._term(ctx, blocks)
+
+    def _term(self, ctx: StepContext, blocks: ReplayBlocks) -> tuple[torch.Tensor, dict[str, float]]:
+        """weight * replay NLL (normalised over the step's replay tokens) + other regularizers' terms on the blocks."""
+        nll = blocks.nll if blocks.nll is not None else token_nll(blocks.logits,
+                                                                  next_token_targets(blocks.input_ids, blocks.keep))
+        term = self.cfg.weight * nll.sum() * blocks.scale
+        metrics = {"l_replay": nll.detach().mean().item(), "replay_fraction": self._fraction}
+        for reg in ctx.trainer.regularizers:
+            extra, extra_metrics = reg.loss_on_replay(ctx, blocks)
+            if extra is not None:
+                term = term + extra
+            metrics.update(extra_metrics)
+        return term, metrics
 
 
 register("replay", ReplayConfig, Replay)
