@@ -13,6 +13,8 @@ with MALLOC_MMAP_THRESHOLD_=65536 (so freed tensors leave the RSS at once instea
 glibc's heap), where a thread samples the resident set size every millisecond during its steps: `peak_rss` is the
 highest RSS seen during the steps (model, libraries and all), `peak_mem_delta` that peak minus
 the RSS just before the first step (activations, gradients, optimizer state: what the method adds).
+On a CPU the timing runs use the allocator settings `forgetless train` applies
+(`forgetless.memory.keep_freed_cpu_memory`); `--system-malloc` times with glibc's defaults.
 Two rows are floors, not methods, timed the same way: `decoder_pass` (one forward + backward through
 the decoder layers alone: 1 + its ratio is the least an exact LfU step can cost) and `sft_plus_rows`
 (plain SFT with the replay blocks' worth of fully-trained rows added: the replay tokens' own cost).
@@ -36,7 +38,7 @@ import torch
 
 import forgetless  # noqa: F401  (offline flags)
 from forgetless.config import ModelConfig
-from forgetless.memory import peak_memory
+from forgetless.memory import keep_freed_cpu_memory, peak_memory
 from forgetless.model import apply_finetune, load_model, load_tokenizer, resolve_model_path
 from forgetless.regularizers import build_regularizers
 from forgetless.trainer import ForgetlessTrainer
@@ -228,6 +230,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="time with glibc's default allocator settings instead of forgetless's CPU ones")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--scaling", action="store_true",
@@ -237,6 +241,8 @@ def main() -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(args, args.memory_probe)))
         return
+    if not torch.cuda.is_available() and not args.system_malloc:
+        keep_freed_cpu_memory()  # what `forgetless train` does on a CPU (the memory probes opt out)
     if args.scaling:
         scaling(args)
         return

@@ -24,6 +24,7 @@ from transformers import TrainingArguments, set_seed
 from forgetless import data as data_mod
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.errors import ConfigError, TrainingError
+from forgetless.memory import keep_freed_cpu_memory
 from forgetless.model import load_for_training
 from forgetless.regularizers import build_regularizers
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
@@ -129,6 +130,8 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     regularizers = build_regularizers(config.regularizers)
 
     args = training_arguments(config, checkpoint_dir)
+    if args.device.type == "cpu":
+        keep_freed_cpu_memory()  # reuse freed tensors' pages instead of faulting them in every step
     prepare_output_dir(output_dir, overwrite, resume, args)  # before any regularizer caches into it
     trainer = ForgetlessTrainer(
         model=model,
