@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench.py                       # SmolLM2-135M default, CPU or GPU
     .venv/bin/python bench/bench.py --steps 20 --batch 8 --seq-len 128 --methods sft lfu_lora lfu_reps
+    python bench/bench.py --model-config bench/models/llama-1b.json --bf16 --seq-len 512   # GPU: random-init 1.2B
 
 Timing: every method gets its own ForgetlessTrainer on one shared model and the same fixed batch
 (shape [batch, seq_len], the first half of each row is prompt, masked); after warm-up the methods
@@ -18,12 +19,16 @@ On a CPU the timing runs use the allocator settings `forgetless train` applies
 Two rows are floors, not methods, timed the same way: `decoder_pass` (one forward + backward through
 the decoder layers alone: 1 + its ratio is the least an exact LfU step can cost) and `sft_plus_rows`
 (plain SFT with the replay blocks' worth of fully-trained rows added: the replay tokens' own cost).
-Writes bench/results.json (replacing it: all ratios come from one run) and prints a table.
+`--model-config` times a randomly initialised model of that shape (no weights needed; a synthetic
+word-level tokenizer covers its vocabulary): step-time ratios do not depend on the weights' values.
+Writes bench/results.json (bench/results_gpu.json on a GPU, with the device and library versions),
+replacing it: all ratios come from one run, and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import gc
@@ -36,10 +41,9 @@ from pathlib import Path
 
 import torch
 
-import forgetless  # noqa: F401  (offline flags)
 from forgetless.config import ModelConfig
 from forgetless.memory import keep_freed_cpu_memory, peak_memory
-from forgetless.model import apply_finetune, load_model, load_tokenizer, resolve_model_path
+from forgetless.model import DTYPES, apply_finetune, load_model, load_tokenizer, resolve_model_path
 from forgetless.regularizers import build_regularizers
 from forgetless.trainer import ForgetlessTrainer
 
@@ -75,6 +79,31 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    for name in ("transformers", "peft", "accelerate", "trl", "bitsandbytes"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def synthetic_tokenizer(vocab_size: int, bos_id: int = 0, eos_id: int = 1):
+    """A word-level tokenizer whose vocabulary is exactly the model's (token i is "t<i>"), for timing a
+    randomly initialised model: every id a batch draws is valid, and no tokenizer files are needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"t{bos_id}", eos_token=f"t{eos_id}",
+                                   pad_token=f"t{eos_id}", unk_token="t2")
 
 
 def fixed_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -174,9 +203,20 @@ def one_step(trainer: ForgetlessTrainer, batch) -> float:
 
 
 def load(args):
-    path = resolve_model_path(args.model)
     cfg = ModelConfig(name_or_path=args.model, finetune=args.finetune, dtype="bfloat16" if args.bf16 else "float32")
     cfg.lora.r, cfg.lora.alpha = 16, 32
+    if args.model_config:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        spec = {k: v for k, v in json.loads(Path(args.model_config).read_text()).items()
+                if not k.startswith("_") and k != "architectures"}
+        config = AutoConfig.for_model(**spec)
+        torch.manual_seed(0)
+        with torch.device(device()):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+        tokenizer = synthetic_tokenizer(config.vocab_size, config.bos_token_id, config.eos_token_id)
+        return apply_finetune(model, cfg), tokenizer
+    path = resolve_model_path(args.model)
     model = apply_finetune(load_model(cfg, path), cfg).to(device())
     return model, load_tokenizer(path)
 
@@ -221,6 +261,7 @@ def scaling(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--model-config", help="a config.json: time a randomly initialised model of that shape instead")
     p.add_argument("--finetune", default="lora", choices=["lora", "full"])
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "lfu_lora_early"],
                    choices=list(METHODS))
@@ -232,7 +273,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--system-malloc", action="store_true",
                    help="time with glibc's default allocator settings instead of forgetless's CPU ones")
-    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--out", help="default: bench/results.json, bench/results_gpu.json on a GPU")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--scaling", action="store_true",
                    help="instead: plain-SFT tokens/s at seq 128/512/1024 x batch 1/4/8 -> bench/scaling.json")
@@ -248,6 +289,10 @@ def main() -> None:
         return
     if "sft" not in args.methods:
         args.methods.insert(0, "sft")
+    if "trl_sft" in args.methods and importlib.util.find_spec("trl") is None:
+        print("trl is not installed: no trl_sft row (pip install trl)", flush=True)
+        args.methods.remove("trl_sft")
+    args.out = args.out or str(HERE / ("results_gpu.json" if torch.cuda.is_available() else "results.json"))
 
     model, tokenizer = load(args)
     batch = {k: v.to(device()) for k, v in fixed_batch(len(tokenizer), args.batch, args.seq_len).items()}
@@ -271,6 +316,7 @@ def main() -> None:
         for m in args.methods:
             cmd = [sys.executable, __file__, "--memory-probe", m, "--model", args.model, "--finetune", args.finetune,
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--memory-steps", str(args.memory_steps)]
+            cmd += (["--model-config", args.model_config] if args.model_config else []) + (["--bf16"] if args.bf16 else [])
             # glibc keeps freed heap pages, so RSS would add up phases that never coexist; serving
             # every allocation >= 64 KiB by mmap returns freed tensors at once, so RSS tracks live memory.
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -281,8 +327,10 @@ def main() -> None:
 
     base_time = statistics.median(times["sft"])
     results = {}  # every ratio in the file comes from this one run
-    setting = {"model": args.model, "finetune": args.finetune, "batch": args.batch, "seq_len": args.seq_len,
-               "steps": args.steps, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    label = f"random init of {Path(args.model_config).name}" if args.model_config else args.model
+    setting = {"model": label, "finetune": args.finetune, "batch": args.batch, "seq_len": args.seq_len,
+               "steps": args.steps, "dtype": "bfloat16" if args.bf16 else "float32", "machine": machine(),
+               "versions": versions(), "date": time.strftime("%Y-%m-%d")}
     print(f"\n{'method':10s} {'step s':>8s} {'time x':>7s} {'mem x':>7s}  ({setting['machine']})")
     for m in args.methods:
         median = statistics.median(times[m])

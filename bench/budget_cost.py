@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import forgetless  # noqa: F401  (offline flags)
 from forgetless.budget import train_with_budget
 from forgetless.cli import resolve_config_path
 from forgetless.config import load_config

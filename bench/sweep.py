@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import forgetless  # noqa: F401  (offline flags)
 from forgetless.budget import Validator, split_training_data
 from forgetless.cli import resolve_config_path
 from forgetless.config import load_config
-from forgetless.model import load_model, load_tokenizer, resolve_model_path
+from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
 from forgetless.train import load_trained, train
 
 HERE = Path(__file__).resolve().parent
@@ -34,9 +33,9 @@ def main() -> None:
     root = Path("runs/sweep") / f"{reg}_{option}"
     config = load_config(resolve_config_path("default"), [f"output_dir={root}"])
     train_spec, val_records = split_training_data(config, root)
-    path = resolve_model_path(config.model.name_or_path)
+    path = resolve_model_path(config.model.name_or_path, config.model.revision)
     tokenizer = load_tokenizer(path)
-    base = load_model(config.model, path).eval()
+    base = load_model(config.model, path, device=default_device()).eval()
     validator = Validator(config, val_records, tokenizer, base)
     rows = []
     for value in [0.0] + [float(v) for v in values]:  # 0: plain SFT, the reference
@@ -44,7 +43,7 @@ def main() -> None:
         cfg.regularizers = [] if value == 0 else [{reg: {option: value}}]
         started = time.perf_counter()
         summary = train(cfg, overwrite=True).summary
-        model, _ = load_trained(cfg.output_dir)
+        model, _ = load_trained(cfg.output_dir, dtype=base.dtype, device=base.device)
         row = {option: value, "train_seconds": round(time.perf_counter() - started, 1),
                "train_loss": summary["train_loss"], **validator.measure(model)}
         print(json.dumps(row), flush=True)

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
+import os
 
-import forgetless  # noqa: F401  (sets the offline flags before transformers is imported)
+# The tests never reach a model hub: the user's offline switch, set before huggingface_hub reads it.
+# (The library itself sets nothing process-wide; tests of the online path build their own cache.)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CORPUS = [
     "Calculate 3 + 4. 7", "Calculate 12 - 5. 7", "the quick brown fox jumps over the lazy dog",
@@ -43,8 +49,10 @@ def build_model(kind: str, vocab_size: int, pad_id: int, eos_id: int):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    if kind in ("llama", "llama64"):
+        # llama64: dimensions of whole 64-element blocks, which bitsandbytes' CPU 4-bit kernels need
+        width = 64 if kind == "llama64" else 32
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg)
@@ -67,6 +75,12 @@ def save_tiny(path: Path, kind: str, chat: bool) -> Path:
 def tiny_llama(tmp_path_factory) -> Path:
     """A random-init Llama-style model folder with a chat template."""
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", chat=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama64(tmp_path_factory) -> Path:
+    """The tiny Llama at width 64 (quantisation tests)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama64"), "llama64", chat=True)
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +127,23 @@ def trained_weights(model_dir: Path, data: Path, out: Path, regularizers: list, 
     cfg.regularizers = regularizers
     train(cfg)
     return dict(load_trained(out)[0].named_parameters())
+
+
+GENERAL = ("the quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 8
+
+
+@pytest.fixture
+def suite(tmp_path):
+    """A small evaluation suite: task, general text and multiple choice for the tiny models."""
+    from forgetless.config import EvalConfig
+
+    task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i + 1)} for i in range(6)])
+    text = tmp_path / "general.txt"
+    text.write_text(GENERAL)
+    mc = write_jsonl(tmp_path / "mc.jsonl", [
+        {"question": "What jumps?", "choices": ["the fox", "the dog", "hello world"], "answer": 0},
+        {"question": "Who is lazy?", "choices": ["fox", "the lazy dog"], "answer": 1},
+        {"question": "Sum?", "choices": ["7", "12", "0", "9 8"], "answer": 2},
+    ])
+    return EvalConfig(task=str(task), task_limit=6, max_new_tokens=4, general_text=str(text), general_blocks=4,
+                      block_length=16, mc=str(mc), batch_size=2, bootstrap=200)

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import memorisation_rows, write_jsonl
 
 
-def run_cli(*args, cwd=None):
-    env = dict(os.environ)
+def run_cli(*args, cwd=None, **env_vars):
+    env = dict(os.environ, **env_vars)
     return subprocess.run([sys.executable, "-m", "forgetless.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
@@ -30,13 +32,21 @@ def test_bad_config_key_is_one_clear_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-def test_missing_model_is_one_clear_error(tmp_path):
-    res = run_cli("train", "default", "model.name_or_path=meta-llama/Llama-3.1-8B", f"output_dir={tmp_path}/o")
+def test_uncached_hub_id_offline_is_one_clear_error(tmp_path):
+    res = run_cli("train", "default", "model.name_or_path=meta-llama/Llama-3.1-8B", f"output_dir={tmp_path}/o",
+                  HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
     assert res.returncode == 2
-    assert "is not a local folder" in res.stderr and "never downloads" in res.stderr
+    assert "'meta-llama/Llama-3.1-8B' is not a local folder and not in the Hugging Face cache" in res.stderr
+    assert "HF_HUB_OFFLINE is set" in res.stderr and "hf download meta-llama/Llama-3.1-8B" in res.stderr
     assert "Traceback" not in res.stderr
 
 
+def test_neither_folder_nor_hub_id_is_one_clear_error(tmp_path):
+    res = run_cli("train", "default", f"model.name_or_path=./no/such/folder", f"output_dir={tmp_path}/o")
+    assert res.returncode == 2
+    assert "is neither a local folder nor a Hugging Face Hub id" in res.stderr
+    assert "Traceback" not in res.stderr
+@pytest.mark.slow
 def test_train_end_to_end_from_yaml(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows())
     cfg = tmp_path / "run.yaml"
@@ -57,8 +67,7 @@ def test_train_end_to_end_from_yaml(tiny_llama, tmp_path):
     # a second run into the same folder is refused
     res = run_cli("train", str(cfg))
     assert res.returncode == 2 and "--overwrite" in res.stderr
-
-
+@pytest.mark.slow
 def test_eval_command_writes_results_for_base_and_run(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows())
     task = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"Calculate {i} + 5.", "response": str(i + 5)} for i in range(4)])

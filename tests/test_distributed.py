@@ -16,6 +16,7 @@ from conftest import memorisation_rows, write_jsonl
 ACCELERATE_CPU = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "cpu_2proc.yaml"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "lfu", "arr"])
 def test_two_processes_match_one(tiny_llama, tmp_path, method):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))

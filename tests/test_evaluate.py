@@ -14,24 +14,7 @@ from forgetless.errors import DataError
 from forgetless.evaluate import (bootstrap_ci, check_disjoint, continuation_logprobs, evaluate, is_correct)
 from forgetless.model import load_tokenizer
 
-from conftest import write_jsonl
-
-GENERAL = ("the quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 8
-
-
-@pytest.fixture
-def suite(tmp_path):
-    task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i + 1)} for i in range(6)])
-    text = tmp_path / "general.txt"
-    text.write_text(GENERAL)
-    mc = write_jsonl(tmp_path / "mc.jsonl", [
-        {"question": "What jumps?", "choices": ["the fox", "the dog", "hello world"], "answer": 0},
-        {"question": "Who is lazy?", "choices": ["fox", "the lazy dog"], "answer": 1},
-        {"question": "Sum?", "choices": ["7", "12", "0", "9 8"], "answer": 2},
-    ])
-    return EvalConfig(task=str(task), task_limit=6, max_new_tokens=4, general_text=str(text), general_blocks=4,
-                      block_length=16, mc=str(mc), batch_size=2, bootstrap=200)
-
+from conftest import GENERAL, write_jsonl
 
 def test_mc_scoring_equals_a_hand_computation(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
@@ -132,8 +115,7 @@ def test_compare_end_to_end(tiny_llama, suite, tmp_path, monkeypatch):
     table = (root / "report.md").read_text()
     assert "| lfu |" in table and "| base |" in table
     assert json.loads((root / "report.json").read_text())["methods"] == ["sft", "lfu", "arr"]
-
-
+@pytest.mark.slow
 def test_lm_eval_backend_runs_in_memory_and_agrees_with_our_mc_scoring(tiny_llama, suite, tmp_path):
     """lm-evaluation-harness through its in-memory HFLM on a local task; our own log-likelihood MC
     scoring follows its convention, so both give the same acc and acc_norm on the same questions."""

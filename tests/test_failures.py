@@ -71,6 +71,7 @@ def _cli(*args):
     return [sys.executable, "-m", "forgetless.cli", "train", *args]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "arr"])
 def test_sigkill_then_resume_ends_with_the_same_weights(tiny_llama, tmp_path, method):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))

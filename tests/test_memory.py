@@ -35,6 +35,7 @@ def run_probe(mode: str, **env) -> str:
     return out.stdout.split()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings are Linux-only")
 def test_freed_tensors_stay_in_the_heap_after_keep_freed_cpu_memory():
     # glibc's default: a 64 MiB tensor is its own mmap (unmapped on free, page-faulted in again next step)

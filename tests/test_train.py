@@ -61,8 +61,8 @@ def test_lora_leaves_base_weights_bit_identical(model_fixture, memo_data, tmp_pa
     import forgetless.train as train_mod
     real = train_mod.load_for_training
 
-    def spy(model_cfg):
-        model, tok, path = real(model_cfg)
+    def spy(model_cfg, *args):
+        model, tok, path = real(model_cfg, *args)
         snapshots["base"] = base_weights(model)
         snapshots["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
         snapshots["model"] = model

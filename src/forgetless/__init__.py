@@ -1,11 +1,7 @@
-"""forgetless: fine-tune language models on small task data without losing what they already know."""
+"""forgetless: fine-tune language models on small task data without losing what they already know.
 
-import os as _os
-
-# Offline by design: nothing may reach a model hub at run time. Set before transformers is imported.
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-_os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-_os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+Importing it changes nothing process-wide (no environment variables, allocator or logging settings);
+the `forgetless` command line sets up logging and, on a CPU, glibc's allocator (forgetless.memory).
+"""
 
 __version__ = "0.1.0"

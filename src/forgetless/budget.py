@@ -150,7 +150,7 @@ def _with_strength(regs: list[dict], name: str, option: str, value: float) -> li
 
 def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train as `config` says, with the regularisation strength searched to meet `config.budget`."""
-    from forgetless.model import load_model, load_tokenizer, resolve_model_path
+    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
     from forgetless.regularizers.wise_ft import WeightMixer
 
     b = config.budget  # knob, grid and bounds are validated with the config
@@ -159,9 +159,14 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     work = out / "budget"
     train_spec, val_records = split_training_data(config, work)
 
-    path = resolve_model_path(config.model.name_or_path)
+    device = default_device()
+    path = resolve_model_path(config.model.name_or_path, config.model.revision)
     tokenizer = load_tokenizer(path)
-    base = load_model(config.model, path).eval()
+    base = load_model(config.model, path, device=device).eval()
+
+    def load_candidate(run_dir: str):  # on the base's device, in its precision (see load_trained)
+        return load_trained(run_dir, dtype=base.dtype, device=device)[0]
+
     validator = Validator(config, val_records, tokenizer, base)
     logger.info("budget: base validation ppl %.3f, target NLL %.4f", validator.base_ppl, validator.base_nll)
 
@@ -178,7 +183,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     if b.knob == "wise_ft":
         cfg = trial_config("tuned", _without(config.regularizers, "wise_ft"))
         train(cfg, overwrite=not resume, resume=resume)
-        model, _ = load_trained(cfg.output_dir)
+        model = load_candidate(cfg.output_dir)
         initial = None if (Path(cfg.output_dir) / "adapter_config.json").exists() else dict(base.state_dict())
         mixer = WeightMixer(model, initial)
 
@@ -215,7 +220,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             regs = _with_strength(config.regularizers, reg, option, value)
             cfg = trial_config(f"{b.knob}-{value:g}", regs)
             train(cfg, overwrite=not resume, resume=resume)
-            model, _ = load_trained(cfg.output_dir)
+            model = load_candidate(cfg.output_dir)
             row = judge(validator, config, model, **{option: value, "run": cfg.output_dir})
             trials.append(row)
             if row["passes"]:

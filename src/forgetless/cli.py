@@ -82,6 +82,17 @@ def run_eval(config, run_dir: str | None) -> int:
     return 0
 
 
+def use_cpu_allocator_settings() -> None:
+    """Training on a CPU: glibc keeps freed tensors' pages for reuse (forgetless.memory). Process-wide,
+    so the command line does it, never the library's train()."""
+    import torch
+
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        from forgetless.memory import keep_freed_cpu_memory
+
+        keep_freed_cpu_memory()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Flags may sit between overrides (`train cfg a=1 --resume b=2`): argparse leaves the later ones over.
@@ -105,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from forgetless.compare import run_compare
 
+            use_cpu_allocator_settings()
             run_compare(config, overwrite=args.overwrite)
             root = Path(config.output_dir)
             print((root / "report.md").read_text().split("\n\nn:")[0])
             print(f"\nwrote {root / 'report.md'}, report.json, tradeoff.png, measures.png")
             return 0
+        use_cpu_allocator_settings()
         from forgetless.budget import budget_active, train_with_budget
         from forgetless.train import train
 

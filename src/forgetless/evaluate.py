@@ -282,15 +282,17 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
 def evaluate_base_and_runs(config, runs: dict[str, str]) -> dict[str, Any]:
     """The suite on the config's base model and on each fine-tuned output folder in `runs`
     (name -> folder), with drift measured against the base. Returns name -> results."""
-    from forgetless.model import load_model, load_tokenizer, resolve_model_path
+    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
     from forgetless.train import load_trained
 
-    path = resolve_model_path(config.model.name_or_path)
+    device = default_device()
+    path = resolve_model_path(config.model.name_or_path, config.model.revision)
     tokenizer = load_tokenizer(path)
-    base = load_model(config.model, path).eval()
+    base = load_model(config.model, path, device=device).eval()
     results = {"base": evaluate(base, tokenizer, config.evaluation, config.data, name="base")}
     for name, out_dir in runs.items():
-        model, _ = load_trained(out_dir)
+        # in the base model's precision, so drift measures training, not a change of dtype
+        model, _ = load_trained(out_dir, dtype=base.dtype, device=device)
         results[name] = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name=name)
         del model
     return results

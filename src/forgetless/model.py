@@ -1,4 +1,5 @@
-"""Model and tokenizer: local folders only (never a hub), the embedded SmolLM2 default, LoRA or full."""
+"""Model and tokenizer: a local folder, a Hub id (cache first) or the embedded SmolLM2 default; its device,
+precision, attention and quantisation; LoRA (QLoRA on a quantised base) or full fine-tuning."""
 
 from __future__ import annotations
 
@@ -68,22 +69,115 @@ def _convert_smollm2(target: Path) -> None:
         raise
 
 
-def resolve_model_path(name_or_path: str) -> Path:
-    """Map a config's model name to a local folder; never reaches a model hub."""
+def _looks_like_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+# what a causal LM needs from a Hub repo (not its other weight formats: GGUF, ONNX, original/ checkpoints)
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of a Hub model: the cache first, then a download when online."""
+    from huggingface_hub import constants, is_offline_mode, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    where = f"model.name_or_path: '{repo_id}'" + (f" (revision {revision})" if revision else "")
+    fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    try:
+        return _checked_folder(Path(snapshot_download(repo_id, revision=revision, local_files_only=True)), repo_id)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    if is_offline_mode():
+        raise ModelError(f"{where} is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                         f"and HF_HUB_OFFLINE is set. Fetch it where there is a network (`{fetch}`, then copy that "
+                         "cache here or set HF_HUB_CACHE to it), or point model.name_or_path at a local model folder")
+    logger.info("downloading %s from the Hugging Face Hub into %s", repo_id, constants.HF_HUB_CACHE)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+        if not any(folder.glob("*.safetensors")):  # an older repo with PyTorch .bin weights only
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES + ["*.bin"]))
+    except Exception as exc:  # network, authentication (gated repos), unknown repo or revision
+        raise ModelError(f"{where}: not in the local Hugging Face cache and the download failed "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                         f"Check the id, log in for gated models (`hf auth login`), or fetch it with `{fetch}`") from None
+    return _checked_folder(folder, repo_id)
+
+
+def _checked_folder(path: Path, name: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.name_or_path: {name} ({path}) has no config.json; is it a Hugging Face model?")
+    return path
+
+
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
+    """Map a config's model name to a local folder: the built-in alias (converted once, offline), a
+    local folder, or a Hub id (the Hugging Face cache first; a download only when online)."""
     if name_or_path == DEFAULT_MODEL:
         target = cache_dir() / "models" / DEFAULT_MODEL
         if not (target / "config.json").is_file():
             _convert_smollm2(target)
         return target
     path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise ModelError(
-            f"model.name_or_path: '{name_or_path}' is not a local folder. forgetless runs offline and never "
-            f"downloads from a model hub: point it at a folder with config.json and weights, or use '{DEFAULT_MODEL}'"
-        )
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model.name_or_path: {path} has no config.json; is it a Hugging Face model folder?")
-    return path
+    if path.exists():
+        return _checked_folder(path, name_or_path)
+    if _looks_like_hub_id(name_or_path):
+        return _from_hub(name_or_path, revision)
+    raise ModelError(f"model.name_or_path: '{name_or_path}' is neither a local folder nor a Hugging Face Hub id "
+                     f"(like Qwen/Qwen2.5-0.5B-Instruct); point it at a folder with config.json and weights, or use "
+                     f"'{DEFAULT_MODEL}'")
+
+
+def default_device() -> torch.device:
+    """This process's accelerator (its own GPU under `accelerate launch` / torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device | None = None) -> torch.dtype:
+    """model.dtype as a torch dtype; `auto` is bfloat16 on a GPU that supports it, float32 elsewhere."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    device = device or default_device()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _attn_kwargs(cfg: ModelConfig) -> dict:
+    if cfg.attn_implementation == "auto":
+        return {}
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                         "(pip install flash-attn --no-build-isolation, on a CUDA machine); or use sdpa")
+    return {"attn_implementation": cfg.attn_implementation}
+
+
+def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict:
+    if cfg.quantization is None:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantization: {cfg.quantization} needs bitsandbytes: pip install 'forgetless[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    # a quantised model is placed while it loads (Trainer does not move it): straight onto this process's device
+    return {"quantization_config": bnb, "device_map": {"": device}}
 
 
 def load_tokenizer(path: Path):
@@ -101,23 +195,39 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, path: Path):
+def load_model(cfg: ModelConfig, path: Path, device: torch.device | str | None = None):
+    """The causal LM in model.dtype, with its attention implementation and quantisation. `device`:
+    where it goes (None: where transformers puts it, the CPU, for Trainer to move; a quantised model
+    always goes to this process's device, as it cannot be moved after loading)."""
     from transformers import AutoModelForCausalLM
 
+    target = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(cfg, target)
+    kwargs = {**_attn_kwargs(cfg), **_quantization_kwargs(cfg, dtype, target)}
+    if device is not None and "device_map" not in kwargs:
+        kwargs["device_map"] = {"": target}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], local_files_only=True)
-    except (OSError, ValueError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load a causal LM from {path}: {exc}") from None
+    if _looks_like_hub_id(cfg.name_or_path) and not Path(cfg.name_or_path).exists():
+        # saved adapters then name the Hub id as their base, not this machine's cache folder
+        model.config._name_or_path = model.name_or_path = cfg.name_or_path
     return model
 
 
-def apply_finetune(model, cfg: ModelConfig):
-    """Wrap the model for LoRA, or make every parameter trainable for full fine-tuning."""
+def apply_finetune(model, cfg: ModelConfig, gradient_checkpointing: bool = False):
+    """Wrap the model for LoRA (QLoRA on a quantised base), or make every parameter trainable."""
     if cfg.finetune == "full":
         model.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if cfg.quantization:
+        # norms to float32, input gradients on (and checkpointing only when asked for)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -131,11 +241,11 @@ def apply_finetune(model, cfg: ModelConfig):
         raise ModelError(f"model.lora.target_modules: {exc}") from None
 
 
-def load_for_training(cfg: ModelConfig):
+def load_for_training(cfg: ModelConfig, gradient_checkpointing: bool = False):
     """Return (model ready to train, tokenizer, resolved local path)."""
-    path = resolve_model_path(cfg.name_or_path)
+    path = resolve_model_path(cfg.name_or_path, cfg.revision)
     tokenizer = load_tokenizer(path)
-    model = apply_finetune(load_model(cfg, path), cfg)
+    model = apply_finetune(load_model(cfg, path), cfg, gradient_checkpointing)
     return model, tokenizer, path
 
 

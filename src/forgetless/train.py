@@ -3,6 +3,7 @@
 OUTPUT_DIR after a run:
   adapter_config.json + adapter_model.safetensors (LoRA)  or  config.json + model.safetensors (full)
   tokenizer files, config.yaml (the resolved config), metrics.jsonl, train_summary.json (written last)
+  tensorboard/       with train.report_to: tensorboard (unless TENSORBOARD_LOGGING_DIR says elsewhere)
   merged/            (LoRA with merge: true) a full model with the adapter folded in
   checkpoints/       Trainer checkpoints, for --resume
 """
@@ -24,8 +25,7 @@ from transformers import TrainingArguments, set_seed
 from forgetless import data as data_mod
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.errors import ConfigError, TrainingError
-from forgetless.memory import keep_freed_cpu_memory
-from forgetless.model import load_for_training
+from forgetless.model import load_for_training, resolve_dtype
 from forgetless.regularizers import build_regularizers
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
@@ -42,6 +42,7 @@ class TrainResult:
 
 def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> TrainingArguments:
     t = config.train
+    dtype = resolve_dtype(config.model)
     # Passed only when on: transformers v5 warns about the old name even when it is False.
     checkpointing = (
         {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -68,15 +69,18 @@ def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> Traini
         save_steps=t.save_steps if t.save_steps > 0 else 500,
         save_total_limit=t.save_total_limit,
         **checkpointing,
-        bf16=t.bf16,
+        # the one precision setting is model.dtype: half-precision weights train under mixed precision
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         disable_tqdm=not t.progress_bar,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=t.report_to,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         # explicit on machines without an accelerator: it is what makes several processes under
         # `accelerate launch` form a gloo process group instead of running as independent copies
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        **t.extra,
     )
 
 
@@ -124,14 +128,12 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     set_seed(config.train.seed)
 
     # model first: the tokenizer decides how data is rendered
-    model, tokenizer, model_path = load_for_training(config.model)
+    model, tokenizer, model_path = load_for_training(config.model, config.train.gradient_checkpointing)
     train_ds = data_mod.build_dataset(config.data.train, tokenizer, config.data)
     eval_ds = data_mod.build_dataset(config.data.eval, tokenizer, config.data) if config.data.eval else None
     regularizers = build_regularizers(config.regularizers)
 
     args = training_arguments(config, checkpoint_dir)
-    if args.device.type == "cpu":
-        keep_freed_cpu_memory()  # reuse freed tensors' pages instead of faulting them in every step
     prepare_output_dir(output_dir, overwrite, resume, args)  # before any regularizer caches into it
     trainer = ForgetlessTrainer(
         model=model,
@@ -144,6 +146,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         max_nonfinite_steps=config.train.max_nonfinite_steps,
         callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
     )
+    tensorboard_into(trainer, output_dir / "tensorboard")
     dump_config(config, output_dir / "config.yaml")
 
     resume_from = latest_checkpoint(checkpoint_dir) if resume else None
@@ -187,16 +190,52 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     return TrainResult(output_dir, summary)
 
 
-def load_trained(output_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a forgetless output folder (adapter or full model) for inference: (model, tokenizer)."""
+def tensorboard_into(trainer: ForgetlessTrainer, folder: Path) -> None:
+    """TensorBoard logs go to OUTPUT_DIR/tensorboard, not under the checkpoints, unless the user's
+    TENSORBOARD_LOGGING_DIR names a folder."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(folder)
+
+
+def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    """Load a forgetless output folder (adapter or full model), or any model folder, for inference:
+    (model, tokenizer) on `device` (default: the CPU).
+
+    An adapter is put on its base loaded as the run loaded it (its config.yaml: quantisation, attention);
+    `dtype` (default: the run's model.dtype, float32 for a folder without config.yaml) is the base's
+    precision, so a tuned model can be evaluated in exactly its base model's dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from forgetless.config import ModelConfig, from_dict
+    from forgetless.model import DTYPES, load_model, resolve_model_path
+
     output_dir = Path(output_dir)
+    saved = output_dir / "config.yaml"
+    model_cfg = ModelConfig(name_or_path=str(output_dir), dtype="float32")
+    if saved.is_file():
+        import yaml
+
+        model_cfg = from_dict(ModelConfig, (yaml.safe_load(saved.read_text()) or {}).get("model", {}),
+                              where=f"{saved}: ", prefix="model.")
+    if dtype is not None:
+        model_cfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
     if (output_dir / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(output_dir, dtype=dtype, local_files_only=True)
+        if saved.is_file():
+            base_path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
+        else:  # an adapter folder from elsewhere: the base it names
+            adapter = json.loads((output_dir / "adapter_config.json").read_text())
+            base_path = resolve_model_path(adapter["base_model_name_or_path"])
+        base = load_model(model_cfg, base_path, device=device if device is not None else "cpu")
+        model = PeftModel.from_pretrained(base, output_dir)
     else:
-        model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=dtype, local_files_only=True)
+        model_cfg.quantization = None  # a full fine-tune is saved unquantised
+        model_cfg.name_or_path = str(output_dir)
+        model = load_model(model_cfg, output_dir, device=device if device is not None else "cpu")
     return model, tokenizer
+
