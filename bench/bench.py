@@ -56,6 +56,7 @@ METHODS = {
     # consistency on the first third of the layers only: the perturbed pass stops there
     "lfu_lora_early": [{"lfu": {"variant": "lora", "layers": "early"}}],
     "kl": [{"kl": {}}],
+    "lfu_kl": [{"kl": {}}, {"lfu": {"variant": "lora"}}],  # LfU with a clean-pass term: its graph freed first
     "kl_cached": [{"kl": {"cache": "topk", "topk": 64}}],
     "replay": [{"replay": {"ratio": 0.25}}],  # blocks join the SFT forward (forward: auto)
     "replay_own": [{"replay": {"ratio": 0.25, "forward": "own"}}],  # their own pass: lowest peak memory

@@ -104,7 +104,7 @@ class ForgetlessTrainer(Trainer):
                         extra = term if extra is None else extra + term
                     self._record(metrics)
             total = sft_loss if extra is None else sft_loss + extra
-            if not torch.isfinite(total.detach()):
+            if not self.all_finite(total):
                 # a finite replay pass has already added its gradient; it is kept (it is still valid)
                 return self._skip_nonfinite(total)
             self._nonfinite_in_a_row = 0
@@ -117,8 +117,10 @@ class ForgetlessTrainer(Trainer):
                 ctx.sft_grads = self._isolated_backward(sft_loss, self.perturber.ascent_tensors())
 
         if self.perturber is not None:
-            # free the clean logits before the perturbed forward
-            ctx.outputs = ctx.logits = outputs = logits = None
+            # Free the whole clean graph before the perturbed forward: `extra`'s backward kept its saved
+            # tensors (retain_graph), and anything holding a grad_fn would keep them (and the logits) alive.
+            ctx.outputs = ctx.logits = ctx.sft_loss = outputs = logits = sft_loss = extra = term = None
+            total, nll = total.detach(), nll.detach()
             with self.compute_loss_context_manager():
                 term, metrics = self.perturber.perturbed_backward(ctx)
             total = total + term
@@ -131,10 +133,18 @@ class ForgetlessTrainer(Trainer):
         self._tokens_seen += int(inputs["attention_mask"].sum())
         return total.detach()
 
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """Whether `value` is finite on every process. A micro-batch's syncing backward is skipped by all
+        processes or by none: one skipping alone would pair its next all-reduce with the others' current one."""
+        finite = torch.isfinite(value.detach()).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.gather(finite).min()
+        return bool(finite.item())
+
     def _skip_nonfinite(self, total: torch.Tensor) -> torch.Tensor:
         self._nonfinite_in_a_row += 1
         self._record({"nonfinite_skipped": 1.0})
-        logger.warning("non-finite loss (%s) at step %d: micro-batch skipped (%d in a row)",
+        logger.warning("non-finite loss (%s here; all processes skip it) at step %d: micro-batch skipped (%d in a row)",
                        total.item(), self.state.global_step, self._nonfinite_in_a_row)
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise TrainingError(

@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from forgetless.losses import IGNORE_INDEX
-from forgetless.errors import ConfigError
+from forgetless.errors import ConfigError, TrainingError
 from forgetless.regularizers import Regularizer, StepContext, register
 
 EPS = 1e-12
+# half-precision weights: the applied offset must stay this close to phi (else the run is refused)
+APPLIED_COSINE_MIN, APPLIED_NORM_TOLERANCE = 0.99, 0.05
 
 
 @dataclass
@@ -123,6 +125,7 @@ class LfU(Regularizer):
         self.layers = find_decoder_layers(model)
         self.selected = select_layers(self.cfg.layers, len(self.layers))
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        self.half_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
         # Stopping the perturbed forward early leaves later parameters without a gradient, which
         # DDP would wait for; with several processes the whole forward runs (see perturbed_backward).
         self.early_stop = trainer.accelerator.num_processes == 1
@@ -202,12 +205,15 @@ class LfU(Regularizer):
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
         outputs = None
         originals = []
+        applied_metrics: dict[str, float] = {}
         if cfg.variant == "lora":
             # theta + phi in place: the clean graph is already freed, so no saved tensor sees it;
             # the exact originals are copied back afterwards (adding and subtracting phi would round).
             with torch.no_grad():
                 originals = [p.detach().clone() for p in self.params]
                 torch._foreach_add_(self.params, phi)
+                if self.half_precision:
+                    applied_metrics = self._check_applied(originals, phi)
         try:
             try:
                 with torch.random.fork_rng(devices=_cuda_devices()):
@@ -225,8 +231,14 @@ class LfU(Regularizer):
             if outputs is not None:
                 # Several processes: every parameter must receive a gradient for DDP to sync; a zero one does.
                 term = term + 0.0 * outputs.logits.float().mean()
-            # The gradient of l_cons is taken at theta + phi and accumulates into theta's .grad.
-            ctx.trainer.accelerator.backward(term)
+            skipped = not ctx.trainer.all_finite(term)
+            if skipped:
+                # The LfU term is dropped, the clean gradient kept. Several processes: this backward is
+                # the one that syncs, so every process still runs it, with a zero term reaching every weight.
+                term = 0.0 * sum(p.sum() for p in self.params) if outputs is not None else None
+            if term is not None:
+                # The gradient of l_cons is taken at theta + phi and accumulates into theta's .grad.
+                ctx.trainer.accelerator.backward(term)
         finally:
             if originals:
                 with torch.no_grad():
@@ -235,12 +247,34 @@ class LfU(Regularizer):
         self.steering = []
 
         mean_nll_scale = ctx.token_scale * max(n_tokens, 1)  # g is of the token_scale-weighted sum
+        if skipped:
+            return torch.zeros((), device=cons_sum.device), {"lfu_nonfinite_skipped": 1.0}
         metrics = {
             "l_cons": cons_sum.item() / max(n_tokens, 1),
             "lfu_ascent_grad_norm": grad_norm.item() / mean_nll_scale if mean_nll_scale else math.nan,
             "lfu_perturb_norm": perturb_norm.item(),
+            **applied_metrics,
         }
         return term.detach(), metrics
+
+    def _check_applied(self, originals: list[torch.Tensor], phi: list[torch.Tensor]) -> dict[str, float]:
+        """Half-precision weights round theta + phi: measure the offset really applied, and refuse to
+        train on a perturbation that is not the spec's (with 12.8M bf16 weights, 86% of phi's entries
+        rounded away and the applied step's cosine with phi was 0.90)."""
+        applied = [(p.float() - o.float()) for p, o in zip(self.params, originals)]
+        dot = sum(float((a * f.float()).sum()) for a, f in zip(applied, phi))
+        norm_applied = math.sqrt(sum(float(a.pow(2).sum()) for a in applied))
+        norm_phi = math.sqrt(sum(float(f.float().pow(2).sum()) for f in phi))
+        cosine = dot / max(norm_applied * norm_phi, EPS)
+        if cosine < APPLIED_COSINE_MIN or not abs(norm_applied / max(norm_phi, EPS) - 1) <= APPLIED_NORM_TOLERANCE:
+            for p, o in zip(self.params, originals):
+                p.copy_(o)
+            dtype = self.params[0].dtype
+            raise TrainingError(
+                f"lfu: in {str(dtype).replace('torch.', '')} the weights cannot hold the perturbation "
+                f"(applied norm {norm_applied:.3g} for alpha {norm_phi:.3g}, cosine {cosine:.3f} with it); "
+                "use model.dtype: float32 for full fine-tuning with LfU, or model.finetune: lora")
+        return {"lfu_applied_norm": norm_applied, "lfu_applied_cosine": cosine}
 
 
 register("lfu", LfUConfig, LfU)

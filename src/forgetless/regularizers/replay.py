@@ -1,11 +1,13 @@
 """Approximate replay (arXiv 2512.22337), as specified in docs/methods/replay.md.
 
 The original pre-training data is unavailable, so a similar open corpus stands in: its text is
-packed into fixed-length token blocks, and every micro-batch of n SFT examples brings
-floor(ratio * (k + n)) - floor(ratio * k) replay blocks with it (k = SFT examples seen so far),
-so the replay-to-SFT ratio holds exactly over a run without any state beyond k, which is derived
-from the step count on resume. Block j of the run (j-th draw, across processes) is position
-j mod N of a permutation reshuffled every cycle through the corpus, seeded by the run's seed.
+packed into fixed-length token blocks, and micro-batch u of the run (u = step * grad_accum + its
+index in the step) brings floor(r * (u + 1)) - floor(r * u) replay blocks, r = ratio * batch_size:
+ratio blocks per SFT example of a full micro-batch, exactly over a run, and a function of the
+step alone, so a resumed run draws what an uninterrupted one does (no count of examples seen to
+guess). Block j of the run (j-th draw, across processes) is position j mod N of a permutation
+reshuffled every cycle through the corpus, seeded by the run's seed. An epoch's last, shorter
+step brings the blocks of the micro-batches it has, and its replay NLL is their mean.
 
 Where the blocks run (`forward`): by default they join the SFT rows in the clean forward (padded to
 one length, masked padding), which costs only the replay tokens' own compute but holds both kinds of
@@ -57,7 +59,7 @@ class Replay(Regularizer):
             raise ConfigError("regularizers.replay.max_length: must be >= 2")
         self.cfg = cfg
         self.blocks: torch.Tensor | None = None
-        self.examples_seen: int | None = None
+        self._step, self._micro = -1, 0  # the optimizer step being drawn for, and micro-batches drawn in it
         self._perm_cycle = -1
         self._perm: torch.Tensor | None = None
         self._joined: ReplayBlocks | None = None  # this micro-batch's blocks, riding in the SFT forward
@@ -91,24 +93,27 @@ class Replay(Regularizer):
         return out
 
     def _draw(self, ctx: StepContext) -> ReplayBlocks | None:
-        """This micro-batch's blocks (floor(ratio * examples seen) so far), with their loss scale."""
-        n_sft = ctx.batch["input_ids"].shape[0]
-        if self.examples_seen is None:  # first step of this process, possibly after a resume
-            self.examples_seen = ctx.trainer.state.global_step * self.accum * self.batch_size
-        k = self.examples_seen
-        self.examples_seen += n_sft
-        first = math.floor(self.cfg.ratio * k)
-        count = math.floor(self.cfg.ratio * (k + n_sft)) - first
-        self._fraction = count / (count + n_sft)
+        """This micro-batch's blocks and their loss scale: a function of (optimizer step, micro-batch index)
+        alone, so a resumed run draws exactly what an uninterrupted one does, whatever the epoch length."""
+        step = ctx.trainer.state.global_step
+        if step != self._step:  # the first micro-batch of an optimizer step
+            self._step, self._micro = step, 0
+        micro = step * self.accum + self._micro  # nominal micro-batch index of the run
+        self._micro += 1
+        per_micro = self.cfg.ratio * self.batch_size  # replay blocks per nominal micro-batch (fractional)
+        first = math.floor(per_micro * micro)
+        count = math.floor(per_micro * (micro + 1)) - first
+        self._fraction = count / (count + ctx.batch["input_ids"].shape[0])
         if count == 0 or self.blocks is None:
             return None
         ids = self.blocks[self.block_indices(first, count)].to(ctx.batch["input_ids"].device)
         keep = torch.ones_like(ids, dtype=torch.bool)
         keep[:, -1] = False  # every token but the first is a target
-        # replay tokens in this optimizer step on every process: the same formula for each of them
-        step_start = (k // (self.accum * self.batch_size)) * self.accum * self.batch_size
-        step_blocks = (math.floor(self.cfg.ratio * (step_start + self.accum * self.batch_size))
-                       - math.floor(self.cfg.ratio * step_start))
+        # the blocks of this whole optimizer step (fewer micro-batches in an epoch's last step), on every
+        # process alike: the replay NLL is their mean, as l_sft is the mean over the step's response tokens
+        start = step * self.accum
+        in_step = getattr(ctx.trainer, "current_gradient_accumulation_steps", None) or self.accum  # set by its loop
+        step_blocks = math.floor(per_micro * (start + in_step)) - math.floor(per_micro * start)
         return ReplayBlocks(ids, keep, None, 1.0 / (max(step_blocks, count) * (self.cfg.max_length - 1)))
 
     def _joins_sft(self, ctx: StepContext, blocks: ReplayBlocks) -> bool:
