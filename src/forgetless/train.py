@@ -176,11 +176,12 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if bad:
         raise TrainingError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); "
                             "nothing was saved. Lower train.learning_rate or train.max_grad_norm")
+    # every process: under DeepSpeed ZeRO-3 / FSDP the weights are gathered collectively (Trainer writes on the main one)
+    trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
-        if config.merge:
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if config.merge:  # from the saved adapter, which holds the whole weights whatever the engine sharded
+            merged = load_trained(output_dir, device="cpu")[0].merge_and_unload()
             merged.save_pretrained(str(output_dir / "merged"))
             tokenizer.save_pretrained(str(output_dir / "merged"))
             summary["merged_dir"] = str(output_dir / "merged")

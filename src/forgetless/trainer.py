@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from forgetless.errors import ConfigError, TrainingError
@@ -59,6 +60,11 @@ class ForgetlessTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._tokens_seen = 0
         self._last_log_time = time.perf_counter()
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        sharded = [reg.name for reg in self.regularizers if reg.reads_weights]
+        if plugin is not None and plugin.zero_stage == 3 and sharded:
+            raise ConfigError(f"regularizers: {', '.join(sharded)} read the weights' values, which DeepSpeed ZeRO-3 "
+                              "partitions across processes; use ZeRO-2 (or DDP) with them")
         for reg in self.regularizers:
             reg.setup(self)
 
@@ -110,10 +116,10 @@ class ForgetlessTrainer(Trainer):
             self._nonfinite_in_a_row = 0
 
             if self.perturber is None:
-                self.accelerator.backward(total)
+                self.backward(total)
             else:
                 if extra is not None:
-                    self.accelerator.backward(extra, retain_graph=True)
+                    self.backward(extra, retain_graph=True)
                 ctx.sft_grads = self._isolated_backward(sft_loss, self.perturber.ascent_tensors())
 
         if self.perturber is not None:
@@ -132,6 +138,13 @@ class ForgetlessTrainer(Trainer):
             self._metrics["l_sft"].append(nll.detach().mean().item())
         self._tokens_seen += int(inputs["attention_mask"].sum())
         return total.detach()
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """accelerate's backward, with our losses scaled once: each is already the step's token mean, so
+        DeepSpeed must not divide it by the accumulation steps again (it does unless told not to)."""
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            kwargs["scale_wrt_gas"] = False
+        self.accelerator.backward(loss, **kwargs)
 
     def all_finite(self, value: torch.Tensor) -> bool:
         """Whether `value` is finite on every process. A micro-batch's syncing backward is skipped by all
@@ -163,7 +176,7 @@ class ForgetlessTrainer(Trainer):
         saved = [t.grad for t in tensors]
         for t in tensors:
             t.grad = None
-        self.accelerator.backward(loss)
+        self.backward(loss)
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
         for t, old, new in zip(tensors, saved, grads):
             t.grad = new if old is None else old.add_(new)

@@ -72,6 +72,9 @@ class Regularizer:
 
     name: str = "regularizer"
     perturbs: bool = False
+    # reads or writes the trainable weights' values (a penalty on them, a mix): impossible where an engine
+    # keeps only a shard of each weight on every process (DeepSpeed ZeRO-3)
+    reads_weights: bool = False
 
     def setup(self, trainer: Any) -> None:
         """Called once before training (e.g. to snapshot initial weights). Optional."""

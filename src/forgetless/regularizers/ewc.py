@@ -73,6 +73,7 @@ def empirical_fisher(model, params: list[tuple[str, torch.Tensor]], blocks: torc
 
 class EWC(Regularizer):
     name = "ewc"
+    reads_weights = True
 
     def __init__(self, cfg: EWCConfig) -> None:
         if cfg.coef < 0 or cfg.samples < 1 or cfg.max_length < 2:

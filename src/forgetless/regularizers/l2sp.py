@@ -40,6 +40,7 @@ def lora_delta_sq(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> to
 
 class L2SP(Regularizer):
     name = "l2sp"
+    reads_weights = True
 
     def __init__(self, cfg: L2SPConfig) -> None:
         if cfg.coef < 0:

@@ -238,7 +238,7 @@ class LfU(Regularizer):
                 term = 0.0 * sum(p.sum() for p in self.params) if outputs is not None else None
             if term is not None:
                 # The gradient of l_cons is taken at theta + phi and accumulates into theta's .grad.
-                ctx.trainer.accelerator.backward(term)
+                ctx.trainer.backward(term)
         finally:
             if originals:
                 with torch.no_grad():

@@ -70,6 +70,11 @@ class Replay(Regularizer):
         if self.cfg.forward == "with_sft" and trainer.perturber is not None:
             raise ConfigError("regularizers.replay.forward: with_sft cannot be combined with lfu (its hooks capture "
                               "the SFT rows of the clean forward); use auto or own")
+        # DeepSpeed's engine steps at the last micro-batch's first backward: the blocks must join the SFT one
+        self.deepspeed = "DEEPSPEED" in str(trainer.accelerator.distributed_type)
+        if self.cfg.forward == "own" and self.deepspeed:
+            raise ConfigError("regularizers.replay.forward: own is not possible under DeepSpeed (its engine takes "
+                              "one backward per micro-batch, and steps at it); use auto or with_sft")
         tokenizer = trainer.processing_class
         if self.cfg.ratio > 0:
             self.blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), tokenizer, self.cfg.max_length)
@@ -119,6 +124,8 @@ class Replay(Regularizer):
     def _joins_sft(self, ctx: StepContext, blocks: ReplayBlocks) -> bool:
         if self.cfg.forward != "auto":
             return self.cfg.forward == "with_sft"
+        if self.deepspeed:
+            return True
         if ctx.trainer.perturber is not None:
             return False
         (b, t), (r, length) = ctx.batch["input_ids"].shape, blocks.input_ids.shape
@@ -143,7 +150,7 @@ class Replay(Regularizer):
         if not torch.isfinite(term.detach()):
             # skipped like a non-finite SFT loss (no backward); the SFT pass still runs
             return None, {**metrics, "replay_nonfinite_skipped": 1.0}
-        ctx.trainer.accelerator.backward(term)
+        ctx.trainer.backward(term)
         return term.detach(), metrics
 
     def loss(self, ctx: StepContext):

@@ -60,6 +60,7 @@ class WeightMixer:
 
 class WiseFT(Regularizer):
     name = "wise_ft"
+    reads_weights = True
 
     def __init__(self, cfg: WiseFTConfig) -> None:
         if not 0 <= cfg.alpha <= 1:

@@ -1,0 +1,75 @@
+"""DeepSpeed through accelerate on CPU (ZeRO-2 and ZeRO-3, two processes over gloo): the run equals one
+plain process that sees the same micro-batches, with gradient accumulation and with replay blocks that
+would otherwise get a pass of their own: every term reaches DeepSpeed's engine in one backward per
+micro-batch, scaled once."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetless.train import load_trained
+
+from conftest import memorisation_rows, write_jsonl
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
+
+
+def zero_cpu(stage: int) -> Path:
+    """The shipped CPU config of this ZeRO stage (so what ships is what ran)."""
+    return EXAMPLES / f"deepspeed_zero{stage}_cpu.yaml"
+
+
+@pytest.mark.parametrize("stage,method", [(2, "sft"), (2, "kl+replay"), (3, "kl+replay")])
+def test_deepspeed_matches_one_plain_process(tiny_llama, tmp_path, stage, method):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(("the quick brown fox jumps over the lazy dog " * 8 + "\n\n") * 30)
+    common = [f"model.name_or_path={tiny_llama}", f"data.train={data}", "data.max_length=64", "train.max_steps=2",
+              "train.batch_size=2", "train.learning_rate=0.05", "train.optim=sgd", "train.max_grad_norm=0",
+              "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.progress_bar=false", "data.eval=null"]
+    if method == "kl+replay":  # blocks longer than the SFT rows: `auto` would give them a pass of their own
+        common.append(f"regularizers=[{{kl: {{coef: 0.5, on: both}}}}, "
+                      f"{{replay: {{data: {corpus}, max_length: 48, ratio: 0.5}}}}]")
+    one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
+                          "train.grad_accum=4", *common], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    config = zero_cpu(stage)
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'ds'}",
+                          "train.grad_accum=2", *common], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = dict(load_trained(tmp_path / "one")[0].named_parameters())
+    b = dict(load_trained(tmp_path / "ds")[0].named_parameters())
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in a.items())
+    for name, p in a.items():
+        torch.testing.assert_close(b[name], p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_replay_pass_of_its_own_is_refused_under_deepspeed(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(4))
+    config = zero_cpu(2)
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'ds'}",
+                          f"model.name_or_path={tiny_llama}", f"data.train={data}", "train.max_steps=1",
+                          "train.grad_accum=2", "regularizers=[{replay: {forward: own}}]"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "regularizers.replay.forward: own is not possible under DeepSpeed" in res.stderr
+
+
+def test_weight_penalties_are_refused_under_zero3(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(4))
+    config = zero_cpu(3)
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'ds'}",
+                          f"model.name_or_path={tiny_llama}", f"data.train={data}", "train.max_steps=1",
+                          "train.grad_accum=2", "method=l2sp"], capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "regularizers: l2sp read the weights' values, which DeepSpeed ZeRO-3 partitions" in res.stderr
