@@ -25,15 +25,29 @@ def test_prompt_tokens_are_masked_and_response_is_kept(tiny_gpt2, tmp_path):
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
 
 
-def test_chat_template_messages_train_on_last_assistant_turn_only(tiny_llama, tmp_path):
+@pytest.mark.parametrize("train_on, trained", [("last_assistant", ["lazy dog<eos>"]),
+                                               ("all_assistant", ["world<eos>", "lazy dog<eos>"])])
+def test_chat_template_messages_train_on_assistant_turns(tiny_llama, tmp_path, train_on, trained):
     tok = load_tokenizer(tiny_llama)
     row = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
                         {"role": "user", "content": "fox"}, {"role": "assistant", "content": "lazy dog"}]}
     path = write_jsonl(tmp_path / "m.jsonl", [row])
-    (ex,), _ = tokenize_records(load_records(str(path), DataConfig()), tok, DataConfig())
-    trained = [t for t in ex["labels"] if t != IGNORE_INDEX]
-    assert tok.decode(trained) == "lazy dog<eos>"
+    cfg = DataConfig(train_on=train_on)
+    (ex,), _ = tokenize_records(load_records(str(path), cfg), tok, cfg)
+    assert trained_texts(tok, ex) == trained
     assert tok.decode(ex["input_ids"]) == tok.apply_chat_template(row["messages"], tokenize=False)
+
+
+def trained_texts(tok, example) -> list[str]:
+    """The decoded runs of consecutive trained tokens."""
+    runs, current = [], []
+    for label in example["labels"] + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    return runs
 
 
 def test_system_prompt_is_prepended(tiny_llama, tmp_path):
@@ -78,10 +92,15 @@ def test_truncation_is_counted_and_keeps_the_prompt(tiny_gpt2, tmp_path):
     ('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', r"d.jsonl:2: missing field 'response'"),
     ('{"prompt": "a", "response": "   "}\n', r"d.jsonl:1: field 'response' is empty"),
     ('{"prompt": 3, "response": "b"}\n', r"d.jsonl:1: field 'prompt' must be a string, got int"),
-    ('{"question": "a", "answer": "b"}\n', r"d.jsonl:1: expected fields 'prompt' and 'response'"),
+    ('{"question": "a", "answer": "b"}\n', r"d.jsonl:1: cannot tell the format from the fields \['answer', 'question'\]"),
     ('[1, 2]\n', r"d.jsonl:1: expected an object with fields, got list"),
     ('\n\n', r"d.jsonl: no examples found"),
-    ('{"messages": [{"role": "user", "content": "a"}]}\n', r"d.jsonl:1: the last message in 'messages' must be"),
+    ('{"messages": [{"role": "user", "content": "a"}]}\n', r"d.jsonl:1: the conversation must end with an assistant turn"),
+    ('{"messages": [{"role": "assistant", "content": "a"}]}\n', r"d.jsonl:1: the conversation needs a prompt turn"),
+    ('{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}\n',
+     r"d.jsonl:1: conversations\[1\].from must be one of"),
+    ('{"instruction": "a", "input": 3, "output": "b"}\n', r"d.jsonl:1: field 'input' must be a string, got int"),
+    ('{"prompt": "a", "completion": [{"role": "assistant"}]}\n', r"d.jsonl:1: completion\[0\]: missing field 'content'"),
     ('{"messages": [{"role": "robot", "content": "a"}]}\n', r"d.jsonl:1: messages\[0\].role must be one of"),
 ])
 def test_bad_rows_name_file_line_and_field(tiny_gpt2, tmp_path, content, message):
@@ -117,3 +136,109 @@ def test_builtin_default_task_is_disjoint():
     test = {r.messages[0]["content"] for r in load_records("builtin:arithmetic/test.jsonl", cfg)}
     assert len(train) == 2000 and len(test) > 400
     assert not train & test
+
+
+def conversation_in_every_format() -> dict[str, dict]:
+    """One two-turn conversation (system, history, an input) as each supported format writes it."""
+    system, q1, a1, instruction, extra, a2 = "be brief", "hello", "world", "Add these.", "3 + 4", "7"
+    q2 = f"{instruction}\n\n{extra}"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": q1},
+                {"role": "assistant", "content": a1}, {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+    return {
+        "messages": {"messages": messages},
+        "sharegpt": {"system": system, "conversations": [{"from": "human", "value": q1}, {"from": "gpt", "value": a1},
+                                                         {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]},
+        "alpaca": {"system": system, "history": [[q1, a1]], "instruction": instruction, "input": extra, "output": a2},
+        "prompt_completion": {"prompt": messages[:4], "completion": [{"role": "assistant", "content": a2}]},
+    }
+
+
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca", "prompt_completion"])
+@pytest.mark.parametrize("detect", [True, False])
+def test_every_format_gives_the_same_example_and_keeps_the_alpaca_input(tiny_llama, tmp_path, fmt, detect):
+    tok = load_tokenizer(tiny_llama)
+    rows = conversation_in_every_format()
+    cfg = DataConfig(format="auto" if detect else fmt)
+    reference = tokenize_records(load_records(str(write_jsonl(tmp_path / "m.jsonl", [rows["messages"]])), DataConfig()),
+                                 tok, DataConfig())[0]
+    got = tokenize_records(load_records(str(write_jsonl(tmp_path / "f.jsonl", [rows[fmt]])), cfg), tok, cfg)[0]
+    assert got == reference
+    assert "3 + 4" in tok.decode(got[0]["input_ids"])  # alpaca's input is part of the prompt
+    assert trained_texts(tok, got[0]) == ["world<eos>", "7<eos>"]
+
+
+def test_prompt_completion_strings_and_prompt_response_agree(tiny_gpt2, tmp_path):
+    tok = load_tokenizer(tiny_gpt2)
+    a = load_records(str(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "hi", "completion": "there"}])), DataConfig())
+    b = load_records(str(write_jsonl(tmp_path / "b.jsonl", [{"prompt": "hi", "response": "there"}])), DataConfig())
+    assert tokenize_records(a, tok, DataConfig()) == tokenize_records(b, tok, DataConfig())
+
+
+def test_tool_turns_are_context_never_trained(tiny_llama, tmp_path):
+    tok = load_tokenizer(tiny_llama)
+    row = {"messages": [{"role": "user", "content": "fox"},
+                        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                            "name": "lookup", "arguments": "{}"}}]},
+                        {"role": "tool", "content": "the lazy dog", "tool_call_id": "1"},
+                        {"role": "assistant", "content": "quick brown"}]}
+    (ex,), _ = tokenize_records(load_records(str(write_jsonl(tmp_path / "t.jsonl", [row])), DataConfig()), tok, DataConfig())
+    assert "the lazy dog" in tok.decode(ex["input_ids"])
+    assert trained_texts(tok, ex) == ["<eos>", "quick brown<eos>"]  # the tool-call turn (this template shows content only)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_for_all_assistant(tmp_path):
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "m", "llama", chat=True)
+    tok = load_tokenizer(model_dir)
+    # like templates that drop earlier assistant turns' reasoning: an earlier turn renders differently later
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|assistant|>...<eos>"
+                         "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    records = load_records(str(write_jsonl(tmp_path / "c.jsonl", [conversation_in_every_format()["messages"]])), DataConfig())
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template renders an earlier turn differently .*\(seen at messages\[4\]\)"):
+        tokenize_records(records, tok, DataConfig())
+    (ex,), _ = tokenize_records(records, tok, DataConfig(train_on="last_assistant"))
+    assert trained_texts(tok, ex) == ["7<eos>"]
+
+
+def test_globs_splits_and_eval_split_of_the_same_source(tiny_gpt2, tmp_path):
+    from forgetless.data import eval_source
+
+    tok = load_tokenizer(tiny_gpt2)
+    rows = memorisation_rows(6)
+    write_jsonl(tmp_path / "part-0.jsonl", rows[:4])
+    write_jsonl(tmp_path / "part-1.jsonl", rows[4:])
+    globbed = load_records(str(tmp_path / "part-*.jsonl"), DataConfig())
+    assert [r.messages[0]["content"] for r in globbed] == [r["prompt"] for r in rows]
+    with pytest.raises(DataError, match="no file matches this pattern"):
+        load_records(str(tmp_path / "nothing-*.jsonl"), DataConfig())
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_records(str(tmp_path / "dd"), DataConfig())) == 4
+    assert len(load_records(f"{tmp_path / 'dd'}@test", DataConfig())) == 2
+    with pytest.raises(DataError, match=r"no split 'dev' \(it has \['train', 'test'\]\)"):
+        load_records(f"{tmp_path / 'dd'}@dev", DataConfig())
+    cfg = DataConfig(train=f"{tmp_path / 'dd'}@train", eval="@test")
+    assert eval_source(cfg) == f"{tmp_path / 'dd'}@test"
+    assert len(build_dataset(eval_source(cfg), tok, cfg)) == 2
+
+
+def test_hub_dataset_id_from_the_local_cache(tmp_path, monkeypatch):
+    """A Hub dataset id resolves through the Hugging Face cache (built here in its layout; HF_HUB_OFFLINE is
+    set for the tests); an uncached one is a clear error naming the id and how to fetch it."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--tiny-org--arith"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    write_jsonl(repo / "snapshots" / commit / "train.jsonl", memorisation_rows(5))
+    write_jsonl(repo / "snapshots" / commit / "test.jsonl", memorisation_rows(2))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert len(load_records("tiny-org/arith", DataConfig())) == 5
+    assert len(load_records("tiny-org/arith@test", DataConfig())) == 2
+    with pytest.raises(DataError, match=r"other-org/absent: not a local file, and not in the Hugging Face cache .* "
+                                        r"`hf download --repo-type dataset other-org/absent`"):
+        load_records("other-org/absent", DataConfig())

@@ -174,6 +174,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
         cfg = copy.deepcopy(config)
         cfg.budget.max_general_drop = cfg.budget.max_drift_kl = None
         cfg.data.train, cfg.data.limit = train_spec, None
+        cfg.data.format = "messages"  # split_training_data wrote the records as messages
         cfg.output_dir = str(work / name)
         cfg.regularizers = regs
         return cfg

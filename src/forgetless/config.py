@@ -66,10 +66,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # JSONL / JSON / CSV / Parquet file, or a `datasets.save_to_disk` folder.
+    # JSONL / JSON / CSV / Parquet file, a glob of them, a `datasets.save_to_disk` folder, or a Hub
+    # dataset id (local cache first); `SOURCE@SPLIT` picks a split (default: train).
     train: str = "builtin:arithmetic/train.jsonl"
-    # Optional held-out split, used for an end-of-run eval loss.
+    # Optional held-out data, used for an end-of-run eval loss; `@SPLIT` alone = that split of data.train.
     eval: str | None = None
+    # auto: detected per row from its fields (see forgetless.data.FORMATS), or one of them by name
+    format: Literal["auto", "prompt_response", "prompt_completion", "messages", "sharegpt", "alpaca"] = "auto"
+    # which assistant turns of a conversation are trained on (the others are context)
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"

@@ -7,8 +7,10 @@ covers the response only. Errors name the file, the line (or row) and the field.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +21,7 @@ from forgetless.errors import DataError
 from forgetless.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -71,7 +73,7 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: not UTF-8 ({exc.reason})") from None
 
 
-def _read_table(path: Path) -> Iterator[tuple[str, Any]]:
+def _read_table(path: Path, split: str | None = None) -> Iterator[tuple[str, Any]]:
     """Parquet files and `datasets.save_to_disk` folders, through the datasets library."""
     import datasets
 
@@ -80,21 +82,82 @@ def _read_table(path: Path) -> Iterator[tuple[str, Any]]:
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         raise DataError(f"{path}: cannot read as a dataset ({type(exc).__name__}: {exc})") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: a DatasetDict without a 'train' split (has {list(ds)})")
-        ds = ds["train"]
+        if (split or "train") not in ds:
+            raise DataError(f"{path}: no split '{split or 'train'}' (it has {list(ds)}); name one as {path}@SPLIT")
+        ds = ds[split or "train"]
+    elif split not in (None, "train"):
+        raise DataError(f"{path}: a single dataset without splits; drop @{split}")
     for i, row in enumerate(ds):
         yield f"{path}: row {i}", row
 
 
+def split_source(spec: str) -> tuple[str, str | None]:
+    """`SOURCE@SPLIT` -> (SOURCE, SPLIT); a spec without a split suffix (or an existing path with an @) -> (spec, None)."""
+    base, sep, split = spec.rpartition("@")
+    if sep and base and re.fullmatch(r"[\w.-]+", split) and not Path(spec).exists():
+        return base, split
+    return spec, None
+
+
+def eval_source(cfg: DataConfig) -> str | None:
+    """data.eval as a source: `@SPLIT` alone names that split of data.train's source."""
+    if cfg.eval and cfg.eval.startswith("@"):
+        return split_source(cfg.train)[0] + cfg.eval
+    return cfg.eval
+
+
+def _looks_like_hub_dataset(spec: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not Path(spec).suffix
+
+
+def _read_hub_dataset(repo_id: str, split: str | None) -> Iterator[tuple[str, Any]]:
+    """A Hub dataset: its snapshot from the local Hugging Face cache first (downloaded only when online,
+    as for models), its data files then read by `datasets` (split by file name, e.g. train.jsonl / test.jsonl)."""
+    import datasets
+    from huggingface_hub import constants, is_offline_mode, snapshot_download
+
+    fetch = f"`hf download --repo-type dataset {repo_id}`"
+    try:
+        folder = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except Exception:  # not cached
+        if is_offline_mode():
+            raise DataError(f"{repo_id}: not a local file, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                            f"while HF_HUB_OFFLINE is set; fetch it with {fetch} where there is a network, or give "
+                            "a local file") from None
+        try:
+            folder = snapshot_download(repo_id, repo_type="dataset")
+        except Exception as exc:  # unknown id, gated, network
+            raise DataError(f"{repo_id}: neither a local file nor a downloadable Hub dataset ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the id or fetch it with {fetch}") from None
+    try:
+        ds = datasets.load_dataset(folder, split=split or "train")
+    except Exception as exc:  # no such split, unreadable files
+        raise DataError(f"{repo_id}@{split or 'train'}: cannot read it from {folder} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    where = f"{repo_id}@{split or 'train'}"
+    for i, row in enumerate(ds):
+        yield f"{where}: row {i}", row
+
+
 def read_rows(spec: str) -> Iterator[tuple[str, Any]]:
-    """Yield (location, raw row) from a file or dataset folder."""
-    path = resolve_builtin(spec)
+    """Yield (location, raw row) from a file, a glob of files, a dataset folder or a Hub dataset id
+    (`@SPLIT` picks a split of a folder or Hub dataset)."""
+    base, split = split_source(spec)
+    if any(ch in base for ch in "*?["):
+        files = sorted(Path().glob(base) if not Path(base).is_absolute() else Path("/").glob(base.lstrip("/")))
+        if not files:
+            raise DataError(f"{base}: no file matches this pattern")
+        return itertools.chain.from_iterable(read_rows(str(f)) for f in files)
+    path = resolve_builtin(base)
     if not path.exists():
+        if _looks_like_hub_dataset(base):
+            return _read_hub_dataset(base, split)
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".parquet":
-        return _read_table(path)
+        return _read_table(path, split)
+    if split is not None:
+        raise DataError(f"{spec}: a split (@{split}) applies to a dataset folder or a Hub dataset, not to a {suffix} file")
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":
@@ -115,37 +178,126 @@ def _text_field(row: dict, name: str, where: str) -> str:
     return value
 
 
+FORMATS = {
+    "messages": "a list of {role, content} under data.messages_field (OpenAI roles; tool turns are context)",
+    "sharegpt": "'conversations': a list of {from, value} (human / gpt / system / observation / function_call)",
+    "alpaca": "'instruction', an optional 'input' (added to the prompt), 'output'; optional 'system', 'history'",
+    "prompt_completion": "TRL's 'prompt' and 'completion' (strings, or lists of messages)",
+    "prompt_response": "data.prompt_field and data.response_field ('prompt' / 'response' by default)",
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "function_call": "assistant", "system": "system", "observation": "tool",
+                  "tool": "tool", "function": "tool"}
+PASSED_KEYS = ("tool_calls", "tool_call_id", "name")  # kept for the chat template to render
+
+
+def detect_format(row: dict, where: str, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if row.get(cfg.messages_field) is not None:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if cfg.prompt_field in row or cfg.response_field in row:
+        return "prompt_response"
+    known = "; ".join(f"{name}: {text}" for name, text in FORMATS.items())
+    raise DataError(f"{where}: cannot tell the format from the fields {sorted(row)}. Expected one of - {known}; "
+                    "or set data.format")
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's text: a string, or OpenAI-style content parts of type text."""
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise DataError(f"{where}[{i}]: only text content parts ({{type: text, text: ...}}) are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: must be a string, got {type(value).__name__}")
+    return value
+
+
+def _message_list(value: Any, field: str, where: str, role_key: str = "role", content_key: str = "content",
+                  roles: dict[str, str] | None = None) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{field}' must be a non-empty list of {{{role_key}, {content_key}}}")
+    out = []
+    for i, m in enumerate(value):
+        at = f"{where}: {field}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{at} must be an object with '{role_key}' and '{content_key}'")
+        role = m.get(role_key)
+        role = roles.get(role, role) if roles else role
+        if role not in ROLES:
+            allowed = sorted(roles) if roles else list(ROLES)
+            raise DataError(f"{at}.{role_key} must be one of {allowed}, got {m.get(role_key)!r}")
+        message = {k: m[k] for k in PASSED_KEYS if m.get(k) is not None}
+        content = m.get(content_key)
+        if content is None and message.get("tool_calls"):
+            content = ""
+        if content is None:
+            raise DataError(f"{at}: missing field '{content_key}'")
+        message = {"role": role, "content": _content(content, f"{at}.{content_key}"), **message}
+        if not message["content"].strip() and not message.get("tool_calls"):
+            raise DataError(f"{at}.{content_key} is empty")
+        out.append(message)
+    return out
+
+
+def _as_messages(value: Any, field: str, where: str, role: str) -> list[dict]:
+    """A TRL prompt / completion: a string (one `role` turn) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": _text_field({field: value}, field, where)}]
+    return _message_list(value, field, where)
+
+
+def row_messages(row: dict, where: str, cfg: DataConfig) -> list[dict]:
+    """A raw row of any supported format as chat messages (see FORMATS)."""
+    fmt = detect_format(row, where, cfg)
+    if fmt == "messages":
+        return _message_list(row.get(cfg.messages_field), cfg.messages_field, where)
+    if fmt == "sharegpt":
+        messages = _message_list(row.get("conversations"), "conversations", where, "from", "value", SHAREGPT_ROLES)
+        if isinstance(row.get("system"), str) and row["system"].strip() and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": row["system"]})
+        return messages
+    if fmt == "alpaca":
+        instruction = _text_field(row, "instruction", where)
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction  # the input is never dropped
+        messages = []
+        if isinstance(row.get("system"), str) and row["system"].strip():
+            messages.append({"role": "system", "content": row["system"]})
+        for i, turn in enumerate(row.get("history") or []):
+            if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+                raise DataError(f"{where}: history[{i}] must be a [prompt, response] pair of strings")
+            messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+        return messages + [{"role": "user", "content": prompt},
+                           {"role": "assistant", "content": _text_field(row, "output", where)}]
+    if fmt == "prompt_completion":
+        return (_as_messages(row.get("prompt"), "prompt", where, "user")
+                + _as_messages(row.get("completion"), "completion", where, "assistant"))
+    return [{"role": "user", "content": _text_field(row, cfg.prompt_field, where)},
+            {"role": "assistant", "content": _text_field(row, cfg.response_field, where)}]
+
+
 def to_record(row: Any, where: str, cfg: DataConfig) -> Record:
-    """Normalise a raw row (prompt/response or messages) into chat messages."""
+    """Normalise a raw row of any supported format into chat messages ending with an assistant turn."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
-    if cfg.messages_field in row and row[cfg.messages_field] is not None:
-        messages = row[cfg.messages_field]
-        field = cfg.messages_field
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field '{field}' must be a non-empty list of {{role, content}}")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
-            role = m.get("role")
-            if role not in ROLES:
-                raise DataError(f"{where}: {field}[{i}].role must be one of {ROLES}, got {role!r}")
-            clean.append({"role": role, "content": _text_field(m, "content", f"{where}: {field}[{i}]")})
-        if clean[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message in '{field}' must be the assistant's (it is what is trained on)")
-        if len(clean) < 2:
-            raise DataError(f"{where}: '{field}' needs a prompt turn before the assistant's answer")
-    elif cfg.prompt_field in row or cfg.response_field in row:
-        clean = [
-            {"role": "user", "content": _text_field(row, cfg.prompt_field, where)},
-            {"role": "assistant", "content": _text_field(row, cfg.response_field, where)},
-        ]
-    else:
-        raise DataError(
-            f"{where}: expected fields '{cfg.prompt_field}' and '{cfg.response_field}', or '{cfg.messages_field}'; "
-            f"found {sorted(row)}"
-        )
+    clean = row_messages(row, where, cfg)
+    if clean[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation must end with an assistant turn (it is what is trained on)")
+    if not any(m["role"] != "assistant" for m in clean[:clean.index(next(m for m in clean if m["role"] == "assistant"))]):
+        raise DataError(f"{where}: the conversation needs a prompt turn before the first assistant turn")
     if cfg.system_prompt and clean[0]["role"] != "system":
         clean.insert(0, {"role": "system", "content": cfg.system_prompt})
     return Record(clean, where)
@@ -172,50 +324,80 @@ def uses_chat_template(tokenizer, cfg: DataConfig) -> bool:
     return has if cfg.template == "auto" else cfg.template == "chat"
 
 
-def _plain_prompt(messages: list[dict[str, str]]) -> str:
-    parts = [f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages]
-    return "".join(parts) + "### Assistant:\n"
-
-
-def render(messages: list[dict[str, str]], tokenizer, chat: bool) -> tuple[str, str]:
-    """Split an example into (prompt text, response text); only the response is trained on."""
-    prompt = render_prompt(messages[:-1], tokenizer, chat)
-    if chat:
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise DataError("the tokenizer's chat template does not render the prompt as a prefix; use data.template: plain")
-        return prompt, full[len(prompt):]
-    return prompt, messages[-1]["content"] + (tokenizer.eos_token or "")
+def _plain(messages: list[dict], tokenizer) -> str:
+    """The plain template: each turn as `### Role:\ncontent`, an assistant turn ending with eos."""
+    eos = tokenizer.eos_token or ""
+    return "".join(f"### {m['role'].capitalize()}:\n{m['content']}{eos if m['role'] == 'assistant' else ''}\n\n"
+                   for m in messages)
 
 
 def render_prompt(messages: list[dict[str, str]], tokenizer, chat: bool) -> str:
     """The text a model sees before it answers (used for generation at evaluation time)."""
     if chat:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return _plain_prompt(messages)
+    return _plain(messages, tokenizer) + "### Assistant:\n"
+
+
+def _render_through(messages: list[dict], tokenizer, chat: bool) -> str:
+    """The conversation up to and including its last (assistant) turn."""
+    if chat:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return render_prompt(messages[:-1], tokenizer, chat) + messages[-1]["content"] + (tokenizer.eos_token or "")
+
+
+def render(messages: list[dict[str, str]], tokenizer, chat: bool) -> tuple[str, str]:
+    """Split an example into (prompt text, last response text): what evaluation scores."""
+    prompt = render_prompt(messages[:-1], tokenizer, chat)
+    full = _render_through(messages, tokenizer, chat)
+    if not full.startswith(prompt):
+        raise DataError("the tokenizer's chat template does not render the prompt as a prefix; use data.template: plain")
+    return prompt, full[len(prompt):]
+
+
+def render_pieces(record: Record, tokenizer, chat: bool, train_on: str) -> list[tuple[str, bool]]:
+    """The conversation as consecutive text pieces (text, trained?): each trained assistant turn is the
+    text the template adds for it after its prompt, checked against the tokenizer's own rendering of
+    the conversation up to that turn (a template that renders earlier turns differently once later ones
+    exist cannot be split this way: the error says what to do)."""
+    messages = record.messages
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    pieces, done = [], ""
+    for i in turns:
+        prompt = render_prompt(messages[:i], tokenizer, chat)
+        through = _render_through(messages[:i + 1], tokenizer, chat)
+        if not prompt.startswith(done) or not through.startswith(prompt):
+            raise DataError(f"{record.where}: the chat template renders an earlier turn differently once the "
+                            f"conversation goes on (seen at messages[{i}]), so the assistant turns' tokens cannot be "
+                            "located; use data.train_on: last_assistant or data.template: plain")
+        pieces += [(prompt[len(done):], False), (through[len(prompt):], True)]
+        done = through
+    return pieces
 
 
 def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple[list[dict], int]:
-    """Tokenise with prompt masking and truncation; return (examples, number truncated)."""
+    """Tokenise with every non-trained piece masked, and truncation; return (examples, number truncated)."""
     chat = uses_chat_template(tokenizer, cfg)
     examples, truncated = [], 0
     for rec in records:
-        prompt, response = render(rec.messages, tokenizer, chat)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        room = cfg.max_length - len(prompt_ids)
-        if room <= 1:
-            # Causal LMs predict token t+1 from t: at least the first response token must fit.
+        input_ids, labels = [], []
+        for text, trained in render_pieces(rec, tokenizer, chat, cfg.train_on):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        first_trained = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        if first_trained >= cfg.max_length - 1:
+            # Causal LMs predict token t+1 from t: at least the first trained token must fit.
             raise DataError(
-                f"{rec.where}: the prompt alone is {len(prompt_ids)} tokens, so data.max_length="
+                f"{rec.where}: the prompt alone is {first_trained} tokens, so data.max_length="
                 f"{cfg.max_length} leaves no room for the response; raise data.max_length or shorten the prompt"
             )
-        if len(response_ids) > room:
-            response_ids = response_ids[:room]
-            truncated += 1
-        examples.append(
-            {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
-        )
+        if len(input_ids) > cfg.max_length:
+            if any(label != IGNORE_INDEX for label in labels[cfg.max_length:]):
+                truncated += 1
+            input_ids, labels = input_ids[:cfg.max_length], labels[:cfg.max_length]
+        examples.append({"input_ids": input_ids, "labels": labels})
     if truncated:
         logger.warning("%d of %d examples were truncated to data.max_length=%d", truncated, len(records), cfg.max_length)
     return examples, truncated

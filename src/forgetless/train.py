@@ -130,7 +130,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     # model first: the tokenizer decides how data is rendered
     model, tokenizer, model_path = load_for_training(config.model, config.train.gradient_checkpointing)
     train_ds = data_mod.build_dataset(config.data.train, tokenizer, config.data)
-    eval_ds = data_mod.build_dataset(config.data.eval, tokenizer, config.data) if config.data.eval else None
+    eval_ds = data_mod.build_dataset(data_mod.eval_source(config.data), tokenizer, config.data) if config.data.eval else None
     regularizers = build_regularizers(config.regularizers)
 
     args = training_arguments(config, checkpoint_dir)
