@@ -5,7 +5,7 @@ import datasets
 import pytest
 
 from forgetless.config import DataConfig
-from forgetless.data import IGNORE_INDEX, build_dataset, load_records, tokenize_records
+from forgetless.data import IGNORE_INDEX, build_dataset, collator, load_records, tokenize_records
 from forgetless.errors import DataError
 from forgetless.model import load_tokenizer
 
@@ -242,3 +242,27 @@ def test_hub_dataset_id_from_the_local_cache(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"other-org/absent: not a local file, and not in the Hugging Face cache .* "
                                         r"`hf download --repo-type dataset other-org/absent`"):
         load_records("other-org/absent", DataConfig())
+
+
+def test_a_mixture_of_sources_by_weight_tagged_and_seeded(tiny_gpt2, tmp_path):
+    from forgetless.config import load_config
+    from forgetless.data import build_training_dataset
+    from forgetless.errors import ConfigError
+
+    tok = load_tokenizer(tiny_gpt2)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "response": "x"} for i in range(4)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(10)])
+    sources = f"data.train=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 0.5, format: alpaca}}]"
+    cfg = load_config(None, [sources])
+    mixed = build_training_dataset(cfg.data, tok, seed=1)
+    tags = mixed["source"]
+    assert tags.count(0) == 8 and tags.count(1) == 5  # 2 x 4 and half of 10
+    assert mixed.to_list() == build_training_dataset(cfg.data, tok, seed=1).to_list()  # deterministic
+    half = lambda seed: [r["input_ids"] for r in build_training_dataset(cfg.data, tok, seed).to_list() if r["source"] == 1]
+    assert half(1) != half(2)  # the fraction is a seeded sample
+    batch = collator(tok)([dict(r) for r in mixed.to_list()[:3]])
+    assert batch["source"].tolist() == tags[:3]
+    with pytest.raises(ConfigError, match=r"data.train\[1\].weight: must be > 0"):
+        load_config(None, [f"data.train=[{{path: {a}}}, {{path: {b}, weight: 0}}]"])
+    with pytest.raises(ConfigError, match="data.eval: '@test' names a split of data.train's source, but data.train lists several"):
+        load_config(None, [sources, "data.eval=@test"])

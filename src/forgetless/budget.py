@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import ForgetlessConfig, dump_config
-from forgetless.data import load_records, load_texts, pack_blocks, render, uses_chat_template
+from forgetless.data import load_texts, pack_blocks, render, training_records, uses_chat_template
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
 from forgetless.train import SUMMARY, load_trained, prepare_output_dir, train
@@ -119,7 +119,7 @@ def passes(m: dict[str, float], config: ForgetlessConfig) -> bool:
 
 def split_training_data(config: ForgetlessConfig, folder: Path) -> tuple[str, list]:
     """Hold out the last `validation_examples` training examples; write both parts as JSONL."""
-    records = load_records(config.data.train, config.data)
+    records = [record for record, _ in training_records(config.data, config.train.seed)]
     n_val = config.budget.validation_examples
     if len(records) < n_val + 8:
         raise DataError(f"budget.validation_examples: {n_val} held out of {len(records)} training examples leaves "

@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_eval(config, run_dir: str | None) -> int:
     import json
 
+    from forgetless.data import source_spec, train_sources
     from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
 
-    check_disjoint(config.evaluation, config.data, [config.data.train], [])
+    check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)], [])
     results = evaluate_base_and_runs(config, {run_dir: run_dir} if run_dir else {})
     out = Path(run_dir or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

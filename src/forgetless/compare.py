@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from forgetless.config import ForgetlessConfig, validate
+from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
 from forgetless.memory import peak_memory
 from forgetless.model import resolve_model_path
@@ -68,7 +69,7 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
     replay_specs = sorted({opts["data"] if opts and "data" in opts else "builtin:replay/kjv.txt.gz"
                            for cfg in configs.values() for e in cfg.regularizers for name, opts in e.items()
                            if name == "replay"})
-    check_disjoint(config.evaluation, config.data, [config.data.train], replay_specs)
+    check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)], replay_specs)
 
     runs: dict[str, dict] = {}
     for i, (method, cfg) in enumerate(configs.items(), start=1):
@@ -94,7 +95,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
     report = {"base_model": str(path), "methods": methods, "runs": runs, "results": results,
               "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,
                            "epochs": config.train.epochs, "batch_size": config.train.batch_size,
-                           "finetune": config.model.finetune, "train_data": config.data.train}}
+                           "finetune": config.model.finetune, "train_data": ", ".join(f"{source_spec(s)} x{s.weight:g}" if s.weight != 1 else source_spec(s)
+                                                     for s in train_sources(config.data))}}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(render_markdown(report))
     plot(report, root)

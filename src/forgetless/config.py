@@ -64,15 +64,30 @@ class ModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
+DATA_FORMATS = Literal["auto", "prompt_response", "prompt_completion", "messages", "sharegpt", "alpaca"]
+
+
+@dataclass
+class DataSource:
+    """One training source of a mixture (`data.train: [{path, weight, split, format}, ...]`)."""
+
+    path: str
+    # examples of this source per epoch, as a multiple of its size: 2 = each twice, 0.5 = a seeded half
+    weight: float = 1.0
+    split: str | None = None  # a split of a dataset folder or Hub dataset (default: train)
+    format: DATA_FORMATS | None = None  # default: data.format
+
+
 @dataclass
 class DataConfig:
     # JSONL / JSON / CSV / Parquet file, a glob of them, a `datasets.save_to_disk` folder, or a Hub
-    # dataset id (local cache first); `SOURCE@SPLIT` picks a split (default: train).
-    train: str = "builtin:arithmetic/train.jsonl"
+    # dataset id (local cache first); `SOURCE@SPLIT` picks a split (default: train). Or a list of
+    # sources mixed by weight (DataSource); every row keeps its source's index as a tag.
+    train: str | list[DataSource] = "builtin:arithmetic/train.jsonl"
     # Optional held-out data, used for an end-of-run eval loss; `@SPLIT` alone = that split of data.train.
     eval: str | None = None
     # auto: detected per row from its fields (see forgetless.data.FORMATS), or one of them by name
-    format: Literal["auto", "prompt_response", "prompt_completion", "messages", "sharegpt", "alpaca"] = "auto"
+    format: DATA_FORMATS = "auto"
     # which assistant turns of a conversation are trained on (the others are context)
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     prompt_field: str = "prompt"
@@ -306,6 +321,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': empty key")
+    if raw.strip().startswith("@"):  # `data.eval=@test`: YAML reserves a leading @, the meaning is plain
+        return key.split("."), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -376,6 +393,15 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
         raise ConfigError(f"{where}train.epochs: must be > 0 when train.max_steps is not set")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"{where}train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if isinstance(config.data.train, list):
+        if not config.data.train:
+            raise ConfigError(f"{where}data.train: give at least one source")
+        for i, source in enumerate(config.data.train):
+            if not source.weight > 0:
+                raise ConfigError(f"{where}data.train[{i}].weight: must be > 0, got {source.weight}")
+        if config.data.eval and config.data.eval.startswith("@") and len(config.data.train) > 1:
+            raise ConfigError(f"{where}data.eval: '{config.data.eval}' names a split of data.train's source, but "
+                              "data.train lists several; name the eval source in full")
     if config.data.limit is not None and config.data.limit < 1:
         raise ConfigError(f"{where}data.limit: must be >= 1, got {config.data.limit}")
     if config.merge and config.model.finetune != "lora":

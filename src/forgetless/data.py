@@ -11,12 +11,12 @@ import itertools
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from forgetless.assets import resolve_builtin
-from forgetless.config import DataConfig
+from forgetless.config import DataConfig, DataSource
 from forgetless.errors import DataError
 from forgetless.losses import IGNORE_INDEX
 
@@ -99,11 +99,41 @@ def split_source(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def train_sources(cfg: DataConfig) -> list[DataSource]:
+    """data.train as a list of sources (one plain string is one source of weight 1)."""
+    if isinstance(cfg.train, str):
+        return [DataSource(path=cfg.train)]
+    return list(cfg.train)
+
+
+def source_spec(source: DataSource) -> str:
+    return source.path + (f"@{source.split}" if source.split else "")
+
+
 def eval_source(cfg: DataConfig) -> str | None:
-    """data.eval as a source: `@SPLIT` alone names that split of data.train's source."""
+    """data.eval as a source: `@SPLIT` alone names that split of data.train's (single) source."""
     if cfg.eval and cfg.eval.startswith("@"):
-        return split_source(cfg.train)[0] + cfg.eval
+        return split_source(source_spec(train_sources(cfg)[0]))[0] + cfg.eval
     return cfg.eval
+
+
+def training_records(cfg: DataConfig, seed: int) -> list[tuple[Record, int]]:
+    """The training mixture: each source's records taken `weight` times (whole copies, then a seeded
+    sample for the fraction), each with its source's index. Deterministic given the seed; the Trainer's
+    sampler then shuffles the mixture and, on resume, skips exactly the batches it has drawn."""
+    import torch
+
+    mixture: list[tuple[Record, int]] = []
+    for index, source in enumerate(train_sources(cfg)):
+        records = load_records(source_spec(source), replace(cfg, format=source.format or cfg.format))
+        whole, fraction = divmod(source.weight, 1.0)
+        picked = records * int(whole)
+        extra = round(fraction * len(records))
+        if extra:
+            order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+            picked += [records[i] for i in sorted(order[:extra].tolist())]
+        mixture += [(record, index) for record in picked]
+    return mixture
 
 
 def _looks_like_hub_dataset(spec: str) -> bool:
@@ -405,27 +435,41 @@ def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple
 
 def build_dataset(spec: str, tokenizer, cfg: DataConfig):
     """Records -> tokenised `datasets.Dataset` with input_ids and labels."""
+    return _as_dataset([(record, 0) for record in load_records(spec, cfg)], tokenizer, cfg)
+
+
+def build_training_dataset(cfg: DataConfig, tokenizer, seed: int):
+    """data.train's mixture (see training_records), tokenised, each row tagged with its `source`."""
+    return _as_dataset(training_records(cfg, seed), tokenizer, cfg)
+
+
+def _as_dataset(tagged: list[tuple[Record, int]], tokenizer, cfg: DataConfig):
     import datasets
 
-    examples, _ = tokenize_records(load_records(spec, cfg), tokenizer, cfg)
-    for i, example in enumerate(examples):
+    examples, _ = tokenize_records([record for record, _ in tagged], tokenizer, cfg)
+    for i, (example, (_, source)) in enumerate(zip(examples, tagged)):
         example["example_id"] = i  # lets per-example caches (e.g. the KL reference cache) find their rows
+        example["source"] = source  # the data.train source the row came from
     return datasets.Dataset.from_list(examples)
+
+
+ROW_TAGS = ("example_id", "source")  # per-row integers that ride along with a batch as 1-D tensors
 
 
 def collator(tokenizer):
     """Right-pads input_ids with the pad token and labels with -100 (transformers' own collator);
-    an `example_id` per row, when present, comes along as a 1-D tensor."""
+    each row's tags (ROW_TAGS), when present, come along as 1-D tensors."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
     def collate(features: list[dict]) -> dict:
-        ids = [f.pop("example_id") for f in features if "example_id" in f]
+        tags = {key: [f.pop(key) for f in features if key in f] for key in ROW_TAGS}
         batch = pad(features)
-        if ids:
-            batch["example_id"] = torch.tensor(ids, dtype=torch.long)
+        for key, values in tags.items():
+            if values:
+                batch[key] = torch.tensor(values, dtype=torch.long)
         return batch
 
     return collate

@@ -129,7 +129,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 
     # model first: the tokenizer decides how data is rendered
     model, tokenizer, model_path = load_for_training(config.model, config.train.gradient_checkpointing)
-    train_ds = data_mod.build_dataset(config.data.train, tokenizer, config.data)
+    train_ds = data_mod.build_training_dataset(config.data, tokenizer, config.train.seed)
     eval_ds = data_mod.build_dataset(data_mod.eval_source(config.data), tokenizer, config.data) if config.data.eval else None
     regularizers = build_regularizers(config.regularizers)
 
