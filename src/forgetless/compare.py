@@ -12,15 +12,15 @@ import copy
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from forgetless.config import ForgetlessConfig, validate
+from forgetless.config import ForgetlessConfig, run_config, validate
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
-from forgetless.memory import peak_memory
 from forgetless.model import resolve_model_path
 from forgetless.train import SUMMARY, train
 
@@ -47,6 +47,29 @@ def method_config(config: ForgetlessConfig, method: str, root: Path) -> Forgetle
     return cfg
 
 
+def compared_runs(config: ForgetlessConfig, root: Path) -> dict[str, ForgetlessConfig]:
+    """name -> config of every compared run: the presets of compare.methods, then compare.runs."""
+    runs = {m: method_config(config, m, root) for m in dict.fromkeys(config.compare.methods)}
+    for name, overrides in config.compare.runs.items():
+        cfg = run_config(config, name, overrides)
+        cfg.output_dir = str(root / name)
+        runs[name] = cfg
+    return runs
+
+
+def per_seed(cfg: ForgetlessConfig, seeds: list[int]) -> dict[int, ForgetlessConfig]:
+    """One config per seed (its own folder), or the config itself for its train.seed."""
+    if not seeds:
+        return {cfg.train.seed: cfg}
+    out = {}
+    for seed in seeds:
+        c = copy.deepcopy(cfg)
+        c.train.seed = seed
+        c.output_dir = str(Path(cfg.output_dir) / f"seed-{seed}")
+        out[seed] = c
+    return out
+
+
 def _same_finished_run(cfg: ForgetlessConfig) -> dict | None:
     out = Path(cfg.output_dir)
     if not (out / SUMMARY).exists() or not (out / "config.yaml").exists():
@@ -64,43 +87,129 @@ def _same_finished_run(cfg: ForgetlessConfig) -> dict | None:
 def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, Any]:
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    methods = list(dict.fromkeys(config.compare.methods))
-    configs = {m: method_config(config, m, root) for m in methods}
+    configs = compared_runs(config, root)
     replay_specs = sorted({opts["data"] if opts and "data" in opts else "builtin:replay/kjv.txt.gz"
                            for cfg in configs.values() for e in cfg.regularizers for name, opts in e.items()
                            if name == "replay"})
     check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)], replay_specs)
 
-    runs: dict[str, dict] = {}
-    for i, (method, cfg) in enumerate(configs.items(), start=1):
+    seeds = list(config.compare.seeds) or [config.train.seed]
+    jobs = [(name, seed, c) for name, cfg in configs.items() for seed, c in per_seed(cfg, config.compare.seeds).items()]
+    runs: dict[str, dict[int, dict]] = {name: {} for name in configs}
+    for i, (name, seed, cfg) in enumerate(jobs, start=1):
         reused = None if overwrite else _same_finished_run(cfg)
         if reused is not None and "peak_mem_bytes" in reused:
-            logger.info("[%d/%d] %s: reusing the finished run in %s", i, len(configs), method, cfg.output_dir)
-            runs[method] = reused
+            logger.info("[%d/%d] %s (seed %d): reusing the finished run in %s", i, len(jobs), name, seed, cfg.output_dir)
+            runs[name][seed] = reused
             continue
-        logger.info("[%d/%d] training %s -> %s", i, len(configs), method, cfg.output_dir)
-        mem: dict = {}
-        with peak_memory(mem):
-            result = train(cfg, overwrite=True)
-        summary = dict(result.summary)
-        summary["step_time_s"] = summary["train_seconds"] / max(summary["global_steps"], 1)
-        summary["peak_mem_bytes"] = mem["peak_bytes"]
-        (Path(cfg.output_dir) / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        runs[method] = summary
+        logger.info("[%d/%d] training %s (seed %d) -> %s", i, len(jobs), name, seed, cfg.output_dir)
+        runs[name][seed] = train(cfg, overwrite=True, measure_memory=True).summary
 
-    logger.info("evaluating the base model and %d fine-tuned models", len(runs))
-    results = evaluate_base_and_runs(config, {method: configs[method].output_dir for method in runs})
+    logger.info("evaluating the base model and %d fine-tuned models", len(jobs))
+    evaluated = evaluate_base_and_runs(config, {f"{name}@{seed}": cfg.output_dir for name, seed, cfg in jobs})
+    results = {"base": evaluated["base"]}
+    results.update({name: {seed: evaluated[f"{name}@{seed}"] for seed in seeds} for name in configs})
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
 
-    report = {"base_model": str(path), "methods": methods, "runs": runs, "results": results,
-              "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,
-                           "epochs": config.train.epochs, "batch_size": config.train.batch_size,
-                           "finetune": config.model.finetune, "train_data": ", ".join(f"{source_spec(s)} x{s.weight:g}" if s.weight != 1 else source_spec(s)
-                                                     for s in train_sources(config.data))}}
+    report = {
+        "base_model": str(path), "methods": list(configs), "seeds": seeds,
+        "run_settings": {name: {"regularizers": cfg.regularizers, "overrides": config.compare.runs.get(name)}
+                         for name, cfg in configs.items()},
+        "runs": {name: summarise_runs(by_seed) for name, by_seed in runs.items()},
+        "results": {"base": results["base"], **{name: summarise_results(by_seed) for name, by_seed in results.items()
+                                                if name != "base"}},
+        "paired": paired_differences(results, list(configs), config.evaluation),
+        "per_seed": {name: results[name] for name in configs},
+        "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,
+                     "epochs": config.train.epochs, "batch_size": config.train.batch_size,
+                     "finetune": config.model.finetune,
+                     "train_data": ", ".join(f"{source_spec(s)} x{s.weight:g}" if s.weight != 1 else source_spec(s)
+                                             for s in train_sources(config.data))},
+    }
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(render_markdown(report))
     plot(report, root)
     return report
+
+
+# ---------------------------------------------------------------- seeds and paired differences
+
+# measure -> (per-item key in evaluate's "items", how a difference is shown)
+PAIRED = {
+    "target_acc": ("target_acc", "points"),
+    "target_nll": ("target_nll", "nats"),
+    "general_ppl": ("general_nll", "percent"),  # a difference of mean NLL, shown as a perplexity change
+    "general_drift_kl": ("general_drift_kl", "nats"),
+    "mc_acc_norm": ("mc_acc_norm", "points"),
+}
+
+
+def summarise_runs(by_seed: dict[int, dict]) -> dict[str, Any]:
+    """A run's training summary; with several seeds, the mean of its numbers over them."""
+    summaries = list(by_seed.values())
+    if len(summaries) == 1:
+        return summaries[0]
+    return {k: statistics.fmean(s[k] for s in summaries) for k, v in summaries[0].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def summarise_results(by_seed: dict[int, dict]) -> dict[str, Any]:
+    """A run's measures: one seed's as they are; several seeds' as mean (value), std over seeds, n."""
+    results = list(by_seed.values())
+    if len(results) == 1:
+        return results[0]
+    out: dict[str, Any] = {}
+    for key, entry in results[0].items():
+        if isinstance(entry, dict) and "value" in entry:
+            values = [r[key]["value"] for r in results]
+            out[key] = {"value": statistics.fmean(values), "seed_std": statistics.stdev(values),
+                        "n": entry["n"], "seeds": len(values)}
+    return out
+
+
+def paired_differences(results: dict, names: list[str], ev) -> dict[str, dict[str, dict]]:
+    """name -> measure -> {"vs_base": ..., "vs_sft": ...}: the mean per-item difference and its 95%
+    interval from a bootstrap over the same items (and over seeds, pairing equal seeds), `excludes_zero`."""
+    out: dict[str, dict[str, dict]] = {}
+    base_items = results["base"].get("items", {})
+    for name in names:
+        by_seed = results[name]
+        seeds = list(by_seed)
+        out[name] = {}
+        for measure, (item_key, unit) in PAIRED.items():
+            if item_key not in base_items:
+                continue
+            runs = [by_seed[s]["items"][item_key] for s in seeds]
+            entry = {"vs_base": paired_bootstrap(runs, [base_items[item_key]], ev.bootstrap, ev.seed, unit)}
+            if "sft" in results and name != "sft" and all(s in results["sft"] for s in seeds):
+                entry["vs_sft"] = paired_bootstrap(runs, [results["sft"][s]["items"][item_key] for s in seeds],
+                                                   ev.bootstrap, ev.seed, unit)
+            out[name][measure] = entry
+    return out
+
+
+def paired_bootstrap(runs: list[list[float]], refs: list[list[float]], n_boot: int, seed: int,
+                     unit: str) -> dict[str, Any]:
+    """Mean of run - reference over items (seed s of the run paired with seed s of the reference, or with
+    the one reference), and a percentile 95% interval resampling seeds and items together."""
+    import torch
+
+    x = torch.tensor(runs, dtype=torch.float64)
+    y = torch.tensor(refs, dtype=torch.float64)
+    d = x - y  # [seeds, items]; one reference broadcasts over the seeds
+    s, n = d.shape
+    g = torch.Generator().manual_seed(seed)
+    pick_seeds = torch.randint(0, s, (n_boot, s), generator=g)
+    pick_items = torch.randint(0, n, (n_boot, n), generator=g)
+    resampled = d[pick_seeds]  # [n_boot, seeds, items]
+    stats = resampled.gather(2, pick_items[:, None, :].expand(-1, s, -1)).mean((1, 2))
+    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    mean = d.mean().item()
+    if unit == "percent":  # mean NLL difference -> relative perplexity change
+        mean, lo, hi = (100 * math.expm1(v) for v in (mean, lo, hi))
+    elif unit == "points":
+        mean, lo, hi = (100 * v for v in (mean, lo, hi))
+    return {"mean": mean, "ci95": [lo, hi], "unit": unit, "excludes_zero": lo > 0 or hi < 0, "n": n, "seeds": s}
 
 
 # ---------------------------------------------------------------- report
@@ -115,22 +224,39 @@ def _fmt(entry: dict | None, digits: int = 3) -> str:
     if not isinstance(entry, dict):
         return "–"
     text = f"{entry['value']:.{digits}f}"
+    if "seed_std" in entry:  # several seeds: mean ± std over them
+        return text + f" ± {entry['seed_std']:.{digits}f}"
     if "ci95" in entry and all(math.isfinite(x) for x in entry["ci95"]):
         lo, hi = entry["ci95"]
         text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
     return text
 
 
+def _diff(entry: dict | None) -> str:
+    """A paired difference: mean [95% interval], starred when the interval excludes zero."""
+    if not entry:
+        return "–"
+    digits = 4 if entry["unit"] == "nats" else 1
+    suffix = "%" if entry["unit"] == "percent" else ""
+    lo, hi = entry["ci95"]
+    star = " *" if entry["excludes_zero"] else ""
+    return f"{entry['mean']:+.{digits}f}{suffix} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
+
+
 def render_markdown(report: dict) -> str:
     res, runs = report["results"], report["runs"]
     base = res["base"]
     s = report["settings"]
+    seeds = report.get("seeds", [s["seed"]])
+    first = runs[report["methods"][0]]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean ± std over seeds)"
     lines = [
         "# forgetless compare",
         "",
         f"Base model: `{report['base_model']}`; training data `{s['train_data']}`; {s['finetune']} fine-tuning, "
-        f"seed {s['seed']}, {runs[report['methods'][0]]['global_steps']} steps of batch {s['batch_size']} for every method.",
-        "Each cell: value [95% bootstrap interval]; Δ is against the base model. Sample counts are in report.json.",
+        f"{seed_text}, {first['global_steps']:g} steps of batch {s['batch_size']} for every method.",
+        "Each cell: value [95% bootstrap interval] (or mean ± std over seeds); Δ is against the base model. "
+        "Sample counts are in report.json.",
         "",
         "| method | target acc | Δ acc | target NLL | general ppl | Δ ppl | drift KL | MMLU acc_norm | Δ MMLU "
         "| robust acc mean ± std | step s | peak mem GiB |",
@@ -144,7 +270,7 @@ def render_markdown(report: dict) -> str:
         d_mc = _value(r, "mc_acc_norm") - _value(base, "mc_acc_norm")
         robust = f"{_value(r, 'robust_acc_mean'):.3f} ± {_value(r, 'robust_acc_std'):.3f}"
         step = f"{run['step_time_s']:.2f}" if run else "–"
-        mem = f"{run['peak_mem_bytes'] / 2**30:.2f}" if run else "–"
+        mem = f"{run['peak_mem_bytes'] / 2**30:.2f}" if run and "peak_mem_bytes" in run else "–"
         lines.append(
             f"| {name} | {_fmt(r.get('target_acc'))} | {d_acc:+.3f} | {_fmt(r.get('target_nll'))} | "
             f"{_fmt(r.get('general_ppl'), 2)} | {d_ppl:+.1f}% | {_fmt(r.get('general_drift_kl'), 4)} | "
@@ -156,12 +282,36 @@ def render_markdown(report: dict) -> str:
         f"n: target {n.get('target_acc')} questions ({len(base.get('robust_acc_per_template', []))} prompt templates "
         f"for robustness), general text {n.get('general_ppl')} tokens, MMLU {n.get('mc_acc_norm')} questions.",
         "Peak memory is the process's (CPU: resident set size, including the Python runtime and libraries).",
-        "",
-        "![trade-off](tradeoff.png)",
-        "",
-        "![measures](measures.png)",
-        "",
     ]
+    paired = report.get("paired", {})
+    if paired:
+        lines += [
+            "",
+            "## Paired differences",
+            "",
+            "Each model answers the same items, so differences are paired: mean of (run − reference) over the "
+            "items" + (" and seeds (seed s paired with seed s)" if len(seeds) > 1 else "") + ", with a 95% interval "
+            "from a bootstrap over them; * = the interval excludes zero. Accuracies in points, perplexity in %, "
+            "NLL and drift in nats.",
+            "",
+            "| method | Δ acc vs base | Δ acc vs sft | Δ target NLL vs base | Δ target NLL vs sft | Δ ppl vs base "
+            "| Δ ppl vs sft | drift KL vs sft | Δ MMLU vs base |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name in report["methods"]:
+            p = paired.get(name, {})
+            get = lambda measure, ref: _diff(p.get(measure, {}).get(ref))  # noqa: E731
+            lines.append(f"| {name} | {get('target_acc', 'vs_base')} | {get('target_acc', 'vs_sft')} | "
+                         f"{get('target_nll', 'vs_base')} | {get('target_nll', 'vs_sft')} | "
+                         f"{get('general_ppl', 'vs_base')} | {get('general_ppl', 'vs_sft')} | "
+                         f"{get('general_drift_kl', 'vs_sft')} | {get('mc_acc_norm', 'vs_base')} |")
+    settings = report.get("run_settings", {})
+    if settings:
+        lines += ["", "## Settings of each run", ""]
+        for name, entry in settings.items():
+            extra = f"; overrides `{json.dumps(entry['overrides'])}`" if entry.get("overrides") else ""
+            lines.append(f"- **{name}**: regularizers `{json.dumps(entry['regularizers'])}`{extra}")
+    lines += ["", "![trade-off](tradeoff.png)", "", "![measures](measures.png)", ""]
     return "\n".join(lines)
 
 

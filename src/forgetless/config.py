@@ -168,6 +168,11 @@ class EvalConfig:
 class CompareSettings:
     # each a method preset (see METHOD_PRESETS); trained from the same base, data, seed and steps
     methods: list[str] = field(default_factory=lambda: ["sft", "lfu", "kl+replay"])
+    # user-defined runs beside the presets: name -> overrides of this config, e.g.
+    # {kl-0.1: {regularizers: [{kl: {coef: 0.1}}]}, lfu-lr: {method: lfu, train: {learning_rate: 1.0e-3}}}
+    runs: dict[str, Any] = field(default_factory=dict)
+    # train every method once per seed (empty: train.seed only); figures become means over seeds
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -427,7 +432,14 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
     parse_regularizers(config.regularizers, where)
     for i, method in enumerate(config.compare.methods):
         if method not in METHOD_PRESETS:
-            raise ConfigError(f"{where}compare.methods[{i}]: unknown method '{method}' (presets: {', '.join(METHOD_PRESETS)})")
+            raise ConfigError(f"{where}compare.methods[{i}]: unknown method '{method}' (presets: {', '.join(METHOD_PRESETS)}; "
+                              "or define it under compare.runs)")
+    for name, overrides in config.compare.runs.items():
+        if name in config.compare.methods or name == "base":
+            raise ConfigError(f"{where}compare.runs.{name}: the name is taken (by compare.methods or the base model)")
+        run_config(config, name, overrides, where)  # every run's settings are checked before anything trains
+    if len(set(config.compare.seeds)) != len(config.compare.seeds):
+        raise ConfigError(f"{where}compare.seeds: repeated seeds {config.compare.seeds}")
     b = config.budget
     for key, value in [("max_general_drop", b.max_general_drop), ("max_drift_kl", b.max_drift_kl)]:
         if value is not None and value < 0:
@@ -479,6 +491,30 @@ def check_training_extra(extra: dict[str, Any], where: str = "") -> None:
             close = difflib.get_close_matches(str(key), sorted(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}train.extra.{key}: not a transformers TrainingArguments field{hint}")
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` laid over `base`: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str = "") -> ForgetlessConfig:
+    """A `compare.runs` entry: this config with the run's overrides laid over it. Its regularizers are
+    the run's own (`regularizers:`, or the preset named by `method:`; none = plain SFT)."""
+    at = f"{where}compare.runs.{name}: "
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{at}expected a mapping of config overrides, e.g. {{regularizers: [{{kl: {{coef: 0.1}}}}]}}")
+    if "compare" in overrides or "budget" in overrides or "evaluation" in overrides:
+        raise ConfigError(f"{at}a run may change how it trains, not the comparison, budget or evaluation")
+    base = {k: v for k, v in config.to_dict().items() if k not in ("compare", "budget")}
+    base["regularizers"] = []
+    base["method"] = name if overrides.get("regularizers") else "sft"
+    run = from_dict(ForgetlessConfig, _merged(base, overrides), where=at)
+    validate(run, at)
+    return run
 
 
 def dump_config(config: ForgetlessConfig, path: str | Path) -> None:

@@ -185,6 +185,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
     model.eval()
     torch.manual_seed(cfg.seed)
     results: dict[str, Any] = {}
+    items: dict[str, list[float]] = {}  # per-item values, for paired comparisons between models
     chat = uses_chat_template(tokenizer, data_cfg)
 
     if cfg.task:
@@ -196,6 +197,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         per_token = [-s / n for s, n in zip(scores, lengths)]
         results["target_nll"] = measure(sum(-s for s in scores) / sum(lengths), len(records),
                                         bootstrap_ci(per_token, n_boot=cfg.bootstrap, seed=cfg.seed))
+        items["target_nll"] = per_token
         per_template = []
         for t, template in enumerate(cfg.templates):
             prompts = []
@@ -208,6 +210,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
             correct = [float(is_correct(a, r.messages[-1]["content"], cfg.extractor)) for a, r in zip(answers, records)]
             per_template.append(sum(correct) / len(correct))
             if t == 0:
+                items["target_acc"] = correct
                 results["target_acc"] = measure(per_template[0], len(records),
                                                 bootstrap_ci(correct, n_boot=cfg.bootstrap, seed=cfg.seed))
                 results["examples"] = [{"prompt": p, "answer": a} for p, a in zip(prompts[:3], answers[:3])]
@@ -221,6 +224,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         blocks = pack_blocks(load_texts(cfg.general_text), tokenizer, cfg.block_length)[: cfg.general_blocks]
         nll, drift, tokens = block_nll_and_drift(model, blocks, cfg.batch_size, base)
         ppl = math.exp(sum(nll) / len(nll))
+        items["general_nll"] = nll
+        items["general_drift_kl"] = drift if base is not None else [0.0] * len(nll)
         ci = bootstrap_ci(nll, n_boot=cfg.bootstrap, seed=cfg.seed)
         results["general_ppl"] = measure(ppl, len(nll) * tokens, (math.exp(ci[0]), math.exp(ci[1])))
         if base is not None:
@@ -241,11 +246,13 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
             acc.append(float(max(range(k), key=lambda j: s[j]) == row["answer"]))
             acc_norm.append(float(max(range(k), key=lambda j: norm[j]) == row["answer"]))
             i += k
+        items["mc_acc_norm"] = acc_norm
         results["mc_acc"] = measure(sum(acc) / len(acc), len(acc), bootstrap_ci(acc, n_boot=cfg.bootstrap, seed=cfg.seed))
         results["mc_acc_norm"] = measure(sum(acc_norm) / len(acc_norm), len(acc_norm),
                                          bootstrap_ci(acc_norm, n_boot=cfg.bootstrap, seed=cfg.seed))
     if cfg.lm_eval_tasks:
         results["lm_eval"] = run_lm_eval(model, tokenizer, cfg)
+    results["items"] = items
     return results
 
 

@@ -25,6 +25,7 @@ from transformers import TrainingArguments, set_seed
 from forgetless import data as data_mod
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.errors import ConfigError, TrainingError
+from forgetless.memory import peak_memory
 from forgetless.model import load_for_training, resolve_dtype
 from forgetless.regularizers import build_regularizers
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
@@ -120,8 +121,10 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
     return None
 
 
-def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> TrainResult:
-    """Run one fine-tune as `config` describes and write its outputs. See the module docstring."""
+def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False,
+          measure_memory: bool = False) -> TrainResult:
+    """Run one fine-tune as `config` describes and write its outputs. See the module docstring.
+    `measure_memory`: the summary gets the training's peak memory (forgetless.memory.peak_memory)."""
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, overwrite, resume)  # before the model loads: fail fast
     checkpoint_dir = output_dir / "checkpoints"
@@ -153,7 +156,9 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if resume and resume_from is None:
         logger.warning("--resume: no checkpoint in %s, starting from the beginning", checkpoint_dir)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    memory: dict[str, int] = {}
+    with peak_memory(memory) if measure_memory else contextlib.nullcontext():
+        result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - started
 
     summary: dict[str, Any] = {
@@ -166,7 +171,10 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         "train_loss": trainer.accelerator.reduce(
             torch.tensor(result.training_loss, device=trainer.args.device), "mean").item(),
         "train_seconds": round(train_seconds, 2),
+        "step_time_s": train_seconds / max(result.global_step, 1),
     }
+    if measure_memory:
+        summary["peak_mem_bytes"] = memory["peak_bytes"]
     for reg in regularizers:  # post-training steps (WiSE-FT's weight mix) before anything is saved
         summary.update(reg.finalize(trainer.accelerator.unwrap_model(trainer.model)))
     if eval_ds is not None:

@@ -1,0 +1,74 @@
+"""`compare` beyond presets: user-defined runs, several seeds, paired differences with intervals."""
+
+import math
+
+import pytest
+import torch
+
+from forgetless.compare import paired_bootstrap, run_compare
+from forgetless.config import load_config
+from forgetless.errors import ConfigError
+
+from conftest import write_jsonl
+
+
+def test_paired_bootstrap_by_hand():
+    same = paired_bootstrap([[1.0, 2.0, 3.0]], [[0.0, 1.0, 2.0]], 200, 0, "nats")
+    assert same["mean"] == 1.0 and same["ci95"] == [1.0, 1.0] and same["excludes_zero"]
+    # items vary a lot between themselves, the run beats the reference on each by a little: unpaired
+    # intervals of the two means would overlap, the paired one excludes zero
+    g = torch.Generator().manual_seed(0)
+    ref = (5 * torch.randn(200, generator=g)).tolist()
+    run = [r - 0.1 + 0.01 * float(torch.randn(1, generator=g)) for r in ref]
+    paired = paired_bootstrap([run], [ref], 500, 0, "nats")
+    assert paired["excludes_zero"] and paired["ci95"][1] < 0
+    assert paired["mean"] == pytest.approx(sum(a - b for a, b in zip(run, ref)) / 200)
+    # a mean NLL difference is shown as the perplexity change it is
+    pct = paired_bootstrap([[0.6, 0.6]], [[0.5, 0.5]], 50, 0, "percent")
+    assert pct["mean"] == pytest.approx(100 * (math.exp(0.1) - 1))
+    # two seeds, each paired with its own reference seed
+    two = paired_bootstrap([[1.0, 1.0], [3.0, 3.0]], [[0.0, 0.0], [1.0, 1.0]], 300, 0, "nats")
+    assert two["mean"] == 1.5 and two["seeds"] == 2 and two["ci95"][0] >= 1.0 and two["ci95"][1] <= 2.0
+
+
+def test_compare_runs_are_checked_before_anything_trains():
+    with pytest.raises(ConfigError, match=r"compare.runs.kl-0.1: regularizers\[0\].kl.cof: unknown key"):
+        load_config(None, ["compare.runs={kl-0.1: {regularizers: [{kl: {cof: 0.1}}]}}"])
+    with pytest.raises(ConfigError, match=r"compare.runs.x: train.learnig_rate: unknown key \(did you mean"):
+        load_config(None, ["compare.runs={x: {train: {learnig_rate: 0.1}}}"])
+    with pytest.raises(ConfigError, match="compare.runs.sft: the name is taken"):
+        load_config(None, ["compare.runs={sft: {method: lfu}}"])
+    with pytest.raises(ConfigError, match="compare.runs.x: a run may change how it trains, not the comparison"):
+        load_config(None, ["compare.runs={x: {evaluation: {task: null}}}"])
+    with pytest.raises(ConfigError, match="compare.methods\\[0\\]: unknown method 'kl-0.1'.*or define it under compare.runs"):
+        load_config(None, ["compare.methods=[kl-0.1]"])
+
+
+def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Calculate {i} + 2.", "response": str(i + 2)}
+                                                        for i in range(8)])
+    config = load_config(None, [
+        f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
+        "data.max_length=64", "train.max_steps=3", "train.batch_size=4", "train.progress_bar=false",
+        "train.warmup_ratio=0", "train.learning_rate=1e-2", "compare.methods=[sft]", "compare.seeds=[1, 2]",
+        "compare.runs={kl-strong: {regularizers: [{kl: {coef: 10.0}}]}, lfu-lr: {method: lfu, train: {learning_rate: 0.02}}}",
+    ])
+    config.evaluation = suite
+    report = run_compare(config)
+    root = tmp_path / "cmp"
+    assert report["methods"] == ["sft", "kl-strong", "lfu-lr"]
+    for name in report["methods"]:
+        for seed in (1, 2):
+            assert (root / name / f"seed-{seed}" / "train_summary.json").exists()
+        drift = report["results"][name]["general_drift_kl"]
+        assert drift["seeds"] == 2 and drift["seed_std"] > 0
+        assert report["paired"][name]["general_drift_kl"]["vs_base"]["seeds"] == 2
+    lr = load_config(root / "lfu-lr" / "seed-1" / "config.yaml")
+    assert lr.train.learning_rate == 0.02 and lr.regularizers == [{"lfu": {"variant": "lora"}}]
+    assert "vs_sft" in report["paired"]["kl-strong"]["target_nll"] and "vs_sft" not in report["paired"]["sft"]["target_nll"]
+    # a strong KL drifts less than plain SFT on every seed's general text
+    assert report["paired"]["kl-strong"]["general_drift_kl"]["vs_sft"]["mean"] < 0
+    table = (root / "report.md").read_text()
+    assert "## Paired differences" in table and "seeds 1, 2 (mean ± std over seeds)" in table
+    assert '**kl-strong**: regularizers `[{"kl": {"coef": 10.0}}]`' in table
+    assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora"}}]`; overrides' in table
