@@ -72,3 +72,27 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     assert "## Paired differences" in table and "seeds 1, 2 (mean ± std over seeds)" in table
     assert '**kl-strong**: regularizers `[{"kl": {"coef": 10.0}}]`' in table
     assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora"}}]`; overrides' in table
+
+
+def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suite, tmp_path):
+    import json
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Calculate {i} + 2.", "response": str(i + 2)}
+                                                        for i in range(8)])
+    config = load_config(None, [
+        f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
+        "data.max_length=64", "train.max_steps=4", "train.batch_size=4", "train.progress_bar=false",
+        "train.warmup_ratio=0", "train.learning_rate=5e-2", "compare.methods=[sft, kl]",
+        "evaluation.every_steps=2", "evaluation.curve_blocks=2", "evaluation.curve_examples=3",
+    ])
+    config.evaluation = suite
+    config.evaluation.every_steps, config.evaluation.curve_blocks, config.evaluation.curve_examples = 2, 2, 3
+    report = run_compare(config)
+    curve = report["curves"]["sft"]
+    assert [p["step"] for p in curve] == [0, 2, 4]
+    assert curve[0]["curve_drift_kl"] < 1e-3 < curve[-1]["curve_drift_kl"]  # the base, then a moved model
+    assert curve[-1]["curve_target_nll"] != curve[0]["curve_target_nll"]
+    summary = json.loads((tmp_path / "cmp" / "sft" / "train_summary.json").read_text())
+    assert 0 < summary["curve_seconds"] < summary["train_seconds"]
+    assert (tmp_path / "cmp" / "curve.png").stat().st_size > 0
+    assert (tmp_path / "cmp" / "sft" / "checkpoints" / "curve_reference.safetensors").exists()

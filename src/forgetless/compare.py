@@ -126,10 +126,21 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
                      "train_data": ", ".join(f"{source_spec(s)} x{s.weight:g}" if s.weight != 1 else source_spec(s)
                                              for s in train_sources(config.data))},
     }
+    report["curves"] = {name: read_curve(Path(cfg.output_dir)) for name, seed, cfg in jobs if seed == seeds[0]}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(render_markdown(report))
     plot(report, root)
     return report
+
+
+def read_curve(run_dir: Path) -> list[dict]:
+    """The forgetting-curve points a run logged (forgetless.curve), in step order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = ("step", "curve_general_nll", "curve_drift_kl", "curve_target_nll")
+    return [{k: r[k] for k in keys if k in r} for r in rows if "curve_target_nll" in r or "curve_drift_kl" in r]
 
 
 # ---------------------------------------------------------------- seeds and paired differences
@@ -312,6 +323,8 @@ def render_markdown(report: dict) -> str:
             extra = f"; overrides `{json.dumps(entry['overrides'])}`" if entry.get("overrides") else ""
             lines.append(f"- **{name}**: regularizers `{json.dumps(entry['regularizers'])}`{extra}")
     lines += ["", "![trade-off](tradeoff.png)", "", "![measures](measures.png)", ""]
+    if any(report.get("curves", {}).values()):
+        lines += ["![forgetting curve](curve.png)", ""]
     return "\n".join(lines)
 
 
@@ -359,3 +372,21 @@ def plot(report: dict, root: Path) -> None:
     fig.tight_layout()
     fig.savefig(root / "measures.png", dpi=110)
     plt.close(fig)
+
+    curves = {m: c for m, c in report.get("curves", {}).items() if any("curve_drift_kl" in p for p in c)}
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for i, (m, points) in enumerate(curves.items()):
+            pts = [p for p in points if "curve_drift_kl" in p and "curve_target_nll" in p]
+            ax.plot([p["curve_drift_kl"] for p in pts], [p["curve_target_nll"] for p in pts], "-o", ms=3,
+                    color=f"C{i}", label=m)
+            if pts:
+                ax.annotate(f"step {pts[-1]['step']}", (pts[-1]["curve_drift_kl"], pts[-1]["curve_target_nll"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
+        ax.set_xlabel("drift KL(base‖model) on held-out general text  → forgetting")
+        ax.set_ylabel("target NLL on held-out questions  ↓ learning")
+        ax.set_title("Forgetting curve: learning against forgetting over the steps")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(root / "curve.png", dpi=120)
+        plt.close(fig)

@@ -162,6 +162,10 @@ class EvalConfig:
     lm_eval_include: str | None = None
     lm_eval_limit: int | None = None
     lm_eval_num_fewshot: int | None = None
+    # the forgetting curve during training (forgetless.curve): every N optimizer steps, 0 = off
+    every_steps: int = 0
+    curve_blocks: int = 4  # general-text blocks after the reported ones
+    curve_examples: int = 8  # the task's last test questions
 
 
 @dataclass
@@ -453,6 +457,8 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
     if b.knob == "wise_ft" and b.grid and any(v > 1 for v in b.grid):
         raise ConfigError(f"{where}budget.grid: WiSE-FT mixing weights must be in [0, 1]")
     ev = config.evaluation
+    if ev.every_steps < 0 or ev.curve_blocks < 1 or ev.curve_examples < 1:
+        raise ConfigError(f"{where}evaluation: every_steps must be >= 0 (0 = off), curve_blocks and curve_examples >= 1")
     if ev.task and len(ev.templates) < 1:
         raise ConfigError(f"{where}evaluation.templates: give at least one template")
     for i, template in enumerate(ev.templates):

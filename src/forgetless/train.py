@@ -24,6 +24,7 @@ from transformers import TrainingArguments, set_seed
 
 from forgetless import data as data_mod
 from forgetless.config import ForgetlessConfig, dump_config
+from forgetless.curve import ForgettingCurve
 from forgetless.errors import ConfigError, TrainingError
 from forgetless.memory import peak_memory
 from forgetless.model import load_for_training, resolve_dtype
@@ -138,6 +139,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 
     args = training_arguments(config, checkpoint_dir)
     prepare_output_dir(output_dir, overwrite, resume, args)  # before any regularizer caches into it
+    curve = ForgettingCurve(config, tokenizer) if config.evaluation.every_steps > 0 else None
     trainer = ForgetlessTrainer(
         model=model,
         args=args,
@@ -147,8 +149,10 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         processing_class=tokenizer,
         regularizers=regularizers,
         max_nonfinite_steps=config.train.max_nonfinite_steps,
-        callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")],
+        callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")] + ([curve] if curve else []),
     )
+    if curve:
+        curve.attach(trainer)
     tensorboard_into(trainer, output_dir / "tensorboard")
     dump_config(config, output_dir / "config.yaml")
 
@@ -175,6 +179,8 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     }
     if measure_memory:
         summary["peak_mem_bytes"] = memory["peak_bytes"]
+    if curve:
+        summary["curve_seconds"] = round(curve.seconds, 2)
     for reg in regularizers:  # post-training steps (WiSE-FT's weight mix) before anything is saved
         summary.update(reg.finalize(trainer.accelerator.unwrap_model(trainer.model)))
     if eval_ds is not None:

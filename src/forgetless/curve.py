@@ -1,0 +1,130 @@
+"""The forgetting curve: what training has gained and broken so far, measured every N optimizer steps.
+
+`evaluation.every_steps: N` (0 = off): on a small fixed slice — `curve_blocks` blocks of the general
+text taken *after* the blocks the final evaluation reports on (the same held-out part `budget`
+validates on), and the last `curve_examples` questions of the task's test split (the final
+evaluation reads the first `task_limit`) — the model's general-text NLL, its drift KL(base ‖ model)
+and its target NLL are logged as `curve_general_nll`, `curve_drift_kl`, `curve_target_nll` (to
+metrics.jsonl and to `train.report_to`), at step 0 and every N steps. The base side of the drift is
+computed once, before the first update, and stored with the checkpoints (float16 log-probabilities
+of the slice), so a resumed run measures against the same base. `curve_seconds` (logged, and in
+train_summary.json) is what the curve cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from forgetless.data import load_records, load_texts, pack_blocks, render, uses_chat_template
+from forgetless.losses import forward_rows, next_token_targets, prediction_mask, token_nll, upcast
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_FILE = "curve_reference.safetensors"
+
+
+class ForgettingCurve(TrainerCallback):
+    def __init__(self, config, tokenizer) -> None:
+        ev = config.evaluation
+        self.every = ev.every_steps
+        self.trainer = None  # set by attach(): the curve logs through the trainer, like its other metrics
+        self.seconds = 0.0
+        self.blocks = None
+        if ev.general_text:
+            blocks = pack_blocks(load_texts(ev.general_text), tokenizer, ev.block_length)
+            self.blocks = blocks[ev.general_blocks:ev.general_blocks + ev.curve_blocks]
+            if len(self.blocks) == 0:  # a short text: the reported blocks are all there is
+                self.blocks = blocks[-ev.curve_blocks:]
+        self.task = None
+        if ev.task:
+            records = load_records(ev.task, config.data)[-ev.curve_examples:]
+            chat = uses_chat_template(tokenizer, config.data)
+            rows = []
+            for prompt, response in (render(r.messages, tokenizer, chat) for r in records):
+                p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                q = tokenizer(response, add_special_tokens=False)["input_ids"]
+                rows.append((p + q, [-100] * len(p) + q))
+            width = max(len(ids) for ids, _ in rows)
+            pad = tokenizer.pad_token_id
+            self.task = {
+                "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
+                "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
+                "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
+            }
+        self.reference: torch.Tensor | None = None  # [blocks, L - 1, V] base log-probs, float16
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+
+    @torch.no_grad()
+    def _general(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position (NLL, log-probs) of the model on the fixed general-text blocks."""
+        device = next(model.parameters()).device
+        ids = self.blocks.to(device)
+        logp = torch.log_softmax(upcast(model(input_ids=ids, use_cache=False).logits)[:, :-1], dim=-1)
+        return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1), logp
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.blocks is None:
+            return
+        path = Path(args.output_dir) / REFERENCE_FILE
+        if path.exists():
+            from safetensors.torch import load_file
+
+            self.reference = load_file(str(path))["logp"]
+            return
+        if state.global_step > 0:
+            logger.warning("forgetting curve: no base reference in %s on resume; drift is not logged", path)
+            return
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            self.reference = self._general(model)[1].to(torch.float16).cpu()  # before the first update: the base
+        finally:
+            model.train(was_training)
+        if state.is_world_process_zero:
+            from safetensors.torch import save_file
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"logp": self.reference.contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        self.seconds += time.perf_counter() - started
+        self._measure(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every > 0 and state.global_step % self.every == 0:
+            self._measure(model, state)
+
+    @torch.no_grad()
+    def _measure(self, model, state) -> None:
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        metrics = {}
+        try:
+            if self.blocks is not None:
+                nll, logp = self._general(model)
+                metrics["curve_general_nll"] = nll.mean().item()
+                if self.reference is not None:
+                    ref = self.reference.to(logp.device, torch.float32)
+                    metrics["curve_drift_kl"] = (ref.exp() * (ref - logp)).sum(-1).mean().item()
+            if self.task is not None:
+                device = next(model.parameters()).device
+                batch = {k: v.to(device) for k, v in self.task.items()}
+                keep = prediction_mask(batch["labels"])
+                _, logits = forward_rows(model, batch["input_ids"], batch["attention_mask"], keep)
+                metrics["curve_target_nll"] = token_nll(logits, next_token_targets(batch["labels"], keep)).mean().item()
+        finally:
+            model.train(was_training)
+        self.seconds += time.perf_counter() - started
+        metrics["curve_seconds"] = self.seconds
+        if self.trainer is not None:
+            self.trainer.log(metrics)
