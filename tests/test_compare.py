@@ -44,16 +44,22 @@ def test_compare_runs_are_checked_before_anything_trains():
         load_config(None, ["compare.methods=[kl-0.1]"])
 
 
-def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
+def tiny_compare(model_dir, suite, tmp_path, *overrides: str):
+    """`compare` of the tiny model on a small arithmetic file, with the small evaluation suite."""
     train_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Calculate {i} + 2.", "response": str(i + 2)}
                                                         for i in range(8)])
     config = load_config(None, [
-        f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
-        "data.max_length=64", "train.max_steps=3", "train.batch_size=4", "train.progress_bar=false",
-        "train.warmup_ratio=0", "train.learning_rate=1e-2", "compare.methods=[sft]", "compare.seeds=[1, 2]",
-        "compare.runs={kl-strong: {regularizers: [{kl: {coef: 10.0}}]}, lfu-lr: {method: lfu, train: {learning_rate: 0.02}}}",
-    ])
+        f"model.name_or_path={model_dir}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
+        "data.max_length=64", "train.batch_size=4", "train.progress_bar=false", "train.warmup_ratio=0", *overrides])
     config.evaluation = suite
+    return config
+
+
+def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
+    config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=3", "train.learning_rate=1e-2",
+                          "compare.methods=[sft]", "compare.seeds=[1, 2]",
+                          "compare.runs={kl-strong: {regularizers: [{kl: {coef: 10.0}}]}, "
+                          "lfu-lr: {method: lfu, train: {learning_rate: 0.02}}}")
     report = run_compare(config)
     root = tmp_path / "cmp"
     assert report["methods"] == ["sft", "kl-strong", "lfu-lr"]
@@ -77,15 +83,8 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
 def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suite, tmp_path):
     import json
 
-    train_file = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"Calculate {i} + 2.", "response": str(i + 2)}
-                                                        for i in range(8)])
-    config = load_config(None, [
-        f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
-        "data.max_length=64", "train.max_steps=4", "train.batch_size=4", "train.progress_bar=false",
-        "train.warmup_ratio=0", "train.learning_rate=5e-2", "compare.methods=[sft, kl]",
-        "evaluation.every_steps=2", "evaluation.curve_blocks=2", "evaluation.curve_examples=3",
-    ])
-    config.evaluation = suite
+    config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=4", "train.learning_rate=5e-2",
+                          "compare.methods=[sft, kl]")
     config.evaluation.every_steps, config.evaluation.curve_blocks, config.evaluation.curve_examples = 2, 2, 3
     report = run_compare(config)
     curve = report["curves"]["sft"]

@@ -40,10 +40,7 @@ def test_deepspeed_matches_one_plain_process(tiny_llama, tmp_path, stage, method
     one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=4", *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    config = zero_cpu(stage)
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'ds'}",
-                          "train.grad_accum=2", *common], capture_output=True, text=True, timeout=600)
+    two = launch_zero(stage, tmp_path / "ds", *common)
     assert two.returncode == 0, two.stderr[-3000:]
     a = dict(load_trained(tmp_path / "one")[0].named_parameters())
     b = dict(load_trained(tmp_path / "ds")[0].named_parameters())
@@ -52,24 +49,20 @@ def test_deepspeed_matches_one_plain_process(tiny_llama, tmp_path, stage, method
         torch.testing.assert_close(b[name], p, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_replay_pass_of_its_own_is_refused_under_deepspeed(tiny_llama, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(4))
-    config = zero_cpu(2)
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'ds'}",
-                          f"model.name_or_path={tiny_llama}", f"data.train={data}", "train.max_steps=1",
-                          "train.grad_accum=2", "regularizers=[{replay: {forward: own}}]"],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode != 0
-    assert "regularizers.replay.forward: own is not possible under DeepSpeed" in res.stderr
+def launch_zero(stage: int, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`forgetless train default` under the shipped ZeRO CPU config of `stage`, two processes."""
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(zero_cpu(stage)),
+                           "-m", "forgetless.cli", "train", "default", f"output_dir={output_dir}", "train.grad_accum=2",
+                           *overrides], capture_output=True, text=True, timeout=600)
 
 
-def test_weight_penalties_are_refused_under_zero3(tiny_llama, tmp_path):
+@pytest.mark.parametrize("stage, setting, error", [
+    (2, "regularizers=[{replay: {forward: own}}]", "regularizers.replay.forward: own is not possible under DeepSpeed"),
+    (3, "method=l2sp", "regularizers: l2sp read the weights' values, which DeepSpeed ZeRO-3 partitions"),
+])
+def test_what_cannot_work_under_deepspeed_is_refused(tiny_llama, tmp_path, stage, setting, error):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(4))
-    config = zero_cpu(3)
-    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                          "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'ds'}",
-                          f"model.name_or_path={tiny_llama}", f"data.train={data}", "train.max_steps=1",
-                          "train.grad_accum=2", "method=l2sp"], capture_output=True, text=True, timeout=600)
+    res = launch_zero(stage, tmp_path / "ds", f"model.name_or_path={tiny_llama}", f"data.train={data}",
+                      "train.max_steps=1", setting)
     assert res.returncode != 0
-    assert "regularizers: l2sp read the weights' values, which DeepSpeed ZeRO-3 partitions" in res.stderr
+    assert error in res.stderr

@@ -90,7 +90,7 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
     configs = compared_runs(config, root)
     replay_specs = sorted({opts["data"] if opts and "data" in opts else "builtin:replay/kjv.txt.gz"
                            for cfg in configs.values() for e in cfg.regularizers for name, opts in e.items()
-                           if name == "replay"})
+                           if name == "replay"} - {"self"})  # self-replay text is the model's own
     check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)], replay_specs)
 
     seeds = list(config.compare.seeds) or [config.train.seed]

@@ -27,6 +27,8 @@ METHOD_PRESETS: dict[str, list[dict[str, Any]]] = {
     "lfu-reps": [{"lfu": {"variant": "reps"}}],
     "kl": [{"kl": {}}],
     "replay": [{"replay": {}}],
+    # replay of text the initial model writes itself (forgetless.self_replay)
+    "replay-self": [{"replay": {"data": "self"}}],
     # regularized approximate replay: both together
     "arr": [{"kl": {}}, {"replay": {}}],
     "kl+replay": [{"kl": {}}, {"replay": {}}],

@@ -38,15 +38,25 @@ from forgetless.losses import forward_rows, next_token_targets, token_nll
 DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
 
 
+SELF = "self"
+
+
 @dataclass
 class ReplayConfig:
-    data: str = DEFAULT_CORPUS  # .txt/.txt.gz, or .jsonl/.json/.csv/.parquet/datasets folder with `text_field`
+    # .txt/.txt.gz, or .jsonl/.json/.csv/.parquet/datasets folder with `text_field`; or "self": text the
+    # initial model writes before training (forgetless.self_replay)
+    data: str = DEFAULT_CORPUS
     ratio: float = 0.25  # replay blocks per SFT example
     max_length: int = 128  # tokens per replay block
     weight: float = 1.0  # weight of the replay NLL term
     text_field: str = "text"
     # auto | with_sft (join the SFT forward: fastest) | own (own forward + backward: lowest peak memory)
     forward: Literal["auto", "with_sft", "own"] = "auto"
+    # data: self only: how many blocks the initial model writes, how it samples, from what prompts
+    self_blocks: int = 128
+    self_temperature: float = 1.0
+    self_top_p: float = 0.95
+    self_prompts: str | None = None  # a text file, one prompt per line (default: from the BOS token)
 
 
 class Replay(Regularizer):
@@ -57,6 +67,8 @@ class Replay(Regularizer):
             raise ConfigError("regularizers.replay: ratio and weight must be >= 0")
         if cfg.max_length < 2:
             raise ConfigError("regularizers.replay.max_length: must be >= 2")
+        if cfg.self_blocks < 1 or not cfg.self_temperature > 0 or not 0 < cfg.self_top_p <= 1:
+            raise ConfigError("regularizers.replay: self_blocks must be >= 1, self_temperature > 0, self_top_p in (0, 1]")
         self.cfg = cfg
         self.blocks: torch.Tensor | None = None
         self._step, self._micro = -1, 0  # the optimizer step being drawn for, and micro-batches drawn in it
@@ -76,13 +88,32 @@ class Replay(Regularizer):
             raise ConfigError("regularizers.replay.forward: own is not possible under DeepSpeed (its engine takes "
                               "one backward per micro-batch, and steps at it); use auto or with_sft")
         tokenizer = trainer.processing_class
-        if self.cfg.ratio > 0:
+        self.generation_seconds = None
+        if self.cfg.ratio > 0 and self.cfg.data == SELF:
+            from pathlib import Path
+
+            from forgetless.self_replay import load_or_generate
+
+            c = self.cfg
+            settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
+                        "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": trainer.args.seed}
+            # before the first update the model is the initial one (on resume the cache already exists)
+            self.blocks, self.generation_seconds = load_or_generate(
+                trainer.model, tokenizer, Path(trainer.args.output_dir), settings,
+                trainer.accelerator.is_main_process, trainer.accelerator.wait_for_everyone)
+        elif self.cfg.ratio > 0:
             self.blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), tokenizer, self.cfg.max_length)
         self.seed = trainer.args.seed
         self.world = trainer.accelerator.num_processes
         self.rank = trainer.accelerator.process_index
         self.accum = trainer.args.gradient_accumulation_steps
         self.batch_size = trainer.args.per_device_train_batch_size
+
+    def finalize(self, model: torch.nn.Module) -> dict[str, float]:
+        if self.generation_seconds is None:
+            return {}
+        return {"self_replay_generation_seconds": round(self.generation_seconds, 2),
+                "self_replay_blocks": int(self.blocks.shape[0])}
 
     def block_indices(self, first: int, count: int) -> list[int]:
         """Corpus blocks for this process's draws first..first+count-1 (disjoint across processes)."""
