@@ -49,11 +49,19 @@ def test_deepspeed_matches_one_plain_process(tiny_llama, tmp_path, stage, method
         torch.testing.assert_close(b[name], p, rtol=1e-4, atol=1e-6, msg=name)
 
 
+# A DeepSpeed CPU process once aborted with this C++ message (1 run in ~12 of the ZeRO-3 case, in a clean
+# clone; not reproduced in 9 more): the launch is retried once on exactly that, never on an error of ours.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def launch_zero(stage: int, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`forgetless train default` under the shipped ZeRO CPU config of `stage`, two processes."""
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(zero_cpu(stage)),
-                           "-m", "forgetless.cli", "train", "default", f"output_dir={output_dir}", "train.grad_accum=2",
-                           *overrides], capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(zero_cpu(stage)),
+           "-m", "forgetless.cli", "train", "default", f"output_dir={output_dir}", "train.grad_accum=2", *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and NATIVE_ABORT in res.stderr:
+        res = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=600)
+    return res
 
 
 @pytest.mark.parametrize("stage, setting, error", [
