@@ -14,13 +14,13 @@ train_summary.json) is what the curve cost.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from forgetless.cache import save_atomic
 from forgetless.data import load_records, load_texts, pack_blocks, render, uses_chat_template
 from forgetless.losses import forward_rows, next_token_targets, prediction_mask, token_nll, upcast
 
@@ -90,12 +90,7 @@ class ForgettingCurve(TrainerCallback):
         finally:
             model.train(was_training)
         if state.is_world_process_zero:
-            from safetensors.torch import save_file
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"logp": self.reference.contiguous()}, str(tmp))
-            os.replace(tmp, path)
+            save_atomic({"logp": self.reference}, path)
         self.seconds += time.perf_counter() - started
         self._measure(model, state)
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from forgetless.cache import save_atomic
 from forgetless.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def load_or_generate(model, tokenizer, folder: Path, settings: dict, is_main: bo
     """The run's self-replay blocks: from the cache when it holds these settings, else generated (on the
     main process, the others wait and read them). Returns (blocks, generation seconds; 0 when reused)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = folder / CACHE_FILE
     meta = {"settings": json.dumps(settings, sort_keys=True)}
@@ -97,9 +97,6 @@ def load_or_generate(model, tokenizer, folder: Path, settings: dict, is_main: bo
                                  settings["top_p"], settings["seed"], settings["prompts"])
         seconds = time.perf_counter() - started
         logger.info("self-replay: generated %d blocks of %d tokens in %.1f s", len(blocks), settings["length"], seconds)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"blocks": blocks.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
+        save_atomic({"blocks": blocks}, path, metadata=meta)
     barrier()
     return load_file(str(path))["blocks"], seconds

@@ -222,7 +222,7 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
     An adapter is put on its base loaded as the run loaded it (its config.yaml: quantisation, attention);
     `dtype` (default: the run's model.dtype, float32 for a folder without config.yaml) is the base's
     precision, so a tuned model can be evaluated in exactly its base model's dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from forgetless.config import ModelConfig, from_dict
     from forgetless.model import DTYPES, load_model, resolve_model_path
@@ -238,6 +238,7 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
     if dtype is not None:
         model_cfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
+    device = device if device is not None else "cpu"
     if (output_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -246,11 +247,11 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
         else:  # an adapter folder from elsewhere: the base it names
             adapter = json.loads((output_dir / "adapter_config.json").read_text())
             base_path = resolve_model_path(adapter["base_model_name_or_path"])
-        base = load_model(model_cfg, base_path, device=device if device is not None else "cpu")
+        base = load_model(model_cfg, base_path, device=device)
         model = PeftModel.from_pretrained(base, output_dir)
     else:
         model_cfg.quantization = None  # a full fine-tune is saved unquantised
         model_cfg.name_or_path = str(output_dir)
-        model = load_model(model_cfg, output_dir, device=device if device is not None else "cpu")
+        model = load_model(model_cfg, output_dir, device=device)
     return model, tokenizer
 

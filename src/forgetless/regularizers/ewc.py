@@ -19,13 +19,13 @@ the trainable weights in memory.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from forgetless.data import load_texts, pack_blocks
+from forgetless.cache import save_atomic
 from forgetless.errors import ConfigError
 from forgetless.regularizers import Regularizer, StepContext, register
 from forgetless.regularizers.replay import DEFAULT_CORPUS
@@ -94,7 +94,7 @@ class EWC(Regularizer):
 
     def _load_or_build(self, trainer) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         path = Path(trainer.args.output_dir) / FISHER_FILE
         names = {n for n, _ in self.params}
@@ -113,10 +113,7 @@ class EWC(Regularizer):
             pick = torch.linspace(0, len(blocks) - 1, min(self.cfg.samples, len(blocks))).round().long()
             fisher = empirical_fisher(trainer.model, self.params, blocks[pick])
             if trainer.accelerator.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({n: f.contiguous().cpu() for n, f in fisher.items()}, str(tmp), metadata=self._meta())
-                os.replace(tmp, path)  # atomic: a killed run never leaves half a Fisher
+                save_atomic(fisher, path, metadata=self._meta())
         return fisher
 
     def penalty(self) -> torch.Tensor:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from forgetless.cache import save_atomic
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext, register
@@ -113,7 +113,7 @@ class KL(Regularizer):
         return self.cfg.topk or 64
 
     def _load_or_build_cache(self, trainer) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         dataset = trainer.train_dataset
         if dataset is None or "example_id" not in dataset.column_names:
@@ -128,10 +128,7 @@ class KL(Regularizer):
                 logger.warning("KL reference cache %s is for other data or k; rebuilding it", path)
             if trainer.accelerator.is_main_process:
                 cache = self._build_cache(trainer, dataset)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file(cache, str(tmp))
-                os.replace(tmp, path)  # atomic: a killed run never leaves half a cache
+                save_atomic(cache, path)
             else:
                 cache = load_file(str(path))
         return cache

@@ -213,7 +213,7 @@ class LfU(Regularizer):
                 originals = [p.detach().clone() for p in self.params]
                 torch._foreach_add_(self.params, phi)
                 if self.half_precision:
-                    applied_metrics = self._check_applied(originals, phi)
+                    applied_metrics = self._check_applied(originals, phi, perturb_norm)
         try:
             try:
                 with torch.random.fork_rng(devices=_cuda_devices()):
@@ -257,14 +257,19 @@ class LfU(Regularizer):
         }
         return term.detach(), metrics
 
-    def _check_applied(self, originals: list[torch.Tensor], phi: list[torch.Tensor]) -> dict[str, float]:
+    def _check_applied(self, originals: list[torch.Tensor], phi: list[torch.Tensor],
+                       perturb_norm: torch.Tensor) -> dict[str, float]:
         """Half-precision weights round theta + phi: measure the offset really applied, and refuse to
         train on a perturbation that is not the spec's (with 12.8M bf16 weights, 86% of phi's entries
-        rounded away and the applied step's cosine with phi was 0.90)."""
-        applied = [(p.float() - o.float()) for p, o in zip(self.params, originals)]
-        dot = sum(float((a * f.float()).sum()) for a, f in zip(applied, phi))
-        norm_applied = math.sqrt(sum(float(a.pow(2).sum()) for a in applied))
-        norm_phi = math.sqrt(sum(float(f.float().pow(2).sum()) for f in phi))
+        rounded away and the applied step's cosine with phi was 0.90). One tensor at a time in float32
+        (never a float32 copy of all the weights), read back once."""
+        dot = torch.zeros((), dtype=torch.float32, device=perturb_norm.device)
+        sq = torch.zeros_like(dot)
+        for p, o, f in zip(self.params, originals, phi):
+            applied = p.float() - o.float()
+            dot += (applied * f.float()).sum()
+            sq += applied.pow(2).sum()
+        dot, norm_applied, norm_phi = torch.stack([dot, sq.sqrt(), perturb_norm.float()]).tolist()
         cosine = dot / max(norm_applied * norm_phi, EPS)
         if cosine < APPLIED_COSINE_MIN or not abs(norm_applied / max(norm_phi, EPS) - 1) <= APPLIED_NORM_TOLERANCE:
             for p, o in zip(self.params, originals):

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate.utils import DistributedType
 
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import ConfigError
@@ -83,16 +85,14 @@ class Replay(Regularizer):
             raise ConfigError("regularizers.replay.forward: with_sft cannot be combined with lfu (its hooks capture "
                               "the SFT rows of the clean forward); use auto or own")
         # DeepSpeed's engine steps at the last micro-batch's first backward: the blocks must join the SFT one
-        self.deepspeed = "DEEPSPEED" in str(trainer.accelerator.distributed_type)
+        self.deepspeed = trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.cfg.forward == "own" and self.deepspeed:
             raise ConfigError("regularizers.replay.forward: own is not possible under DeepSpeed (its engine takes "
                               "one backward per micro-batch, and steps at it); use auto or with_sft")
         tokenizer = trainer.processing_class
         self.generation_seconds = None
         if self.cfg.ratio > 0 and self.cfg.data == SELF:
-            from pathlib import Path
-
-            from forgetless.self_replay import load_or_generate
+            from forgetless.self_replay import load_or_generate  # generation is only needed here
 
             c = self.cfg
             settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
