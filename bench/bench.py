@@ -7,7 +7,8 @@
 Timing: every method gets its own ForgetlessTrainer on one shared model and the same fixed batch
 (shape [batch, seq_len], the first half of each row is prompt, masked); after warm-up the methods
 run interleaved (A B C A B C ...), and a step is training_step + optimizer.step + zero_grad.
-The median over --steps is reported.
+The median over --steps is reported; for LfU with `every: k` (a pass on every k-th step only) the
+mean over the steps, which cover whole periods when --steps is a multiple of k.
 Memory: on a GPU, torch.cuda.max_memory_allocated over each method's steps (reset in between).
 On a CPU nothing per-tensor is available, so each method also runs alone in a fresh subprocess,
 with MALLOC_MMAP_THRESHOLD_=65536 (so freed tensors leave the RSS at once instead of staying in
@@ -55,6 +56,12 @@ METHODS = {
     "lfu_reps": [{"lfu": {"variant": "reps"}}],
     # consistency on the first third of the layers only: the perturbed pass stops there
     "lfu_lora_early": [{"lfu": {"variant": "lora", "layers": "early"}}],
+    # the cheap approximations (issue #18): the perturbed pass on a fraction of the rows, or every k-th step
+    "lfu_rows50": [{"lfu": {"variant": "lora", "rows": 0.5}}],
+    "lfu_rows25": [{"lfu": {"variant": "lora", "rows": 0.25}}],
+    "lfu_every2": [{"lfu": {"variant": "lora", "every": 2}}],
+    "lfu_every4": [{"lfu": {"variant": "lora", "every": 4}}],
+    "lfu_fast": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 2}}],  # the `lfu-fast` preset
     "kl": [{"kl": {}}],
     "lfu_kl": [{"kl": {}}, {"lfu": {"variant": "lora"}}],  # LfU with a clean-pass term: its graph freed first
     "kl_cached": [{"kl": {"cache": "topk", "topk": 64}}],
@@ -70,6 +77,21 @@ METHODS = {
     "sft_plus_rows": None,  # not a method: the floor of replay at 0.25 (see SFTPlusTrainedRows)
 }
 REPLAY_RATIO = {"replay": 0.25, "replay_own": 0.25, "kl_replay": 0.25}
+# timed on request (--methods ...), e.g. the LfU cost/retention frontier of bench/lfu_frontier.md
+CHEAP_LFU = ["lfu_lora_early", "lfu_rows50", "lfu_rows25", "lfu_every2", "lfu_every4", "lfu_fast"]
+
+
+def period(method: str) -> int:
+    """k for LfU `every: k` (its steps alternate between costs: timed by the mean), else 1."""
+    return max([opts.get("every", 1) for entry in METHODS.get(method) or [] for name, opts in entry.items()
+                if name == "lfu"] or [1])
+
+
+def step_time(method: str, times: list[float]) -> float:
+    if period(method) > 1:
+        k = period(method)
+        return statistics.fmean(times[: len(times) // k * k] or times)
+    return statistics.median(times)
 
 
 def device() -> torch.device:
@@ -264,7 +286,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--model-config", help="a config.json: time a randomly initialised model of that shape instead")
     p.add_argument("--finetune", default="lora", choices=["lora", "full"])
-    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "lfu_lora_early"],
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in CHEAP_LFU],
                    choices=list(METHODS))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -326,7 +348,7 @@ def main() -> None:
             print(f"memory {m}: peak RSS {memory[m]['peak_rss'] / 2**20:.0f} MiB, "
                   f"above pre-step RSS {memory[m]['peak_mem_delta'] / 2**20:.0f} MiB", flush=True)
 
-    base_time = statistics.median(times["sft"])
+    base_time = step_time("sft", times["sft"])
     results = {}  # every ratio in the file comes from this one run
     label = f"random init of {Path(args.model_config).name}" if args.model_config else args.model
     setting = {"model": label, "finetune": args.finetune, "batch": args.batch, "seq_len": args.seq_len,
@@ -334,7 +356,7 @@ def main() -> None:
                "versions": versions(), "date": time.strftime("%Y-%m-%d")}
     print(f"\n{'method':10s} {'step s':>8s} {'time x':>7s} {'mem x':>7s}  ({setting['machine']})")
     for m in args.methods:
-        median = statistics.median(times[m])
+        median = step_time(m, times[m])
         row = {"step_time_s": round(median, 4), "step_time_ratio": round(median / base_time, 3), **setting}
         if m in REPLAY_RATIO:
             row["ratio"] = REPLAY_RATIO[m]

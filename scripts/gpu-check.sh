@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a CUDA machine that has torch, transformers, peft and accelerate and no
-# network, in under 8 minutes:
+# network, in under 7 minutes:
 #   a. the GPU tests (tests/test_gpu.py: every model and batch of train / eval / compare on the GPU,
 #      model.dtype auto = bfloat16, peak memory from torch.cuda.max_memory_allocated) and the precision
 #      tests (tests/test_precision.py: bf16 evaluation, QLoRA 4-/8-bit when bitsandbytes is there);
 #   b. bench/bench.py on a randomly initialised 1.2B Llama (bench/models/llama-1b.json) in bf16,
-#      batch 8 x 512, for sft, trl_sft (when TRL is there), lfu_lora, lfu_reps, kl, kl_cached, replay,
-#      kl_replay -> bench/results_gpu.json (device name and versions included);
+#      batch 8 x 512, for sft, trl_sft (when TRL is there), lfu_lora, lfu_reps, the cheap LfU settings
+#      (lfu_rows50, lfu_every2, lfu_fast), kl, kl_cached, replay, kl_replay -> bench/results_gpu.json (device name and versions included);
 #   c. an end-to-end train + evaluate of a tiny model that asserts nothing ran on the CPU (in a).
 # What the image lacks travels as wheels: run `bash scripts/gpu-wheels.sh` first where PyPI is reachable
 # (it fills the git-ignored .whl/), and carry .whl along. Logs and results go to $OUT (default gpu-check-out/).
@@ -32,13 +32,14 @@ for name in ("torch", "transformers", "peft", "accelerate", "datasets", "bitsand
 PY
 status=0
 echo "== a/c: GPU and precision tests"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_precision.py 2>&1 | tee "$OUT/tests.log"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_precision.py 2>&1 | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== b: bench, random-init 1.2B Llama, bf16, batch 8 x 512"
 # MODEL_CONFIG / SEQ_LEN only to dry-run this script on a CPU with a small shape
-timeout 300 "$PY" bench/bench.py --model-config "${MODEL_CONFIG:-bench/models/llama-1b.json}" --bf16 --batch 8 \
+timeout 200 "$PY" bench/bench.py --model-config "${MODEL_CONFIG:-bench/models/llama-1b.json}" --bf16 --batch 8 \
   --seq-len "${SEQ_LEN:-512}" --out "$OUT/results_gpu.json" \
-  --steps 10 --warmup 2 --methods sft trl_sft lfu_lora lfu_reps kl kl_cached replay kl_replay 2>&1 | tee "$OUT/bench.log"
+  --steps 12 --warmup 2 --methods sft trl_sft lfu_lora lfu_reps lfu_rows50 lfu_every2 lfu_fast kl kl_cached \
+  replay kl_replay 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 # only a real GPU's figures become bench/results_gpu.json (a CPU dry run leaves it alone)
 if [ -f "$OUT/results_gpu.json" ] && "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then

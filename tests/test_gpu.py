@@ -48,7 +48,7 @@ def test_train_eval_compare_all_on_the_gpu(tiny_llama, suite, tmp_path, monkeypa
     config = load_config(None, [
         f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
         "data.max_length=64", "train.max_steps=2", "train.batch_size=4", "train.progress_bar=false",
-        "compare.methods=[sft, lfu, lfu-reps, kl+replay, kl-cached, ewc]",
+        "compare.methods=[sft, lfu, lfu-reps, lfu-fast, kl+replay, kl-cached, ewc]",
     ])
     config.evaluation = suite
     with cpu_forwards() as found:

@@ -218,3 +218,100 @@ def test_bad_lfu_options_are_named():
         load_config(None, ["regularizers=[{lfu: {variant: lorra}}]"])
     with pytest.raises(ConfigError, match=r"regularizers\[0\].lfu.lamda: unknown key \(did you mean"):
         load_config(None, ["regularizers=[{lfu: {lamda: 1}}]"])
+
+
+# ---------------------------------------------------------------- the cheap approximations (issue #18)
+
+def lfu_trainer(model, tmp_path, **options):
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, seed=3)
+    regs = build_regularizers([{"lfu": {"lam": LAM, "alpha": ALPHA, **options}}])
+    return ForgetlessTrainer(model=model, args=args, regularizers=regs)
+
+
+def step_grads(trainer, model, batch):
+    model.zero_grad(set_to_none=True)
+    trainer.training_step(model, dict(batch))
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def relative_error(a, b):
+    return max(((a[n] - b[n]).norm() / b[n].norm()).item() for n in b)
+
+
+@pytest.mark.parametrize("variant", ["lora", "reps"])
+def test_no_op_rows_and_every_are_exact_lfu(tiny_llama, tmp_path, variant):
+    """rows 1.0 and every 1 are the hand-computed exact step."""
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(4))
+    model = make_model(tiny_llama, "lora")
+    _, expected = hand_lfu_grads(copy.deepcopy(model), batch, variant, "all")
+    trainer = lfu_trainer(model, tmp_path, variant=variant, rows=1.0, every=1)
+    for _ in range(2):  # every micro-batch, not only the first
+        assert relative_error(step_grads(trainer, model, batch), expected) < 1e-6
+
+
+@pytest.mark.parametrize("variant", ["lora", "reps"])
+def test_row_sample_is_an_unbiased_estimate_of_exact_lfu(tiny_llama, tmp_path, variant):
+    """rows 0.5 of 4: each draw is one of the 6 row pairs, drawn uniformly; the mean of the 6 pairs' gradients
+    is exact LfU's gradient (float64), though no single pair's is."""
+    from collections import Counter
+
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(4))
+    model = make_model(tiny_llama, "lora")
+    exact = step_grads(lfu_trainer(model, tmp_path, variant=variant), model, batch)
+    trainer = lfu_trainer(model, tmp_path, variant=variant, rows=0.5)
+    lfu = trainer.perturber
+    by_pair, counts = {}, Counter()
+    for _ in range(240):
+        grads = step_grads(trainer, model, batch)
+        pair = tuple(lfu_rows_of_last_draw(trainer))
+        counts[pair] += 1
+        by_pair.setdefault(pair, grads)
+    assert sorted(counts) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert all(30 <= c <= 50 for c in counts.values()), counts  # 40 expected each
+    mean = {n: sum(g[n] for g in by_pair.values()) / len(by_pair) for n in exact}
+    assert relative_error(mean, exact) < 1e-6
+    assert all(relative_error(g, exact) > 1e-3 for g in by_pair.values())
+    assert lfu.rows is not None
+
+
+def lfu_rows_of_last_draw(trainer):
+    return trainer.perturber.rows.tolist()
+
+
+def test_every_k_runs_the_pass_on_every_kth_micro_batch_scaled_by_k(tiny_llama, tmp_path):
+    """every 3: micro-batches 0, 3, ... carry 3x the exact term and the others are plain SFT, so k micro-batches
+    of the same batch accumulate k times the exact gradient."""
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    model = make_model(tiny_llama, "lora")
+    exact = step_grads(lfu_trainer(model, tmp_path), model, batch)
+    sft = step_grads(lfu_trainer(model, tmp_path, lam=0.0), model, batch)
+    trainer = lfu_trainer(model, tmp_path, every=3)
+    grads = [step_grads(trainer, model, batch) for _ in range(6)]
+    for g in (grads[1], grads[2], grads[4], grads[5]):
+        assert relative_error(g, sft) < 1e-9
+    assert relative_error(grads[3], grads[0]) < 1e-9
+    summed = {n: grads[0][n] + grads[1][n] + grads[2][n] for n in exact}
+    assert relative_error(summed, {n: 3 * g for n, g in exact.items()}) < 1e-6
+    assert len(trainer._metrics["l_cons"]) == 2
+
+
+def test_lfu_fast_preset_trains_and_logs(tiny_gpt2, memo_data, tmp_path):
+    from forgetless.config import METHOD_PRESETS
+
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=4, batch_size=4, learning_rate=1e-2)
+    cfg.regularizers = METHOD_PRESETS["lfu-fast"]
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert sum("l_cons" in r for r in rows) >= 1
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("rows", 0, r"regularizers\[0\].lfu.rows: a fraction of the micro-batch in \(0, 1\], got 0"),
+    ("rows", 1.5, r"lfu.rows: a fraction"), ("every", 0, r"lfu.every: a whole number of micro-batches >= 1, got 0"),
+])
+def test_bad_cheap_lfu_options_are_named(option, value, message):
+    from forgetless.config import load_config
+    from forgetless.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"regularizers=[{{lfu: {{{option}: {value}}}}}]"])

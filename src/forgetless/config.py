@@ -25,6 +25,8 @@ METHOD_PRESETS: dict[str, list[dict[str, Any]]] = {
     "sft": [],
     "lfu": [{"lfu": {"variant": "lora"}}],
     "lfu-reps": [{"lfu": {"variant": "reps"}}],
+    # the cheap approximation (issue #18): the perturbed pass on half the rows of every 2nd micro-batch
+    "lfu-fast": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 2}}],
     "kl": [{"kl": {}}],
     "replay": [{"replay": {}}],
     # replay of text the initial model writes itself (forgetless.self_replay)
@@ -321,7 +323,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = ""
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], prefix + name, where)
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    # value checks a dataclass states itself: {field: what is wrong}, named here with the field's full key
+    for name, problem in getattr(built, "problems", lambda: {})().items():
+        raise ConfigError(f"{where}{prefix}{name}: {problem}")
+    return built
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -31,10 +31,29 @@ def next_token_targets(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
 
 
 def forward_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor, **kwargs):
-    """Forward that computes logits only where `keep` is True: returns (outputs, logits rows [N, V])."""
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False, **kwargs)
+    """Forward that computes logits only where `keep` is True: returns (outputs, logits rows [N, V]).
+
+    transformers >= 5.2x takes the [B, T] mask as `logits_to_keep`; older releases (5.17 on the GPU image
+    we checked) index with it wrongly, so there every position's logits are computed and then selected."""
+    mask_ok = logits_mask_supported()
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep if mask_ok else 0,
+                    use_cache=False, **kwargs)
     logits = outputs.logits
-    return outputs, (logits if logits.dim() == 2 else logits[keep])  # older models return every position
+    return outputs, (logits if logits.dim() == 2 else logits[keep])
+
+
+def logits_mask_supported() -> bool:
+    """Whether this transformers slices hidden states with a boolean [B, T] `logits_to_keep` (models that
+    call modeling_utils.slice_logits_to_keep do)."""
+    global _LOGITS_MASK
+    if _LOGITS_MASK is None:
+        from transformers import modeling_utils
+
+        _LOGITS_MASK = hasattr(modeling_utils, "slice_logits_to_keep")
+    return _LOGITS_MASK
+
+
+_LOGITS_MASK: bool | None = None
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ class ForgetlessTrainer(Trainer):
         if len(perturbers) > 1:
             raise ConfigError("regularizers: at most one perturbing regularizer (lfu) per run")
         self.perturber = perturbers[0] if perturbers else None
+        self._micro_of_step = (-1, 0)  # (optimizer step, micro-batches run in it): see micro_step()
         # Makes Trainer count the response tokens of each optimizer step (over accumulation and
         # processes) and pass the count to training_step as `num_items_in_batch`.
         self.model_accepts_loss_kwargs = True
@@ -76,6 +77,10 @@ class ForgetlessTrainer(Trainer):
         if num_items_in_batch is None:  # called outside Trainer's loop: this batch is the whole step
             num_items_in_batch = local_tokens * self.accelerator.num_processes
         token_scale = self.accelerator.num_processes / max(float(num_items_in_batch), 1.0)
+        # LfU with `every: k` runs its pass on some micro-batches only; the others are plain SFT steps
+        perturber = self.perturber
+        if perturber is not None and not perturber.perturbs_at(self.micro_step()):
+            perturber = None
 
         # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time):
         # separate passes never do; the clean pass does unless a perturbed backward follows it.
@@ -89,12 +94,13 @@ class ForgetlessTrainer(Trainer):
                     separate_terms.append(term)
                 self._record(metrics)
 
-        clean_pass = self.accelerator.no_sync(model) if self.perturber else contextlib.nullcontext()
+        clean_pass = self.accelerator.no_sync(model) if perturber else contextlib.nullcontext()
         with clean_pass:
             with self.compute_loss_context_manager():
                 with contextlib.ExitStack() as hooks:
                     for reg in self.regularizers:
-                        hooks.enter_context(reg.clean_forward(model, inputs))
+                        if reg is perturber or not reg.perturbs:
+                            hooks.enter_context(reg.clean_forward(model, inputs))
                     # logits only where a response token is predicted: the LM head skips prompt and padding
                     keep = prediction_mask(labels)
                     outputs, logits = forward_rows(model, *append_rows(inputs, keep, joined))
@@ -115,20 +121,20 @@ class ForgetlessTrainer(Trainer):
                 return self._skip_nonfinite(total)
             self._nonfinite_in_a_row = 0
 
-            if self.perturber is None:
+            if perturber is None:
                 self.backward(total)
             else:
                 if extra is not None:
                     self.backward(extra, retain_graph=True)
-                ctx.sft_grads = self._isolated_backward(sft_loss, self.perturber.ascent_tensors())
+                ctx.sft_grads = self._isolated_backward(sft_loss, perturber.ascent_tensors())
 
-        if self.perturber is not None:
+        if perturber is not None:
             # Free the whole clean graph before the perturbed forward: `extra`'s backward kept its saved
             # tensors (retain_graph), and anything holding a grad_fn would keep them (and the logits) alive.
             ctx.outputs = ctx.logits = ctx.sft_loss = outputs = logits = sft_loss = extra = term = None
             total, nll = total.detach(), nll.detach()
             with self.compute_loss_context_manager():
-                term, metrics = self.perturber.perturbed_backward(ctx)
+                term, metrics = perturber.perturbed_backward(ctx)
             total = total + term
             self._record(metrics)
 
@@ -138,6 +144,16 @@ class ForgetlessTrainer(Trainer):
             self._metrics["l_sft"].append(nll.detach().mean().item())
         self._tokens_seen += int(inputs["attention_mask"].sum())
         return total.detach()
+
+    def micro_step(self) -> int:
+        """This micro-batch's index in the run: optimizer step * accumulation steps + its place in the
+        step. A function of the step count alone, so a resumed run numbers its micro-batches as an
+        uninterrupted one does (also when training_step is called outside Trainer's loop, as bench does)."""
+        step, count = self._micro_of_step
+        if step != self.state.global_step:
+            step, count = self.state.global_step, 0
+        self._micro_of_step = (step, count + 1)
+        return step * self.args.gradient_accumulation_steps + count
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """accelerate's backward, with our losses scaled once: each is already the step's token mean, so

@@ -20,7 +20,7 @@ A regularizer that simulates an update (LfU) sets `perturbs = True` and implemen
 `ascent_tensors()` (whose gradient of l_sft *alone, for this micro-batch* it needs; the step
 isolates it from the accumulated .grad and hands it over as `ctx.sft_grads`) and
 `perturbed_backward(ctx)` (its own forward + backward after the clean one, whose graph is freed
-by then). `clean_forward(model, batch)` is a context manager around the clean forward, for
+by then), and may skip micro-batches through `perturbs_at(micro_step)`. `clean_forward(model, batch)` is a context manager around the clean forward, for
 regularizers that hook into it (capture hidden states, add steering vectors).
 """
 
@@ -106,6 +106,11 @@ class Regularizer:
         return {}
 
     # --- perturbing regularizers only (perturbs = True)
+    def perturbs_at(self, micro_step: int) -> bool:
+        """Whether micro-batch `micro_step` of the run gets the perturbed pass; when it does not, the step
+        is plain SFT for this regularizer (its clean_forward is not entered either)."""
+        return True
+
     def ascent_tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 

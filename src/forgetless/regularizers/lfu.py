@@ -15,6 +15,18 @@ variant "reps": phi is one steering vector per decoder layer, added to that laye
 Cost: the clean forward/backward is SFT's own; the perturbed forward stops after the last
 layer whose consistency is measured (no LM head, no logits) in a single process, then one
 backward. The clean graph is freed before the perturbed forward starts.
+
+Cheaper approximations of the same term (issue #18), composable with both variants and `layers`:
+  rows  = r < 1: the perturbed pass runs on k = max(1, round(r * B)) of the micro-batch's B rows,
+        drawn uniformly without replacement (seeded by train.seed and the micro-batch's index, so a
+        resumed run draws the same rows); phi still comes from the whole micro-batch's gradient.
+        Rows are independent in a causal LM, so l_cons is a sum of per-row terms c_i and
+        (B / k) * sum_{i in S} c_i is an unbiased estimate of sum_i c_i, gradient included.
+        (With dropout > 0 the subset's masks are drawn afresh, not replayed from the clean pass.)
+  every = k > 1: the perturbed pass runs on micro-batches whose run index u has u % k == 0, its
+        term scaled by k; the others are plain SFT steps (no capture, no isolated backward).
+        Averaged over the k phases this is the exact term; it trades cost for gradient variance.
+rows = 1.0 and every = 1 are the exact method, bit for bit.
 """
 
 from __future__ import annotations
@@ -43,6 +55,16 @@ class LfUConfig:
     alpha: float = 0.1  # α, size of the undesirable step (alpha >= 0.5 collapsed the paper's model)
     # "all", "early" / "middle" / "late" (thirds of the stack), or explicit decoder-layer indices
     layers: str | list[int] = "all"
+    rows: float = 1.0  # fraction of each micro-batch's rows the perturbed pass runs on (term scaled by B/k)
+    every: int = 1  # run the perturbed pass on every k-th micro-batch only (term scaled by k)
+
+    def problems(self) -> dict[str, str]:
+        found = {key: "must be >= 0" for key in ("lam", "alpha") if getattr(self, key) < 0}
+        if not 0 < self.rows <= 1:
+            found["rows"] = f"a fraction of the micro-batch in (0, 1], got {self.rows}"
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            found["every"] = f"a whole number of micro-batches >= 1, got {self.every!r}"
+        return found
 
 
 class _StopForward(Exception):
@@ -105,8 +127,8 @@ class LfU(Regularizer):
     perturbs = True
 
     def __init__(self, cfg: LfUConfig) -> None:
-        if cfg.lam < 0 or cfg.alpha < 0:
-            raise ConfigError("regularizers.lfu: lam and alpha must be >= 0")
+        for key, problem in cfg.problems().items():  # also built directly, without from_dict
+            raise ConfigError(f"regularizers.lfu.{key}: {problem}")
         self.cfg = cfg
         self.layers: nn.ModuleList | None = None
         self.selected: list[int] = []
@@ -115,6 +137,9 @@ class LfU(Regularizer):
         self.rng_state = None  # set by each clean pass, replayed by the perturbed one
         self.early_stop = True
         self.params: list[torch.Tensor] = []  # LoRA variant: the trainable weights phi offsets
+        self.seed = 0  # train.seed: with the micro-batch index, which rows `rows < 1` draws
+        self.micro_step = 0  # this micro-batch's index in the run (set by perturbs_at)
+        self.rows: torch.Tensor | None = None  # the rows the perturbed pass runs on (None: all)
 
     def setup(self, trainer) -> None:
         kind = str(trainer.accelerator.distributed_type)
@@ -126,16 +151,31 @@ class LfU(Regularizer):
         self.selected = select_layers(self.cfg.layers, len(self.layers))
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.half_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
+        self.seed = int(trainer.args.seed)
         # Stopping the perturbed forward early leaves later parameters without a gradient, which
         # DDP would wait for; with several processes the whole forward runs (see perturbed_backward).
         self.early_stop = trainer.accelerator.num_processes == 1
+
+    def perturbs_at(self, micro_step: int) -> bool:
+        """Whether micro-batch `micro_step` of the run gets the perturbed pass (`every`)."""
+        self.micro_step = micro_step
+        return micro_step % self.cfg.every == 0
+
+    def _draw_rows(self, batch_size: int, device) -> torch.Tensor | None:
+        k = max(1, round(self.cfg.rows * batch_size))
+        if k >= batch_size:
+            return None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.micro_step)
+        return torch.randperm(batch_size, generator=g)[:k].sort().values.to(device)
 
     # ------------------------------------------------------------------ clean pass
 
     @contextlib.contextmanager
     def clean_forward(self, model, batch):
         """Capture each selected layer's response-token states (detached: the fixed target)."""
+        self.rows = self._draw_rows(batch["input_ids"].shape[0], batch["input_ids"].device)
         mask = batch["labels"] != IGNORE_INDEX
+        rows = self.rows
         self.clean_hidden = {}
         self.steering = []
         # The perturbed pass replays this RNG state, so dropout masks are the same on both sides.
@@ -150,7 +190,8 @@ class LfU(Regularizer):
                     h = h + d
                     output = _replace_hidden(output, h)
                 if index in self.selected:
-                    self.clean_hidden[index] = h.detach()[mask]
+                    kept = h.detach() if rows is None else h.detach()[rows]
+                    self.clean_hidden[index] = kept[mask if rows is None else mask[rows]]
                 return output
             return fn
 
@@ -179,7 +220,13 @@ class LfU(Regularizer):
         phi = torch._foreach_mul(grads, scale.to(grads[0].dtype))
         perturb_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(phi, 2, dtype=norm_dtype)))
 
+        input_ids, attention_mask = ctx.batch["input_ids"], ctx.batch["attention_mask"]
         mask = ctx.batch["labels"] != IGNORE_INDEX
+        # the estimate's scale: B / k for a row sample, k for every k-th micro-batch (both 1 when exact)
+        estimate_scale = float(cfg.every)
+        if self.rows is not None:
+            estimate_scale *= input_ids.shape[0] / len(self.rows)
+            input_ids, attention_mask, mask = input_ids[self.rows], attention_mask[self.rows], mask[self.rows]
         n_tokens = int(mask.sum())
         last = max(self.selected)
         sq_sum = []
@@ -200,8 +247,7 @@ class LfU(Regularizer):
         model = ctx.model
         # logits_to_keep=1: only reached without the early stop (several processes), where the head's
         # parameters just need a (zero) gradient for DDP; one position is enough for that.
-        kwargs = dict(input_ids=ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"], use_cache=False,
-                      logits_to_keep=1)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
         outputs = None
         originals = []
@@ -227,7 +273,7 @@ class LfU(Regularizer):
             hidden_size = self.clean_hidden[last].shape[-1]
             # mean over layers x dims, and over the step's tokens through token_scale (as l_sft is)
             cons_sum = torch.stack(sq_sum).sum() / (len(self.selected) * hidden_size)
-            term = cfg.lam * cons_sum * ctx.token_scale
+            term = cfg.lam * cons_sum * ctx.token_scale * estimate_scale
             if outputs is not None:
                 # Several processes: every parameter must receive a gradient for DDP to sync; a zero one does.
                 term = term + 0.0 * outputs.logits.float().mean()
@@ -246,7 +292,7 @@ class LfU(Regularizer):
         self.clean_hidden = {}
         self.steering = []
 
-        mean_nll_scale = ctx.token_scale * max(n_tokens, 1)  # g is of the token_scale-weighted sum
+        mean_nll_scale = ctx.token_scale * max(int(ctx.batch["labels"].ne(IGNORE_INDEX).sum()), 1)  # g: whole batch
         if skipped:
             return torch.zeros((), device=cons_sum.device), {"lfu_nonfinite_skipped": 1.0}
         metrics = {
