@@ -61,7 +61,9 @@ METHODS = {
     "lfu_rows25": [{"lfu": {"variant": "lora", "rows": 0.25}}],
     "lfu_every2": [{"lfu": {"variant": "lora", "every": 2}}],
     "lfu_every4": [{"lfu": {"variant": "lora", "every": 4}}],
-    "lfu_fast": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 2}}],  # the `lfu-fast` preset
+    "lfu_r50_e2": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 2}}],
+    "lfu_r25_e2": [{"lfu": {"variant": "lora", "rows": 0.25, "every": 2}}],
+    "lfu_r50_e4": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 4}}],
     "kl": [{"kl": {}}],
     "lfu_kl": [{"kl": {}}, {"lfu": {"variant": "lora"}}],  # LfU with a clean-pass term: its graph freed first
     "kl_cached": [{"kl": {"cache": "topk", "topk": 64}}],
@@ -78,7 +80,8 @@ METHODS = {
 }
 REPLAY_RATIO = {"replay": 0.25, "replay_own": 0.25, "kl_replay": 0.25}
 # timed on request (--methods ...), e.g. the LfU cost/retention frontier of bench/lfu_frontier.md
-CHEAP_LFU = ["lfu_lora_early", "lfu_rows50", "lfu_rows25", "lfu_every2", "lfu_every4", "lfu_fast"]
+CHEAP_LFU = ["lfu_lora_early", "lfu_rows50", "lfu_rows25", "lfu_every2", "lfu_every4", "lfu_r50_e2", "lfu_r25_e2",
+             "lfu_r50_e4"]
 
 
 def period(method: str) -> int:

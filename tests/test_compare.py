@@ -31,6 +31,18 @@ def test_paired_bootstrap_by_hand():
     assert two["mean"] == 1.5 and two["seeds"] == 2 and two["ci95"][0] >= 1.0 and two["ci95"][1] <= 2.0
 
 
+def test_paired_robustness_std_by_hand():
+    """Items are per question, correct under each of 2 templates: template accuracies 2/3 and 1/3 have
+    std sqrt(2) / 6 (ddof 1); the reference answers alike under both (std 0)."""
+    run = [[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]]
+    ref = [[[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]]
+    d = paired_bootstrap(run, ref, 400, 0, "points", "template_std")
+    assert d["mean"] == pytest.approx(100 * math.sqrt(2) / 6)
+    assert d["ci95"][0] <= 0 <= d["mean"] <= d["ci95"][1]  # three questions: the interval is wide
+    same = paired_bootstrap(ref, ref, 100, 0, "points", "template_std")
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
 def test_compare_runs_are_checked_before_anything_trains():
     with pytest.raises(ConfigError, match=r"compare.runs.kl-0.1: regularizers\[0\].kl.cof: unknown key"):
         load_config(None, ["compare.runs={kl-0.1: {regularizers: [{kl: {cof: 0.1}}]}}"])
@@ -42,6 +54,8 @@ def test_compare_runs_are_checked_before_anything_trains():
         load_config(None, ["compare.runs={x: {evaluation: {task: null}}}"])
     with pytest.raises(ConfigError, match="compare.methods\\[0\\]: unknown method 'kl-0.1'.*or define it under compare.runs"):
         load_config(None, ["compare.methods=[kl-0.1]"])
+    with pytest.raises(ConfigError, match=r"compare.paired_with\[1\]: 'lfu-fast' is not a compared run"):
+        load_config(None, ["compare.methods=[sft, lfu]", "compare.paired_with=[sft, lfu-fast]"])
 
 
 def tiny_compare(model_dir, suite, tmp_path, *overrides: str):
@@ -57,7 +71,7 @@ def tiny_compare(model_dir, suite, tmp_path, *overrides: str):
 
 def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=3", "train.learning_rate=1e-2",
-                          "compare.methods=[sft]", "compare.seeds=[1, 2]",
+                          "compare.methods=[sft]", "compare.seeds=[1, 2]", "compare.paired_with=[sft, lfu-lr]",
                           "compare.runs={kl-strong: {regularizers: [{kl: {coef: 10.0}}]}, "
                           "lfu-lr: {method: lfu, train: {learning_rate: 0.02}}}")
     report = run_compare(config)
@@ -74,8 +88,12 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     assert "vs_sft" in report["paired"]["kl-strong"]["target_nll"] and "vs_sft" not in report["paired"]["sft"]["target_nll"]
     # a strong KL drifts less than plain SFT on every seed's general text
     assert report["paired"]["kl-strong"]["general_drift_kl"]["vs_sft"]["mean"] < 0
+    # and against another compared run, robustness std included (per question x template items)
+    vs_lfu = report["paired"]["kl-strong"]["robust_acc_std"]["vs_lfu-lr"]
+    assert vs_lfu["seeds"] == 2 and vs_lfu["n"] == 6 and "vs_lfu-lr" not in report["paired"]["lfu-lr"]["target_nll"]
     table = (root / "report.md").read_text()
     assert "## Paired differences" in table and "seeds 1, 2 (mean ± std over seeds)" in table
+    assert "Against `lfu-lr`" in table and "| Δ robust std vs lfu-lr |" in table
     assert '**kl-strong**: regularizers `[{"kl": {"coef": 10.0}}]`' in table
     assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora"}}]`; overrides' in table
 

@@ -118,7 +118,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
         "runs": {name: summarise_runs(by_seed) for name, by_seed in runs.items()},
         "results": {"base": results["base"], **{name: summarise_results(by_seed) for name, by_seed in results.items()
                                                 if name != "base"}},
-        "paired": paired_differences(results, list(configs), config.evaluation),
+        "paired": paired_differences(results, list(configs), config.evaluation, config.compare.paired_with),
+        "paired_with": list(config.compare.paired_with),
         "per_seed": {name: results[name] for name in configs},
         "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,
                      "epochs": config.train.epochs, "batch_size": config.train.batch_size,
@@ -145,13 +146,21 @@ def read_curve(run_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- seeds and paired differences
 
-# measure -> (per-item key in evaluate's "items", how a difference is shown)
+# measure -> (per-item key in evaluate's "items", how a difference is shown, the statistic of the items)
 PAIRED = {
-    "target_acc": ("target_acc", "points"),
-    "target_nll": ("target_nll", "nats"),
-    "general_ppl": ("general_nll", "percent"),  # a difference of mean NLL, shown as a perplexity change
-    "general_drift_kl": ("general_drift_kl", "nats"),
-    "mc_acc_norm": ("mc_acc_norm", "points"),
+    "target_acc": ("target_acc", "points", "mean"),
+    "target_nll": ("target_nll", "nats", "mean"),
+    "general_ppl": ("general_nll", "percent", "mean"),  # a difference of mean NLL, shown as a perplexity change
+    "general_drift_kl": ("general_drift_kl", "nats", "mean"),
+    "mc_acc_norm": ("mc_acc_norm", "points", "mean"),
+    # the spread of accuracy over prompt templates (items: per question, correct under each template)
+    "robust_acc_std": ("robust_correct", "points", "template_std"),
+}
+
+# statistic of a [..., items] (or [..., items, templates]) tensor, reducing the items (and templates)
+STATISTICS = {
+    "mean": lambda a: a.mean(-1),
+    "template_std": lambda a: a.mean(-2).std(-1),  # each template's accuracy, their std (ddof 1, as evaluate)
 }
 
 
@@ -178,44 +187,54 @@ def summarise_results(by_seed: dict[int, dict]) -> dict[str, Any]:
     return out
 
 
-def paired_differences(results: dict, names: list[str], ev) -> dict[str, dict[str, dict]]:
-    """name -> measure -> {"vs_base": ..., "vs_sft": ...}: the mean per-item difference and its 95%
-    interval from a bootstrap over the same items (and over seeds, pairing equal seeds), `excludes_zero`."""
+def paired_differences(results: dict, names: list[str], ev,
+                       references: list[str] = ("sft",)) -> dict[str, dict[str, dict]]:
+    """name -> measure -> {"vs_base": ..., "vs_<ref>": ... for each compared reference run}: the
+    difference of the measure and its 95% interval from a bootstrap over the same items (and over seeds,
+    pairing equal seeds), `excludes_zero`."""
     out: dict[str, dict[str, dict]] = {}
     base_items = results["base"].get("items", {})
     for name in names:
         by_seed = results[name]
         seeds = list(by_seed)
         out[name] = {}
-        for measure, (item_key, unit) in PAIRED.items():
+        for measure, (item_key, unit, statistic) in PAIRED.items():
             if item_key not in base_items:
                 continue
             runs = [by_seed[s]["items"][item_key] for s in seeds]
-            entry = {"vs_base": paired_bootstrap(runs, [base_items[item_key]], ev.bootstrap, ev.seed, unit)}
-            if "sft" in results and name != "sft" and all(s in results["sft"] for s in seeds):
-                entry["vs_sft"] = paired_bootstrap(runs, [results["sft"][s]["items"][item_key] for s in seeds],
-                                                   ev.bootstrap, ev.seed, unit)
+            entry = {"vs_base": paired_bootstrap(runs, [base_items[item_key]], ev.bootstrap, ev.seed, unit, statistic)}
+            for ref in references:
+                if ref in results and name != ref and all(s in results[ref] for s in seeds):
+                    entry[f"vs_{ref}"] = paired_bootstrap(runs, [results[ref][s]["items"][item_key] for s in seeds],
+                                                          ev.bootstrap, ev.seed, unit, statistic)
             out[name][measure] = entry
     return out
 
 
-def paired_bootstrap(runs: list[list[float]], refs: list[list[float]], n_boot: int, seed: int,
-                     unit: str) -> dict[str, Any]:
-    """Mean of run - reference over items (seed s of the run paired with seed s of the reference, or with
-    the one reference), and a percentile 95% interval resampling seeds and items together."""
+def paired_bootstrap(runs: list, refs: list, n_boot: int, seed: int, unit: str,
+                     statistic: str = "mean") -> dict[str, Any]:
+    """statistic(run) - statistic(reference), averaged over seeds (seed s of the run paired with seed s of
+    the reference, or with the one reference), and a percentile 95% interval resampling seeds and items
+    together, the same draw for both sides. runs / refs: [seeds][items] (or [seeds][items][templates])."""
     import torch
 
+    stat = STATISTICS[statistic]
     x = torch.tensor(runs, dtype=torch.float64)
-    y = torch.tensor(refs, dtype=torch.float64)
-    d = x - y  # [seeds, items]; one reference broadcasts over the seeds
-    s, n = d.shape
+    y = torch.tensor(refs, dtype=torch.float64).expand_as(x)  # one reference serves every seed
+    s, n = x.shape[:2]
     g = torch.Generator().manual_seed(seed)
     pick_seeds = torch.randint(0, s, (n_boot, s), generator=g)
     pick_items = torch.randint(0, n, (n_boot, n), generator=g)
-    resampled = d[pick_seeds]  # [n_boot, seeds, items]
-    stats = resampled.gather(2, pick_items[:, None, :].expand(-1, s, -1)).mean((1, 2))
+    rows = pick_seeds[:, :, None]  # [n_boot, seeds, 1] with items [n_boot, 1, items] -> [n_boot, seeds, items, ...]
+    cols = pick_items[:, None, :]
+
+    def difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per seed
+        # a mean is linear: the mean of per-item differences (one rounding, identical items give exactly 0)
+        return stat(a - b) if statistic == "mean" else stat(a) - stat(b)
+
+    stats = difference(x[rows, cols], y[rows, cols]).mean(1)
     lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    mean = d.mean().item()
+    mean = difference(x, y).mean().item()
     if unit == "percent":  # mean NLL difference -> relative perplexity change
         mean, lo, hi = (100 * math.expm1(v) for v in (mean, lo, hi))
     elif unit == "points":
@@ -306,8 +325,8 @@ def render_markdown(report: dict) -> str:
             "NLL and drift in nats.",
             "",
             "| method | Δ acc vs base | Δ acc vs sft | Δ target NLL vs base | Δ target NLL vs sft | Δ ppl vs base "
-            "| Δ ppl vs sft | drift KL vs sft | Δ MMLU vs base |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| Δ ppl vs sft | drift KL vs sft | Δ robust std vs sft | Δ MMLU vs base |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in report["methods"]:
             p = paired.get(name, {})
@@ -315,7 +334,24 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {name} | {get('target_acc', 'vs_base')} | {get('target_acc', 'vs_sft')} | "
                          f"{get('target_nll', 'vs_base')} | {get('target_nll', 'vs_sft')} | "
                          f"{get('general_ppl', 'vs_base')} | {get('general_ppl', 'vs_sft')} | "
-                         f"{get('general_drift_kl', 'vs_sft')} | {get('mc_acc_norm', 'vs_base')} |")
+                         f"{get('general_drift_kl', 'vs_sft')} | {get('robust_acc_std', 'vs_sft')} | "
+                         f"{get('mc_acc_norm', 'vs_base')} |")
+        for ref in [r for r in report.get("paired_with", []) if r != "sft" and r in report["methods"]]:
+            lines += [
+                "",
+                f"Against `{ref}` (the same measures, paired with its items and seeds):",
+                "",
+                f"| method | Δ target NLL vs {ref} | Δ acc vs {ref} | Δ ppl vs {ref} | drift KL vs {ref} "
+                f"| Δ robust std vs {ref} |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name in report["methods"]:
+                if name == ref:
+                    continue
+                p = paired.get(name, {})
+                get = lambda measure: _diff(p.get(measure, {}).get(f"vs_{ref}"))  # noqa: E731
+                lines.append(f"| {name} | {get('target_nll')} | {get('target_acc')} | {get('general_ppl')} | "
+                             f"{get('general_drift_kl')} | {get('robust_acc_std')} |")
     settings = report.get("run_settings", {})
     if settings:
         lines += ["", "## Settings of each run", ""]

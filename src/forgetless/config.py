@@ -181,6 +181,8 @@ class CompareSettings:
     runs: dict[str, Any] = field(default_factory=dict)
     # train every method once per seed (empty: train.seed only); figures become means over seeds
     seeds: list[int] = field(default_factory=list)
+    # paired differences of every run against the base and against each of these runs (when compared)
+    paired_with: list[str] = field(default_factory=lambda: ["sft"])
 
 
 @dataclass
@@ -452,6 +454,11 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
         run_config(config, name, overrides, where)  # every run's settings are checked before anything trains
     if len(set(config.compare.seeds)) != len(config.compare.seeds):
         raise ConfigError(f"{where}compare.seeds: repeated seeds {config.compare.seeds}")
+    compared = set(config.compare.methods) | set(config.compare.runs)
+    for i, name in enumerate(config.compare.paired_with):
+        if name not in compared and name != "sft":  # sft: against it whenever it is compared (the default)
+            raise ConfigError(f"{where}compare.paired_with[{i}]: '{name}' is not a compared run "
+                              f"(compare.methods / compare.runs: {', '.join(sorted(compared))})")
     b = config.budget
     for key, value in [("max_general_drop", b.max_general_drop), ("max_drift_kl", b.max_drift_kl)]:
         if value is not None and value < 0:

@@ -198,7 +198,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         results["target_nll"] = measure(sum(-s for s in scores) / sum(lengths), len(records),
                                         bootstrap_ci(per_token, n_boot=cfg.bootstrap, seed=cfg.seed))
         items["target_nll"] = per_token
-        per_template = []
+        per_template, correct_by_template = [], []
         for t, template in enumerate(cfg.templates):
             prompts = []
             for r in records:
@@ -209,6 +209,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
                                      f"{name}: task template {t + 1}/{len(cfg.templates)}")
             correct = [float(is_correct(a, r.messages[-1]["content"], cfg.extractor)) for a, r in zip(answers, records)]
             per_template.append(sum(correct) / len(correct))
+            correct_by_template.append(correct)
             if t == 0:
                 items["target_acc"] = correct
                 results["target_acc"] = measure(per_template[0], len(records),
@@ -219,6 +220,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         results["robust_acc_mean"] = measure(mean, len(records) * len(per_template))
         results["robust_acc_std"] = measure(std, len(per_template))
         results["robust_acc_per_template"] = per_template
+        items["robust_correct"] = [list(row) for row in zip(*correct_by_template)]  # [question][template]
 
     if cfg.general_text:
         blocks = pack_blocks(load_texts(cfg.general_text), tokenizer, cfg.block_length)[: cfg.general_blocks]
