@@ -113,3 +113,18 @@ def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suit
     assert 0 < summary["curve_seconds"] < summary["train_seconds"]
     assert (tmp_path / "cmp" / "curve.png").stat().st_size > 0
     assert (tmp_path / "cmp" / "sft" / "checkpoints" / "curve_reference.safetensors").exists()
+
+
+def test_report_gives_each_general_domain(tiny_llama, suite, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(("hello world over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - = .\n\n") * 12)
+    config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=2", "train.learning_rate=5e-2",
+                          "compare.methods=[sft]")
+    config.evaluation.general_text = {"fox": suite.general_text, "numbers": str(other)}
+    config.evaluation.general_blocks = 2
+    report = run_compare(config)
+    assert set(report["results"]["sft"]["general_by_domain"]) == {"fox", "numbers"}
+    ppl = report["paired"]["sft"]["general_ppl@numbers"]["vs_base"]
+    assert ppl["unit"] == "percent" and ppl["n"] == 2
+    table = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## General yardstick by domain" in table and "| method | fox ppl | fox drift | numbers ppl |" in table

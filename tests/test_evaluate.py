@@ -1,6 +1,7 @@
 """The evaluation suite and `compare` on tiny models: hand computations, identities, no leakage."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -144,3 +145,60 @@ def test_lm_eval_backend_runs_in_memory_and_agrees_with_our_mc_scoring(tiny_llam
     assert got["acc_norm,none"] == pytest.approx(ours["mc_acc_norm"]["value"])
     with pytest.raises(ConfigError, match="no task 'nonexistent_task'"):
         evaluate(model, tok, dataclasses.replace(cfg, lm_eval_tasks=["nonexistent_task"]), DataConfig())
+
+
+def test_general_yardstick_of_several_domains(tiny_llama, suite, tmp_path):
+    """Per-domain perplexity and drift beside the pooled figures (every block alike), each domain's first
+    general_blocks reported; the budget's validation blocks and the curve's come from the blocks after them."""
+    from forgetless.budget import Validator
+    from forgetless.config import ForgetlessConfig
+    from forgetless.curve import ForgettingCurve
+    from forgetless.data import general_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = load_tokenizer(tiny_llama)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other = tmp_path / "other.txt"
+    other.write_text(("hello world over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - = .\n\n") * 12)
+    domains = {"fox": suite.general_text, "numbers": str(other)}
+    cfg = dataclasses.replace(suite, general_text=domains, general_blocks=3)
+    res = evaluate(tuned, tok, cfg, DataConfig(), base=model)
+    by = res["general_by_domain"]
+    assert list(by) == ["fox", "numbers"] and all(d["blocks"] == 3 and d["drift_kl"] > 0 for d in by.values())
+    assert by["fox"]["ppl"] != pytest.approx(by["numbers"]["ppl"], rel=1e-3)
+    pooled = math.exp((math.log(by["fox"]["ppl"]) + math.log(by["numbers"]["ppl"])) / 2)  # equal block counts
+    assert res["general_ppl"]["value"] == pytest.approx(pooled, rel=1e-6)
+    assert res["general_drift_kl"]["value"] == pytest.approx((by["fox"]["drift_kl"] + by["numbers"]["drift_kl"]) / 2)
+    assert res["general_ppl"]["n"] == 6 * 15 and len(res["items"]["general_nll@fox"]) == 3
+
+    parts = general_blocks(domains, tok, 16, 3)
+    assert all(torch.equal(rep, pack_blocks(load_texts(spec), tok, 16)[:3]) for (rep, _), spec in
+               zip(parts.values(), domains.values()))
+    config = ForgetlessConfig()
+    config.evaluation = dataclasses.replace(cfg, block_length=16, curve_blocks=4)
+    config.budget.validation_blocks = 6
+    from forgetless.data import load_records
+
+    validator = Validator(config, load_records(suite.task, DataConfig())[:2], tok, model)
+    # held out: each domain's blocks after its reported 3, the domains in turn
+    fox, numbers = parts["fox"][1], parts["numbers"][1]
+    expected = torch.stack([fox[0], numbers[0], fox[1], numbers[1], fox[2], numbers[2]])
+    assert torch.equal(validator.blocks, expected)
+    assert torch.equal(ForgettingCurve(config, tok).blocks, expected[:4])
+
+
+def test_shipped_general_domains_are_long_enough_and_not_replay(tiny_llama):
+    """The packaged yardstick: four domains, none sharing a document with the shipped replay corpus, each with
+    its reported blocks and held-out blocks after them."""
+    from forgetless.config import GENERAL_DOMAINS
+    from forgetless.data import general_blocks
+
+    ev = EvalConfig()
+    assert ev.general_text == GENERAL_DOMAINS and len(GENERAL_DOMAINS) >= 4
+    check_disjoint(ev, DataConfig(), [], ["builtin:replay/kjv.txt.gz"])
+    tok = load_tokenizer(tiny_llama)
+    for domain, (reported, held) in general_blocks(ev.general_text, tok, ev.block_length, ev.general_blocks).items():
+        assert len(reported) == ev.general_blocks and len(held) >= 8, domain

@@ -5,8 +5,8 @@ picks the regularisation strength that stays inside it while keeping as much tar
     forgetless train default budget.max_drift_kl=0.02          # or: mean token KL(base || tuned) bound
 
 The search, on a validation split (never the data the final figures are reported on):
-  - general text: `budget.general_text`, or by default the blocks of `evaluation.general_text` *after*
-    the first `evaluation.general_blocks` (which the evaluation reports on), a documented held-out split;
+  - general text: `budget.general_text`, or by default the blocks of each `evaluation.general_text` domain
+    *after* its first `evaluation.general_blocks` (which the evaluation reports on), the domains in turn;
   - target task: the last `budget.validation_examples` training examples, held out from training.
 A candidate passes when its validation perplexity rise (ppl / ppl_base - 1) and/or drift KL stay
 within (1 - margin) x the bound(s); among passing candidates the one with the lowest validation
@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import ForgetlessConfig, dump_config
-from forgetless.data import load_texts, pack_blocks, render, training_records, uses_chat_template
+from forgetless.data import (general_blocks, interleave_blocks, load_texts, pack_blocks, render, training_records,
+                             uses_chat_template)
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
 from forgetless.train import SUMMARY, load_trained, prepare_output_dir, train
@@ -67,15 +68,15 @@ class Validator:
         self.batch_size = ev.batch_size
         self.tokenizer, self.base = tokenizer, base
         if b.general_text:
-            blocks = pack_blocks(load_texts(b.general_text), tokenizer, ev.block_length)
+            self.blocks = pack_blocks(load_texts(b.general_text), tokenizer, ev.block_length)[: b.validation_blocks]
             where = b.general_text
         elif ev.general_text:
-            # held out from the evaluation: the blocks it does not report on
-            blocks = pack_blocks(load_texts(ev.general_text), tokenizer, ev.block_length)[ev.general_blocks:]
-            where = f"{ev.general_text} after its first {ev.general_blocks} blocks (evaluation.general_blocks)"
+            # held out from the evaluation: each domain's blocks after those it reports on, the domains in turn
+            domains = general_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks)
+            self.blocks = interleave_blocks([held for _, held in domains.values()], b.validation_blocks)
+            where = f"evaluation.general_text ({', '.join(domains)}) after the first {ev.general_blocks} blocks of each"
         else:
             raise ConfigError("budget: needs general text to validate on: set budget.general_text or evaluation.general_text")
-        self.blocks = blocks[: b.validation_blocks]
         if len(self.blocks) < 4:
             raise DataError(f"budget: only {len(self.blocks)} validation blocks of {ev.block_length} tokens in {where}; "
                             "give budget.general_text a longer text, or lower evaluation.general_blocks")
@@ -244,7 +245,10 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     held_out = None
     ev = config.evaluation
     if ev.general_text:
-        blocks = pack_blocks(load_texts(ev.general_text), tokenizer, ev.block_length)[: ev.general_blocks]
+        import torch
+
+        domains = general_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks)
+        blocks = torch.cat([reported for reported, _ in domains.values()])
         base_nll, _, _ = block_nll_and_drift(base, blocks, ev.batch_size)
         nll, drift, _ = block_nll_and_drift(chosen_model.eval(), blocks, ev.batch_size, base)
         drop = math.exp(sum(nll) / len(nll) - sum(base_nll) / len(base_nll)) - 1

@@ -184,6 +184,9 @@ def summarise_results(by_seed: dict[int, dict]) -> dict[str, Any]:
             values = [r[key]["value"] for r in results]
             out[key] = {"value": statistics.fmean(values), "seed_std": statistics.stdev(values),
                         "n": entry["n"], "seeds": len(values)}
+    if "general_by_domain" in results[0]:  # per domain: the mean over seeds of each figure
+        out["general_by_domain"] = {d: {k: statistics.fmean(r["general_by_domain"][d][k] for r in results) for k in fig}
+                                    for d, fig in results[0]["general_by_domain"].items()}
     return out
 
 
@@ -198,7 +201,7 @@ def paired_differences(results: dict, names: list[str], ev,
         by_seed = results[name]
         seeds = list(by_seed)
         out[name] = {}
-        for measure, (item_key, unit, statistic) in PAIRED.items():
+        for measure, (item_key, unit, statistic) in {**PAIRED, **per_domain_measures(base_items)}.items():
             if item_key not in base_items:
                 continue
             runs = [by_seed[s]["items"][item_key] for s in seeds]
@@ -208,6 +211,17 @@ def paired_differences(results: dict, names: list[str], ev,
                     entry[f"vs_{ref}"] = paired_bootstrap(runs, [results[ref][s]["items"][item_key] for s in seeds],
                                                           ev.bootstrap, ev.seed, unit, statistic)
             out[name][measure] = entry
+    return out
+
+
+def per_domain_measures(items: dict) -> dict[str, tuple[str, str, str]]:
+    """general_ppl@<domain> / general_drift_kl@<domain> for each general-text domain evaluate measured."""
+    out = {}
+    for key in items:
+        if key.startswith("general_nll@"):
+            domain = key.split("@", 1)[1]
+            out[f"general_ppl@{domain}"] = (key, "percent", "mean")
+            out[f"general_drift_kl@{domain}"] = (f"general_drift_kl@{domain}", "nats", "mean")
     return out
 
 
@@ -352,6 +366,27 @@ def render_markdown(report: dict) -> str:
                 get = lambda measure: _diff(p.get(measure, {}).get(f"vs_{ref}"))  # noqa: E731
                 lines.append(f"| {name} | {get('target_nll')} | {get('target_acc')} | {get('general_ppl')} | "
                              f"{get('general_drift_kl')} | {get('robust_acc_std')} |")
+    domains = list(base.get("general_by_domain", {}))
+    if len(domains) > 1:
+        lines += [
+            "",
+            "## General yardstick by domain",
+            "",
+            "Perplexity (change against the base, paired 95% interval; * = excludes zero) and drift KL per domain; "
+            "the pooled figures above weigh every block alike.",
+            "",
+            "| method | " + " | ".join(f"{d} ppl | {d} drift" for d in domains) + " |",
+            "|---|" + "---|---|" * len(domains),
+        ]
+        tokens = ", ".join(f"{d} {base['general_by_domain'][d]['tokens']}" for d in domains)
+        for name in ["base"] + report["methods"]:
+            by = res[name].get("general_by_domain", {})
+            cells = []
+            for d in domains:
+                change = "" if name == "base" else " " + _diff(paired.get(name, {}).get(f"general_ppl@{d}", {}).get("vs_base"))
+                cells += [f"{by[d]['ppl']:.2f}{change}" if d in by else "–", f"{by[d]['drift_kl']:.4f}" if d in by else "–"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", f"Tokens per domain: {tokens}."]
     settings = report.get("run_settings", {})
     if settings:
         lines += ["", "## Settings of each run", ""]

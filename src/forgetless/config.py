@@ -143,6 +143,16 @@ DEFAULT_TEMPLATES = [
 ]
 
 
+# The general yardstick: four domains, shipped (sources and licences in assets/general/README.md), none
+# shared with a replay corpus
+GENERAL_DOMAINS = {
+    "fiction": "builtin:general/verne_2889.txt",
+    "technical": "builtin:general/python_docs.txt",
+    "expository": "builtin:general/debian_handbook.txt",
+    "quotations": "builtin:general/fortunes.txt",
+}
+
+
 @dataclass
 class EvalConfig:
     """The evaluation suite (see forgetless.evaluate)."""
@@ -152,8 +162,9 @@ class EvalConfig:
     extractor: Literal["number", "exact", "contains"] = "number"
     max_new_tokens: int = 16
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    general_text: str | None = "builtin:general/verne_2889.txt"
-    general_blocks: int = 48
+    # general text of several domains ({domain: source}), or one source; never a replay corpus
+    general_text: str | dict[str, str] | None = field(default_factory=lambda: dict(GENERAL_DOMAINS))
+    general_blocks: int = 12  # reported blocks per domain; the blocks after them are held out (budget, curve)
     block_length: int = 128
     mc: str | None = "builtin:mmlu/mmlu_sample.jsonl"  # {"question", "choices", "answer"} rows
     mc_limit: int = 120

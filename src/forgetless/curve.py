@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from forgetless.cache import save_atomic
-from forgetless.data import load_records, load_texts, pack_blocks, render, uses_chat_template
+from forgetless.data import general_blocks, interleave_blocks, load_records, render, uses_chat_template
 from forgetless.losses import forward_rows, next_token_targets, prediction_mask, token_nll, upcast
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,11 @@ class ForgettingCurve(TrainerCallback):
         self.seconds = 0.0
         self.blocks = None
         if ev.general_text:
-            blocks = pack_blocks(load_texts(ev.general_text), tokenizer, ev.block_length)
-            self.blocks = blocks[ev.general_blocks:ev.general_blocks + ev.curve_blocks]
-            if len(self.blocks) == 0:  # a short text: the reported blocks are all there is
-                self.blocks = blocks[-ev.curve_blocks:]
+            domains = general_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks).values()
+            # held-out blocks of every domain in turn; a short text's reported blocks when that is all there is
+            self.blocks = interleave_blocks([held for _, held in domains], ev.curve_blocks)
+            if len(self.blocks) == 0:
+                self.blocks = interleave_blocks([rep.flip(0) for rep, _ in domains], ev.curve_blocks)
         self.task = None
         if ev.task:
             records = load_records(ev.task, config.data)[-ev.curve_examples:]

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from forgetless.assets import resolve_builtin
 from forgetless.config import DataConfig, DataSource
-from forgetless.errors import DataError
+from forgetless.errors import ConfigError, DataError
 from forgetless.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -520,3 +520,35 @@ def pack_blocks(texts: list[str], tokenizer, block_len: int) -> "torch.Tensor":
     if n_blocks == 0:
         raise DataError(f"the text corpus has {len(stream)} tokens, fewer than one block of {block_len}")
     return torch.tensor(stream[: n_blocks * block_len], dtype=torch.long).view(n_blocks, block_len)
+
+
+def general_domains(general_text: str | dict[str, str] | None) -> dict[str, str]:
+    """evaluation.general_text as {domain: source}: one source is the domain "general"."""
+    if not general_text:
+        return {}
+    if isinstance(general_text, str):
+        return {"general": general_text}
+    for domain, spec in general_text.items():
+        if not isinstance(spec, str) or not spec:
+            raise ConfigError(f"evaluation.general_text.{domain}: expected a text source (a path or builtin:...), "
+                              f"got {spec!r}")
+    return dict(general_text)
+
+
+def general_blocks(general_text, tokenizer, block_len: int, reported: int) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+    """Each general-text domain's blocks as (reported, held out): its first `reported` blocks are what the
+    evaluation reports on; the rest are never reported (budget validation, the forgetting curve)."""
+    out = {}
+    for domain, spec in general_domains(general_text).items():
+        blocks = pack_blocks(load_texts(spec), tokenizer, block_len)
+        out[domain] = (blocks[:reported], blocks[reported:])
+    return out
+
+
+def interleave_blocks(parts: list["torch.Tensor"], limit: int) -> "torch.Tensor":
+    """Up to `limit` blocks taken from the parts in turn (a block of each domain, then the next of each)."""
+    import torch
+
+    rows = [part[i] for i in range(max((len(p) for p in parts), default=0)) for part in parts if i < len(part)]
+    width = parts[0].shape[1] if parts else 0
+    return torch.stack(rows[:limit]) if rows and limit > 0 else torch.zeros((0, width), dtype=torch.long)

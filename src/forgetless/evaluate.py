@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from forgetless.data import load_records, load_texts, pack_blocks, read_rows, render, render_prompt, uses_chat_template
+from forgetless.data import (general_blocks, general_domains, load_records, load_texts, read_rows, render, render_prompt,
+                             uses_chat_template)
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
 from forgetless.errors import ConfigError, DataError
 from forgetless.losses import forward_rows, token_kl, upcast
@@ -173,11 +174,12 @@ def check_disjoint(cfg: EvalConfig, data_cfg: DataConfig, train_specs: list[str]
             if overlap:
                 raise DataError(f"eval.task: {len(overlap)} test prompts also appear in the training data {spec} "
                                 f"(e.g. {next(iter(overlap))!r}); evaluate on held-out data")
-    if cfg.general_text:
-        general = set(load_texts(cfg.general_text))
+    for domain, general_spec in general_domains(cfg.general_text).items():
+        general = set(load_texts(general_spec))
         for spec in replay_specs:
             if general & set(load_texts(spec)):
-                raise DataError(f"eval.general_text shares documents with the replay corpus {spec}; use another source")
+                raise DataError(f"evaluation.general_text ({domain}: {general_spec}) shares documents with the replay "
+                                f"corpus {spec}; use another source")
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None, name: str = "model") -> dict[str, Any]:
@@ -223,18 +225,25 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         items["robust_correct"] = [list(row) for row in zip(*correct_by_template)]  # [question][template]
 
     if cfg.general_text:
-        blocks = pack_blocks(load_texts(cfg.general_text), tokenizer, cfg.block_length)[: cfg.general_blocks]
-        nll, drift, tokens = block_nll_and_drift(model, blocks, cfg.batch_size, base)
-        ppl = math.exp(sum(nll) / len(nll))
-        items["general_nll"] = nll
-        items["general_drift_kl"] = drift if base is not None else [0.0] * len(nll)
+        # every domain's reported blocks; pooled figures weigh each block alike, per-domain ones beside them
+        nll, drift, by_domain = [], [], {}
+        for domain, (blocks, _) in general_blocks(cfg.general_text, tokenizer, cfg.block_length, cfg.general_blocks).items():
+            d_nll, d_drift, tokens = block_nll_and_drift(model, blocks, cfg.batch_size, base)
+            d_drift = d_drift if base is not None else [0.0] * len(d_nll)
+            by_domain[domain] = {"ppl": math.exp(sum(d_nll) / len(d_nll)), "drift_kl": sum(d_drift) / len(d_drift),
+                                 "blocks": len(d_nll), "tokens": len(d_nll) * tokens}
+            nll, drift = nll + d_nll, drift + d_drift
+            items[f"general_nll@{domain}"], items[f"general_drift_kl@{domain}"] = d_nll, d_drift
+        items["general_nll"], items["general_drift_kl"] = nll, drift
+        n_tokens = sum(d["tokens"] for d in by_domain.values())
         ci = bootstrap_ci(nll, n_boot=cfg.bootstrap, seed=cfg.seed)
-        results["general_ppl"] = measure(ppl, len(nll) * tokens, (math.exp(ci[0]), math.exp(ci[1])))
+        results["general_ppl"] = measure(math.exp(sum(nll) / len(nll)), n_tokens, (math.exp(ci[0]), math.exp(ci[1])))
         if base is not None:
-            results["general_drift_kl"] = measure(sum(drift) / len(drift), len(drift) * tokens,
+            results["general_drift_kl"] = measure(sum(drift) / len(drift), n_tokens,
                                                   bootstrap_ci(drift, n_boot=cfg.bootstrap, seed=cfg.seed))
         else:
-            results["general_drift_kl"] = measure(0.0, len(nll) * tokens)
+            results["general_drift_kl"] = measure(0.0, n_tokens)
+        results["general_by_domain"] = by_domain
 
     if cfg.mc:
         rows = load_mc(cfg.mc, cfg.mc_limit)
