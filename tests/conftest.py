@@ -146,4 +146,4 @@ def suite(tmp_path):
         {"question": "Sum?", "choices": ["7", "12", "0", "9 8"], "answer": 2},
     ])
     return EvalConfig(task=str(task), task_limit=6, max_new_tokens=4, general_text=str(text), general_blocks=4,
-                      block_length=16, mc=str(mc), batch_size=2, bootstrap=200)
+                      block_length=16, mc=str(mc), batch_size=2, bootstrap=200, instructions_max_new_tokens=6)

@@ -202,3 +202,40 @@ def test_shipped_general_domains_are_long_enough_and_not_replay(tiny_llama):
     tok = load_tokenizer(tiny_llama)
     for domain, (reported, held) in general_blocks(ev.general_text, tok, ev.block_length, ev.general_blocks).items():
         assert len(reported) == ev.general_blocks and len(held) >= 8, domain
+
+
+def test_instruction_retention_scores_the_base_models_own_answers(tiny_llama, suite, monkeypatch):
+    """The base's greedy answers are the reference, generated once for every model compared with it; a model
+    identical to the base keeps them exactly; a perturbed one finds them less likely."""
+    import forgetless.evaluate as ev
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = load_tokenizer(tiny_llama)
+    with torch.no_grad():  # the random model would answer <|assistant|> forever: silence the role tokens
+        base.get_output_embeddings().weight[3:6] = 0
+    cfg = dataclasses.replace(suite, task=None, general_text=None, mc=None)
+    calls = []
+    real = ev.greedy_answers
+    monkeypatch.setattr(ev, "greedy_answers", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    own = evaluate(base, tok, cfg, DataConfig())
+    twin = evaluate(copy.deepcopy(base), tok, cfg, DataConfig(), base=base)
+    assert own["instr_clean_end"]["n"] == 40 and twin["instr_nll"]["value"] == pytest.approx(own["instr_nll"]["value"], rel=1e-6)
+    assert twin["instr_clean_end"]["value"] == own["instr_clean_end"]["value"]
+    assert len(calls) == 2 and calls[0] is base  # the base generated once, the twin its own answers
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    moved = evaluate(tuned, tok, cfg, DataConfig(), base=base)
+    assert moved["instr_nll"]["value"] > own["instr_nll"]["value"]
+    assert len(calls) == 3  # still no second generation of the base's answers
+
+    # by hand: the base's own mean per-token NLL of its answers
+    prompts = [ev.render_prompt([{"role": "user", "content": r["instruction"]}], tok, True)
+               for _, r in ev.read_rows(cfg.instructions)]
+    answers = real(base, tok, prompts, cfg.instructions_max_new_tokens, 4, "t")
+    pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
+    scores = continuation_logprobs(base, tok, pairs, 4, "t")
+    total = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for _, a in pairs)
+    assert own["instr_nll"]["value"] == pytest.approx(-sum(scores) / total, rel=1e-5)
+    assert own["instr_nll"]["n"] == len(pairs) >= 30  # answers that are all special tokens have nothing to score

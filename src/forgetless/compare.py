@@ -35,6 +35,8 @@ MEASURES = [
     ("mc_acc_norm", "MMLU acc_norm", True),
     ("robust_acc_mean", "robustness: mean acc", True),
     ("robust_acc_std", "robustness: std across prompts", False),
+    ("instr_nll", "NLL of the base's own answers", False),
+    ("instr_clean_end", "answers ending cleanly", True),
 ]
 
 
@@ -155,6 +157,9 @@ PAIRED = {
     "mc_acc_norm": ("mc_acc_norm", "points", "mean"),
     # the spread of accuracy over prompt templates (items: per question, correct under each template)
     "robust_acc_std": ("robust_correct", "points", "template_std"),
+    # instruction-following retention: NLL of the base's own answers, answers ending cleanly
+    "instr_nll": ("instr_nll", "nats", "mean"),
+    "instr_clean_end": ("instr_clean_end", "points", "mean"),
 }
 
 # statistic of a [..., items] (or [..., items, templates]) tensor, reducing the items (and templates)
@@ -202,7 +207,7 @@ def paired_differences(results: dict, names: list[str], ev,
         seeds = list(by_seed)
         out[name] = {}
         for measure, (item_key, unit, statistic) in {**PAIRED, **per_domain_measures(base_items)}.items():
-            if item_key not in base_items:
+            if not base_items.get(item_key):  # not measured, or nothing to pair (e.g. no base answer to score)
                 continue
             runs = [by_seed[s]["items"][item_key] for s in seeds]
             entry = {"vs_base": paired_bootstrap(runs, [base_items[item_key]], ev.bootstrap, ev.seed, unit, statistic)}
@@ -303,8 +308,8 @@ def render_markdown(report: dict) -> str:
         "Sample counts are in report.json.",
         "",
         "| method | target acc | Δ acc | target NLL | general ppl | Δ ppl | drift KL | MMLU acc_norm | Δ MMLU "
-        "| robust acc mean ± std | step s | peak mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| robust acc mean ± std | instr NLL | clean end | step s | peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ["base"] + report["methods"]:
         r = res[name]
@@ -318,7 +323,8 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {_fmt(r.get('target_acc'))} | {d_acc:+.3f} | {_fmt(r.get('target_nll'))} | "
             f"{_fmt(r.get('general_ppl'), 2)} | {d_ppl:+.1f}% | {_fmt(r.get('general_drift_kl'), 4)} | "
-            f"{_fmt(r.get('mc_acc_norm'))} | {d_mc:+.3f} | {robust} | {step} | {mem} |"
+            f"{_fmt(r.get('mc_acc_norm'))} | {d_mc:+.3f} | {robust} | {_fmt(r.get('instr_nll'))} | "
+            f"{_fmt(r.get('instr_clean_end'), 2)} | {step} | {mem} |"
         )
     n = {k: base[k]["n"] for k in ("target_acc", "general_ppl", "mc_acc_norm") if k in base}
     lines += [
@@ -339,8 +345,9 @@ def render_markdown(report: dict) -> str:
             "NLL and drift in nats.",
             "",
             "| method | Δ acc vs base | Δ acc vs sft | Δ target NLL vs base | Δ target NLL vs sft | Δ ppl vs base "
-            "| Δ ppl vs sft | drift KL vs sft | Δ robust std vs sft | Δ MMLU vs base |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| Δ ppl vs sft | drift KL vs sft | Δ robust std vs sft | Δ MMLU vs base | Δ instr NLL vs base "
+            "| Δ clean end vs base |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in report["methods"]:
             p = paired.get(name, {})
@@ -349,7 +356,8 @@ def render_markdown(report: dict) -> str:
                          f"{get('target_nll', 'vs_base')} | {get('target_nll', 'vs_sft')} | "
                          f"{get('general_ppl', 'vs_base')} | {get('general_ppl', 'vs_sft')} | "
                          f"{get('general_drift_kl', 'vs_sft')} | {get('robust_acc_std', 'vs_sft')} | "
-                         f"{get('mc_acc_norm', 'vs_base')} |")
+                         f"{get('mc_acc_norm', 'vs_base')} | {get('instr_nll', 'vs_base')} | "
+                         f"{get('instr_clean_end', 'vs_base')} |")
         for ref in [r for r in report.get("paired_with", []) if r != "sft" and r in report["methods"]]:
             lines += [
                 "",

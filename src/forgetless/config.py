@@ -166,6 +166,9 @@ class EvalConfig:
     general_text: str | dict[str, str] | None = field(default_factory=lambda: dict(GENERAL_DOMAINS))
     general_blocks: int = 12  # reported blocks per domain; the blocks after them are held out (budget, curve)
     block_length: int = 128
+    # instruction-following retention: {"instruction": ...} rows; the base model's greedy answers are the reference
+    instructions: str | None = "builtin:instructions/general.jsonl"
+    instructions_max_new_tokens: int = 64
     mc: str | None = "builtin:mmlu/mmlu_sample.jsonl"  # {"question", "choices", "answer"} rows
     mc_limit: int = 120
     batch_size: int = 16

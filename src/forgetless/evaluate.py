@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -80,13 +81,16 @@ def is_correct(generated: str, reference: str, extractor: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
-    """Greedy completions of already-rendered prompt texts (left-padded batches)."""
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str,
+                   ended: list[bool] | None = None) -> list[str]:
+    """Greedy completions of already-rendered prompt texts (left-padded batches). `ended`, when given, is
+    filled with whether each answer stopped at end-of-sequence within max_new_tokens."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     # batches of similar length waste little on padding; answers are put back in input order
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    stopped = [False] * len(prompts)
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             chunk = order[start:start + batch_size]
@@ -94,10 +98,14 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
                             add_special_tokens=False).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for i, text in zip(chunk, tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            new_tokens = gen[:, enc["input_ids"].shape[1]:]
+            for i, text, ids in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), new_tokens):
                 out[i] = text
+                stopped[i] = bool((ids == tokenizer.eos_token_id).any())
     finally:
         tokenizer.padding_side = side
+    if ended is not None:
+        ended[:] = stopped
     return out
 
 
@@ -245,6 +253,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
             results["general_drift_kl"] = measure(0.0, n_tokens)
         results["general_by_domain"] = by_domain
 
+    if cfg.instructions:
+        results.update(instruction_retention(model, tokenizer, cfg, data_cfg, base, name, items))
+
     if cfg.mc:
         rows = load_mc(cfg.mc, cfg.mc_limit)
         pairs = [(f"Question: {row['question'].strip()}\nAnswer:", f" {choice}") for row in rows for choice in row["choices"]]
@@ -295,6 +306,49 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
     return {task: {**{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"},
                    "n": samples.get(task, {}).get("effective")}
             for task, metrics in out["results"].items()}
+
+
+# the base model's greedy answers to the instructions, per base model (dropped with it) and (instructions,
+# budget): generated once however many tuned models are compared with it
+_BASE_ANSWERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base, name: str,
+                          items: dict) -> dict[str, Any]:
+    """How much of the base model's own behaviour on everyday instructions the model kept: the mean per-token
+    NLL of the base's greedy answers under this model (`instr_nll`; the base's own is the reference), and the
+    share of this model's own greedy answers that end at end-of-sequence within the budget (`instr_clean_end`)."""
+    rows = [row for _, row in read_rows(cfg.instructions)]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise DataError(f"{cfg.instructions}: row {i + 1} needs a non-empty 'instruction' string")
+    chat = uses_chat_template(tokenizer, data_cfg)
+    prompts = [render_prompt([{"role": "user", "content": row["instruction"]}], tokenizer, chat) for row in rows]
+    own_ended: list[bool] = []
+    own = greedy_answers(model, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
+                         f"{name}: instructions", ended=own_ended)
+    known = _BASE_ANSWERS.setdefault(base if base is not None else model, {})
+    key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts))
+    if base is None:
+        known[key] = own
+    if key not in known:
+        known[key] = greedy_answers(base, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
+                                    f"{name}: base answers")
+    reference = known[key]
+    pairs = [(p, a) for p, a in zip(prompts, reference) if a.strip()]
+    scores = continuation_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: base answers' NLL")
+    lengths = [max(len(tokenizer(a, add_special_tokens=False)["input_ids"]), 1) for _, a in pairs]
+    per_answer = [-s / n for s, n in zip(scores, lengths)]
+    items["instr_nll"] = per_answer
+    items["instr_clean_end"] = [float(e) for e in own_ended]
+    return {
+        # no answer to score (the base answered nothing but special tokens): NaN, not a figure
+        "instr_nll": measure(sum(-s for s in scores) / sum(lengths), len(pairs),
+                             bootstrap_ci(per_answer, n_boot=cfg.bootstrap, seed=cfg.seed))
+        if pairs else measure(math.nan, 0),
+        "instr_clean_end": measure(sum(own_ended) / len(own_ended), len(own_ended),
+                                   bootstrap_ci(items["instr_clean_end"], n_boot=cfg.bootstrap, seed=cfg.seed)),
+    }
 
 
 def evaluate_base_and_runs(config, runs: dict[str, str]) -> dict[str, Any]:
