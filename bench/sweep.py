@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/sweep.py kl coef 0.01 0.1 1.0
     .venv/bin/python bench/sweep.py replay ratio 0.25 0.5 1.0
+    .venv/bin/python bench/sweep.py train learning_rate 5e-4 1e-3 2e-3   # plain SFT, a train.* setting
 
 Each value trains `forgetless train default` with that one regularizer (on the training split
 minus the 64 examples the forgetting budget holds out) and is measured on the budget's
 validation split (forgetless.budget.Validator: general-text perplexity change and drift on the
-10 Verne blocks the evaluation does not report on, target NLL of the 64 held-out examples).
+16 held-out general-text blocks (each domain's blocks after those the evaluation reports on, in
+turn), target NLL of the 64 held-out examples). `train OPTION`: plain SFT with each value of
+train.OPTION instead (the packaged default's own value is one of them or not: no extra reference).
 Writes bench/sweep_<regularizer>_<option>.json.
 """
 
@@ -38,9 +41,13 @@ def main() -> None:
     base = load_model(config.model, path, device=default_device()).eval()
     validator = Validator(config, val_records, tokenizer, base)
     rows = []
-    for value in [0.0] + [float(v) for v in values]:  # 0: plain SFT, the reference
-        cfg = load_config(resolve_config_path("default"), [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}"])
-        cfg.regularizers = [] if value == 0 else [{reg: {option: value}}]
+    values = [float(v) for v in values] if reg == "train" else [0.0] + [float(v) for v in values]  # 0: plain SFT
+    for value in values:
+        setting = [f"train.{option}={value:g}"] if reg == "train" else []
+        cfg = load_config(resolve_config_path("default"),
+                          [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}", "evaluation.every_steps=0",
+                           *setting])  # no forgetting curve: the validation measures are taken at the end
+        cfg.regularizers = [] if value == 0 or reg == "train" else [{reg: {option: value}}]
         started = time.perf_counter()
         summary = train(cfg, overwrite=True).summary
         model, _ = load_trained(cfg.output_dir, dtype=base.dtype, device=base.device)
