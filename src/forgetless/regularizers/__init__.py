@@ -33,6 +33,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from forgetless.errors import ConfigError
+from forgetless.schema import from_dict
 
 
 @dataclass
@@ -129,8 +130,6 @@ def register(name: str, config_cls: type, factory: Callable[[Any], Regularizer])
 
 def parse_regularizers(entries: list[dict[str, Any]], where: str = "") -> list[tuple[str, Any]]:
     """Validate `regularizers:` entries ({name: {options}}) into (name, config) pairs."""
-    from forgetless.config import from_dict
-
     parsed = []
     for i, entry in enumerate(entries):
         key = f"regularizers[{i}]"
