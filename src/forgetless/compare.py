@@ -187,7 +187,8 @@ def summarise_results(by_seed: dict[int, dict]) -> dict[str, Any]:
     for key, entry in results[0].items():
         if isinstance(entry, dict) and "value" in entry:
             values = [r[key]["value"] for r in results]
-            out[key] = {"value": statistics.fmean(values), "seed_std": statistics.stdev(values),
+            finite = all(math.isfinite(v) for v in values)  # a measure with nothing to score is NaN
+            out[key] = {"value": statistics.fmean(values), "seed_std": statistics.stdev(values) if finite else math.nan,
                         "n": entry["n"], "seeds": len(values)}
     if "general_by_domain" in results[0]:  # per domain: the mean over seeds of each figure
         out["general_by_domain"] = {d: {k: statistics.fmean(r["general_by_domain"][d][k] for r in results) for k in fig}
