@@ -140,6 +140,7 @@ class LfU(Regularizer):
         self.seed = 0  # train.seed: with the micro-batch index, which rows `rows < 1` draws
         self.micro_step = 0  # this micro-batch's index in the run (set by perturbs_at)
         self.rows: torch.Tensor | None = None  # the rows the perturbed pass runs on (None: all)
+        self.positions: torch.Tensor | None = None  # their response positions, flattened [rows * T]
 
     def setup(self, trainer) -> None:
         kind = str(trainer.accelerator.distributed_type)
@@ -174,8 +175,12 @@ class LfU(Regularizer):
     def clean_forward(self, model, batch):
         """Capture each selected layer's response-token states (detached: the fixed target)."""
         self.rows = self._draw_rows(batch["input_ids"].shape[0], batch["input_ids"].device)
-        mask = batch["labels"] != IGNORE_INDEX
         rows = self.rows
+        mask = batch["labels"] != IGNORE_INDEX
+        # the response positions of the (sampled) rows, flattened: found once per step (one device sync),
+        # then both passes gather with them instead of a boolean index per layer (a sync each)
+        self.positions = (mask if rows is None else mask[rows]).flatten().nonzero().squeeze(1)
+        positions = self.positions
         self.clean_hidden = {}
         self.steering = []
         # The perturbed pass replays this RNG state, so dropout masks are the same on both sides.
@@ -191,7 +196,7 @@ class LfU(Regularizer):
                     output = _replace_hidden(output, h)
                 if index in self.selected:
                     kept = h.detach() if rows is None else h.detach()[rows]
-                    self.clean_hidden[index] = kept[mask if rows is None else mask[rows]]
+                    self.clean_hidden[index] = kept.flatten(0, 1).index_select(0, positions)
                 return output
             return fn
 
@@ -221,13 +226,13 @@ class LfU(Regularizer):
         perturb_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(phi, 2, dtype=norm_dtype)))
 
         input_ids, attention_mask = ctx.batch["input_ids"], ctx.batch["attention_mask"]
-        mask = ctx.batch["labels"] != IGNORE_INDEX
         # the estimate's scale: B / k for a row sample, k for every k-th micro-batch (both 1 when exact)
         estimate_scale = float(cfg.every)
         if self.rows is not None:
             estimate_scale *= input_ids.shape[0] / len(self.rows)
-            input_ids, attention_mask, mask = input_ids[self.rows], attention_mask[self.rows], mask[self.rows]
-        n_tokens = int(mask.sum())
+            input_ids, attention_mask = input_ids[self.rows], attention_mask[self.rows]
+        n_tokens = len(self.positions)
+        positions = self.positions
         last = max(self.selected)
         sq_sum = []
 
@@ -238,7 +243,8 @@ class LfU(Regularizer):
                     h = h + phi[index]
                     output = _replace_hidden(output, h)
                 if index in self.clean_hidden:
-                    sq_sum.append(((h[mask] - self.clean_hidden[index]).float() ** 2).sum())
+                    picked = h.flatten(0, 1).index_select(0, positions)
+                    sq_sum.append(((picked - self.clean_hidden[index]).float() ** 2).sum())
                 if index == last and self.early_stop:
                     raise _StopForward
                 return output
