@@ -45,8 +45,9 @@ def main() -> None:
     for value in values:
         setting = [f"train.{option}={value:g}"] if reg == "train" else []
         cfg = load_config(resolve_config_path("default"),
-                          [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}", "evaluation.every_steps=0",
-                           *setting])  # no forgetting curve: the validation measures are taken at the end
+                          [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}", *setting,
+                           # measured by the validator alone: no forgetting curve, no Trainer eval on the test split
+                           "evaluation.every_steps=0", "data.eval=null"])
         cfg.regularizers = [] if value == 0 or reg == "train" else [{reg: {option: value}}]
         started = time.perf_counter()
         summary = train(cfg, overwrite=True).summary
