@@ -3,6 +3,7 @@
     .venv/bin/python bench/sweep.py kl coef 0.01 0.1 1.0
     .venv/bin/python bench/sweep.py replay ratio 0.25 0.5 1.0
     .venv/bin/python bench/sweep.py train learning_rate 5e-4 1e-3 2e-3   # plain SFT, a train.* setting
+    .venv/bin/python bench/sweep.py train max_steps 80 160 train.learning_rate=2e-3   # key=value: every run
 
 Each value trains `forgetless train default` with that one regularizer (on the training split
 minus the 64 examples the forgetting budget holds out) and is measured on the budget's
@@ -32,9 +33,12 @@ from bench import machine  # noqa: E402
 
 
 def main() -> None:
-    reg, option, *values = sys.argv[1:]
-    root = Path("runs/sweep") / f"{reg}_{option}"
-    config = load_config(resolve_config_path("default"), [f"output_dir={root}"])
+    reg, option, *rest = sys.argv[1:]
+    fixed = [a for a in rest if "=" in a]  # key=value: applied to every run of the sweep
+    values = [a for a in rest if "=" not in a]
+    tag = "".join(f"_{a.split('=')[0].split('.')[-1]}{a.split('=')[1]}" for a in fixed)
+    root = Path("runs/sweep") / f"{reg}_{option}{tag}"
+    config = load_config(resolve_config_path("default"), [f"output_dir={root}", *fixed])
     train_spec, val_records = split_training_data(config, root)
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
     tokenizer = load_tokenizer(path)
@@ -45,7 +49,7 @@ def main() -> None:
     for value in values:
         setting = [f"train.{option}={value:g}"] if reg == "train" else []
         cfg = load_config(resolve_config_path("default"),
-                          [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}", *setting,
+                          [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}", *fixed, *setting,
                            # measured by the validator alone: no forgetting curve, no Trainer eval on the test split
                            "evaluation.every_steps=0", "data.eval=null"])
         cfg.regularizers = [] if value == 0 or reg == "train" else [{reg: {option: value}}]
@@ -56,9 +60,9 @@ def main() -> None:
                "train_loss": summary["train_loss"], **validator.measure(model)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    out = {"machine": machine(), "regularizer": reg, "option": option,
+    out = {"machine": machine(), "regularizer": reg, "option": option, "fixed": fixed,
            "base": {"general_ppl": validator.base_ppl, "target_nll": validator.base_nll}, "rows": rows}
-    (HERE / f"sweep_{reg}_{option}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (HERE / f"sweep_{reg}_{option}{tag}.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
