@@ -4,15 +4,7 @@
 # Carry .whl (bash scripts/gpu-wheels.sh) for datasets; run on the lent GPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-check-out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/forgetless-site .whl/*.whl \
-    || { echo "installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH=/tmp/forgetless-site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/gpu-env.sh
 timeout 280 "$PY" bench/bench.py --model-config "${MODEL_CONFIG:-bench/models/llama-1b.json}" --bf16 --batch 8 \
   --seq-len "${SEQ_LEN:-512}" --steps 12 --warmup 2 --out "$OUT/results_gpu_lfu_cheap.json" \
   --methods sft lfu_lora lfu_lora_early lfu_rows25 lfu_every4 lfu_r50_e2 lfu_r25_e2 lfu_r50_e4 2>&1 | tee "$OUT/bench_lfu_cheap.log"

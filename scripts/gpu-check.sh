@@ -12,15 +12,7 @@
 # (it fills the git-ignored .whl/), and carry .whl along. Logs and results go to $OUT (default gpu-check-out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-check-out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/forgetless-site .whl/*.whl \
-    || { echo "gpu-check: installing the carried wheels failed"; exit 1; }
-  export PYTHONPATH=/tmp/forgetless-site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/gpu-env.sh
 "$PY" - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import importlib.metadata as md, torch
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
