@@ -22,12 +22,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = Path("runs/lfu-frontier")
 
-# compare run name -> (bench method with the same LfU options, the options)
-SETTINGS = {
-    "lfu": ("lfu_lora", {}),
-    "lfu-r50-e2": ("lfu_r50_e2", {"rows": 0.5, "every": 2}),
-    "lfu-r25-e2": ("lfu_r25_e2", {"rows": 0.25, "every": 2}),
-}
+sys.path.insert(0, str(HERE))
+from bench import METHODS  # noqa: E402  (the bench's LfU options are the ones compared here)
+
+# compare run name -> (bench method, its LfU options besides the variant)
+SETTINGS = {name: (method, {k: v for k, v in METHODS[method][0]["lfu"].items() if k != "variant"})
+            for name, method in [("lfu", "lfu_lora"), ("lfu-r50-e2", "lfu_r50_e2"), ("lfu-r25-e2", "lfu_r25_e2")]}
 OVERRIDES = ["train.learning_rate=2e-3", "evaluation.every_steps=0", "compare.seeds=[1, 2, 3]",
              "compare.methods=[sft, lfu]", "compare.paired_with=[sft, lfu]"]
 RETENTION = ("general_drift_kl", "robust_acc_std")  # the criterion: inside exact LfU's intervals
