@@ -128,3 +128,44 @@ def test_report_gives_each_general_domain(tiny_llama, suite, tmp_path):
     assert ppl["unit"] == "percent" and ppl["n"] == 2
     table = (tmp_path / "cmp" / "report.md").read_text()
     assert "## General yardstick by domain" in table and "| method | fox ppl | fox drift | numbers ppl |" in table
+
+
+def test_compare_in_worker_processes_then_reused_without_training_or_evaluating(tiny_llama, suite, tmp_path,
+                                                                                monkeypatch):
+    """`jobs: 2` trains and evaluates in two spawned workers, seed by seed; its figures are those of the
+    same comparison run in this process (1 thread each instead of the default count: rounding only). A
+    second call finds every run and every evaluation finished and only writes the report."""
+    import json
+
+    import forgetless.compare as compare_mod
+
+    overrides = ("train.max_steps=2", "train.learning_rate=5e-2", "compare.methods=[sft, kl]", "compare.seeds=[1, 2]")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    parallel = run_compare(tiny_compare(tiny_llama, suite, tmp_path / "a", *overrides), jobs=2)
+    inline = run_compare(tiny_compare(tiny_llama, suite, tmp_path / "b", *overrides))
+    assert parallel["settings"]["runs_at_a_time"] == 2 and inline["settings"]["runs_at_a_time"] == 1
+    for name in ("sft", "kl"):
+        for seed in ("1", "2"):
+            a = json.loads(json.dumps(parallel["per_seed"][name]))[seed]
+            b = json.loads(json.dumps(inline["per_seed"][name]))[seed]
+            for key in ("target_nll", "general_ppl", "general_drift_kl"):
+                assert a[key]["value"] == pytest.approx(b[key]["value"], rel=1e-4), (name, seed, key)
+    assert "Runs trained up to 2 at a time" in (tmp_path / "a" / "cmp" / "report.md").read_text()
+    assert (tmp_path / "a" / "cmp" / "base_eval.json").exists()
+    assert (tmp_path / "a" / "cmp" / "kl" / "seed-2" / "compare_eval.json").exists()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run or evaluation was redone")
+
+    monkeypatch.setattr(compare_mod, "train", must_not_run)
+    monkeypatch.setattr(compare_mod, "evaluate", must_not_run)
+    monkeypatch.setattr(compare_mod, "evaluate_run", must_not_run)
+    again = run_compare(tiny_compare(tiny_llama, suite, tmp_path / "b", *overrides))
+    for key in ("paired", "results"):  # as JSON: tuples read back as lists, NaN as itself
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(inline[key], sort_keys=True)
+    # a changed suite is measured again (and only the suite: the runs are reused)
+    monkeypatch.setattr(compare_mod, "evaluate", lambda *a, **k: {"changed": True})
+    changed = tiny_compare(tiny_llama, suite, tmp_path / "b", *overrides)
+    changed.evaluation.seed += 1
+    with pytest.raises(AssertionError, match="redone"):
+        run_compare(changed)

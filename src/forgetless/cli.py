@@ -51,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several methods and report what each gained and broke",
                        description="Train every method in compare.methods from the same base, data, seed and steps, "
                                    "evaluate base and results with the same suite, and write OUTPUT_DIR/report.md, "
-                                   "report.json and PNG plots. Finished identical runs are reused unless --overwrite.")
+                                   "report.json and PNG plots. Finished identical runs and their evaluations are "
+                                   "reused unless --overwrite.")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="retrain every method even if a finished run exists")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train and evaluate N runs at a time in worker processes (for small models on a GPU; "
+                        "step times then include the contention)")
 
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit",
                        description="Validate CONFIG with its overrides and print the full resolved config.")
@@ -118,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             from forgetless.compare import run_compare
 
             use_cpu_allocator_settings()
-            run_compare(config, overwrite=args.overwrite)
+            if args.jobs < 1:
+                parser.error(f"--jobs: a number of worker processes >= 1, got {args.jobs}")
+            run_compare(config, overwrite=args.overwrite, jobs=args.jobs)
             root = Path(config.output_dir)
             print((root / "report.md").read_text().split("\n\nn:")[0])
             print(f"\nwrote {root / 'report.md'}, report.json, tradeoff.png, measures.png")

@@ -1,9 +1,15 @@
 """`forgetless compare`: train each method from the same base, data, seed and step budget, evaluate
 the base and every result with the same suite, and write report.md, report.json and PNG plots.
 
-OUTPUT_DIR/<method>/   one training run per method (reused when finished with the same config)
+OUTPUT_DIR/<method>/   one training run per method (reused when finished with the same config), with
+                       compare_eval.json: its suite results (reused while the run and the suite are the same)
+OUTPUT_DIR/base_eval.json  the base model's suite results (likewise)
 OUTPUT_DIR/report.md   the table;  report.json   every figure with its n and 95% interval
 OUTPUT_DIR/tradeoff.png, OUTPUT_DIR/measures.png
+
+`jobs` > 1 trains and evaluates that many runs at a time in worker processes (spawned, each on the
+run's device): for small models on a GPU, which one run leaves mostly idle. Step times are then
+measured under that contention, and the report says so.
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ import copy
 import json
 import logging
 import math
+import multiprocessing
+import os
 import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +30,7 @@ import yaml
 
 from forgetless.config import ForgetlessConfig, run_config, validate
 from forgetless.data import source_spec, train_sources
-from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
+from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
 from forgetless.model import resolve_model_path
 from forgetless.train import SUMMARY, train
 
@@ -56,6 +66,10 @@ def compared_runs(config: ForgetlessConfig, root: Path) -> dict[str, ForgetlessC
         cfg = run_config(config, name, overrides)
         cfg.output_dir = str(root / name)
         runs[name] = cfg
+    for cfg in runs.values():
+        # the suite measures the target (evaluation.task) for every model alike; the Trainer's own pass
+        # over data.eval after training would repeat it (~45 s a run on the default)
+        cfg.data.eval = None
     return runs
 
 
@@ -86,7 +100,7 @@ def _same_finished_run(cfg: ForgetlessConfig) -> dict | None:
     return json.loads((out / SUMMARY).read_text())
 
 
-def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, Any]:
+def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1) -> dict[str, Any]:
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     configs = compared_runs(config, root)
@@ -96,21 +110,44 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
     check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)], replay_specs)
 
     seeds = list(config.compare.seeds) or [config.train.seed]
-    jobs = [(name, seed, c) for name, cfg in configs.items() for seed, c in per_seed(cfg, config.compare.seeds).items()]
+    # seed by seed: a comparison stopped part-way leaves whole seeds of every method behind
+    per_run = {name: per_seed(cfg, config.compare.seeds) for name, cfg in configs.items()}
+    jobs_list = [(name, seed, per_run[name][seed]) for seed in seeds for name in configs]
+    suite = Suite(config, root)
     runs: dict[str, dict[int, dict]] = {name: {} for name in configs}
-    for i, (name, seed, cfg) in enumerate(jobs, start=1):
-        reused = None if overwrite else _same_finished_run(cfg)
-        if reused is not None and "peak_mem_bytes" in reused:
-            logger.info("[%d/%d] %s (seed %d): reusing the finished run in %s", i, len(jobs), name, seed, cfg.output_dir)
-            runs[name][seed] = reused
-            continue
-        logger.info("[%d/%d] training %s (seed %d) -> %s", i, len(jobs), name, seed, cfg.output_dir)
-        runs[name][seed] = train(cfg, overwrite=True, measure_memory=True).summary
-
-    logger.info("evaluating the base model and %d fine-tuned models", len(jobs))
-    evaluated = evaluate_base_and_runs(config, {f"{name}@{seed}": cfg.output_dir for name, seed, cfg in jobs})
-    results = {"base": evaluated["base"]}
-    results.update({name: {seed: evaluated[f"{name}@{seed}"] for seed in seeds} for name in configs})
+    results: dict[str, Any] = {"base": suite.base_results(overwrite)}
+    evaluated: dict[tuple[str, int], dict] = {}
+    if jobs <= 1:
+        for i, (name, seed, cfg) in enumerate(jobs_list, start=1):
+            runs[name][seed] = train_or_reuse(cfg, overwrite, f"[{i}/{len(jobs_list)}] {name} (seed {seed})")
+        logger.info("evaluating %d fine-tuned models (each reused while its run and the suite are unchanged)",
+                    len(jobs_list))
+        for name, seed, cfg in jobs_list:
+            evaluated[name, seed] = suite.run_results(f"{name}@{seed}", cfg, runs[name][seed], overwrite)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        logger.info("training and evaluating %d runs, %d at a time (worker processes, %d threads each)",
+                    len(jobs_list), jobs, threads)
+        started = time.perf_counter()
+        failed: list[tuple[str, int, BaseException]] = []
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_job_in_worker, config, name, seed, cfg, overwrite, threads, jobs): (name, seed)
+                       for name, seed, cfg in jobs_list}
+            for done, future in enumerate(as_completed(futures), start=1):
+                name, seed = futures[future]
+                try:
+                    runs[name][seed], evaluated[name, seed] = future.result()
+                except Exception as exc:  # the other runs go on: what finishes is kept and reused next time
+                    logger.error("[%d/%d] %s (seed %d) failed: %s", done, len(jobs_list), name, seed, exc)
+                    failed.append((name, seed, exc))
+                    continue
+                logger.info("[%d/%d] %s (seed %d) trained and evaluated (%.0f s so far)", done, len(jobs_list),
+                            name, seed, time.perf_counter() - started)
+        if failed:
+            logger.error("%d runs failed: %s; the first error follows", len(failed),
+                         ", ".join(f"{name} (seed {seed})" for name, seed, _ in failed))
+            raise failed[0][2]
+    results.update({name: {seed: evaluated[name, seed] for seed in seeds} for name in configs})
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
 
     report = {
@@ -126,14 +163,92 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, 
         "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,
                      "epochs": config.train.epochs, "batch_size": config.train.batch_size,
                      "finetune": config.model.finetune,
+                     # runs that trained side by side (compare's jobs), as each run's summary records it
+                     "runs_at_a_time": max(summary.get("runs_at_a_time", 1) for by_seed in runs.values()
+                                           for summary in by_seed.values()),
                      "train_data": ", ".join(f"{source_spec(s)} x{s.weight:g}" if s.weight != 1 else source_spec(s)
                                              for s in train_sources(config.data))},
     }
-    report["curves"] = {name: read_curve(Path(cfg.output_dir)) for name, seed, cfg in jobs if seed == seeds[0]}
+    report["curves"] = {name: read_curve(Path(cfg.output_dir)) for name, seed, cfg in jobs_list if seed == seeds[0]}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(render_markdown(report))
     plot(report, root)
     return report
+
+
+def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int = 1) -> dict:
+    """The run's training summary: a finished run of the same config is reused, else it is trained
+    (`jobs`: how many runs train side by side, recorded with its step time)."""
+    reused = None if overwrite else _same_finished_run(cfg)
+    if reused is not None and "peak_mem_bytes" in reused:
+        logger.info("%s: reusing the finished run in %s", label, cfg.output_dir)
+        return reused
+    logger.info("%s: training -> %s", label, cfg.output_dir)
+    return train(cfg, overwrite=True, measure_memory=True, extra_summary={"runs_at_a_time": jobs}).summary
+
+
+BASE_EVAL = "base_eval.json"
+RUN_EVAL = "compare_eval.json"
+
+
+class Suite:
+    """The evaluation suite of a comparison, with its results kept beside what they measured: the base's
+    in OUTPUT_DIR/base_eval.json, each run's in its folder. A result is reused only while the suite (the
+    config's evaluation, data and model sections) and, for a run, its training summary are unchanged, so
+    adding a method to a comparison evaluates only that method. The base model loads on first need."""
+
+    def __init__(self, config: ForgetlessConfig, root: Path):
+        self.config, self.root = config, root
+        d = config.to_dict()
+        self.key = {k: d[k] for k in ("evaluation", "data", "model")}
+        self._base = None
+
+    def base(self):
+        if self._base is None:
+            self._base = load_base(self.config)
+        return self._base
+
+    def base_results(self, overwrite: bool = False) -> dict:
+        return self._cached(self.root / BASE_EVAL, self.key, overwrite,
+                            lambda: evaluate(self.base()[0], self.base()[1], self.config.evaluation, self.config.data,
+                                             name="base"))
+
+    def run_results(self, name: str, cfg: ForgetlessConfig, summary: dict, overwrite: bool = False) -> dict:
+        key = {**self.key, "run": summary}
+        return self._cached(Path(cfg.output_dir) / RUN_EVAL, key, overwrite,
+                            lambda: evaluate_run(self.config, *self.base(), cfg.output_dir, name))
+
+    @staticmethod
+    def _cached(path: Path, key: dict, overwrite: bool, compute) -> dict:
+        key = json.loads(json.dumps(key))  # as it reads back from the file
+        if not overwrite and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("key") == key:
+                    return saved["results"]
+            except (ValueError, KeyError):
+                pass  # unreadable: measured again
+        results = compute()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole or not at all
+        tmp.write_text(json.dumps({"key": key, "results": results}) + "\n")
+        os.replace(tmp, path)
+        return results
+
+
+_WORKER_SUITE: Suite | None = None  # in a worker process: the suite, base model loaded once
+
+
+def _job_in_worker(config: ForgetlessConfig, name: str, seed: int, cfg: ForgetlessConfig, overwrite: bool,
+                   threads: int, jobs: int) -> tuple[dict, dict]:
+    """One compared run in a worker process of run_compare's pool: train (or reuse), then evaluate."""
+    global _WORKER_SUITE
+    import torch
+
+    torch.set_num_threads(threads)  # this worker's own process: the pool shares the machine's cores
+    if _WORKER_SUITE is None:
+        _WORKER_SUITE = Suite(config, Path(config.output_dir))
+    summary = train_or_reuse(cfg, overwrite, f"{name} (seed {seed})", jobs)
+    return summary, _WORKER_SUITE.run_results(f"{name}@{seed}", cfg, summary, overwrite)
 
 
 def read_curve(run_dir: Path) -> list[dict]:
@@ -334,6 +449,9 @@ def render_markdown(report: dict) -> str:
         f"for robustness), general text {n.get('general_ppl')} tokens, MMLU {n.get('mc_acc_norm')} questions.",
         "Peak memory is the process's (CPU: resident set size, including the Python runtime and libraries).",
     ]
+    if s.get("runs_at_a_time", 1) > 1:
+        lines.append(f"Runs trained up to {s['runs_at_a_time']} at a time on one machine: step times include that "
+                     "contention; compare them with `bench/` figures, not with a run trained alone.")
     paired = report.get("paired", {})
     if paired:
         lines += [

@@ -351,20 +351,32 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     }
 
 
+def load_base(config):
+    """The config's base model (eval mode, on the run's device) and its tokenizer."""
+    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(config.model.name_or_path, config.model.revision)
+    base = load_model(config.model, path, device=default_device()).eval()
+    return base, load_tokenizer(path)
+
+
+def evaluate_run(config, base, tokenizer, out_dir: str, name: str) -> dict[str, Any]:
+    """The suite on one fine-tuned output folder, with drift measured against `base`."""
+    from forgetless.model import default_device
+    from forgetless.train import load_trained
+
+    # in the base model's precision, so drift measures training, not a change of dtype
+    model, _ = load_trained(out_dir, dtype=base.dtype, device=default_device())
+    results = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name=name)
+    del model
+    return results
+
+
 def evaluate_base_and_runs(config, runs: dict[str, str]) -> dict[str, Any]:
     """The suite on the config's base model and on each fine-tuned output folder in `runs`
     (name -> folder), with drift measured against the base. Returns name -> results."""
-    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
-    from forgetless.train import load_trained
-
-    device = default_device()
-    path = resolve_model_path(config.model.name_or_path, config.model.revision)
-    tokenizer = load_tokenizer(path)
-    base = load_model(config.model, path, device=device).eval()
+    base, tokenizer = load_base(config)
     results = {"base": evaluate(base, tokenizer, config.evaluation, config.data, name="base")}
     for name, out_dir in runs.items():
-        # in the base model's precision, so drift measures training, not a change of dtype
-        model, _ = load_trained(out_dir, dtype=base.dtype, device=device)
-        results[name] = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name=name)
-        del model
+        results[name] = evaluate_run(config, base, tokenizer, out_dir, name)
     return results

@@ -123,9 +123,10 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
 
 
 def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False,
-          measure_memory: bool = False) -> TrainResult:
+          measure_memory: bool = False, extra_summary: dict[str, Any] | None = None) -> TrainResult:
     """Run one fine-tune as `config` describes and write its outputs. See the module docstring.
-    `measure_memory`: the summary gets the training's peak memory (forgetless.memory.peak_memory)."""
+    `measure_memory`: the summary gets the training's peak memory (forgetless.memory.peak_memory).
+    `extra_summary`: facts the caller adds to train_summary.json (compare: runs trained side by side)."""
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, overwrite, resume)  # before the model loads: fail fast
     checkpoint_dir = output_dir / "checkpoints"
@@ -181,6 +182,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         summary["peak_mem_bytes"] = memory["peak_bytes"]
     if curve:
         summary["curve_seconds"] = round(curve.seconds, 2)
+    summary.update(extra_summary or {})
     for reg in regularizers:  # post-training steps (WiSE-FT's weight mix) before anything is saved
         summary.update(reg.finalize(trainer.accelerator.unwrap_model(trainer.model)))
     if eval_ds is not None:
