@@ -250,6 +250,22 @@ def test_kl_on_replay_needs_replay(tiny_llama, tmp_path):
         make_trainer(tiny_llama, tmp_path, "lora", [{"kl": {"on": "replay"}}])
 
 
+def test_rules_between_regularizers_are_checked_when_the_config_is_parsed():
+    """Before any model loads, naming the entry and its option; the order of the entries does not matter."""
+    from forgetless.config import load_config
+
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].kl.on: 'both' needs a replay regularizer in the same run"):
+        load_config(None, ["regularizers=[{kl: {on: both}}]"])
+    load_config(None, ["regularizers=[{kl: {on: both}}, {replay: {}}]"])  # with replay: fine
+    with pytest.raises(ConfigError, match=r"regularizers\[1\].replay.forward: with_sft cannot be combined with lfu"):
+        load_config(None, ["regularizers=[{lfu: {}}, {replay: {forward: with_sft}}]"])
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].lfu: at most one perturbing regularizer"):
+        load_config(None, ["regularizers=[{lfu: {}}, {lfu: {variant: reps}}]"])
+    # and inside a compare run, before anything trains
+    with pytest.raises(ConfigError, match=r"compare.runs.x: regularizers\[0\].kl.on: 'replay' needs a replay"):
+        load_config(None, ["compare.runs={x: {regularizers: [{kl: {on: replay}}]}}"])
+
+
 # ------------------------------------------------------------------ replay
 
 def test_replay_corpus_loading_and_packing(tiny_gpt2, tmp_path):

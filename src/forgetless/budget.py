@@ -40,7 +40,7 @@ from forgetless.data import (general_blocks, interleave_blocks, load_texts, pack
                              uses_chat_template)
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
-from forgetless.train import SUMMARY, load_trained, prepare_output_dir, train
+from forgetless.train import SUMMARY, load_trained, prepare_output_dir, train, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     final.regularizers = final_regs
     dump_config(final, out / "config.yaml")
     summary["budget"] = {k: report[k] for k in ("knob", "chosen", "held_out")}
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")  # last: marks a finished run
+    write_summary(out, summary)  # last: marks a finished run
     logger.info("budget: chose %s; held-out general-text ppl %+.2f%% (bound %s)", chosen,
                 100 * held_out["general_drop"] if held_out else math.nan, b.max_general_drop)
     return report

@@ -3,10 +3,14 @@ reference, self-replay text): written atomically, so a killed run never leaves h
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -17,3 +21,29 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     tmp = path.with_suffix(".tmp")
     save_file({name: t.contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def build_once(path: Path, metadata: dict[str, str], build: Callable[[], dict[str, torch.Tensor]], accelerator: Any,
+               what: str, fits: Callable[[dict[str, torch.Tensor]], bool] = lambda tensors: True
+               ) -> dict[str, torch.Tensor]:
+    """The tensors kept at `path` when they were built with the same `metadata` (and `fits` them), else
+    `build()` on the main process, saved atomically; every other process then reads the main one's file
+    (the main process goes first). So a resumed run, or a rerun in the same folder, never builds twice."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with accelerator.main_process_first():
+        if path.exists():
+            with safe_open(str(path), "pt") as f:
+                found = f.metadata() or {}
+            tensors = load_file(str(path))
+            if found == metadata and fits(tensors):
+                logger.info("%s: reusing %s", what, path)
+                return tensors
+            if accelerator.is_main_process:
+                logger.warning("%s: %s was built for other settings or data; rebuilding it", what, path)
+        if not accelerator.is_main_process:
+            return load_file(str(path))  # written just now by the main process
+        tensors = build()
+        save_atomic(tensors, path, metadata=metadata)
+        return tensors

@@ -249,6 +249,11 @@ def load_for_training(cfg: ModelConfig, gradient_checkpointing: bool = False):
     return model, tokenizer, path
 
 
+def is_lora(model) -> bool:
+    """Whether `model` carries PEFT adapters (LoRA): only they train; the base weights stay as loaded."""
+    return bool(getattr(model, "peft_config", None))
+
+
 def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scaling) of every active LoRA adapter on a linear layer: the layer's weight moved by
     scaling * B @ A. Empty for a model without adapters. Refuses variants where that is not the

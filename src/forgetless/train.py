@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -201,10 +202,17 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
             merged.save_pretrained(str(output_dir / "merged"))
             tokenizer.save_pretrained(str(output_dir / "merged"))
             summary["merged_dir"] = str(output_dir / "merged")
-        # Written last: its presence marks a finished run.
-        (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_summary(output_dir, summary)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(output_dir, summary)
+
+
+def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
+    """The one writer of OUTPUT_DIR/train_summary.json. Written last, and whole (tmp + rename): its
+    presence marks a finished run."""
+    tmp = output_dir / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, output_dir / SUMMARY)
 
 
 def tensorboard_into(trainer: ForgetlessTrainer, folder: Path) -> None:

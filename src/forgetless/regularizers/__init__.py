@@ -20,8 +20,15 @@ A regularizer that simulates an update (LfU) sets `perturbs = True` and implemen
 `ascent_tensors()` (whose gradient of l_sft *alone, for this micro-batch* it needs; the step
 isolates it from the accumulated .grad and hands it over as `ctx.sft_grads`) and
 `perturbed_backward(ctx)` (its own forward + backward after the clean one, whose graph is freed
-by then), and may skip micro-batches through `perturbs_at(micro_step)`. `clean_forward(model, batch)` is a context manager around the clean forward, for
-regularizers that hook into it (capture hidden states, add steering vectors).
+by then), and may skip micro-batches through `perturbs_at(micro_step)`. `clean_forward(model, batch)` is
+a context manager around the clean forward, for regularizers that hook into it (capture hidden states,
+add steering vectors).
+
+Rules between the regularizers of one run are checked when the config is parsed, never at run time by
+name: a config dataclass may say what it brings to the run (`provides() -> set[str]`, e.g. "replay",
+"perturbs") and what it cannot do beside the others (`combination_problems(others: set[str]) ->
+{option: problem}`, `others` being what the run's other entries provide); its single-entry checks go
+in `problems() -> {option: problem}` (forgetless.schema).
 """
 
 from __future__ import annotations
@@ -143,7 +150,18 @@ def parse_regularizers(entries: list[dict[str, Any]], where: str = "") -> list[t
         if options is not None and not isinstance(options, dict):
             raise ConfigError(f"{where}{key}.{name}: expected a mapping of options, got {options!r}")
         parsed.append((name, from_dict(config_cls, options or {}, where=where, prefix=f"{key}.{name}.")))
+    check_combination(parsed, where)
     return parsed
+
+
+def check_combination(parsed: list[tuple[str, Any]], where: str = "") -> None:
+    """The rules between one run's regularizers, from what each entry's config provides and refuses."""
+    provided = [set(getattr(cfg, "provides", lambda: set())()) for _, cfg in parsed]
+    for i, (name, cfg) in enumerate(parsed):
+        others = set().union(*(p for j, p in enumerate(provided) if j != i))
+        for option, problem in getattr(cfg, "combination_problems", lambda _: {})(others).items():
+            at = f"regularizers[{i}].{name}" + (f".{option}" if option else "")
+            raise ConfigError(f"{where}{at}: {problem}")
 
 
 def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:

@@ -18,19 +18,17 @@ the trainable weights in memory.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from forgetless.data import load_texts, pack_blocks
-from forgetless.cache import save_atomic
+from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.regularizers import Regularizer, StepContext, register
 from forgetless.regularizers.replay import DEFAULT_CORPUS
 
-logger = logging.getLogger(__name__)
 
 FISHER_FILE = "ewc_fisher.safetensors"
 
@@ -93,28 +91,16 @@ class EWC(Regularizer):
                 "weights": str(len(self.params))}
 
     def _load_or_build(self, trainer) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = Path(trainer.args.output_dir) / FISHER_FILE
-        names = {n for n, _ in self.params}
-        with trainer.accelerator.main_process_first():
-            if path.exists():
-                with safe_open(str(path), "pt") as f:
-                    meta = f.metadata()
-                fisher = load_file(str(path))
-                if meta == self._meta() and set(fisher) == names:
-                    logger.info("EWC: reusing the Fisher in %s", path)
-                    return fisher
-                logger.warning("EWC: %s is for other settings or weights; re-estimating it", path)
+        def estimate() -> dict[str, torch.Tensor]:
             blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), trainer.processing_class,
                                  self.cfg.max_length)
             # a fixed, seed-independent sample spread over the corpus
             pick = torch.linspace(0, len(blocks) - 1, min(self.cfg.samples, len(blocks))).round().long()
-            fisher = empirical_fisher(trainer.model, self.params, blocks[pick])
-            if trainer.accelerator.is_main_process:
-                save_atomic(fisher, path, metadata=self._meta())
-        return fisher
+            return empirical_fisher(trainer.model, self.params, blocks[pick])
+
+        names = {n for n, _ in self.params}
+        return build_once(Path(trainer.args.output_dir) / FISHER_FILE, self._meta(), estimate, trainer.accelerator,
+                          "EWC Fisher", fits=lambda fisher: set(fisher) == names)
 
     def penalty(self) -> torch.Tensor:
         return sum((f * (p - p0).pow(2)).sum() for (_, p), p0, f in zip(self.params, self.initial, self.fisher))

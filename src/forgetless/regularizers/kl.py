@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from forgetless.cache import save_atomic
+from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
+from forgetless.model import is_lora
 from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext, register
 
-logger = logging.getLogger(__name__)
 
 # LoRA initialisations that leave the base weights untouched and start as a no-op.
 NO_OP_LORA_INITS = (True, "gaussian")
@@ -56,6 +55,11 @@ class KLConfig:
     # "topk": precompute the reference's top-k (k = topk, 64 when topk is 0) once per example (SFT tokens)
     cache: Literal["none", "topk"] = "none"
 
+    def combination_problems(self, others: set[str]) -> dict[str, str]:
+        if self.on in ("replay", "both") and "replay" not in others:
+            return {"on": f"'{self.on}' needs a replay regularizer in the same run"}
+        return {}
+
 
 class KL(Regularizer):
     name = "kl"
@@ -70,10 +74,8 @@ class KL(Regularizer):
     def setup(self, trainer) -> None:
         model = trainer.model
         self.accelerator = trainer.accelerator
-        if self.cfg.cache == "topk" and self.cfg.on != "sft" and not getattr(model, "peft_config", None):
+        if self.cfg.cache == "topk" and self.cfg.on != "sft" and not is_lora(model):
             raise ConfigError("regularizers.kl: cache: topk with full fine-tuning supports on: sft only")
-        if self.cfg.on in ("replay", "both") and not any(r.name == "replay" for r in trainer.regularizers):
-            raise ConfigError(f"regularizers.kl.on: '{self.cfg.on}' needs a replay regularizer in the same run")
         peft_config = getattr(model, "peft_config", None)
         if peft_config:
             for name, pc in peft_config.items():
@@ -113,25 +115,12 @@ class KL(Regularizer):
         return self.cfg.topk or 64
 
     def _load_or_build_cache(self, trainer) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         dataset = trainer.train_dataset
         if dataset is None or "example_id" not in dataset.column_names:
             raise ConfigError("regularizers.kl.cache: needs a training dataset built by forgetless (with example ids)")
-        path = Path(trainer.args.output_dir) / "kl_cache.safetensors"
-        with trainer.accelerator.main_process_first():
-            if path.exists():
-                cache = load_file(str(path))
-                if cache["meta"].tolist() == [len(dataset), self.cache_k]:
-                    logger.info("KL reference cache: reusing %s", path)
-                    return cache
-                logger.warning("KL reference cache %s is for other data or k; rebuilding it", path)
-            if trainer.accelerator.is_main_process:
-                cache = self._build_cache(trainer, dataset)
-                save_atomic(cache, path)
-            else:
-                cache = load_file(str(path))
-        return cache
+        return build_once(Path(trainer.args.output_dir) / "kl_cache.safetensors",
+                          {"examples": str(len(dataset)), "k": str(self.cache_k)},
+                          lambda: self._build_cache(trainer, dataset), trainer.accelerator, "KL reference cache")
 
     @torch.no_grad()
     def _build_cache(self, trainer, dataset) -> dict[str, torch.Tensor]:
@@ -160,7 +149,6 @@ class KL(Regularizer):
                 counts[example_id] = n
         order = range(len(dataset))
         return {
-            "meta": torch.tensor([len(dataset), k]),
             "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
             "topk_ids": torch.cat([rows[i][0] for i in order]),
             "topk_logp": torch.cat([rows[i][1] for i in order]),

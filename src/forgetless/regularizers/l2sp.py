@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.model import lora_factors
+from forgetless.model import is_lora, lora_factors
 from forgetless.regularizers import Regularizer, StepContext, register
 
 
@@ -49,7 +49,7 @@ class L2SP(Regularizer):
 
     def setup(self, trainer) -> None:
         model = trainer.model
-        self.factors = lora_factors(model) if getattr(model, "peft_config", None) else []
+        self.factors = lora_factors(model) if is_lora(model) else []
         self.initial = []
         if not self.factors:
             self.initial = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]

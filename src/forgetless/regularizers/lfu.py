@@ -66,6 +66,12 @@ class LfUConfig:
             found["every"] = f"a whole number of micro-batches >= 1, got {self.every!r}"
         return found
 
+    def provides(self) -> set[str]:
+        return {"perturbs"}  # an extra forward + backward after the clean one (see Regularizer.perturbs)
+
+    def combination_problems(self, others: set[str]) -> dict[str, str]:
+        return {"": "at most one perturbing regularizer (lfu) per run"} if "perturbs" in others else {}
+
 
 class _StopForward(Exception):
     """Raised by a hook after the last layer the perturbed pass needs: the rest is never computed."""

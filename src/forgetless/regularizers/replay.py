@@ -60,6 +60,15 @@ class ReplayConfig:
     self_top_p: float = 0.95
     self_prompts: str | None = None  # a text file, one prompt per line (default: from the BOS token)
 
+    def provides(self) -> set[str]:
+        return {"replay"}  # blocks other regularizers may add terms on (KL's `on: replay`)
+
+    def combination_problems(self, others: set[str]) -> dict[str, str]:
+        if self.forward == "with_sft" and "perturbs" in others:
+            return {"forward": "with_sft cannot be combined with lfu (its hooks capture the SFT rows of the clean "
+                               "forward); use auto or own"}
+        return {}
+
 
 class Replay(Regularizer):
     name = "replay"
@@ -81,9 +90,6 @@ class Replay(Regularizer):
         self._fraction = 0.0
 
     def setup(self, trainer) -> None:
-        if self.cfg.forward == "with_sft" and trainer.perturber is not None:
-            raise ConfigError("regularizers.replay.forward: with_sft cannot be combined with lfu (its hooks capture "
-                              "the SFT rows of the clean forward); use auto or own")
         # DeepSpeed's engine steps at the last micro-batch's first backward: the blocks must join the SFT one
         self.deepspeed = trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.cfg.forward == "own" and self.deepspeed:

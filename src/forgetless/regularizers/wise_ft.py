@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.model import lora_factors
+from forgetless.model import is_lora, lora_factors
 from forgetless.regularizers import Regularizer, register
 
 
@@ -34,7 +34,7 @@ class WeightMixer:
     training) is needed for full fine-tuning only."""
 
     def __init__(self, model: torch.nn.Module, initial: dict[str, torch.Tensor] | None = None) -> None:
-        self.factors = lora_factors(model) if getattr(model, "peft_config", None) else []
+        self.factors = lora_factors(model) if is_lora(model) else []
         if self.factors:
             self.tuned = [b.detach().clone() for _, b, _ in self.factors]
             return
@@ -70,7 +70,7 @@ class WiseFT(Regularizer):
 
     def setup(self, trainer) -> None:
         model = trainer.model
-        if not getattr(model, "peft_config", None):
+        if not is_lora(model):
             self.initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
     def finalize(self, model: torch.nn.Module) -> dict[str, float]:
