@@ -32,7 +32,7 @@ class Poison(Regularizer):
         self.bad = set(cfg.bad_steps)
 
     def loss(self, ctx):
-        if ctx.trainer.state.global_step in self.bad:
+        if ctx.global_step in self.bad:
             return torch.tensor(float("nan")), {}
         return None, {}
 

@@ -147,7 +147,7 @@ def test_lora_kl_keeps_no_second_copy_of_the_weights_full_finetuning_does(tiny_l
         trainer = make_trainer(tiny_llama, tmp_path, finetune, [])
         before = _tensor_elements()
         kl = build_regularizers([{"kl": {}}])[0]
-        kl.setup(trainer)
+        kl.setup(trainer.run_info)
         grown[finetune] = _tensor_elements() - before
         assert (kl.reference is None) == (finetune == "lora")
         del trainer, kl
@@ -159,7 +159,7 @@ def test_lora_init_that_rewrites_the_base_is_refused(tiny_llama, tmp_path):
     trainer = make_trainer(tiny_llama, tmp_path, "lora", [])
     trainer.model.peft_config["default"].init_lora_weights = "pissa"
     with pytest.raises(ConfigError, match="rewrites the base weights"):
-        build_regularizers([{"kl": {}}])[0].setup(trainer)
+        build_regularizers([{"kl": {}}])[0].setup(trainer.run_info)
 
 
 @pytest.mark.parametrize("forward,length", [("own", 8), ("with_sft", 8), ("with_sft", 40)])
@@ -283,14 +283,14 @@ def test_replay_corpus_loading_and_packing(tiny_gpt2, tmp_path):
 def test_replay_mix_ratio_is_exact_deterministic_and_cycles(tiny_gpt2, tmp_path):
     trainer = make_trainer(tiny_gpt2, tmp_path, "lora", [])
     replay = build_regularizers([{"replay": {"ratio": 0.3, "max_length": 16}}])[0]
-    replay.setup(trainer)
+    replay.setup(trainer.run_info)
     n_blocks = replay.blocks.shape[0]
     draws = replay.block_indices(0, 3 * n_blocks)
     for c in range(3):  # each cycle visits every block once, in a fresh order
         assert sorted(draws[c * n_blocks:(c + 1) * n_blocks]) == list(range(n_blocks))
     assert draws[:n_blocks] != draws[n_blocks:2 * n_blocks]
     again = build_regularizers([{"replay": {"ratio": 0.3, "max_length": 16}}])[0]
-    again.setup(trainer)
+    again.setup(trainer.run_info)
     assert again.block_indices(0, 50) == draws[:50]
 
 

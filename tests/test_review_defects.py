@@ -204,7 +204,7 @@ def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_pa
     def record(self, ctx):
         blocks = draw(self, ctx)
         if blocks is not None:
-            seen.append((ctx.trainer.state.global_step, blocks.input_ids.clone(), blocks.scale))
+            seen.append((ctx.global_step, blocks.input_ids.clone(), blocks.scale))
         return blocks
 
     monkeypatch.setattr(Replay, "_draw", record)
@@ -226,8 +226,7 @@ def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_pa
     replay = Replay(ReplayConfig(**options))
     replay.blocks = pack_blocks(load_texts(str(corpus)), load_tokenizer(tiny_gpt2), 16)
     replay.seed, replay.world, replay.rank, replay.accum, replay.batch_size = cfg.train.seed, 1, 0, 2, 4
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=4), current_gradient_accumulation_steps=2)
-    ctx = SimpleNamespace(trainer=trainer, batch={"input_ids": torch.zeros(4, 8, dtype=torch.long)})
+    ctx = SimpleNamespace(global_step=4, micro_batches_in_step=2, batch={"input_ids": torch.zeros(4, 8, dtype=torch.long)})
     in_run = [blocks for step, blocks, _ in seen if step == 4]
     for blocks in in_run:
         assert torch.equal(draw(replay, ctx).input_ids, blocks)

@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback
 
 from forgetless.errors import ConfigError, TrainingError
 from forgetless.losses import IGNORE_INDEX, forward_rows, next_token_targets, prediction_mask, token_nll
-from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext
+from forgetless.regularizers import Regularizer, ReplayBlocks, RunInfo, StepContext
 
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,15 @@ class ForgetlessTrainer(Trainer):
         if plugin is not None and plugin.zero_stage == 3 and sharded:
             raise ConfigError(f"regularizers: {', '.join(sharded)} read the weights' values, which DeepSpeed ZeRO-3 "
                               "partitions across processes; use ZeRO-2 (or DDP) with them")
+        # what a regularizer is told of the run (never the Trainer itself)
+        self.run_info = RunInfo(
+            model=self.model, accelerator=self.accelerator, tokenizer=self.processing_class,
+            train_dataset=self.train_dataset, output_dir=Path(self.args.output_dir), seed=int(self.args.seed),
+            grad_accum=self.args.gradient_accumulation_steps, batch_size=self.args.per_device_train_batch_size,
+            eval_batch_size=self.args.per_device_eval_batch_size, show_progress=not self.args.disable_tqdm,
+            perturbing=self.perturber is not None)
         for reg in self.regularizers:
-            reg.setup(self)
+            reg.setup(self.run_info)
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
@@ -86,7 +93,7 @@ class ForgetlessTrainer(Trainer):
         # separate passes never do; the clean pass does unless a perturbed backward follows it.
         separate_terms = []
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
-            before_ctx = StepContext(model, inputs, None, None, token_scale, self)
+            before_ctx = self._context(model, inputs, None, None, token_scale)
             joined = [rows for reg in self.regularizers if (rows := reg.extra_rows(before_ctx)) is not None]
             for reg in self.regularizers:
                 term, metrics = reg.separate_pass(before_ctx)
@@ -108,7 +115,7 @@ class ForgetlessTrainer(Trainer):
                 nll = token_nll(logits, torch.cat(targets))  # one cross-entropy over every row
                 nll, logits = split_rows(nll, logits, keep, joined)
                 sft_loss = nll.sum() * token_scale
-                ctx = StepContext(model, inputs, outputs, sft_loss, token_scale, self, keep=keep, logits=logits)
+                ctx = self._context(model, inputs, outputs, sft_loss, token_scale, keep=keep, logits=logits)
                 extra = None
                 for reg in self.regularizers:
                     term, metrics = reg.loss(ctx)
@@ -144,6 +151,13 @@ class ForgetlessTrainer(Trainer):
             self._metrics["l_sft"].append(nll.detach().mean().item())
         self._tokens_seen += int(inputs["attention_mask"].sum())
         return total.detach()
+
+    def _context(self, model, inputs, outputs, sft_loss, token_scale: float, **kwargs: Any) -> StepContext:
+        # Trainer's loop sets current_gradient_accumulation_steps (fewer at an epoch's short last step)
+        in_step = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return StepContext(model, inputs, outputs, sft_loss, token_scale, global_step=self.state.global_step,
+                           micro_batches_in_step=in_step, backward=self.backward, all_finite=self.all_finite,
+                           regularizers=self.regularizers, **kwargs)
 
     def micro_step(self) -> int:
         """This micro-batch's index in the run: optimizer step * accumulation steps + its place in the

@@ -5,10 +5,12 @@ computes the SFT loss, then asks each regularizer for a term to add:
 
     total = l_sft + sum(reg.loss(ctx)[0] for reg in regularizers)
 
-A regularizer sees a `StepContext`: the model, the batch, the clean forward's outputs, and the
-factor that normalises a *sum over response tokens* exactly like the SFT loss (correct under
-gradient accumulation and across processes). It returns a scalar tensor (already weighted by its
-coefficient) and a dict of floats to log. One module per regularizer; register it in REGISTRY.
+A regularizer is set up once with a `RunInfo` (model, accelerator, tokenizer, data, output folder,
+seed, batch and accumulation sizes), never the Trainer. At each micro-batch it sees a `StepContext`:
+the model, the batch, the clean forward's outputs, and the factor that normalises a *sum over
+response tokens* exactly like the SFT loss (correct under gradient accumulation and across
+processes). It returns a scalar tensor (already weighted by its coefficient) and a dict of floats to
+log. One module per regularizer; register it in REGISTRY.
 
 A regularizer that trains on other data (replay) either hands its rows to the clean forward
 (`extra_rows(ctx)`: they are appended to the SFT rows, padded to one length, and come back with
@@ -34,7 +36,8 @@ in `problems() -> {option: problem}` (forgetless.schema).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -54,13 +57,39 @@ class ReplayBlocks:
 
 
 @dataclass
+class RunInfo:
+    """What a regularizer is told of its run when it is set up (instead of the whole Trainer)."""
+    model: torch.nn.Module  # as the trainer holds it (possibly wrapped by accelerate)
+    accelerator: Any  # processes (num_processes, process_index, is_main_process), device, distributed_type
+    tokenizer: Any
+    train_dataset: Any  # the SFT rows (a datasets.Dataset with `example_id` when forgetless built it)
+    output_dir: Path  # the run's checkpoint folder: what a regularizer computes once is kept there
+    seed: int
+    grad_accum: int  # micro-batches per optimizer step
+    batch_size: int  # SFT rows per micro-batch, per process
+    eval_batch_size: int
+    show_progress: bool
+    perturbing: bool  # a perturbing regularizer (LfU) runs its own forward + backward after the clean one
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+@dataclass
 class StepContext:
     model: torch.nn.Module  # as the trainer calls it (possibly wrapped by accelerate)
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (-100 = not trained on)
     outputs: Any  # the clean forward's CausalLMOutput (its rows may include joined replay rows; None in separate_pass)
     sft_loss: torch.Tensor | None  # the normalised SFT term of this micro-batch (None in separate_pass)
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
-    trainer: Any  # the ForgetlessTrainer, for regularizers that need its state (e.g. a reference model)
+    global_step: int  # optimizer steps done before this one
+    micro_batches_in_step: int  # micro-batches in this optimizer step (the last step of an epoch may have fewer)
+    # a backward of a regularizer's own term (scaled for the engine: DeepSpeed must not divide it again)
+    backward: Callable[..., None]
+    # whether a tensor is finite on every process (a syncing backward is skipped by all or by none)
+    all_finite: Callable[[torch.Tensor], bool]
+    regularizers: list[Regularizer] = field(default_factory=list)  # the run's, for terms on replay blocks
     keep: torch.Tensor | None = None  # [B, T] bool: positions whose next token is trained (losses.prediction_mask)
     logits: torch.Tensor | None = None  # [N, V] logits at the `keep` positions only, row-major
     # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
@@ -84,7 +113,7 @@ class Regularizer:
     # keeps only a shard of each weight on every process (DeepSpeed ZeRO-3)
     reads_weights: bool = False
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, run: RunInfo) -> None:
         """Called once before training (e.g. to snapshot initial weights). Optional."""
 
     def clean_forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ContextManager:

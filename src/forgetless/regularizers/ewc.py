@@ -19,14 +19,13 @@ the trainable weights in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from forgetless.data import load_texts, pack_blocks
 from forgetless.cache import build_once
 from forgetless.errors import ConfigError
-from forgetless.regularizers import Regularizer, StepContext, register
+from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
 from forgetless.regularizers.replay import DEFAULT_CORPUS
 
 
@@ -78,11 +77,11 @@ class EWC(Regularizer):
             raise ConfigError("regularizers.ewc: coef must be >= 0, samples >= 1, max_length >= 2")
         self.cfg = cfg
 
-    def setup(self, trainer) -> None:
-        model = trainer.model
+    def setup(self, run: RunInfo) -> None:
+        model = run.model
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.initial = [p.detach().clone() for _, p in self.params]
-        fisher = self._load_or_build(trainer)
+        fisher = self._load_or_build(run)
         self.fisher = [fisher[n].to(p.device) for n, p in self.params]
 
     def _meta(self) -> dict[str, str]:
@@ -90,16 +89,16 @@ class EWC(Regularizer):
         return {"data": c.data, "samples": str(c.samples), "max_length": str(c.max_length),
                 "weights": str(len(self.params))}
 
-    def _load_or_build(self, trainer) -> dict[str, torch.Tensor]:
+    def _load_or_build(self, run: RunInfo) -> dict[str, torch.Tensor]:
         def estimate() -> dict[str, torch.Tensor]:
-            blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), trainer.processing_class,
+            blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), run.tokenizer,
                                  self.cfg.max_length)
             # a fixed, seed-independent sample spread over the corpus
             pick = torch.linspace(0, len(blocks) - 1, min(self.cfg.samples, len(blocks))).round().long()
-            return empirical_fisher(trainer.model, self.params, blocks[pick])
+            return empirical_fisher(run.model, self.params, blocks[pick])
 
         names = {n for n, _ in self.params}
-        return build_once(Path(trainer.args.output_dir) / FISHER_FILE, self._meta(), estimate, trainer.accelerator,
+        return build_once(run.output_dir / FISHER_FILE, self._meta(), estimate, run.accelerator,
                           "EWC Fisher", fits=lambda fisher: set(fisher) == names)
 
     def penalty(self) -> torch.Tensor:

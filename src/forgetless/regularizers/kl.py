@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,7 +33,7 @@ from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.model import is_lora
-from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext, register
+from forgetless.regularizers import Regularizer, ReplayBlocks, RunInfo, StepContext, register
 
 
 # LoRA initialisations that leave the base weights untouched and start as a no-op.
@@ -71,9 +70,9 @@ class KL(Regularizer):
         self.reference: torch.nn.Module | None = None  # full fine-tuning only
         self.cache: dict[str, torch.Tensor] | None = None
 
-    def setup(self, trainer) -> None:
-        model = trainer.model
-        self.accelerator = trainer.accelerator
+    def setup(self, run: RunInfo) -> None:
+        model = run.model
+        self.accelerator = run.accelerator
         if self.cfg.cache == "topk" and self.cfg.on != "sft" and not is_lora(model):
             raise ConfigError("regularizers.kl: cache: topk with full fine-tuning supports on: sft only")
         peft_config = getattr(model, "peft_config", None)
@@ -103,7 +102,7 @@ class KL(Regularizer):
             was_training = model.training
             model.eval()  # no dropout in the reference
             try:
-                self.cache = self._load_or_build_cache(trainer)
+                self.cache = self._load_or_build_cache(run)
             finally:
                 model.train(was_training)
             self.reference = None
@@ -114,27 +113,27 @@ class KL(Regularizer):
     def cache_k(self) -> int:
         return self.cfg.topk or 64
 
-    def _load_or_build_cache(self, trainer) -> dict[str, torch.Tensor]:
-        dataset = trainer.train_dataset
+    def _load_or_build_cache(self, run: RunInfo) -> dict[str, torch.Tensor]:
+        dataset = run.train_dataset
         if dataset is None or "example_id" not in dataset.column_names:
             raise ConfigError("regularizers.kl.cache: needs a training dataset built by forgetless (with example ids)")
-        return build_once(Path(trainer.args.output_dir) / "kl_cache.safetensors",
+        return build_once(run.output_dir / "kl_cache.safetensors",
                           {"examples": str(len(dataset)), "k": str(self.cache_k)},
-                          lambda: self._build_cache(trainer, dataset), trainer.accelerator, "KL reference cache")
+                          lambda: self._build_cache(run, dataset), run.accelerator, "KL reference cache")
 
     @torch.no_grad()
-    def _build_cache(self, trainer, dataset) -> dict[str, torch.Tensor]:
+    def _build_cache(self, run: RunInfo, dataset) -> dict[str, torch.Tensor]:
         from tqdm.auto import tqdm
 
         from forgetless.data import collator
 
-        model, k = trainer.model, self.cache_k
-        collate = collator(trainer.processing_class)
-        batch_size = trainer.args.per_device_eval_batch_size
+        model, k = run.model, self.cache_k
+        collate = collator(run.tokenizer)
+        batch_size = run.eval_batch_size
         counts = torch.zeros(len(dataset), dtype=torch.long)
         rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        device = trainer.args.device
-        for start in tqdm(range(0, len(dataset), batch_size), desc="KL reference cache", disable=trainer.args.disable_tqdm):
+        device = run.device
+        for start in tqdm(range(0, len(dataset), batch_size), desc="KL reference cache", disable=not run.show_progress):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             ids, mask, labels = (batch[key].to(device) for key in ("input_ids", "attention_mask", "labels"))
             keep = prediction_mask(labels)

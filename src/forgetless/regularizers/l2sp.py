@@ -19,7 +19,7 @@ import torch
 
 from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors
-from forgetless.regularizers import Regularizer, StepContext, register
+from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
 
 
 @dataclass
@@ -47,8 +47,8 @@ class L2SP(Regularizer):
             raise ConfigError("regularizers.l2sp.coef: must be >= 0")
         self.cfg = cfg
 
-    def setup(self, trainer) -> None:
-        model = trainer.model
+    def setup(self, run: RunInfo) -> None:
+        model = run.model
         self.factors = lora_factors(model) if is_lora(model) else []
         self.initial = []
         if not self.factors:

@@ -41,7 +41,7 @@ from torch import nn
 
 from forgetless.losses import IGNORE_INDEX
 from forgetless.errors import ConfigError, TrainingError
-from forgetless.regularizers import Regularizer, StepContext, register
+from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
 
 EPS = 1e-12
 # half-precision weights: the applied offset must stay this close to phi (else the run is refused)
@@ -148,20 +148,20 @@ class LfU(Regularizer):
         self.rows: torch.Tensor | None = None  # the rows the perturbed pass runs on (None: all)
         self.positions: torch.Tensor | None = None  # their response positions, flattened [rows * T]
 
-    def setup(self, trainer) -> None:
-        kind = str(trainer.accelerator.distributed_type)
+    def setup(self, run: RunInfo) -> None:
+        kind = str(run.accelerator.distributed_type)
         if "FSDP" in kind or "DEEPSPEED" in kind:
             raise ConfigError(f"regularizers.lfu: not supported with {kind} (the ascent step needs the whole trainable "
                               "tensors and their per-micro-batch gradient); use DDP or a single process")
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = run.accelerator.unwrap_model(run.model)
         self.layers = find_decoder_layers(model)
         self.selected = select_layers(self.cfg.layers, len(self.layers))
-        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        self.params = [p for p in run.model.parameters() if p.requires_grad]
         self.half_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
-        self.seed = int(trainer.args.seed)
+        self.seed = run.seed
         # Stopping the perturbed forward early leaves later parameters without a gradient, which
         # DDP would wait for; with several processes the whole forward runs (see perturbed_backward).
-        self.early_stop = trainer.accelerator.num_processes == 1
+        self.early_stop = run.accelerator.num_processes == 1
 
     def perturbs_at(self, micro_step: int) -> bool:
         """Whether micro-batch `micro_step` of the run gets the perturbed pass (`every`)."""
@@ -289,14 +289,14 @@ class LfU(Regularizer):
             if outputs is not None:
                 # Several processes: every parameter must receive a gradient for DDP to sync; a zero one does.
                 term = term + 0.0 * outputs.logits.float().mean()
-            skipped = not ctx.trainer.all_finite(term)
+            skipped = not ctx.all_finite(term)
             if skipped:
                 # The LfU term is dropped, the clean gradient kept. Several processes: this backward is
                 # the one that syncs, so every process still runs it, with a zero term reaching every weight.
                 term = 0.0 * sum(p.sum() for p in self.params) if outputs is not None else None
             if term is not None:
                 # The gradient of l_cons is taken at theta + phi and accumulates into theta's .grad.
-                ctx.trainer.backward(term)
+                ctx.backward(term)
         finally:
             if originals:
                 with torch.no_grad():

@@ -1,18 +1,20 @@
 """NEFTune: uniform noise on the input embeddings while training (Jain et al., "NEFTune: Noisy
 Embeddings Improve Instruction Finetuning", ICLR 2024, arXiv 2310.05914).
 
-Not re-implemented: transformers' Trainer already attaches the noise hook when
-`neftune_noise_alpha` is set (noise ~ U(-a, a), a = alpha / sqrt(sequence length * hidden size),
-training mode only, removed when training ends). This regularizer only sets it, so NEFTune is a
-`regularizers:` entry like every other method and composes with them. No loss term.
+Not re-implemented: transformers' own NEFTune hook (transformers.integrations.neftune: noise ~ U(-a, a),
+a = alpha / sqrt(sequence length * hidden size), training mode only) is attached to the input embeddings
+when the run is set up and removed when training ends, as Trainer does with `neftune_noise_alpha`. So
+NEFTune is a `regularizers:` entry like every other method and composes with them. No loss term.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from forgetless.errors import ConfigError
-from forgetless.regularizers import Regularizer, register
+from forgetless.regularizers import Regularizer, RunInfo, register
 
 
 @dataclass
@@ -28,8 +30,17 @@ class NEFTune(Regularizer):
             raise ConfigError("regularizers.neftune.alpha: must be > 0")
         self.cfg = cfg
 
-    def setup(self, trainer) -> None:
-        trainer.neftune_noise_alpha = self.cfg.alpha  # read by Trainer.train(), which attaches the hook
+    def setup(self, run: RunInfo) -> None:
+        from transformers.integrations.neftune import activate_neftune
+
+        self.model, self.accelerator = run.model, run.accelerator
+        self.hook = activate_neftune(run.model, self.cfg.alpha, run.accelerator)
+
+    def finalize(self, model: torch.nn.Module) -> dict[str, float]:
+        from transformers.integrations.neftune import deactivate_neftune
+
+        deactivate_neftune(self.model, self.hook, self.accelerator)  # the saved and evaluated model is noise-free
+        return {}
 
 
 register("neftune", NEFTuneConfig, NEFTune)

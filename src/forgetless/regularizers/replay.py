@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,7 +33,7 @@ from accelerate.utils import DistributedType
 
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import ConfigError
-from forgetless.regularizers import Regularizer, ReplayBlocks, StepContext, register
+from forgetless.regularizers import Regularizer, ReplayBlocks, RunInfo, StepContext, register
 from forgetless.losses import forward_rows, next_token_targets, token_nll
 
 DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
@@ -89,31 +88,32 @@ class Replay(Regularizer):
         self._own: ReplayBlocks | None = None  # ... or waiting for their own pass
         self._fraction = 0.0
 
-    def setup(self, trainer) -> None:
+    def setup(self, run: RunInfo) -> None:
         # DeepSpeed's engine steps at the last micro-batch's first backward: the blocks must join the SFT one
-        self.deepspeed = trainer.accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.deepspeed = run.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.cfg.forward == "own" and self.deepspeed:
             raise ConfigError("regularizers.replay.forward: own is not possible under DeepSpeed (its engine takes "
                               "one backward per micro-batch, and steps at it); use auto or with_sft")
-        tokenizer = trainer.processing_class
+        tokenizer = run.tokenizer
         self.generation_seconds = None
         if self.cfg.ratio > 0 and self.cfg.data == SELF:
             from forgetless.self_replay import load_or_generate  # generation is only needed here
 
             c = self.cfg
             settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
-                        "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": trainer.args.seed}
+                        "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": run.seed}
             # before the first update the model is the initial one (on resume the cache already exists)
             self.blocks, self.generation_seconds = load_or_generate(
-                trainer.model, tokenizer, Path(trainer.args.output_dir), settings,
-                trainer.accelerator.is_main_process, trainer.accelerator.wait_for_everyone)
+                run.model, tokenizer, run.output_dir, settings,
+                run.accelerator.is_main_process, run.accelerator.wait_for_everyone)
         elif self.cfg.ratio > 0:
             self.blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), tokenizer, self.cfg.max_length)
-        self.seed = trainer.args.seed
-        self.world = trainer.accelerator.num_processes
-        self.rank = trainer.accelerator.process_index
-        self.accum = trainer.args.gradient_accumulation_steps
-        self.batch_size = trainer.args.per_device_train_batch_size
+        self.seed = run.seed
+        self.world = run.accelerator.num_processes
+        self.rank = run.accelerator.process_index
+        self.accum = run.grad_accum
+        self.batch_size = run.batch_size
+        self.perturbing = run.perturbing
 
     def finalize(self, model: torch.nn.Module) -> dict[str, float]:
         if self.generation_seconds is None:
@@ -137,7 +137,7 @@ class Replay(Regularizer):
     def _draw(self, ctx: StepContext) -> ReplayBlocks | None:
         """This micro-batch's blocks and their loss scale: a function of (optimizer step, micro-batch index)
         alone, so a resumed run draws exactly what an uninterrupted one does, whatever the epoch length."""
-        step = ctx.trainer.state.global_step
+        step = ctx.global_step
         if step != self._step:  # the first micro-batch of an optimizer step
             self._step, self._micro = step, 0
         micro = step * self.accum + self._micro  # nominal micro-batch index of the run
@@ -154,7 +154,7 @@ class Replay(Regularizer):
         # the blocks of this whole optimizer step (fewer micro-batches in an epoch's last step), on every
         # process alike: the replay NLL is their mean, as l_sft is the mean over the step's response tokens
         start = step * self.accum
-        in_step = getattr(ctx.trainer, "current_gradient_accumulation_steps", None) or self.accum  # set by its loop
+        in_step = ctx.micro_batches_in_step
         step_blocks = math.floor(per_micro * (start + in_step)) - math.floor(per_micro * start)
         return ReplayBlocks(ids, keep, None, 1.0 / (max(step_blocks, count) * (self.cfg.max_length - 1)))
 
@@ -163,7 +163,7 @@ class Replay(Regularizer):
             return self.cfg.forward == "with_sft"
         if self.deepspeed:
             return True
-        if ctx.trainer.perturber is not None:
+        if self.perturbing:
             return False
         (b, t), (r, length) = ctx.batch["input_ids"].shape, blocks.input_ids.shape
         return (b + r) * max(t, length) <= 1.1 * (b * t + r * length)
@@ -187,7 +187,7 @@ class Replay(Regularizer):
         if not torch.isfinite(term.detach()):
             # skipped like a non-finite SFT loss (no backward); the SFT pass still runs
             return None, {**metrics, "replay_nonfinite_skipped": 1.0}
-        ctx.trainer.backward(term)
+        ctx.backward(term)
         return term.detach(), metrics
 
     def loss(self, ctx: StepContext):
@@ -202,7 +202,7 @@ class Replay(Regularizer):
                                                                   next_token_targets(blocks.input_ids, blocks.keep))
         term = self.cfg.weight * nll.sum() * blocks.scale
         metrics = {"l_replay": nll.detach().mean().item(), "replay_fraction": self._fraction}
-        for reg in ctx.trainer.regularizers:
+        for reg in ctx.regularizers:
             extra, extra_metrics = reg.loss_on_replay(ctx, blocks)
             if extra is not None:
                 term = term + extra

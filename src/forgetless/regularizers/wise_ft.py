@@ -20,7 +20,7 @@ import torch
 
 from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors
-from forgetless.regularizers import Regularizer, register
+from forgetless.regularizers import Regularizer, RunInfo, register
 
 
 @dataclass
@@ -68,8 +68,8 @@ class WiseFT(Regularizer):
         self.cfg = cfg
         self.initial: dict[str, torch.Tensor] | None = None
 
-    def setup(self, trainer) -> None:
-        model = trainer.model
+    def setup(self, run: RunInfo) -> None:
+        model = run.model
         if not is_lora(model):
             self.initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
