@@ -115,16 +115,19 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
     jobs_list = [(name, seed, per_run[name][seed]) for seed in seeds for name in configs]
     suite = Suite(config, root)
     runs: dict[str, dict[int, dict]] = {name: {} for name in configs}
-    results: dict[str, Any] = {"base": suite.base_results(overwrite)}
+    results: dict[str, Any] = {}
     evaluated: dict[tuple[str, int], dict] = {}
     if jobs <= 1:
         for i, (name, seed, cfg) in enumerate(jobs_list, start=1):
             runs[name][seed] = train_or_reuse(cfg, overwrite, f"[{i}/{len(jobs_list)}] {name} (seed {seed})")
+        # after training: the base model loaded beside a training run would count in its peak memory
+        results["base"] = suite.base_results(overwrite)
         logger.info("evaluating %d fine-tuned models (each reused while its run and the suite are unchanged)",
                     len(jobs_list))
         for name, seed, cfg in jobs_list:
             evaluated[name, seed] = suite.run_results(f"{name}@{seed}", cfg, runs[name][seed], overwrite)
     else:
+        results["base"] = suite.base_results(overwrite)  # the workers measure their own memory
         threads = max(1, (os.cpu_count() or 1) // jobs)
         logger.info("training and evaluating %d runs, %d at a time (worker processes, %d threads each)",
                     len(jobs_list), jobs, threads)
