@@ -2,8 +2,8 @@
 # The README's multi-seed evidence (issues #17 and #18): every method of the report and the cheap-LfU
 # settings (lfu-r50-e4 is the lfu-fast preset), 3 seeds each, on the embedded default, paired against
 # plain SFT and against exact LfU. Writes runs/evidence/report.md (+ report.json, plots). 11 runs x 3
-# seeds: about 3 h on a 2-core CPU (one seed's 11 runs took ~1 h here); with a GPU, train and
-# evaluate runs side by side (2 seeds took ~12 min on one H100 with --jobs 12):
+# seeds: about 3.5-4 h on a 2-core CPU (one seed's 11 runs took 75 min here); with a GPU, train and
+# evaluate runs side by side (2 seeds took 12m40s on one H100 with --jobs 12):
 #   bash scripts/evidence.sh --jobs 12
 # Finished runs and their evaluations are reused, so an interrupted evidence run continues where it
 # stopped (pass compare.seeds=[42,43] to report the seeds that finished). FORGETLESS: the command to run.
