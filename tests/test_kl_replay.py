@@ -423,6 +423,8 @@ def test_full_finetune_cache_needs_no_reference_copy_and_starts_at_zero(tiny_lla
 def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, memo_data, tmp_path):
     """replay: {data: self}: the initial model writes full-length blocks from BOS (or from prompts) before
     training; they are cached with the run, reused with the same settings, and depend on the seed."""
+    from accelerate import PartialState
+
     from forgetless.model import load_tokenizer
     from forgetless.self_replay import CACHE_FILE, load_or_generate
     from transformers import AutoModelForCausalLM
@@ -437,16 +439,17 @@ def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, mem
     tok = load_tokenizer(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     settings = {"blocks": 6, "length": 16, "temperature": 1.0, "top_p": 0.95, "prompts": None, "seed": 42}
-    blocks, seconds = load_or_generate(model, tok, tmp_path / "o" / "checkpoints", settings, True, lambda: None)
+    state = PartialState()  # one process: it is the main one
+    blocks, seconds = load_or_generate(model, tok, tmp_path / "o" / "checkpoints", settings, state)
     assert seconds == 0.0 and blocks.shape == (6, 16)  # the run's cache, reused
     assert (blocks[:, 0] == (tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)).all()
-    fresh, seconds = load_or_generate(model, tok, tmp_path / "fresh", settings, True, lambda: None)
+    fresh, seconds = load_or_generate(model, tok, tmp_path / "fresh", settings, state)
     assert seconds > 0 and torch.equal(fresh, blocks)  # the same seed writes the same text
-    other, _ = load_or_generate(model, tok, tmp_path / "other", dict(settings, seed=7), True, lambda: None)
+    other, _ = load_or_generate(model, tok, tmp_path / "other", dict(settings, seed=7), state)
     assert not torch.equal(other, blocks)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\nthe lazy dog\n")
-    prompted, _ = load_or_generate(model, tok, tmp_path / "p", dict(settings, prompts=str(prompts)), True, lambda: None)
+    prompted, _ = load_or_generate(model, tok, tmp_path / "p", dict(settings, prompts=str(prompts)), state)
     first = tok.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=False, add_generation_prompt=True)
     n = len(tok(first, add_special_tokens=False)["input_ids"])
     assert prompted[0, :n].tolist() == tok(first, add_special_tokens=False)["input_ids"]

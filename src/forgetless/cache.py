@@ -23,6 +23,15 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
+    """`data` as JSON at `path`, written to a temporary name and renamed into place."""
+    import json
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: workers may write side by side
+    tmp.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def build_once(path: Path, metadata: dict[str, str], build: Callable[[], dict[str, torch.Tensor]], accelerator: Any,
                what: str, fits: Callable[[dict[str, torch.Tensor]], bool] = lambda tensors: True
                ) -> dict[str, torch.Tensor]:
@@ -36,8 +45,8 @@ def build_once(path: Path, metadata: dict[str, str], build: Callable[[], dict[st
         if path.exists():
             with safe_open(str(path), "pt") as f:
                 found = f.metadata() or {}
-            tensors = load_file(str(path))
-            if found == metadata and fits(tensors):
+            tensors = load_file(str(path)) if found == metadata else None  # a stale file is never loaded
+            if tensors is not None and fits(tensors):
                 logger.info("%s: reusing %s", what, path)
                 return tensors
             if accelerator.is_main_process:

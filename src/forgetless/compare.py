@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, run_config, validate
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
@@ -213,8 +214,7 @@ class Suite:
 
     def base_results(self, overwrite: bool = False) -> dict:
         return self._cached(self.root / BASE_EVAL, self.key, overwrite,
-                            lambda: evaluate(self.base()[0], self.base()[1], self.config.evaluation, self.config.data,
-                                             name="base"))
+                            lambda: evaluate(*self.base(), self.config.evaluation, self.config.data, name="base"))
 
     def run_results(self, name: str, cfg: ForgetlessConfig, summary: dict, overwrite: bool = False) -> dict:
         key = {**self.key, "run": summary}
@@ -232,9 +232,7 @@ class Suite:
             except (ValueError, KeyError):
                 pass  # unreadable: measured again
         results = compute()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # written whole or not at all
-        tmp.write_text(json.dumps({"key": key, "results": results}) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, {"key": key, "results": results})
         return results
 
 

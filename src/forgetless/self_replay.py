@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from forgetless.cache import save_atomic
+from forgetless.cache import build_once
 from forgetless.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -76,27 +76,20 @@ def generate_blocks(model, tokenizer, n_blocks: int, length: int, temperature: f
     return blocks
 
 
-def load_or_generate(model, tokenizer, folder: Path, settings: dict, is_main: bool, barrier) -> tuple[torch.Tensor, float]:
+def load_or_generate(model, tokenizer, folder: Path, settings: dict, accelerator) -> tuple[torch.Tensor, float]:
     """The run's self-replay blocks: from the cache when it holds these settings, else generated (on the
-    main process, the others wait and read them). Returns (blocks, generation seconds; 0 when reused)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = folder / CACHE_FILE
-    meta = {"settings": json.dumps(settings, sort_keys=True)}
-    if path.exists():
-        with safe_open(str(path), "pt") as f:
-            if f.metadata() == meta:
-                logger.info("self-replay: reusing the blocks in %s", path)
-                return load_file(str(path))["blocks"], 0.0
-        logger.warning("self-replay: %s was made with other settings; generating anew", path)
+    main process; the others read them: cache.build_once). Returns (blocks, generation seconds; 0 when reused)."""
     seconds = 0.0
-    if is_main:
+
+    def generate() -> dict[str, torch.Tensor]:
+        nonlocal seconds
         started = time.perf_counter()
         blocks = generate_blocks(model, tokenizer, settings["blocks"], settings["length"], settings["temperature"],
                                  settings["top_p"], settings["seed"], settings["prompts"])
         seconds = time.perf_counter() - started
         logger.info("self-replay: generated %d blocks of %d tokens in %.1f s", len(blocks), settings["length"], seconds)
-        save_atomic({"blocks": blocks}, path, metadata=meta)
-    barrier()
-    return load_file(str(path))["blocks"], seconds
+        return {"blocks": blocks}
+
+    meta = {"settings": json.dumps(settings, sort_keys=True)}
+    blocks = build_once(folder / CACHE_FILE, meta, generate, accelerator, "self-replay")["blocks"]
+    return blocks, seconds

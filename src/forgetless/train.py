@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from forgetless import data as data_mod
+from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.curve import ForgettingCurve
 from forgetless.errors import ConfigError, TrainingError
@@ -210,9 +210,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
     """The one writer of OUTPUT_DIR/train_summary.json. Written last, and whole (tmp + rename): its
     presence marks a finished run."""
-    tmp = output_dir / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / SUMMARY)
+    write_json_atomic(output_dir / SUMMARY, summary, indent=2)
 
 
 def tensorboard_into(trainer: ForgetlessTrainer, folder: Path) -> None:

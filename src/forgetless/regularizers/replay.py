@@ -103,9 +103,8 @@ class Replay(Regularizer):
             settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
                         "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": run.seed}
             # before the first update the model is the initial one (on resume the cache already exists)
-            self.blocks, self.generation_seconds = load_or_generate(
-                run.model, tokenizer, run.output_dir, settings,
-                run.accelerator.is_main_process, run.accelerator.wait_for_everyone)
+            self.blocks, self.generation_seconds = load_or_generate(run.model, tokenizer, run.output_dir, settings,
+                                                                    run.accelerator)
         elif self.cfg.ratio > 0:
             self.blocks = pack_blocks(load_texts(self.cfg.data, self.cfg.text_field), tokenizer, self.cfg.max_length)
         self.seed = run.seed
