@@ -46,6 +46,7 @@ from forgetless.config import ModelConfig
 from forgetless.memory import keep_freed_cpu_memory, peak_memory
 from forgetless.model import DTYPES, apply_finetune, load_model, load_tokenizer, resolve_model_path
 from forgetless.regularizers import build_regularizers
+from forgetless.replay import build_replay
 from forgetless.trainer import ForgetlessTrainer
 
 HERE = Path(__file__).resolve().parent
@@ -206,7 +207,8 @@ def build(args, model, method: str, tokenizer, batch, shared: bool = True):
         entries = [{name: dict(opts, max_length=args.seq_len) if name == "replay" else opts}
                    for entry in METHODS[method] for name, opts in entry.items()]
         trainer = ForgetlessTrainer(model=model, args=TrainingArguments(**common, per_device_train_batch_size=args.batch),
-                                    regularizers=build_regularizers(entries), train_dataset=bench_dataset(batch),
+                                    regularizers=build_regularizers(entries), replay=build_replay(entries),
+                                    train_dataset=bench_dataset(batch),
                                     processing_class=tokenizer)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # normally set by Trainer's loop, which we bypass

@@ -15,6 +15,7 @@ from forgetless.errors import ConfigError, DataError
 from forgetless.losses import token_kl
 from forgetless.model import apply_finetune, load_tokenizer
 from forgetless.regularizers import build_regularizers
+from forgetless.replay import build_replay
 from forgetless.train import load_trained, train
 from forgetless.trainer import ForgetlessTrainer
 
@@ -77,7 +78,7 @@ def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, **arg
     model = apply_finetune(model, ModelConfig(finetune=finetune))
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, learning_rate=0.5,
                              optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", **args_kwargs)
-    trainer = ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regs),
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regs), replay=build_replay(regs),
                                 processing_class=load_tokenizer(model_dir))
     trainer.create_optimizer()
     return trainer
@@ -169,13 +170,13 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     # the SFT rows, the SFT rows when the blocks are longer) or run their own forward + backward before
     # it; the accumulated gradient must be that of the one loss the spec defines, computed here by autograd:
     #   mean SFT NLL + coef * mean KL (SFT tokens) + weight * mean replay NLL + coef * mean KL (replay tokens)
-    from forgetless.regularizers.replay import Replay
+    from forgetless.replay import ReplaySource
 
     coef, weight = 0.5, 2.0
     drawn = []
-    original = Replay.block_indices
-    monkeypatch.setattr(Replay, "block_indices", lambda self, first, count: drawn.append(original(self, first, count))
-                        or drawn[-1])
+    original = ReplaySource.row_indices
+    monkeypatch.setattr(ReplaySource, "row_indices",
+                        lambda self, first, count, rank=None: drawn.append(original(self, first, count, rank)) or drawn[-1])
     trainer = make_trainer(tiny_llama, tmp_path, "full",
                            [{"replay": {"ratio": 1.0, "max_length": length, "weight": weight, "forward": forward}},
                             {"kl": {"coef": coef, "on": "both"}}], per_device_train_batch_size=3)
@@ -192,8 +193,7 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    replay_reg = trainer.regularizers[0]
-    blocks = replay_reg.blocks[drawn[-1]]
+    blocks = trainer.replay.blocks[drawn[-1]]
     assert blocks.shape == (3, length)
     sft_length = batch["input_ids"].shape[1]
     assert 8 < sft_length < 40  # so both kinds of rows get padded across the cases
@@ -282,16 +282,16 @@ def test_replay_corpus_loading_and_packing(tiny_gpt2, tmp_path):
 
 def test_replay_mix_ratio_is_exact_deterministic_and_cycles(tiny_gpt2, tmp_path):
     trainer = make_trainer(tiny_gpt2, tmp_path, "lora", [])
-    replay = build_regularizers([{"replay": {"ratio": 0.3, "max_length": 16}}])[0]
+    replay = build_replay([{"replay": {"ratio": 0.3, "max_length": 16}}])
     replay.setup(trainer.run_info)
     n_blocks = replay.blocks.shape[0]
-    draws = replay.block_indices(0, 3 * n_blocks)
+    draws = replay.row_indices(0, 3 * n_blocks)
     for c in range(3):  # each cycle visits every block once, in a fresh order
         assert sorted(draws[c * n_blocks:(c + 1) * n_blocks]) == list(range(n_blocks))
     assert draws[:n_blocks] != draws[n_blocks:2 * n_blocks]
-    again = build_regularizers([{"replay": {"ratio": 0.3, "max_length": 16}}])[0]
+    again = build_replay([{"replay": {"ratio": 0.3, "max_length": 16}}])
     again.setup(trainer.run_info)
-    assert again.block_indices(0, 50) == draws[:50]
+    assert again.row_indices(0, 50) == draws[:50]
 
 
 def test_replay_fraction_over_a_run(tiny_gpt2, tmp_path):
@@ -454,3 +454,70 @@ def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, mem
     n = len(tok(first, add_special_tokens=False)["input_ids"])
     assert prompted[0, :n].tolist() == tok(first, add_special_tokens=False)["input_ids"]
     assert (tmp_path / "p" / CACHE_FILE).exists()
+
+
+def test_chat_replay_rows_are_trained_like_sft_rows(tiny_llama, tmp_path):
+    """A replay source of prompt/response rows (format auto): rows are rendered and masked like SFT rows
+    (prompt not trained), padded, and their term is weight x the mean NLL over their trained tokens."""
+    weight = 1.5
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": f"say {w} please", "response": f"{w} {w} {w}"}
+                                                  for w in ["red", "green and blue", "a long yellow word", "x"]])
+    regs = [{"replay": {"data": str(chats), "ratio": 1.0, "max_length": 32, "weight": weight}}]
+    trainer = make_trainer(tiny_llama, tmp_path, "full", regs, per_device_train_batch_size=3)
+    replay = trainer.replay
+    assert replay.examples is not None and replay.blocks is None and len(replay) == 4
+    expected_rows, _ = tokenize_records(load_records(str(chats), DataConfig()), load_tokenizer(tiny_llama),
+                                        DataConfig(max_length=32))
+    assert [ex["labels"] for ex in replay.examples] == [ex["labels"] for ex in expected_rows]
+    assert all(ex["labels"][0] == -100 for ex in replay.examples)  # the prompt is not trained
+
+    drawn = replay.draw(0, 1, torch.device("cpu"))
+    assert drawn.batch["input_ids"].shape[0] == 3
+    trained = int((drawn.batch["labels"][:, 1:] != -100).sum())
+    assert drawn.scale == pytest.approx(1 / trained)  # one micro-batch per step, one process
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    model = trainer.model
+    loss = trainer.training_step(model, dict(batch))
+    with torch.no_grad():
+        def mean_nll(ids, mask, labels):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            keep = labels[:, 1:] != -100
+            return F.cross_entropy(logits[keep], labels[:, 1:][keep]).item()
+
+        expected = mean_nll(batch["input_ids"], batch["attention_mask"], batch["labels"]) + weight * mean_nll(
+            drawn.batch["input_ids"], drawn.batch["attention_mask"], drawn.batch["labels"])
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_replay_scale_is_the_mean_over_every_process_rows_of_the_step(tiny_llama, tmp_path):
+    """Across 2 processes and 2 accumulation steps, rows of unequal length: the scale is the same on every
+    process and micro-batch of a step, and sum(tokens * scale) over all of them is the world size (DDP's
+    average then gives the mean over the step's replay tokens)."""
+    from types import SimpleNamespace
+
+    from forgetless.replay import ReplayConfig, ReplaySource
+
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "q " * (i + 1), "response": "a " * (2 * i + 1)}
+                                                  for i in range(7)])
+    tok = load_tokenizer(tiny_llama)
+    sources = []
+    for rank in range(2):
+        source = ReplaySource(ReplayConfig(data=str(chats), ratio=0.75, max_length=64))
+        run = SimpleNamespace(seed=5, accelerator=SimpleNamespace(num_processes=2, process_index=rank),
+                              grad_accum=2, batch_size=2, tokenizer=tok)
+        source.setup(run)
+        sources.append(source)
+    assert len(set(sources[0].trained)) > 3  # rows of unequal length
+    for step in range(6):
+        scales, weighted, seen = set(), 0.0, []
+        for micro in (2 * step, 2 * step + 1):
+            for source in sources:
+                rows = source.draw(micro, 2, torch.device("cpu"))
+                if rows is not None:
+                    scales.add(rows.scale)
+                    weighted += rows.tokens * rows.scale
+                    seen.append(rows.batch["input_ids"][:, :4])
+        assert len(scales) == 1 and weighted == pytest.approx(2.0), step
+    # the processes draw disjoint rows: in one cycle through the source, each row once
+    first = [i for rank in range(2) for i in sources[rank].row_indices(0, 3, rank)]
+    assert sorted(first[:6]) == sorted(set(first[:6]))

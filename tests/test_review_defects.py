@@ -189,25 +189,23 @@ def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_pa
     """10 examples, batch 4, accumulation 2: every epoch ends with a one-micro-batch step of 2 rows.
     In every optimizer step the replay blocks' weights sum to one mean (was 0.5x in ~10% of steps after
     an uneven epoch end), and the blocks of a step do not depend on the steps before it (resume)."""
-    from types import SimpleNamespace
-
     from forgetless.data import load_texts, pack_blocks
     from forgetless.model import load_tokenizer
-    from forgetless.regularizers.replay import Replay, ReplayConfig
+    from forgetless.replay import ReplayConfig, ReplaySource
     from forgetless.train import train
 
     from conftest import tiny_config, write_jsonl
 
     seen = []  # (optimizer step, the micro-batch's blocks, their scale)
-    draw = Replay._draw
+    draw = ReplaySource.draw
 
-    def record(self, ctx):
-        blocks = draw(self, ctx)
-        if blocks is not None:
-            seen.append((ctx.global_step, blocks.input_ids.clone(), blocks.scale))
-        return blocks
+    def record(self, micro, in_step, device):
+        rows = draw(self, micro, in_step, device)
+        if rows is not None:
+            seen.append((micro // self.accum, rows.batch["input_ids"].clone(), rows.scale))
+        return rows
 
-    monkeypatch.setattr(Replay, "_draw", record)
+    monkeypatch.setattr(ReplaySource, "draw", record)
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(10))
     corpus = tmp_path / "c.txt"
     corpus.write_text(("the quick brown fox jumps over the lazy dog " * 8 + "\n\n") * 30)
@@ -222,11 +220,13 @@ def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_pa
         assert len({scale for _, scale in parts}) == 1, step
         assert sum(count for count, _ in parts) * parts[0][1] * (16 - 1) == pytest.approx(1.0), (step, parts)
 
-    # a fresh Replay, as after a resume at step 4, draws what the run drew there
-    replay = Replay(ReplayConfig(**options))
+    # a fresh source, as after a resume at step 4, draws what the run drew there
+    replay = ReplaySource(ReplayConfig(**options))
     replay.blocks = pack_blocks(load_texts(str(corpus)), load_tokenizer(tiny_gpt2), 16)
+    replay.trained = [15] * replay.blocks.shape[0]
     replay.seed, replay.world, replay.rank, replay.accum, replay.batch_size = cfg.train.seed, 1, 0, 2, 4
-    ctx = SimpleNamespace(global_step=4, micro_batches_in_step=2, batch={"input_ids": torch.zeros(4, 8, dtype=torch.long)})
     in_run = [blocks for step, blocks, _ in seen if step == 4]
-    for blocks in in_run:
-        assert torch.equal(draw(replay, ctx).input_ids, blocks)
+    fresh = [rows.batch["input_ids"] for micro in (8, 9) if (rows := draw(replay, micro, 2, "cpu")) is not None]
+    assert len(fresh) == len(in_run) > 0
+    for blocks, again in zip(in_run, fresh):
+        assert torch.equal(again, blocks)

@@ -30,6 +30,7 @@ from forgetless.errors import ConfigError, TrainingError
 from forgetless.memory import peak_memory
 from forgetless.model import load_for_training, resolve_dtype
 from forgetless.regularizers import build_regularizers
+from forgetless.replay import build_replay
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     train_ds = data_mod.build_training_dataset(config.data, tokenizer, config.train.seed)
     eval_ds = data_mod.build_dataset(data_mod.eval_source(config.data), tokenizer, config.data) if config.data.eval else None
     regularizers = build_regularizers(config.regularizers)
+    replay = build_replay(config.regularizers, config.data)  # a data source, written among the method's entries
 
     args = training_arguments(config, checkpoint_dir)
     prepare_output_dir(output_dir, overwrite, resume, args)  # before any regularizer caches into it
@@ -150,6 +152,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         data_collator=data_mod.collator(tokenizer),
         processing_class=tokenizer,
         regularizers=regularizers,
+        replay=replay,
         max_nonfinite_steps=config.train.max_nonfinite_steps,
         callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")] + ([curve] if curve else []),
     )
@@ -184,6 +187,8 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if curve:
         summary["curve_seconds"] = round(curve.seconds, 2)
     summary.update(extra_summary or {})
+    if replay is not None:
+        summary.update(replay.summary())
     for reg in regularizers:  # post-training steps (WiSE-FT's weight mix) before anything is saved
         summary.update(reg.finalize(trainer.accelerator.unwrap_model(trainer.model)))
     if eval_ds is not None:

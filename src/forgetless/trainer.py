@@ -1,14 +1,16 @@
 """ForgetlessTrainer: transformers.Trainer whose training step composes SFT + regularizers.
 
 The step, top to bottom (see `training_step`):
-  0. rows that join the clean forward are gathered (replay blocks, by default); separate passes run
-     first (replay with `forward: own`: forward + backward on its blocks, without gradient sync),
-     so their activations are freed before the SFT forward allocates its own;
-  1. clean forward on the SFT rows plus any joined rows (regularizers may hook into it, e.g. to
-     capture hidden states); the joined rows' logits go back to their regularizer;
+  0. the micro-batch's rows: the SFT rows, plus replay rows when the run has a replay source
+     (forgetless.replay; a function of the step count). The step splits them by source when replay
+     asks for a forward of its own (`forward: own`, or `auto` when joining would pad a lot or LfU's
+     hooks read the clean forward): forward + loss + backward on the replay rows first, without
+     gradient sync, so their activations are freed before the SFT forward allocates its own;
+  1. clean forward on the (remaining) rows, all sources in one; each source gets its rows' logits;
   2. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
      tokens in the whole optimizer step, across accumulation and processes): the mean over the
-     step's tokens, exactly as transformers normalises with `num_items_in_batch`;
+     step's tokens, exactly as transformers normalises with `num_items_in_batch`; replay rows add
+     weight * their NLL sum * their own scale (forgetless.rows);
   3. + each regularizer's term;  4. backward;
   5. only with a perturbing regularizer (LfU): the clean backward runs without gradient sync,
      this micro-batch's gradient of l_sft alone is handed to it, and it runs its own
@@ -27,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from forgetless.errors import ConfigError, TrainingError
 from forgetless.losses import IGNORE_INDEX, forward_rows, next_token_targets, prediction_mask, token_nll
-from forgetless.regularizers import Regularizer, ReplayBlocks, RunInfo, StepContext
+from forgetless.regularizers import Regularizer, RunInfo, StepContext
+from forgetless.replay import ReplaySource
+from forgetless.rows import SFT, Rows, joined_inputs, split_outputs
 
 
 logger = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ class ForgetlessTrainer(Trainer):
     # training_step normalises by the step's token count itself; Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None,
+    def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None, replay: ReplaySource | None = None,
                  max_nonfinite_steps: int = 5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # A micro-batch whose loss is NaN/inf is skipped (no backward); this many in a row abort the run.
@@ -73,6 +76,14 @@ class ForgetlessTrainer(Trainer):
             grad_accum=self.args.gradient_accumulation_steps, batch_size=self.args.per_device_train_batch_size,
             eval_batch_size=self.args.per_device_eval_batch_size, show_progress=not self.args.disable_tqdm,
             perturbing=self.perturber is not None)
+        self.replay = replay
+        # DeepSpeed's engine steps at the last micro-batch's first backward: replay rows must join the SFT one
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if replay is not None:
+            if replay.cfg.forward == "own" and self.deepspeed:
+                raise ConfigError("regularizers.replay.forward: own is not possible under DeepSpeed (its engine takes "
+                                  "one backward per micro-batch, and steps at it); use auto or with_sft")
+            replay.setup(self.run_info)
         for reg in self.regularizers:
             reg.setup(self.run_info)
 
@@ -84,22 +95,20 @@ class ForgetlessTrainer(Trainer):
         if num_items_in_batch is None:  # called outside Trainer's loop: this batch is the whole step
             num_items_in_batch = local_tokens * self.accelerator.num_processes
         token_scale = self.accelerator.num_processes / max(float(num_items_in_batch), 1.0)
+        micro = self.micro_step()
         # LfU with `every: k` runs its pass on some micro-batches only; the others are plain SFT steps
-        perturber = self.perturber
-        if perturber is not None and not perturber.perturbs_at(self.micro_step()):
-            perturber = None
-
-        # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time):
-        # separate passes never do; the clean pass does unless a perturbed backward follows it.
-        separate_terms = []
-        with self.accelerator.no_sync(model), self.compute_loss_context_manager():
-            before_ctx = self._context(model, inputs, None, None, token_scale)
-            joined = [rows for reg in self.regularizers if (rows := reg.extra_rows(before_ctx)) is not None]
-            for reg in self.regularizers:
-                term, metrics = reg.separate_pass(before_ctx)
-                if term is not None:
-                    separate_terms.append(term)
-                self._record(metrics)
+        perturber = self.perturber if self.perturber is not None and self.perturber.perturbs_at(micro) else None
+        parts = [Rows(SFT, inputs, token_scale)]
+        replay_term = None
+        if self.replay is not None:
+            self._record({"replay_fraction": self.replay.fraction(micro, labels.shape[0])})
+            rows = self.replay.draw(micro, self._micro_batches_in_step(), labels.device)
+            if rows is not None and self._replay_joins(parts[0], rows):
+                parts.append(rows)
+            elif rows is not None:
+                # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time)
+                with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+                    replay_term = self._replay_pass(model, rows)
 
         clean_pass = self.accelerator.no_sync(model) if perturber else contextlib.nullcontext()
         with clean_pass:
@@ -108,15 +117,15 @@ class ForgetlessTrainer(Trainer):
                     for reg in self.regularizers:
                         if reg is perturber or not reg.perturbs:
                             hooks.enter_context(reg.clean_forward(model, inputs))
-                    # logits only where a response token is predicted: the LM head skips prompt and padding
-                    keep = prediction_mask(labels)
-                    outputs, logits = forward_rows(model, *append_rows(inputs, keep, joined))
-                targets = [next_token_targets(labels, keep)] + [next_token_targets(b.input_ids, b.keep) for b in joined]
-                nll = token_nll(logits, torch.cat(targets))  # one cross-entropy over every row
-                nll, logits = split_rows(nll, logits, keep, joined)
+                    # logits only where a token is trained: the LM head skips prompt and padding
+                    outputs, logits = forward_rows(model, *joined_inputs(parts))
+                # one cross-entropy over every row, then each source's share
+                split_outputs(parts, token_nll(logits, torch.cat([p.targets() for p in parts])), logits)
+                sft = parts[0]
+                nll = sft.nll
                 sft_loss = nll.sum() * token_scale
-                ctx = self._context(model, inputs, outputs, sft_loss, token_scale, keep=keep, logits=logits)
-                extra = None
+                ctx = self._context(model, parts, outputs, sft_loss, token_scale)
+                extra = self._replay_loss(parts[1]) if len(parts) > 1 else None
                 for reg in self.regularizers:
                     term, metrics = reg.loss(ctx)
                     if term is not None:
@@ -138,26 +147,69 @@ class ForgetlessTrainer(Trainer):
         if perturber is not None:
             # Free the whole clean graph before the perturbed forward: `extra`'s backward kept its saved
             # tensors (retain_graph), and anything holding a grad_fn would keep them (and the logits) alive.
-            ctx.outputs = ctx.logits = ctx.sft_loss = outputs = logits = sft_loss = extra = term = None
+            ctx.outputs = ctx.logits = ctx.sft_loss = ctx.rows = outputs = logits = sft_loss = extra = term = None
+            for part in parts:
+                part.logits = part.nll = None
             total, nll = total.detach(), nll.detach()
             with self.compute_loss_context_manager():
                 term, metrics = perturber.perturbed_backward(ctx)
             total = total + term
             self._record(metrics)
 
-        for term in separate_terms:
-            total = total + term
+        if replay_term is not None:
+            total = total + replay_term
         if local_tokens:
             self._metrics["l_sft"].append(nll.detach().mean().item())
         self._tokens_seen += int(inputs["attention_mask"].sum())
         return total.detach()
 
-    def _context(self, model, inputs, outputs, sft_loss, token_scale: float, **kwargs: Any) -> StepContext:
+    def _replay_joins(self, sft: Rows, replay: Rows) -> bool:
+        """The step option: replay rows join the SFT forward, or get their own pass (lower peak memory)."""
+        forward = self.replay.cfg.forward
+        if forward != "auto":
+            return forward == "with_sft"
+        if self.deepspeed:
+            return True
+        if self.perturber is not None:  # LfU's hooks capture the SFT rows of the clean forward
+            return False
+        (b, t), (r, length) = sft.batch["input_ids"].shape, replay.batch["input_ids"].shape
+        # joining pads both to one length: worth it unless that adds more than 10% tokens
+        return (b + r) * max(t, length) <= 1.1 * (b * t + r * length)
+
+    def _replay_loss(self, rows: Rows) -> torch.Tensor:
+        """weight * the replay rows' NLL, normalised over the step's replay tokens."""
+        self._record({"l_replay": rows.nll.detach().mean().item()})
+        return self.replay.weight * rows.nll.sum() * rows.scale
+
+    def _replay_pass(self, model, rows: Rows) -> torch.Tensor | None:
+        """Replay rows' own forward + loss (with the regularizers' terms on them) + backward; the detached
+        term, or None when it was not finite (skipped like a non-finite SFT loss; the SFT pass still runs)."""
+        _, rows.logits = forward_rows(model, rows.batch["input_ids"], rows.batch["attention_mask"], rows.keep)
+        rows.nll = token_nll(rows.logits, rows.targets())
+        term = self._replay_loss(rows)
+        ctx = self._context(model, [rows], None, None, 0.0)
+        for reg in self.regularizers:
+            extra, metrics = reg.loss(ctx)
+            if extra is not None:
+                term = term + extra
+            self._record(metrics)
+        if not self.all_finite(term):
+            self._record({"replay_nonfinite_skipped": 1.0})
+            return None
+        self.backward(term)
+        return term.detach()
+
+    def _micro_batches_in_step(self) -> int:
         # Trainer's loop sets current_gradient_accumulation_steps (fewer at an epoch's short last step)
-        in_step = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        return StepContext(model, inputs, outputs, sft_loss, token_scale, global_step=self.state.global_step,
-                           micro_batches_in_step=in_step, backward=self.backward, all_finite=self.all_finite,
-                           regularizers=self.regularizers, **kwargs)
+        return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+
+    def _context(self, model, parts: list[Rows], outputs, sft_loss, token_scale: float) -> StepContext:
+        rows = {p.source: p for p in parts}
+        sft = rows.get(SFT)
+        return StepContext(model, rows, sft.batch if sft else None, outputs, sft_loss, token_scale,
+                           global_step=self.state.global_step, micro_batches_in_step=self._micro_batches_in_step(),
+                           backward=self.backward, all_finite=self.all_finite,
+                           keep=sft.keep if sft else None, logits=sft.logits if sft else None)
 
     def micro_step(self) -> int:
         """This micro-batch's index in the run: optimizer step * accumulation steps + its place in the
@@ -236,36 +288,6 @@ class ForgetlessTrainer(Trainer):
             logs["tokens_per_s"] = total_tokens / max(now - self._last_log_time, 1e-9)
             self._tokens_seen, self._last_log_time = 0, now
         super().log(logs, start_time)
-
-
-def append_rows(inputs: dict[str, torch.Tensor], keep: torch.Tensor, joined: list[ReplayBlocks]):
-    """input_ids, attention_mask and keep of the SFT rows followed by the joined blocks, right-padded to
-    one length (padding is masked and never predicted, so no real token's output changes)."""
-    if not joined:
-        return inputs["input_ids"], inputs["attention_mask"], keep
-    length = max(t.shape[1] for t in [inputs["input_ids"], *(b.input_ids for b in joined)])
-
-    def pad(x: torch.Tensor, value) -> torch.Tensor:
-        return F.pad(x, (0, length - x.shape[1]), value=value)
-
-    ids = torch.cat([pad(inputs["input_ids"], 0)] + [pad(b.input_ids, 0) for b in joined])
-    mask = torch.cat([pad(inputs["attention_mask"], 0)] + [pad(torch.ones_like(b.input_ids), 0) for b in joined])
-    keep = torch.cat([pad(keep, False)] + [pad(b.keep, False) for b in joined])
-    return ids, mask, keep
-
-
-def split_rows(nll: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor, joined: list[ReplayBlocks]):
-    """The SFT rows' (nll, logits); each joined block set gets its own (rows come in row-major `keep` order).
-
-    One split, not slices: its backward concatenates the parts' gradients into one [N, V] tensor, where
-    each slice's backward would allocate and zero-fill a full-size one of its own to be summed."""
-    if not joined:
-        return nll, logits
-    sizes = [int(keep.sum())] + [int(b.keep.sum()) for b in joined]
-    (sft_nll, *nlls), (sft_logits, *parts) = torch.split(nll, sizes), torch.split(logits, sizes)
-    for blocks, part_nll, part in zip(joined, nlls, parts):
-        blocks.nll, blocks.logits = part_nll, part
-    return sft_nll, sft_logits
 
 
 class MetricsFileCallback(TrainerCallback):

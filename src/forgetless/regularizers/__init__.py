@@ -12,11 +12,13 @@ response tokens* exactly like the SFT loss (correct under gradient accumulation 
 processes). It returns a scalar tensor (already weighted by its coefficient) and a dict of floats to
 log. One module per regularizer; register it in REGISTRY.
 
-A regularizer that trains on other data (replay) either hands its rows to the clean forward
-(`extra_rows(ctx)`: they are appended to the SFT rows, padded to one length, and come back with
-their logits for its `loss`), or runs them in `separate_pass(ctx)`: its own forward + backward
-before the clean forward (so the two passes' activations never coexist), returning its detached
-term. Other regularizers add terms on those blocks through `loss_on_replay`.
+The rows of a micro-batch come from data sources (forgetless.rows): the SFT mixture and, with
+replay, the replay source (forgetless.replay: data, not a regularizer). A term that covers rows reads
+`ctx.rows[source]` (their batch, logits at the trained positions and normalising scale); the SFT rows
+are also `ctx.batch / ctx.keep / ctx.logits`. When the training step gives replay rows a forward of
+their own, `loss` is called once for that pass too, with only `ctx.rows["replay"]` (and `ctx.batch`
+None): a term on the SFT rows, or a per-step penalty weighted by `ctx.step_share()` (0 there), adds
+nothing in it.
 
 A regularizer that simulates an update (LfU) sets `perturbs = True` and implements two more hooks:
 `ascent_tensors()` (whose gradient of l_sft *alone, for this micro-batch* it needs; the step
@@ -36,24 +38,16 @@ in `problems() -> {option: problem}` (forgetless.schema).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
 
 from forgetless.errors import ConfigError
+from forgetless.replay import ReplayConfig
+from forgetless.rows import Rows
 from forgetless.schema import from_dict
-
-
-@dataclass
-class ReplayBlocks:
-    """Replay blocks and their forward, for terms other regularizers add on them."""
-    input_ids: torch.Tensor  # [R, L] token blocks (no padding)
-    keep: torch.Tensor  # [R, L] bool: positions whose next token is trained (all but the last)
-    logits: torch.Tensor | None  # [N, V] the current model's logits at the `keep` positions (once computed)
-    scale: float  # sum over replay tokens * scale == mean over the step's replay tokens (like token_scale)
-    nll: torch.Tensor | None = None  # [N] per-token NLL, when the step computed it with the SFT rows'
 
 
 @dataclass
@@ -79,9 +73,10 @@ class RunInfo:
 @dataclass
 class StepContext:
     model: torch.nn.Module  # as the trainer calls it (possibly wrapped by accelerate)
-    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (-100 = not trained on)
-    outputs: Any  # the clean forward's CausalLMOutput (its rows may include joined replay rows; None in separate_pass)
-    sft_loss: torch.Tensor | None  # the normalised SFT term of this micro-batch (None in separate_pass)
+    rows: dict[str, Rows]  # this forward's rows by source (forgetless.rows.SFT / REPLAY), with their logits
+    batch: dict[str, torch.Tensor] | None  # the SFT rows: input_ids, attention_mask, labels (-100 = not trained on)
+    outputs: Any  # the forward's CausalLMOutput (its rows may include joined replay rows)
+    sft_loss: torch.Tensor | None  # the normalised SFT term of this micro-batch (None in a replay-only pass)
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
     global_step: int  # optimizer steps done before this one
     micro_batches_in_step: int  # micro-batches in this optimizer step (the last step of an epoch may have fewer)
@@ -89,7 +84,6 @@ class StepContext:
     backward: Callable[..., None]
     # whether a tensor is finite on every process (a syncing backward is skipped by all or by none)
     all_finite: Callable[[torch.Tensor], bool]
-    regularizers: list[Regularizer] = field(default_factory=list)  # the run's, for terms on replay blocks
     keep: torch.Tensor | None = None  # [B, T] bool: positions whose next token is trained (losses.prediction_mask)
     logits: torch.Tensor | None = None  # [N, V] logits at the `keep` positions only, row-major
     # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
@@ -100,6 +94,8 @@ class StepContext:
         """This micro-batch's share of its optimizer step (its response tokens * token_scale): a
         per-step penalty weighted by it is counted exactly once per step, under gradient
         accumulation and across processes (where DDP averages)."""
+        if self.batch is None:
+            return 0.0
         n = int(self.keep.sum()) if self.keep is not None else int((self.batch["labels"][:, 1:] != -100).sum())
         return n * self.token_scale
 
@@ -124,20 +120,6 @@ class Regularizer:
         """A term added to the clean loss, and metrics. Default: no term."""
         return None, {}
 
-    def extra_rows(self, ctx: StepContext) -> ReplayBlocks | None:
-        """Rows to append to the clean forward (called before it, once per micro-batch); the step fills in
-        their `logits` and next-token `nll` before calling `loss`. Optional."""
-        return None
-
-    def separate_pass(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """Forward + backward on data of its own (replay), before the clean forward; returns the detached
-        term (for the logged loss) and metrics. Runs without gradient sync. Optional."""
-        return None, {}
-
-    def loss_on_replay(self, ctx: StepContext, replay: ReplayBlocks) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """A term on the replay blocks, added to the replay pass's loss before its backward. Optional."""
-        return None, {}
-
     def finalize(self, model: torch.nn.Module) -> dict[str, float]:
         """After the last step, before the weights are saved; may change them (WiSE-FT). Optional."""
         return {}
@@ -156,8 +138,9 @@ class Regularizer:
         raise NotImplementedError
 
 
-# name -> (config dataclass, factory(config) -> Regularizer). Filled by the regularizer modules.
-REGISTRY: dict[str, tuple[type, Callable[[Any], Regularizer]]] = {}
+# name -> (config dataclass, factory(config) -> Regularizer). Filled by the regularizer modules; a data
+# source written among them (replay) has no factory: forgetless.replay.build_replay builds it.
+REGISTRY: dict[str, tuple[type, Callable[[Any], Regularizer] | None]] = {"replay": (ReplayConfig, None)}
 
 
 def register(name: str, config_cls: type, factory: Callable[[Any], Regularizer]) -> None:
@@ -194,8 +177,9 @@ def check_combination(parsed: list[tuple[str, Any]], where: str = "") -> None:
 
 
 def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:
-    return [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries)]
+    """The loss terms of `regularizers:` entries (a replay entry is a data source: build_replay)."""
+    return [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries) if REGISTRY[name][1] is not None]
 
 
 # Each regularizer module registers itself on import.
-from forgetless.regularizers import ewc, kl, l2sp, lfu, neftune, replay, wise_ft  # noqa: E402,F401
+from forgetless.regularizers import ewc, kl, l2sp, lfu, neftune, wise_ft  # noqa: E402,F401

@@ -26,7 +26,7 @@ from forgetless.data import load_texts, pack_blocks
 from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
-from forgetless.regularizers.replay import DEFAULT_CORPUS
+from forgetless.replay import DEFAULT_CORPUS
 
 
 FISHER_FILE = "ewc_fisher.safetensors"
@@ -105,8 +105,11 @@ class EWC(Regularizer):
         return sum((f * (p - p0).pow(2)).sum() for (_, p), p0, f in zip(self.params, self.initial, self.fisher))
 
     def loss(self, ctx: StepContext):
+        share = ctx.step_share()
+        if not share:  # a forward without SFT tokens (replay's own pass): the step's penalty is elsewhere
+            return None, {}
         value = self.penalty()
-        return 0.5 * self.cfg.coef * value * ctx.step_share(), {"ewc_penalty": value.item()}
+        return 0.5 * self.cfg.coef * value * share, {"ewc_penalty": value.item()}
 
 
 register("ewc", EWCConfig, EWC)

@@ -3,8 +3,9 @@
 term = coef * mean over covered tokens of KL(p_init || p_theta)   (direction "forward", default)
                                        or KL(p_theta || p_init)   (direction "reverse")
 
-Covered tokens: the SFT loss's response tokens (`on: sft`), the replay blocks' tokens
-(`on: replay`), or both, each normalised exactly like its own loss (token_scale / replay_scale).
+Covered tokens: the SFT loss's response tokens (`on: sft`), the replay rows' trained tokens
+(`on: replay`), or both: a mask over the forward's rows by source (ctx.rows), each source normalised
+exactly like its own loss (forgetless.rows.Rows.scale).
 
 The reference is the initial model, run under no_grad in eval mode (no dropout) on the same
 inputs and attention mask:
@@ -33,7 +34,8 @@ from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.model import is_lora
-from forgetless.regularizers import Regularizer, ReplayBlocks, RunInfo, StepContext, register
+from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
+from forgetless.rows import REPLAY, SFT
 
 
 # LoRA initialisations that leave the base weights untouched and start as a no-op.
@@ -204,21 +206,23 @@ class KL(Regularizer):
         return kl.sum(), kl.numel()
 
     def loss(self, ctx: StepContext):
-        if self.cfg.on == "replay":
-            return None, {}
-        b = ctx.batch
-        if self.cache is not None:
-            kl_sum, n = self._cached_kl_sum(ctx.logits, b)
-        else:
-            kl_sum, n = self._kl_sum(ctx.model, b["input_ids"], b["attention_mask"], ctx.keep, ctx.logits)
-        return self.cfg.coef * kl_sum * ctx.token_scale, ({"kl": kl_sum.item() / n} if n else {})
-
-    def loss_on_replay(self, ctx: StepContext, replay: ReplayBlocks):
-        if self.cfg.on == "sft":
-            return None, {}
-        ids = replay.input_ids
-        kl_sum, n = self._kl_sum(ctx.model, ids, torch.ones_like(ids), replay.keep, replay.logits)
-        return self.cfg.coef * kl_sum * replay.scale, {"kl_replay": kl_sum.item() / n}
+        """coef * KL on the covered sources' rows of this forward, each normalised by its own scale."""
+        covered = {"sft": (SFT,), "replay": (REPLAY,), "both": (SFT, REPLAY)}[self.cfg.on]
+        term, metrics = None, {}
+        for source in covered:
+            rows = ctx.rows.get(source)
+            if rows is None:
+                continue
+            b = rows.batch
+            if self.cache is not None and source == SFT:
+                kl_sum, n = self._cached_kl_sum(rows.logits, b)
+            else:
+                kl_sum, n = self._kl_sum(ctx.model, b["input_ids"], b["attention_mask"], rows.keep, rows.logits)
+            part = self.cfg.coef * kl_sum * rows.scale
+            term = part if term is None else term + part
+            if n:
+                metrics["kl" if source == SFT else "kl_replay"] = kl_sum.item() / n
+        return term, metrics
 
 
 register("kl", KLConfig, KL)

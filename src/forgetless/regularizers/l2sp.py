@@ -60,8 +60,11 @@ class L2SP(Regularizer):
         return sum((p - p0).pow(2).sum() for p, p0 in self.initial)
 
     def loss(self, ctx: StepContext):
+        share = ctx.step_share()
+        if not share:  # a forward without SFT tokens (replay's own pass): the step's penalty is elsewhere
+            return None, {}
         dist = self.distance_sq()
-        return 0.5 * self.cfg.coef * dist * ctx.step_share(), {"l2sp_dist_sq": dist.item()}
+        return 0.5 * self.cfg.coef * dist * share, {"l2sp_dist_sq": dist.item()}
 
 
 register("l2sp", L2SPConfig, L2SP)

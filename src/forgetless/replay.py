@@ -1,0 +1,209 @@
+"""Approximate replay (arXiv 2512.22337) as a data source, as specified in docs/methods/replay.md.
+
+The original pre-training data is unavailable, so a similar open corpus stands in. Replay is a second
+source of rows beside the SFT mixture (forgetless.rows): micro-batch u of the run (u = step *
+grad_accum + its index in the step) brings floor(r * (u + 1)) - floor(r * u) replay rows,
+r = ratio * batch_size: `ratio` rows per SFT example of a full micro-batch, exactly over a run, and a
+function of the step alone, so a resumed run draws what an uninterrupted one does (no count of
+examples seen to guess). Draw j of the run (across processes: slot j * world + rank) is position
+slot mod N of a permutation reshuffled every cycle through the source, seeded by the run's seed.
+
+What a row is (`format`):
+- text (the shipped KJV excerpt, a user's .txt/.jsonl `text_field`, or `data: self`, text the initial
+  model writes before training: forgetless.self_replay): the documents are packed into blocks of
+  `max_length` tokens, every token but the first a target, no chat template;
+- chat (prompt/response, messages, alpaca, ... as data.train reads them): rendered and masked like
+  SFT rows (only assistant turns trained), cut at `max_length`.
+
+The replay term is `weight * mean next-token NLL over the replay tokens of the optimizer step`,
+normalised like l_sft under gradient accumulation and across processes (an epoch's last, shorter
+step: the mean over the rows it has). Replay never changes the number of optimizer steps or the LR
+schedule: each step simply carries ratio x more rows. Whether the rows join the SFT rows' forward or
+get their own is the training step's choice (`forward`, see forgetless.trainer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from forgetless.rows import REPLAY, Rows
+
+DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
+SELF = "self"
+
+
+@dataclass
+class ReplayConfig:
+    # .txt/.txt.gz, or .jsonl/.json/.csv/.parquet/datasets folder/Hub dataset; or "self": text the
+    # initial model writes before training (forgetless.self_replay)
+    data: str = DEFAULT_CORPUS
+    ratio: float = 0.25  # replay rows per SFT example
+    max_length: int = 128  # tokens per replay row (a text block's length; chat rows are cut there)
+    weight: float = 1.0  # weight of the replay NLL term
+    # auto: text for .txt files and rows with `text_field`, else chat rows (the formats data.train reads)
+    format: Literal["auto", "text", "chat"] = "auto"
+    text_field: str = "text"
+    # auto | with_sft (join the SFT forward: fastest) | own (own forward + backward: lowest peak memory)
+    forward: Literal["auto", "with_sft", "own"] = "auto"
+    # data: self only: how many blocks the initial model writes, how it samples, from what prompts
+    self_blocks: int = 128
+    self_temperature: float = 1.0
+    self_top_p: float = 0.95
+    self_prompts: str | None = None  # a text file, one prompt per line (default: from the BOS token)
+
+    def problems(self) -> dict[str, str]:
+        found = {key: "must be >= 0" for key in ("ratio", "weight") if getattr(self, key) < 0}
+        if self.max_length < 2:
+            found["max_length"] = "must be >= 2"
+        if self.self_blocks < 1:
+            found["self_blocks"] = "must be >= 1"
+        if not self.self_temperature > 0:
+            found["self_temperature"] = "must be > 0"
+        if not 0 < self.self_top_p <= 1:
+            found["self_top_p"] = "must be in (0, 1]"
+        if self.data == SELF and self.format == "chat":
+            found["format"] = "data: self writes plain text; use format: auto or text"
+        return found
+
+    def provides(self) -> set[str]:
+        return {"replay"}  # rows other terms may cover (KL's `on: replay`)
+
+    def combination_problems(self, others: set[str]) -> dict[str, str]:
+        if "replay" in others:
+            return {"": "at most one replay entry per run"}
+        if self.forward == "with_sft" and "perturbs" in others:
+            return {"forward": "with_sft cannot be combined with lfu (its hooks capture the SFT rows of the clean "
+                               "forward); use auto or own"}
+        return {}
+
+
+class ReplaySource:
+    """The replay rows of a run; `setup` loads (or generates) them, `draw` hands each micro-batch its share."""
+
+    def __init__(self, cfg: ReplayConfig, data_cfg: Any = None) -> None:
+        self.cfg = cfg
+        self.data_cfg = data_cfg  # how data.train is rendered (chat template, train_on): chat replay rows alike
+        self.blocks: torch.Tensor | None = None  # [N, max_length] text blocks
+        self.examples: list[dict] | None = None  # chat rows: {input_ids, labels}
+        self.trained: list[int] = []  # trained tokens of each row
+        self.generation_seconds: float | None = None
+        self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def weight(self) -> float:
+        return self.cfg.weight
+
+    def __len__(self) -> int:
+        return len(self.trained)
+
+    def setup(self, run) -> None:
+        """Load the rows (run: forgetless.regularizers.RunInfo); `data: self` generates them with the
+        initial model, once per run (cached with it, reused on resume)."""
+        from forgetless import data as data_mod
+
+        c = self.cfg
+        self.seed, self.world, self.rank = run.seed, run.accelerator.num_processes, run.accelerator.process_index
+        self.accum, self.batch_size, self.tokenizer = run.grad_accum, run.batch_size, run.tokenizer
+        if c.ratio == 0:
+            return
+        if c.data == SELF:
+            from forgetless.self_replay import load_or_generate  # generation is only needed here
+
+            settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
+                        "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": run.seed}
+            # before the first update the model is the initial one (on resume the cache already exists)
+            self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir, settings,
+                                                                    run.accelerator)
+        elif self._format() == "text":
+            self.blocks = data_mod.pack_blocks(data_mod.load_texts(c.data, c.text_field), run.tokenizer, c.max_length)
+        else:
+            from dataclasses import replace
+
+            from forgetless.config import DataConfig
+
+            render = replace(self.data_cfg or DataConfig(), max_length=c.max_length, limit=None)
+            self.examples, _ = data_mod.tokenize_records(data_mod.load_records(c.data, render), run.tokenizer, render)
+        if self.blocks is not None:
+            self.trained = [c.max_length - 1] * self.blocks.shape[0]
+        else:
+            self.trained = [sum(label != -100 for label in ex["labels"][1:]) for ex in self.examples]
+
+    def _format(self) -> str:
+        if self.cfg.format != "auto":
+            return self.cfg.format
+        from forgetless import data as data_mod
+        from forgetless.assets import resolve_builtin
+
+        name = str(resolve_builtin(self.cfg.data)).lower()
+        if name.endswith(".txt") or name.endswith(".txt.gz"):
+            return "text"
+        for _, row in data_mod.read_rows(self.cfg.data):
+            return "text" if isinstance(row, dict) and self.cfg.text_field in row else "chat"
+        return "text"  # empty: load_texts says so, naming the file
+
+    def summary(self) -> dict[str, float]:
+        """What train_summary.json records of the source (self-replay's generation cost)."""
+        if self.generation_seconds is None:
+            return {}
+        return {"self_replay_generation_seconds": round(self.generation_seconds, 2),
+                "self_replay_blocks": int(self.blocks.shape[0])}
+
+    def row_indices(self, first: int, count: int, rank: int | None = None) -> list[int]:
+        """Rows for process `rank`'s draws first..first+count-1 (disjoint across processes)."""
+        n, rank = len(self), self.rank if rank is None else rank
+        out = []
+        for j in range(first, first + count):
+            cycle, pos = divmod(j * self.world + rank, n)
+            if cycle not in self._perms:
+                if len(self._perms) > 4:
+                    self._perms.clear()
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
+                self._perms[cycle] = torch.randperm(n, generator=g)
+            out.append(int(self._perms[cycle][pos]))
+        return out
+
+    def draws(self, micro: int) -> tuple[int, int]:
+        """(first draw, count) of micro-batch `micro` of the run, on every process alike."""
+        per_micro = self.cfg.ratio * self.batch_size  # replay rows per nominal micro-batch (fractional)
+        first = math.floor(per_micro * micro)
+        return first, math.floor(per_micro * (micro + 1)) - first
+
+    def draw(self, micro: int, micro_batches_in_step: int, device: torch.device) -> Rows | None:
+        """This process's rows for micro-batch `micro` of the run, with the scale that makes their NLL sum
+        the mean over all replay tokens of the optimizer step (every process's draws are known: no sync)."""
+        first, count = self.draws(micro)
+        if count == 0 or not len(self):
+            return None
+        indices = self.row_indices(first, count)
+        start = (micro // self.accum) * self.accum
+        step_first, _ = self.draws(start)
+        step_count = self.draws(start + micro_batches_in_step)[0] - step_first
+        step_tokens = sum(self.trained[i] for rank in range(self.world)
+                          for i in self.row_indices(step_first, step_count, rank))
+        these = sum(self.trained[i] for i in indices)
+        scale = self.world / max(step_tokens, these, 1)  # `these` only counts when in_step is off (bench)
+        if self.blocks is not None:
+            ids = self.blocks[indices].to(device)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        else:
+            from forgetless.data import collator
+
+            batch = {k: v.to(device) for k, v in collator(self.tokenizer)([dict(self.examples[i]) for i in indices]).items()}
+        return Rows(REPLAY, batch, scale)
+
+    def fraction(self, micro: int, sft_rows: int) -> float:
+        """Share of replay rows in micro-batch `micro` (logged as replay_fraction)."""
+        _, count = self.draws(micro)
+        return count / (count + sft_rows) if len(self) else 0.0
+
+
+def build_replay(entries: list[dict[str, Any]], data_cfg: Any = None) -> ReplaySource | None:
+    """The replay source of a run's `regularizers:` entries (at most one), or None."""
+    from forgetless.regularizers import parse_regularizers
+
+    found = [cfg for _, cfg in parse_regularizers(entries) if isinstance(cfg, ReplayConfig)]  # one at most
+    return ReplaySource(found[0], data_cfg) if found else None
