@@ -262,3 +262,36 @@ def test_baseline_presets_validate_and_build(method):
     cfg = load_config(None, [f"method={method}"])
     regs = build_regularizers(cfg.regularizers)
     assert [r.name for r in regs] == [method.replace("-", "_")]
+
+
+def test_the_readme_regularizer_example_trains_and_its_penalty_is_exact(tiny_llama, memo_data, tmp_path, monkeypatch):
+    """The README's "Writing a regularizer" code, run as written: it registers, its option is checked when
+    the config is parsed, and in a training step its term is coef * sum of squares of the trainable weights."""
+    import re
+    from pathlib import Path
+
+    from forgetless.config import load_config
+    from forgetless.errors import ConfigError
+    from forgetless.regularizers import REGISTRY
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Writing a regularizer"):readme.index("## How the training step works")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.splitlines()) < 60
+    monkeypatch.setitem(REGISTRY, "mine", None)  # restored after the test
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    with pytest.raises(ConfigError, match=r"regularizers\[0\]\.mine\.coef: must be >= 0"):
+        load_config(None, ["regularizers=[{mine: {coef: -1}}]"])
+
+    trainer = make_trainer(tiny_llama, tmp_path, "lora", [{"mine": {"coef": 0.5}}])
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    squares = sum(p.detach().pow(2).sum().item() for p in params)
+    loss = trainer.training_step(trainer.model, dict(batch))
+    assert trainer._metrics["mine"][-1] == pytest.approx(squares, rel=1e-9)
+    assert loss.item() - trainer._metrics["l_sft"][-1] == pytest.approx(0.5 * squares, rel=1e-6)
+    cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2, batch_size=4)
+    cfg.regularizers = [{"mine": {"coef": 0.5}}]
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert any("mine" in r for r in rows)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from forgetless.config import DataConfig, EvalConfig, load_config
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import DataError
+from forgetless.replay import ReplayConfig
 from forgetless.evaluate import (bootstrap_ci, check_disjoint, continuation_logprobs, evaluate, is_correct)
 from forgetless.model import load_tokenizer
 
@@ -72,10 +73,15 @@ def test_never_evaluates_on_training_data(tmp_path, suite):
     replay = tmp_path / "replay.txt"
     replay.write_text(GENERAL)
     with pytest.raises(DataError, match="shares documents with the replay corpus"):
-        check_disjoint(suite, DataConfig(), [], [str(replay)])
+        check_disjoint(suite, DataConfig(), [], [ReplayConfig(data=str(replay))])
+    # a replay source of chat rows is checked on its turns' text
+    document = next(doc.strip() for doc in GENERAL.split("\n\n") if doc.strip())
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": "Tell me something.", "response": document}])
+    with pytest.raises(DataError, match="shares documents with the replay corpus .*chats.jsonl"):
+        check_disjoint(suite, DataConfig(), [], [ReplayConfig(data=str(chats))])
     # the shipped defaults are disjoint
     default = load_config(None)
-    check_disjoint(default.evaluation, default.data, [default.data.train], ["builtin:replay/kjv.txt.gz"])
+    check_disjoint(default.evaluation, default.data, [default.data.train], [ReplayConfig()])
 
 
 def test_answer_extractors_and_bootstrap():
@@ -198,7 +204,7 @@ def test_shipped_general_domains_are_long_enough_and_not_replay(tiny_llama):
 
     ev = EvalConfig()
     assert ev.general_text == GENERAL_DOMAINS and len(GENERAL_DOMAINS) >= 4
-    check_disjoint(ev, DataConfig(), [], ["builtin:replay/kjv.txt.gz"])
+    check_disjoint(ev, DataConfig(), [], [ReplayConfig()])
     tok = load_tokenizer(tiny_llama)
     for domain, (reported, held) in general_blocks(ev.general_text, tok, ev.block_length, ev.general_blocks).items():
         assert len(reported) == ev.general_blocks and len(held) >= 8, domain

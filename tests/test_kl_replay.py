@@ -521,3 +521,16 @@ def test_replay_scale_is_the_mean_over_every_process_rows_of_the_step(tiny_llama
     # the processes draw disjoint rows: in one cycle through the source, each row once
     first = [i for rank in range(2) for i in sources[rank].row_indices(0, 3, rank)]
     assert sorted(first[:6]) == sorted(set(first[:6]))
+
+
+def test_replay_source_errors_name_the_file_line_and_option(tiny_llama, tmp_path):
+    bad = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "only a prompt"}])
+    with pytest.raises(DataError, match=r"chat.jsonl:2"):
+        make_trainer(tiny_llama, tmp_path, "lora", [{"replay": {"data": str(bad)}}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"body": "no text field here"}])
+    with pytest.raises(DataError, match=r"text.jsonl:1: missing field 'text'"):
+        make_trainer(tiny_llama, tmp_path, "lora", [{"replay": {"data": str(text), "format": "text"}}])
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].replay.ratio: must be >= 0"):
+        load_config(None, ["regularizers=[{replay: {ratio: -1}}]"])
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].replay: at most one replay entry per run"):
+        load_config(None, ["regularizers=[{replay: {}}, {replay: {ratio: 0.5}}]"])

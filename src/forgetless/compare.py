@@ -33,6 +33,8 @@ from forgetless.config import ForgetlessConfig, run_config, validate
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
 from forgetless.model import resolve_model_path
+from forgetless.regularizers import parse_regularizers
+from forgetless.replay import ReplayConfig
 from forgetless.train import SUMMARY, train
 
 logger = logging.getLogger(__name__)
@@ -105,10 +107,10 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     configs = compared_runs(config, root)
-    replay_specs = sorted({opts["data"] if opts and "data" in opts else "builtin:replay/kjv.txt.gz"
-                           for cfg in configs.values() for e in cfg.regularizers for name, opts in e.items()
-                           if name == "replay"} - {"self"})  # self-replay text is the model's own
-    check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)], replay_specs)
+    replays = {(rc.data, rc.format, rc.text_field): rc for cfg in configs.values()
+               for _, rc in parse_regularizers(cfg.regularizers) if isinstance(rc, ReplayConfig)}
+    check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)],
+                   list(replays.values()))
 
     seeds = list(config.compare.seeds) or [config.train.seed]
     # seed by seed: a comparison stopped part-way leaves whole seeds of every method behind

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from forgetless.data import (general_blocks, general_domains, load_records, load_texts, read_rows, render, render_prompt,
                              uses_chat_template)
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
+from forgetless.replay import ReplayConfig, replay_documents
 from forgetless.errors import ConfigError, DataError
 from forgetless.losses import forward_rows, token_kl, upcast
 
@@ -172,7 +173,7 @@ def load_mc(spec: str, limit: int) -> list[dict]:
 # ---------------------------------------------------------------- the suite
 
 
-def check_disjoint(cfg: EvalConfig, data_cfg: DataConfig, train_specs: list[str], replay_specs: list[str]) -> None:
+def check_disjoint(cfg: EvalConfig, data_cfg: DataConfig, train_specs: list[str], replays: list[ReplayConfig]) -> None:
     """Never evaluate on what was trained on: task prompts vs training prompts, general text vs replay text."""
     if cfg.task:
         test = {r.messages[-2]["content"] for r in load_records(cfg.task, data_cfg)}
@@ -184,10 +185,10 @@ def check_disjoint(cfg: EvalConfig, data_cfg: DataConfig, train_specs: list[str]
                                 f"(e.g. {next(iter(overlap))!r}); evaluate on held-out data")
     for domain, general_spec in general_domains(cfg.general_text).items():
         general = set(load_texts(general_spec))
-        for spec in replay_specs:
-            if general & set(load_texts(spec)):
+        for replay in replays:
+            if general & set(replay_documents(replay, data_cfg)):
                 raise DataError(f"evaluation.general_text ({domain}: {general_spec}) shares documents with the replay "
-                                f"corpus {spec}; use another source")
+                                f"corpus {replay.data}; use another source")
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None, name: str = "model") -> dict[str, Any]:

@@ -254,6 +254,12 @@ def is_lora(model) -> bool:
     return bool(getattr(model, "peft_config", None))
 
 
+def trainable_snapshot(model, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of every trainable weight, by name (on `device`, default where each lives):
+    the initial weights a penalty pulls towards or a mix interpolates with, taken before the first update."""
+    return {n: p.detach().to(device or p.device, copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
 def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scaling) of every active LoRA adapter on a linear layer: the layer's weight moved by
     scaling * B @ A. Empty for a model without adapters. Refuses variants where that is not the

@@ -25,7 +25,7 @@ get their own is the training step's choice (`forward`, see forgetless.trainer).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -121,11 +121,10 @@ class ReplaySource:
         elif self._format() == "text":
             self.blocks = data_mod.pack_blocks(data_mod.load_texts(c.data, c.text_field), run.tokenizer, c.max_length)
         else:
-            from dataclasses import replace
-
             from forgetless.config import DataConfig
 
-            render = replace(self.data_cfg or DataConfig(), max_length=c.max_length, limit=None)
+            # rendered as data.train is (template, train_on, system prompt); its rows' format detected per row
+            render = replace(self.data_cfg or DataConfig(), format="auto", max_length=c.max_length, limit=None)
             self.examples, _ = data_mod.tokenize_records(data_mod.load_records(c.data, render), run.tokenizer, render)
         if self.blocks is not None:
             self.trained = [c.max_length - 1] * self.blocks.shape[0]
@@ -199,6 +198,22 @@ class ReplaySource:
         """Share of replay rows in micro-batch `micro` (logged as replay_fraction)."""
         _, count = self.draws(micro)
         return count / (count + sft_rows) if len(self) else 0.0
+
+
+def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
+    """The texts a replay source trains on (documents, or every turn of its chat rows), for the check that
+    evaluation text is never replayed; empty for `data: self` (the model's own text)."""
+    from forgetless import data as data_mod
+
+    if cfg.data == SELF:
+        return []
+    source = ReplaySource(cfg, data_cfg)
+    if source._format() == "text":
+        return data_mod.load_texts(cfg.data, cfg.text_field)
+    from forgetless.config import DataConfig
+
+    records = data_mod.load_records(cfg.data, replace(data_cfg or DataConfig(), format="auto", limit=None))
+    return [m["content"] for r in records for m in r.messages]
 
 
 def build_replay(entries: list[dict[str, Any]], data_cfg: Any = None) -> ReplaySource | None:

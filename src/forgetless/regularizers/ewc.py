@@ -25,6 +25,7 @@ import torch
 from forgetless.data import load_texts, pack_blocks
 from forgetless.cache import build_once
 from forgetless.errors import ConfigError
+from forgetless.model import trainable_snapshot
 from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
 from forgetless.replay import DEFAULT_CORPUS
 
@@ -80,7 +81,8 @@ class EWC(Regularizer):
     def setup(self, run: RunInfo) -> None:
         model = run.model
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.initial = [p.detach().clone() for _, p in self.params]
+        snapshot = trainable_snapshot(model)
+        self.initial = [snapshot[n] for n, _ in self.params]
         fisher = self._load_or_build(run)
         self.fisher = [fisher[n].to(p.device) for n, p in self.params]
 

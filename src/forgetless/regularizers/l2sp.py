@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.model import is_lora, lora_factors
+from forgetless.model import is_lora, lora_factors, trainable_snapshot
 from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
 
 
@@ -52,7 +52,8 @@ class L2SP(Regularizer):
         self.factors = lora_factors(model) if is_lora(model) else []
         self.initial = []
         if not self.factors:
-            self.initial = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+            snapshot = trainable_snapshot(model)
+            self.initial = [(p, snapshot[n]) for n, p in model.named_parameters() if n in snapshot]
 
     def distance_sq(self) -> torch.Tensor:
         if self.factors:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.model import is_lora, lora_factors
+from forgetless.model import is_lora, lora_factors, trainable_snapshot
 from forgetless.regularizers import Regularizer, RunInfo, register
 
 
@@ -71,7 +71,7 @@ class WiseFT(Regularizer):
     def setup(self, run: RunInfo) -> None:
         model = run.model
         if not is_lora(model):
-            self.initial = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+            self.initial = trainable_snapshot(model, "cpu")
 
     def finalize(self, model: torch.nn.Module) -> dict[str, float]:
         WeightMixer(model, self.initial).set(self.cfg.alpha)
