@@ -26,7 +26,7 @@ from forgetless.data import load_texts, pack_blocks
 from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.model import trainable_snapshot
-from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
 from forgetless.replay import DEFAULT_CORPUS
 
 

@@ -34,7 +34,7 @@ from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.model import is_lora
-from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
 from forgetless.rows import REPLAY, SFT
 
 

@@ -19,7 +19,7 @@ import torch
 
 from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors, trainable_snapshot
-from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
 
 
 @dataclass

@@ -41,7 +41,7 @@ from torch import nn
 
 from forgetless.losses import IGNORE_INDEX
 from forgetless.errors import ConfigError, TrainingError
-from forgetless.regularizers import Regularizer, RunInfo, StepContext, register
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
 
 EPS = 1e-12
 # half-precision weights: the applied offset must stay this close to phi (else the run is refused)

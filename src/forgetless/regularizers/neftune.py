@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.regularizers import Regularizer, RunInfo, register
+from forgetless.regularizers.base import Regularizer, RunInfo, register
 
 
 @dataclass

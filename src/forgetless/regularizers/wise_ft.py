@@ -20,7 +20,7 @@ import torch
 
 from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors, trainable_snapshot
-from forgetless.regularizers import Regularizer, RunInfo, register
+from forgetless.regularizers.base import Regularizer, RunInfo, register
 
 
 @dataclass
