@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from forgetless.rows import REPLAY, Rows
+
+if TYPE_CHECKING:  # the trainer builds it; importing it here would loop through the regularizers package
+    from forgetless.regularizers.base import RunInfo
 
 DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
 SELF = "self"
@@ -100,9 +103,9 @@ class ReplaySource:
     def __len__(self) -> int:
         return len(self.trained)
 
-    def setup(self, run) -> None:
-        """Load the rows (run: forgetless.regularizers.RunInfo); `data: self` generates them with the
-        initial model, once per run (cached with it, reused on resume)."""
+    def setup(self, run: RunInfo) -> None:
+        """Load the rows; `data: self` generates them with the initial model, once per run (cached with
+        it, reused on resume)."""
         from forgetless import data as data_mod
 
         c = self.cfg
@@ -118,7 +121,7 @@ class ReplaySource:
             # before the first update the model is the initial one (on resume the cache already exists)
             self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir, settings,
                                                                     run.accelerator)
-        elif self._format() == "text":
+        elif self.row_format() == "text":
             self.blocks = data_mod.pack_blocks(data_mod.load_texts(c.data, c.text_field), run.tokenizer, c.max_length)
         else:
             from forgetless.config import DataConfig
@@ -131,7 +134,8 @@ class ReplaySource:
         else:
             self.trained = [sum(label != -100 for label in ex["labels"][1:]) for ex in self.examples]
 
-    def _format(self) -> str:
+    def row_format(self) -> str:
+        """`text` or `chat`: the config's, or for `auto` what the source holds."""
         if self.cfg.format != "auto":
             return self.cfg.format
         from forgetless import data as data_mod
@@ -208,7 +212,7 @@ def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
     if cfg.data == SELF:
         return []
     source = ReplaySource(cfg, data_cfg)
-    if source._format() == "text":
+    if source.row_format() == "text":
         return data_mod.load_texts(cfg.data, cfg.text_field)
     from forgetless.config import DataConfig
 
