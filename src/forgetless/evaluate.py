@@ -183,10 +183,11 @@ def check_disjoint(cfg: EvalConfig, data_cfg: DataConfig, train_specs: list[str]
             if overlap:
                 raise DataError(f"eval.task: {len(overlap)} test prompts also appear in the training data {spec} "
                                 f"(e.g. {next(iter(overlap))!r}); evaluate on held-out data")
+    replayed = [(replay, set(replay_documents(replay, data_cfg))) for replay in replays]  # each source read once
     for domain, general_spec in general_domains(cfg.general_text).items():
         general = set(load_texts(general_spec))
-        for replay in replays:
-            if general & set(replay_documents(replay, data_cfg)):
+        for replay, documents in replayed:
+            if general & documents:
                 raise DataError(f"evaluation.general_text ({domain}: {general_spec}) shares documents with the replay "
                                 f"corpus {replay.data}; use another source")
 

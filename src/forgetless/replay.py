@@ -110,7 +110,7 @@ class ReplaySource:
 
         c = self.cfg
         self.seed, self.world, self.rank = run.seed, run.accelerator.num_processes, run.accelerator.process_index
-        self.accum, self.batch_size, self.tokenizer = run.grad_accum, run.batch_size, run.tokenizer
+        self.accum, self.batch_size = run.grad_accum, run.batch_size
         if c.ratio == 0:
             return
         if c.data == SELF:
@@ -121,7 +121,7 @@ class ReplaySource:
             # before the first update the model is the initial one (on resume the cache already exists)
             self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir, settings,
                                                                     run.accelerator)
-        elif self.row_format() == "text":
+        elif row_format(c) == "text":
             self.blocks = data_mod.pack_blocks(data_mod.load_texts(c.data, c.text_field), run.tokenizer, c.max_length)
         else:
             from forgetless.config import DataConfig
@@ -129,24 +129,11 @@ class ReplaySource:
             # rendered as data.train is (template, train_on, system prompt); its rows' format detected per row
             render = replace(self.data_cfg or DataConfig(), format="auto", max_length=c.max_length, limit=None)
             self.examples, _ = data_mod.tokenize_records(data_mod.load_records(c.data, render), run.tokenizer, render)
+            self.collate = data_mod.collator(run.tokenizer)  # chat rows of unequal length: padded per draw
         if self.blocks is not None:
             self.trained = [c.max_length - 1] * self.blocks.shape[0]
         else:
             self.trained = [sum(label != -100 for label in ex["labels"][1:]) for ex in self.examples]
-
-    def row_format(self) -> str:
-        """`text` or `chat`: the config's, or for `auto` what the source holds."""
-        if self.cfg.format != "auto":
-            return self.cfg.format
-        from forgetless import data as data_mod
-        from forgetless.assets import resolve_builtin
-
-        name = str(resolve_builtin(self.cfg.data)).lower()
-        if name.endswith(".txt") or name.endswith(".txt.gz"):
-            return "text"
-        for _, row in data_mod.read_rows(self.cfg.data):
-            return "text" if isinstance(row, dict) and self.cfg.text_field in row else "chat"
-        return "text"  # empty: load_texts says so, naming the file
 
     def summary(self) -> dict[str, float]:
         """What train_summary.json records of the source (self-replay's generation cost)."""
@@ -193,15 +180,28 @@ class ReplaySource:
             ids = self.blocks[indices].to(device)
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         else:
-            from forgetless.data import collator
-
-            batch = {k: v.to(device) for k, v in collator(self.tokenizer)([dict(self.examples[i]) for i in indices]).items()}
+            batch = {k: v.to(device) for k, v in self.collate([dict(self.examples[i]) for i in indices]).items()}
         return Rows(REPLAY, batch, scale)
 
     def fraction(self, micro: int, sft_rows: int) -> float:
         """Share of replay rows in micro-batch `micro` (logged as replay_fraction)."""
         _, count = self.draws(micro)
         return count / (count + sft_rows) if len(self) else 0.0
+
+
+def row_format(cfg: ReplayConfig) -> str:
+    """`text` or `chat`: the config's, or for `auto` what the source holds (its first row)."""
+    if cfg.format != "auto":
+        return cfg.format
+    from forgetless import data as data_mod
+    from forgetless.assets import resolve_builtin
+
+    name = str(resolve_builtin(cfg.data)).lower()
+    if name.endswith(".txt") or name.endswith(".txt.gz"):
+        return "text"
+    for _, row in data_mod.read_rows(cfg.data):
+        return "text" if isinstance(row, dict) and cfg.text_field in row else "chat"
+    return "text"  # empty: load_texts says so, naming the file
 
 
 def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
@@ -211,8 +211,7 @@ def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
 
     if cfg.data == SELF:
         return []
-    source = ReplaySource(cfg, data_cfg)
-    if source.row_format() == "text":
+    if row_format(cfg) == "text":
         return data_mod.load_texts(cfg.data, cfg.text_field)
     from forgetless.config import DataConfig
 
