@@ -6,7 +6,7 @@ import pytest
 import torch
 from dataclasses import dataclass
 
-from forgetless.errors import ConfigError
+from forgetless.errors import ConfigError, DataError
 from forgetless.regularizers import REGISTRY, Regularizer, register
 from forgetless.train import load_trained, train
 from forgetless.losses import next_token_targets, prediction_mask, token_nll
@@ -178,3 +178,13 @@ def test_output_dir_is_never_overwritten_silently(tiny_gpt2, memo_data, tmp_path
         train(cfg)
     train(cfg, overwrite=True)
     assert (tmp_path / "out" / "train_summary.json").exists()
+    # a run stopped by bad input while it was set up leaves empty folders only: the corrected rerun may go on
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "only a prompt"}])
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "fresh", max_steps=1)
+    cfg.regularizers = [{"replay": {"data": str(bad)}}]
+    for _ in range(2):  # the second time the same data error, not "already holds files"
+        with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'response'"):
+            train(cfg)
+    assert not any(p.is_file() for p in (tmp_path / "fresh").rglob("*"))
+    cfg.regularizers = []
+    train(cfg)

@@ -89,8 +89,9 @@ def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> Traini
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Never clobber a run by accident: a non-empty output_dir needs --overwrite or --resume."""
-    if resume or overwrite or not output_dir.is_dir() or not any(output_dir.iterdir()):
+    """Never clobber a run by accident: an output_dir holding files needs --overwrite or --resume. Empty
+    folders alone (a run stopped by bad input while being set up) hold nothing to lose."""
+    if resume or overwrite or not output_dir.is_dir() or not any(p.is_file() for p in output_dir.rglob("*")):
         return
     finished = (output_dir / SUMMARY).exists()
     what = "a finished run" if finished else "files from an earlier (unfinished) run"
