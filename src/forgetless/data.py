@@ -32,6 +32,17 @@ class Record:
     where: str
 
 
+def _json_problem(exc: Exception) -> str:
+    """Why json.loads failed: JSONDecodeError, or the ValueError / RecursionError of a valid but unloadable
+    document (an integer over Python's 4300-digit limit, nesting deeper than the interpreter's stack)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"malformed JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to load; flatten the row"
+    # the message minus its advice to call sys.set_int_max_str_digits (process-wide state)
+    return f"unloadable JSON ({str(exc).split(';')[0]}); store such numbers as strings"
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -43,9 +54,10 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                row = json.loads(line)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                raise DataError(f"{where}: {_json_problem(exc)}") from None
+            yield where, row
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -54,7 +66,9 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{path}:{exc.lineno}: {_json_problem(exc)}") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: {_json_problem(exc)}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -64,13 +78,34 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows as {header: value}. A row whose field count differs from the header's is an error (an unquoted
+    comma would otherwise shift or drop text), and so is any csv.Error: the csv module's 128 KiB field
+    limit is process-wide state (csv.field_size_limit) that a library must leave alone."""
+    reader = None
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield f"{path}:{reader.line_num}", row
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: drop the BOM spreadsheets write
+            reader = csv.reader(f)
+            header = next((fields for fields in reader if fields), None)
+            if header and len(set(header)) < len(header):
+                twice = sorted({name for name in header if header.count(name) > 1})
+                raise DataError(f"{path}:{reader.line_num}: the header names columns {twice} more than once; "
+                                "rename them")
+            for fields in reader:
+                where = f"{path}:{reader.line_num}"
+                if not fields:  # a blank line
+                    continue
+                if len(fields) != len(header):
+                    hint = ('quote fields that contain commas ("like, this")' if len(fields) > len(header)
+                            else "give every column a value, and quote fields that contain line breaks")
+                    raise DataError(f"{where}: {len(fields)} field{'s' * (len(fields) != 1)} where the header has "
+                                    f"{len(header)} ({', '.join(header)}); {hint}")
+                yield where, dict(zip(header, fields))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 ({exc.reason})") from None
+    except csv.Error as exc:
+        where = f"{path}:{reader.line_num}" if reader else str(path)
+        fix = "store long texts as JSONL instead" if "field limit" in str(exc) else "check the quoting near this line"
+        raise DataError(f"{where}: cannot parse CSV ({exc}); {fix}") from None
 
 
 def _read_table(path: Path, split: str | None = None) -> Iterator[tuple[str, Any]]:
@@ -235,8 +270,8 @@ def detect_format(row: dict, where: str, cfg: DataConfig) -> str:
     if cfg.prompt_field in row or cfg.response_field in row:
         return "prompt_response"
     known = "; ".join(f"{name}: {text}" for name, text in FORMATS.items())
-    raise DataError(f"{where}: cannot tell the format from the fields {sorted(row)}. Expected one of - {known}; "
-                    "or set data.format")
+    raise DataError(f"{where}: cannot tell the format from the fields {sorted(row, key=str)}. "
+                    f"Expected one of - {known}; or set data.format")
 
 
 def _content(value: Any, where: str) -> str:
@@ -263,11 +298,18 @@ def _message_list(value: Any, field: str, where: str, role_key: str = "role", co
         if not isinstance(m, dict):
             raise DataError(f"{at} must be an object with '{role_key}' and '{content_key}'")
         role = m.get(role_key)
-        role = roles.get(role, role) if roles else role
-        if role not in ROLES:
+        role = roles.get(role, role) if roles and isinstance(role, str) else role  # a list is unhashable
+        if not isinstance(role, str) or role not in ROLES:
             allowed = sorted(roles) if roles else list(ROLES)
             raise DataError(f"{at}.{role_key} must be one of {allowed}, got {m.get(role_key)!r}")
         message = {k: m[k] for k in PASSED_KEYS if m.get(k) is not None}
+        # chat templates iterate tool_calls and print the others: wrong types would fail inside Jinja
+        if "tool_calls" in message and not (isinstance(message["tool_calls"], list)
+                                            and all(isinstance(c, dict) for c in message["tool_calls"])):
+            raise DataError(f"{at}.tool_calls must be a list of objects, got {type(message['tool_calls']).__name__}")
+        for key in ("tool_call_id", "name"):
+            if key in message and not isinstance(message[key], str):
+                raise DataError(f"{at}.{key} must be a string, got {type(message[key]).__name__}")
         content = m.get(content_key)
         if content is None and message.get("tool_calls"):
             content = ""
@@ -282,9 +324,20 @@ def _message_list(value: Any, field: str, where: str, role_key: str = "role", co
 
 def _as_messages(value: Any, field: str, where: str, role: str) -> list[dict]:
     """A TRL prompt / completion: a string (one `role` turn) or a list of messages."""
-    if isinstance(value, str):
-        return [{"role": role, "content": _text_field({field: value}, field, where)}]
-    return _message_list(value, field, where)
+    if isinstance(value, list):
+        return _message_list(value, field, where)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages, "
+                        f"got {type(value).__name__}")
+    return [{"role": role, "content": _text_field({field: value}, field, where)}]
+
+
+def _system(row: dict, where: str) -> list[dict]:
+    """An optional 'system' field (sharegpt, alpaca) as a leading system turn."""
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f"{where}: field 'system' must be a string, got {type(system).__name__}")
+    return [{"role": "system", "content": system}] if system and system.strip() else []
 
 
 def row_messages(row: dict, where: str, cfg: DataConfig) -> list[dict]:
@@ -294,19 +347,20 @@ def row_messages(row: dict, where: str, cfg: DataConfig) -> list[dict]:
         return _message_list(row.get(cfg.messages_field), cfg.messages_field, where)
     if fmt == "sharegpt":
         messages = _message_list(row.get("conversations"), "conversations", where, "from", "value", SHAREGPT_ROLES)
-        if isinstance(row.get("system"), str) and row["system"].strip() and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": row["system"]})
-        return messages
+        system = _system(row, where)
+        return (system if messages[0]["role"] != "system" else []) + messages
     if fmt == "alpaca":
         instruction = _text_field(row, "instruction", where)
         extra = row.get("input")
         if extra is not None and not isinstance(extra, str):
             raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction  # the input is never dropped
-        messages = []
-        if isinstance(row.get("system"), str) and row["system"].strip():
-            messages.append({"role": "system", "content": row["system"]})
-        for i, turn in enumerate(row.get("history") or []):
+        messages = _system(row, where)
+        history = row.get("history")
+        if history is not None and not isinstance(history, (list, tuple)):
+            raise DataError(f"{where}: field 'history' must be a list of [prompt, response] pairs, "
+                            f"got {type(history).__name__}")
+        for i, turn in enumerate(history or []):
             if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
                 raise DataError(f"{where}: history[{i}] must be a [prompt, response] pair of strings")
             messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
@@ -319,6 +373,15 @@ def row_messages(row: dict, where: str, cfg: DataConfig) -> list[dict]:
             {"role": "assistant", "content": _text_field(row, cfg.response_field, where)}]
 
 
+def check_encodable(text: str, at: str) -> None:
+    """JSON's "\\ud800" escapes load as strings that are not UTF-8 text: the tokenizer would raise a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{at} holds an unpaired surrogate (a \\ud800-style escape without its pair); "
+                        "fix or drop that escape") from None
+
+
 def to_record(row: Any, where: str, cfg: DataConfig) -> Record:
     """Normalise a raw row of any supported format into chat messages ending with an assistant turn."""
     if not isinstance(row, dict):
@@ -328,6 +391,9 @@ def to_record(row: Any, where: str, cfg: DataConfig) -> Record:
         raise DataError(f"{where}: the conversation must end with an assistant turn (it is what is trained on)")
     if not any(m["role"] != "assistant" for m in clean[:clean.index(next(m for m in clean if m["role"] == "assistant"))]):
         raise DataError(f"{where}: the conversation needs a prompt turn before the first assistant turn")
+    for i, m in enumerate(clean):
+        for key in ("content", "name", "tool_call_id"):
+            check_encodable(m.get(key, ""), f"{where}: message {i} ({m['role']}) field '{key}'")
     if cfg.system_prompt and clean[0]["role"] != "system":
         clean.insert(0, {"role": "system", "content": cfg.system_prompt})
     return Record(clean, where)
@@ -389,14 +455,20 @@ def render_pieces(record: Record, tokenizer, chat: bool, train_on: str) -> list[
     text the template adds for it after its prompt, checked against the tokenizer's own rendering of
     the conversation up to that turn (a template that renders earlier turns differently once later ones
     exist cannot be split this way: the error says what to do)."""
+    from jinja2 import TemplateError  # what a template's raise_exception raises (jinja2 comes with torch)
+
     messages = record.messages
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last_assistant":
         turns = turns[-1:]
     pieces, done = [], ""
     for i in turns:
-        prompt = render_prompt(messages[:i], tokenizer, chat)
-        through = _render_through(messages[:i + 1], tokenizer, chat)
+        try:
+            prompt = render_prompt(messages[:i], tokenizer, chat)
+            through = _render_through(messages[:i + 1], tokenizer, chat)
+        except TemplateError as exc:  # the template's raise_exception, e.g. roles that do not alternate
+            raise DataError(f"{record.where}: the tokenizer's chat template rejects this conversation ({exc}); "
+                            "change its turns or use data.template: plain") from None
         if not prompt.startswith(done) or not through.startswith(prompt):
             raise DataError(f"{record.where}: the chat template renders an earlier turn differently once the "
                             f"conversation goes on (seen at messages[{i}]), so the assistant turns' tokens cannot be "
@@ -482,6 +554,7 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
     """Documents from a text corpus: .txt / .txt.gz (blank-line separated paragraphs), or the
     `text_field` of .jsonl / .json / .csv / .parquet / a datasets folder."""
     import gzip
+    import zlib
 
     path = resolve_builtin(spec)
     if not path.exists():
@@ -494,6 +567,9 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
                 raw = f.read()
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt gzip (BadGzipFile is an OSError)
+            raise DataError(f"{path}: cannot read it ({type(exc).__name__}: {exc}); the file is truncated or "
+                            "corrupt, fetch or compress it again") from None
         texts = [doc.strip() for doc in raw.split("\n\n") if doc.strip()]
     else:
         texts = []
@@ -501,6 +577,7 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected an object with a '{text_field}' field")
             texts.append(_text_field(row, text_field, where))
+            check_encodable(texts[-1], f"{where}: field '{text_field}'")
     if not texts:
         raise DataError(f"{path}: no text found")
     return texts

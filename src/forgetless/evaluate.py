@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from forgetless.data import (general_blocks, general_domains, load_records, load_texts, read_rows, render, render_prompt,
-                             uses_chat_template)
+from forgetless.data import (check_encodable, general_blocks, general_domains, load_records, load_texts, read_rows,
+                             render, render_prompt, uses_chat_template)
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
 from forgetless.replay import ReplayConfig, replay_documents
 from forgetless.errors import ConfigError, DataError
@@ -158,15 +158,33 @@ def block_nll_and_drift(model, blocks: torch.Tensor, batch_size: int, base=None)
 
 
 def load_mc(spec: str, limit: int) -> list[dict]:
+    """Multiple-choice rows {question: str, choices: [str, ...], answer: index into choices}."""
     rows = []
     for where, row in read_rows(spec):
-        if not isinstance(row, dict) or not isinstance(row.get("choices"), list) or not isinstance(row.get("answer"), int):
-            raise DataError(f"{where}: a multiple-choice row needs 'question', 'choices' (list) and 'answer' (index)")
-        if not 0 <= row["answer"] < len(row["choices"]):
-            raise DataError(f"{where}: field 'answer' = {row['answer']} is not an index into 'choices'")
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a multiple-choice row is an object with 'question', 'choices' (list) and "
+                            f"'answer' (index), got {type(row).__name__}")
+        for field in ("question", "choices", "answer"):
+            if row.get(field) is None:
+                raise DataError(f"{where}: missing field '{field}' (a multiple-choice row needs 'question', "
+                                "'choices' (list) and 'answer' (index))")
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            raise DataError(f"{where}: field 'question' must be a non-empty string, got {row['question']!r:.60}")
+        choices = row["choices"]
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{where}: field 'choices' must be a non-empty list of strings (the answer texts), "
+                            f"got {choices!r:.60}")
+        answer = row["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DataError(f"{where}: field 'answer' must be the index of the correct choice, an integer from 0 "
+                            f"to {len(choices) - 1}, got {answer!r:.60}")
+        for i, text in enumerate([row["question"], *choices]):
+            check_encodable(text, f"{where}: field " + (f"'choices'[{i - 1}]" if i else "'question'"))
         rows.append(row)
         if len(rows) >= limit:
             break
+    if not rows:
+        raise DataError(f"{spec}: no multiple-choice rows found (the file is empty)")
     return rows
 
 
