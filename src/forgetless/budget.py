@@ -23,6 +23,10 @@ Finally the chosen model is measured on the held-out test blocks the evaluation 
 (every candidate, the choice, the held-out check) goes to OUTPUT_DIR/budget.json and the run summary.
 
 OUTPUT_DIR: the chosen model (as a normal run), budget.json, budget/ (split data, trial runs).
+
+Under `accelerate launch` every process runs the search: the trials train together (train() is
+collective), every process measures its copy of each candidate and all follow the main process's figures
+(one decision), and the main process alone writes the shared files while the others wait.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from forgetless.data import (general_blocks, interleave_blocks, load_texts, pack
                              uses_chat_template)
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
-from forgetless.train import SUMMARY, load_trained, prepare_output_dir, train, write_summary
+from forgetless.train import (SUMMARY, check_output_dir, continue_run, load_trained, prepare_output_dir, train,
+                              training_arguments, write_summary)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +106,13 @@ def judge(validator: Validator, config: ForgetlessConfig, model, **fields) -> di
     """One candidate: its validation measures and whether it is inside the bound(s)."""
     row = {**fields, **validator.measure(model)}
     row["passes"] = passes(row, config)
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    if PartialState().num_processes > 1:
+        # the main process's figures everywhere: a pass/fail that differed in the last bit between the
+        # processes' copies would send them on to different trials, each waiting for the others
+        row = broadcast_object_list([row])[0]
     label = ", ".join(f"{k}={v:g}" for k, v in fields.items() if isinstance(v, float))
     logger.info("budget: %s -> ppl %+.2f%%, drift %.4f, target NLL %.4f (%s)", label, 100 * row["general_drop"],
                 row["drift_kl"], row["target_nll"], "ok" if row["passes"] else "over")
@@ -118,14 +130,17 @@ def passes(m: dict[str, float], config: ForgetlessConfig) -> bool:
     return bool(ok)
 
 
-def split_training_data(config: ForgetlessConfig, folder: Path) -> tuple[str, list]:
-    """Hold out the last `validation_examples` training examples; write both parts as JSONL."""
+def split_training_data(config: ForgetlessConfig, folder: Path, write: bool = True) -> tuple[str, list]:
+    """Hold out the last `validation_examples` training examples; write both parts as JSONL (`write`:
+    this process is the one that writes them)."""
     records = [record for record, _ in training_records(config.data, config.train.seed)]
     n_val = config.budget.validation_examples
     if len(records) < n_val + 8:
         raise DataError(f"budget.validation_examples: {n_val} held out of {len(records)} training examples leaves "
                         "too few to train on; lower it")
     train_recs, val_recs = records[:-n_val], records[-n_val:]
+    if not write:
+        return str(folder / "train.jsonl"), val_recs
     folder.mkdir(parents=True, exist_ok=True)
     key = config.data.messages_field
     for name, part in [("train.jsonl", train_recs), ("validation.jsonl", val_recs)]:
@@ -156,9 +171,17 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
 
     b = config.budget  # knob, grid and bounds are validated with the config
     out = Path(config.output_dir)
-    prepare_output_dir(out, overwrite, resume)
     work = out / "budget"
-    train_spec, val_records = split_training_data(config, work)
+    # the processes as train() sets them up (under `accelerate launch`: several); one writer, the main one
+    args = training_arguments(config, work)
+    state = args.distributed_state
+    writer = state.is_main_process
+    check_output_dir(out, overwrite, resume)  # on every process, before the main one writes anything
+    state.wait_for_everyone()
+    if writer:
+        prepare_output_dir(out, overwrite, resume)
+    train_spec, val_records = split_training_data(config, work, write=writer)
+    state.wait_for_everyone()  # the trials read the split the main process wrote
 
     device = default_device()
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
@@ -178,13 +201,16 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
         cfg.data.format = "messages"  # split_training_data wrote the records as messages
         cfg.output_dir = str(work / name)
         cfg.regularizers = regs
+        # the processes enter each trial together: train() checks the folder on each of them before the
+        # main one prepares it, so one that lagged behind could find it half-written
+        state.wait_for_everyone()
         return cfg
 
     trials: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
     if b.knob == "wise_ft":
         cfg = trial_config("tuned", _without(config.regularizers, "wise_ft"))
-        train(cfg, overwrite=not resume, resume=resume)
+        continue_run(cfg) if resume else train(cfg, overwrite=True)
         model = load_candidate(cfg.output_dir)
         initial = None if (Path(cfg.output_dir) / "adapter_config.json").exists() else dict(base.state_dict())
         mixer = WeightMixer(model, initial)
@@ -211,17 +237,18 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
         mixer.set(chosen["alpha"])
         chosen_model = model
         final_regs = cfg.regularizers + [{"wise_ft": {"alpha": chosen["alpha"]}}]
-        model.save_pretrained(str(out))
-        tokenizer.save_pretrained(str(out))
-        if (Path(cfg.output_dir) / "metrics.jsonl").exists():
-            shutil.copy2(Path(cfg.output_dir) / "metrics.jsonl", out / "metrics.jsonl")
+        if writer:
+            model.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
+            if (Path(cfg.output_dir) / "metrics.jsonl").exists():
+                shutil.copy2(Path(cfg.output_dir) / "metrics.jsonl", out / "metrics.jsonl")
         summary = json.loads((Path(cfg.output_dir) / SUMMARY).read_text())
     else:
         reg, option, default_grid = RETRAIN_KNOBS[b.knob]
         for value in sorted(b.grid or default_grid):
             regs = _with_strength(config.regularizers, reg, option, value)
             cfg = trial_config(f"{b.knob}-{value:g}", regs)
-            train(cfg, overwrite=not resume, resume=resume)
+            continue_run(cfg) if resume else train(cfg, overwrite=True)
             model = load_candidate(cfg.output_dir)
             row = judge(validator, config, model, **{option: value, "run": cfg.output_dir})
             trials.append(row)
@@ -230,14 +257,15 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
                 break
             del model
         if chosen is None:
-            (out / "budget.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
+            if writer:
+                (out / "budget.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
             raise TrainingError(
                 f"budget: no {reg}.{option} in {sorted(b.grid or default_grid)} met the bound on validation "
                 f"(closest: {min(trials, key=lambda t: t['general_drop'])}); widen budget.grid or use budget.knob=wise_ft. "
                 f"Trial runs are kept in {work}"
             )
         for item in Path(chosen["run"]).iterdir():
-            if item.name != "checkpoints" and item.is_file():
+            if writer and item.name != "checkpoints" and item.is_file():
                 shutil.copy2(item, out / item.name)
         summary = json.loads((Path(chosen["run"]) / SUMMARY).read_text())
 
@@ -265,12 +293,14 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     full = [t for t in trials if t.get("alpha") == 1.0]  # wise_ft: the unmixed fine-tune
     if full and validator.base_nll > full[0]["target_nll"]:
         report["target_gain_kept"] = (validator.base_nll - chosen["target_nll"]) / (validator.base_nll - full[0]["target_nll"])
-    (out / "budget.json").write_text(json.dumps(report, indent=2) + "\n")
     final = copy.deepcopy(config)
     final.regularizers = final_regs
-    dump_config(final, out / "config.yaml")
     summary["budget"] = {k: report[k] for k in ("knob", "chosen", "held_out")}
-    write_summary(out, summary)  # last: marks a finished run
+    if writer:
+        (out / "budget.json").write_text(json.dumps(report, indent=2) + "\n")
+        dump_config(final, out / "config.yaml")
+        write_summary(out, summary)  # last: marks a finished run
+    state.wait_for_everyone()  # the output is whole when any process returns
     logger.info("budget: chose %s; held-out general-text ppl %+.2f%% (bound %s)", chosen,
                 100 * held_out["general_drop"] if held_out else math.nan, b.max_general_drop)
     return report

@@ -66,16 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_eval(config, run_dir: str | None) -> int:
-    import json
-
+    from forgetless.cache import write_json_atomic
     from forgetless.data import source_spec, train_sources
     from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
+    from forgetless.run_folder import check_same_base
 
+    if run_dir:
+        check_same_base(Path(run_dir), config)
     check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)], [])
     results = evaluate_base_and_runs(config, {run_dir: run_dir} if run_dir else {})
     out = Path(run_dir or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out / "eval.json", results, indent=2)
     for name, res in results.items():
         print(name)
         for key, entry in res.items():
@@ -133,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         from forgetless.budget import budget_active, train_with_budget
         from forgetless.train import train
 
+        from accelerate import PartialState
+
         if budget_active(config):
             report = train_with_budget(config, overwrite=args.overwrite, resume=args.resume)
+            if not PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
+                return 0
             chosen, held = report["chosen"], report["held_out"]
             print(f"done: {config.output_dir} (forgetting budget, knob {report['knob']})")
             print("  chosen: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -145,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  every candidate: {Path(config.output_dir) / 'budget.json'}")
             return 0
         result = train(config, overwrite=args.overwrite, resume=args.resume)
-        from accelerate import PartialState
-
         if not PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
             return 0
         print(f"done: {result.output_dir}")

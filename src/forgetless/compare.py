@@ -26,16 +26,16 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, run_config, validate
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
+from forgetless.identity import evaluation_inputs
 from forgetless.model import resolve_model_path
 from forgetless.regularizers import parse_regularizers
 from forgetless.replay import ReplayConfig
-from forgetless.train import SUMMARY, train
+from forgetless.run_folder import reusable_summary
+from forgetless.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -87,20 +87,6 @@ def per_seed(cfg: ForgetlessConfig, seeds: list[int]) -> dict[int, ForgetlessCon
         c.output_dir = str(Path(cfg.output_dir) / f"seed-{seed}")
         out[seed] = c
     return out
-
-
-def _same_finished_run(cfg: ForgetlessConfig) -> dict | None:
-    out = Path(cfg.output_dir)
-    if not (out / SUMMARY).exists() or not (out / "config.yaml").exists():
-        return None
-    # what the run was trained with; the evaluation and the list of compared methods do not matter
-    def training_part(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in ("evaluation", "compare", "budget")}
-
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))):
-        return None
-    return json.loads((out / SUMMARY).read_text())
 
 
 def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1) -> dict[str, Any]:
@@ -185,7 +171,7 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
 def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int = 1) -> dict:
     """The run's training summary: a finished run of the same config is reused, else it is trained
     (`jobs`: how many runs train side by side, recorded with its step time)."""
-    reused = None if overwrite else _same_finished_run(cfg)
+    reused = None if overwrite else reusable_summary(cfg)
     if reused is not None and "peak_mem_bytes" in reused:
         logger.info("%s: reusing the finished run in %s", label, cfg.output_dir)
         return reused
@@ -206,7 +192,8 @@ class Suite:
     def __init__(self, config: ForgetlessConfig, root: Path):
         self.config, self.root = config, root
         d = config.to_dict()
-        self.key = {k: d[k] for k in ("evaluation", "data", "model")}
+        # the suite's settings and, by content, its data files, the base model, dtype, device and version
+        self.key = {**{k: d[k] for k in ("evaluation", "data", "model")}, "inputs": evaluation_inputs(config)}
         self._base = None
 
     def base(self):

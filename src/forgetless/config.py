@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from forgetless.errors import ConfigError
-from forgetless.schema import from_dict
+from forgetless.schema import check_problems, from_dict, out_of_range
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -42,6 +45,11 @@ METHOD_PRESETS: dict[str, list[dict[str, Any]]] = {
     "wise-ft": [{"wise_ft": {}}],
 }
 
+# numpy and torch take seeds in [0, 2**32)
+SEED_RANGE = f"[0, {2 ** 32 - 1}]"
+# a compare.runs name: a folder under output_dir
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
 
 @dataclass
 class LoraSettings:
@@ -50,6 +58,13 @@ class LoraSettings:
     dropout: float = 0.0
     # "all-linear" is PEFT's shorthand for every linear layer except the output head.
     target_modules: list[str] | str = "all-linear"
+
+    def problems(self) -> dict[str, str]:
+        # dropout >= 1 drops every activation (peft reports it as a target_modules error)
+        found = out_of_range(self, {"r": ">= 1", "alpha": "> 0", "dropout": "[0, 1)"})
+        if not self.target_modules:
+            found["target_modules"] = "give module names, e.g. [q_proj, v_proj], or all-linear"
+        return found
 
 
 @dataclass
@@ -68,6 +83,11 @@ class ModelConfig:
     quantization: Literal["4bit", "8bit"] | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
 
+    def problems(self) -> dict[str, str]:
+        if not self.name_or_path.strip():
+            return {"name_or_path": f"give a local folder, a Hub id or {DEFAULT_MODEL}"}
+        return {}
+
 
 DATA_FORMATS = Literal["auto", "prompt_response", "prompt_completion", "messages", "sharegpt", "alpaca"]
 
@@ -81,6 +101,12 @@ class DataSource:
     weight: float = 1.0
     split: str | None = None  # a split of a dataset folder or Hub dataset (default: train)
     format: DATA_FORMATS | None = None  # default: data.format
+
+    def problems(self) -> dict[str, str]:
+        found = out_of_range(self, {"weight": "> 0"})  # 0 would be a source that is never read
+        if not self.path:
+            found["path"] = "give a file, folder or Hub dataset"
+        return found
 
 
 @dataclass
@@ -104,6 +130,15 @@ class DataConfig:
     max_length: int = 256
     # Use only the first N examples (handy for smoke runs).
     limit: int | None = None
+
+    def problems(self) -> dict[str, str]:
+        found = out_of_range(self, {"max_length": ">= 8", "limit": ">= 1"})
+        if not self.train:
+            found["train"] = "give a training source (a file, folder or Hub dataset) or a list of them"
+        if isinstance(self.train, list) and len(self.train) > 1 and self.eval and self.eval.startswith("@"):
+            found["eval"] = (f"'{self.eval}' names a split of data.train's source, but data.train lists several; "
+                             "name the eval source in full")
+        return found
 
 
 @dataclass
@@ -132,6 +167,17 @@ class TrainingSettings:
     report_to: str | list[str] = "none"
     # any other TrainingArguments field, passed through (validated against TrainingArguments)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> dict[str, str]:
+        found = out_of_range(self, {
+            "learning_rate": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1",
+            "warmup_ratio": "[0, 1)",  # a fraction of the steps (transformers reads a float >= 1 as a step count)
+            "weight_decay": ">= 0", "max_grad_norm": ">= 0",  # 0 = no clipping, as in transformers
+            "seed": SEED_RANGE, "logging_steps": ">= 1", "save_steps": ">= 0", "save_total_limit": ">= 1",
+            "max_nonfinite_steps": ">= 1"})
+        if self.max_steps <= 0 and not self.epochs > 0:
+            found["epochs"] = f"must be > 0 when train.max_steps is not set, got {self.epochs}"
+        return found
 
 
 # Paraphrases of how the same task is asked; {prompt} is the test example's own prompt.
@@ -186,6 +232,49 @@ class EvalConfig:
     curve_blocks: int = 4  # general-text blocks after the reported ones
     curve_examples: int = 8  # the task's last test questions
 
+    def problems(self) -> dict[str, str]:
+        found = out_of_range(self, {
+            "task_limit": ">= 1", "max_new_tokens": ">= 1", "general_blocks": ">= 1",
+            "block_length": ">= 2",  # a block predicts tokens 2..n from the ones before
+            "instructions_max_new_tokens": ">= 1", "mc_limit": ">= 1", "batch_size": ">= 1",
+            "bootstrap": ">= 100",  # fewer resamples give intervals that move from seed to seed
+            "seed": SEED_RANGE, "lm_eval_limit": ">= 1", "lm_eval_num_fewshot": ">= 0",
+            "every_steps": ">= 0", "curve_blocks": ">= 1", "curve_examples": ">= 1"})
+        if self.task and not self.templates:
+            found["templates"] = "give at least one template"
+        for i, template in enumerate(self.templates):
+            problem = template_problem(template)
+            if problem:
+                found[f"templates[{i}]"] = problem
+                break
+        if isinstance(self.general_text, dict):
+            for domain, source in self.general_text.items():
+                if not source:
+                    found[f"general_text.{domain}"] = "expected a text source (a path or builtin:...)"
+                    break
+        return found
+
+
+def template_problem(template: str) -> str | None:
+    """What keeps an evaluation template from rendering a prompt, or None. Templates are filled with
+    str.format(prompt=...): `{{prompt}}` is a literal, any other field or a stray brace fails."""
+    braces = "write {{ and }} for a literal brace"
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        return f"not a valid template ({exc}; {braces}), got {template!r}"
+    for name, spec, conversion in fields:
+        if name != "prompt":
+            return f"only {{prompt}} is filled in, not {{{name}}} ({braces}), got {template!r}"
+        if spec or conversion:
+            return f"write {{prompt}} as it is, without a conversion or format spec, got {template!r}"
+    probe = "\x00the prompt\x00"
+    if not fields or probe not in template.format(prompt=probe):
+        literal = " ({{prompt}} is the literal text {prompt})" if "{{prompt}}" in template else ""
+        return f"must contain {{prompt}}{literal}, got {template!r}"
+    return None
+
 
 @dataclass
 class CompareSettings:
@@ -198,6 +287,19 @@ class CompareSettings:
     seeds: list[int] = field(default_factory=list)
     # paired differences of every run against the base and against each of these runs (when compared)
     paired_with: list[str] = field(default_factory=lambda: ["sft"])
+
+    def problems(self) -> dict[str, str]:
+        found = out_of_range(self, {"seeds": SEED_RANGE})
+        if len(set(self.seeds)) != len(self.seeds):
+            found["seeds"] = f"repeated seeds {self.seeds}"
+        for name in self.runs:
+            # each run trains (with overwrite) into OUTPUT_DIR/<name>: never a path that leaves it
+            if not RUN_NAME.fullmatch(name) or name in (".", "..") or name.startswith("-"):
+                found[f"runs.{name}"] = ("not a usable folder name (each run trains into OUTPUT_DIR/<name>): use "
+                                         f"letters, digits, '.', '_' and '-', not '.' or '..', not starting with '-'; "
+                                         f"got {name!r}")
+                break
+        return found
 
 
 @dataclass
@@ -217,6 +319,15 @@ class BudgetConfig:
     validation_blocks: int = 16
     validation_examples: int = 64  # held out from the end of data.train
 
+    def problems(self) -> dict[str, str]:
+        found = out_of_range(self, {
+            "max_general_drop": ">= 0", "max_drift_kl": ">= 0", "margin": "[0, 1)", "refine": ">= 0",
+            "validation_blocks": ">= 1", "validation_examples": ">= 1",
+            "grid": "[0, 1]" if self.knob == "wise_ft" else ">= 0"})  # wise_ft: mixing weights
+        if self.grid is not None and not self.grid:
+            found["grid"] = "give at least one value, or null for the knob's default grid"
+        return found
+
 
 @dataclass
 class ForgetlessConfig:
@@ -234,6 +345,11 @@ class ForgetlessConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareSettings = field(default_factory=CompareSettings)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+    def problems(self) -> dict[str, str]:
+        if not self.output_dir.strip() or "\x00" in self.output_dir:
+            return {"output_dir": f"give the run's folder, e.g. runs/my-run, got {self.output_dir!r}"}
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -306,33 +422,14 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
     """Value checks that types alone cannot express; imported lazily to keep the registry in one place."""
     from forgetless.regularizers import parse_regularizers
 
+    # Ranges of single settings are each section's problems(), checked by from_dict as it parses (and here
+    # again, for a config built or changed in code); below, what spans sections.
+    check_problems(config, where)
+    try:  # `~/runs` is the home folder's, not a folder named `~`
+        config.output_dir = str(Path(config.output_dir).expanduser())
+    except (RuntimeError, ValueError) as exc:  # `~nosuchuser/...`, no home folder
+        raise ConfigError(f"{where}output_dir: cannot expand {config.output_dir!r} ({exc})") from None
     t = config.train
-    for key, value, low in [
-        ("train.batch_size", t.batch_size, 1),
-        ("train.grad_accum", t.grad_accum, 1),
-        ("train.logging_steps", t.logging_steps, 1),
-        ("data.max_length", config.data.max_length, 8),
-        ("model.lora.r", config.model.lora.r, 1),
-    ]:
-        if value < low:
-            raise ConfigError(f"{where}{key}: must be >= {low}, got {value}")
-    if t.learning_rate <= 0:
-        raise ConfigError(f"{where}train.learning_rate: must be > 0, got {t.learning_rate}")
-    if t.max_steps <= 0 and t.epochs <= 0:
-        raise ConfigError(f"{where}train.epochs: must be > 0 when train.max_steps is not set")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError(f"{where}train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if isinstance(config.data.train, list):
-        if not config.data.train:
-            raise ConfigError(f"{where}data.train: give at least one source")
-        for i, source in enumerate(config.data.train):
-            if not source.weight > 0:
-                raise ConfigError(f"{where}data.train[{i}].weight: must be > 0, got {source.weight}")
-        if config.data.eval and config.data.eval.startswith("@") and len(config.data.train) > 1:
-            raise ConfigError(f"{where}data.eval: '{config.data.eval}' names a split of data.train's source, but "
-                              "data.train lists several; name the eval source in full")
-    if config.data.limit is not None and config.data.limit < 1:
-        raise ConfigError(f"{where}data.limit: must be >= 1, got {config.data.limit}")
     if config.merge and config.model.finetune != "lora":
         raise ConfigError(f"{where}merge: only applies to model.finetune: lora (a full fine-tune is already merged)")
     m = config.model
@@ -362,33 +459,11 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
         if name in config.compare.methods or name == "base":
             raise ConfigError(f"{where}compare.runs.{name}: the name is taken (by compare.methods or the base model)")
         run_config(config, name, overrides, where)  # every run's settings are checked before anything trains
-    if len(set(config.compare.seeds)) != len(config.compare.seeds):
-        raise ConfigError(f"{where}compare.seeds: repeated seeds {config.compare.seeds}")
     compared = set(config.compare.methods) | set(config.compare.runs)
     for i, name in enumerate(config.compare.paired_with):
         if name not in compared and name != "sft":  # sft: against it whenever it is compared (the default)
             raise ConfigError(f"{where}compare.paired_with[{i}]: '{name}' is not a compared run "
                               f"(compare.methods / compare.runs: {', '.join(sorted(compared))})")
-    b = config.budget
-    for key, value in [("max_general_drop", b.max_general_drop), ("max_drift_kl", b.max_drift_kl)]:
-        if value is not None and value < 0:
-            raise ConfigError(f"{where}budget.{key}: must be >= 0, got {value}")
-    if not 0 <= b.margin < 1:
-        raise ConfigError(f"{where}budget.margin: must be in [0, 1), got {b.margin}")
-    if b.validation_examples < 1 or b.validation_blocks < 1 or b.refine < 0:
-        raise ConfigError(f"{where}budget: validation_examples and validation_blocks must be >= 1, refine >= 0")
-    if b.grid is not None and (not b.grid or any(v < 0 for v in b.grid)):
-        raise ConfigError(f"{where}budget.grid: give at least one value, all >= 0")
-    if b.knob == "wise_ft" and b.grid and any(v > 1 for v in b.grid):
-        raise ConfigError(f"{where}budget.grid: WiSE-FT mixing weights must be in [0, 1]")
-    ev = config.evaluation
-    if ev.every_steps < 0 or ev.curve_blocks < 1 or ev.curve_examples < 1:
-        raise ConfigError(f"{where}evaluation: every_steps must be >= 0 (0 = off), curve_blocks and curve_examples >= 1")
-    if ev.task and len(ev.templates) < 1:
-        raise ConfigError(f"{where}evaluation.templates: give at least one template")
-    for i, template in enumerate(ev.templates):
-        if "{prompt}" not in template:
-            raise ConfigError(f"{where}evaluation.templates[{i}]: must contain {{prompt}}, got {template!r}")
 
 
 # TrainingArguments fields that forgetless sets from its own keys: `train.extra` may not set them.
@@ -411,6 +486,9 @@ def check_training_extra(extra: dict[str, Any], where: str = "") -> None:
     """`train.extra` keys must be TrainingArguments fields that forgetless does not set itself."""
     if not extra:
         return
+    for key, value in extra.items():  # before transformers is imported: its checks come at training time
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}train.extra.{key}: must be a finite number, got {value!r}")
     from transformers import TrainingArguments
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}

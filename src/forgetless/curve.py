@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from forgetless.cache import save_atomic
+from forgetless.cache import load_matching, save_atomic
+from forgetless.identity import digest
 from forgetless.data import general_blocks, interleave_blocks, load_records, render, uses_chat_template
 from forgetless.losses import forward_rows, next_token_targets, prediction_mask, token_nll, upcast
 
@@ -30,7 +31,7 @@ REFERENCE_FILE = "curve_reference.safetensors"
 
 
 class ForgettingCurve(TrainerCallback):
-    def __init__(self, config, tokenizer) -> None:
+    def __init__(self, config, tokenizer, inputs_key: str = "") -> None:
         ev = config.evaluation
         self.every = ev.every_steps
         self.trainer = None  # set by attach(): the curve logs through the trainer, like its other metrics
@@ -59,6 +60,8 @@ class ForgettingCurve(TrainerCallback):
                 "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
             }
         self.reference: torch.Tensor | None = None  # [blocks, L - 1, V] base log-probs, float16
+        # the stored reference is reused only for the same run inputs (forgetless.identity) and slice
+        self.meta = {"inputs": inputs_key, "blocks": digest(self.blocks.tolist()) if self.blocks is not None else ""}
 
     def attach(self, trainer) -> None:
         self.trainer = trainer
@@ -75,13 +78,13 @@ class ForgettingCurve(TrainerCallback):
         if self.blocks is None:
             return
         path = Path(args.output_dir) / REFERENCE_FILE
-        if path.exists():
-            from safetensors.torch import load_file
-
-            self.reference = load_file(str(path))["logp"]
+        stored = load_matching(path, self.meta)
+        if stored is not None:
+            self.reference = stored["logp"]
             return
         if state.global_step > 0:
-            logger.warning("forgetting curve: no base reference in %s on resume; drift is not logged", path)
+            logger.warning("forgetting curve: no base reference for these inputs in %s on resume; drift is not "
+                           "logged", path)
             return
         started = time.perf_counter()
         was_training = model.training
@@ -91,7 +94,7 @@ class ForgettingCurve(TrainerCallback):
         finally:
             model.train(was_training)
         if state.is_world_process_zero:
-            save_atomic({"logp": self.reference}, path)
+            save_atomic({"logp": self.reference}, path, metadata=self.meta)
         self.seconds += time.perf_counter() - started
         self._measure(model, state)
 

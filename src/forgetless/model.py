@@ -124,7 +124,14 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
     if name_or_path == DEFAULT_MODEL:
         target = cache_dir() / "models" / DEFAULT_MODEL
         if not (target / "config.json").is_file():
-            _convert_smollm2(target)
+            from filelock import FileLock  # (a dependency of huggingface_hub)
+
+            # Several processes may start at once (accelerate launch, compare --jobs): one converts while
+            # the others wait on the lock, then find its folder there instead of converting again.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{target}.lock"):
+                if not (target / "config.json").is_file():
+                    _convert_smollm2(target)
         return target
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -210,8 +217,10 @@ def load_model(cfg: ModelConfig, path: Path, device: torch.device | str | None =
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load a causal LM from {path}: {exc}") from None
-    if _looks_like_hub_id(cfg.name_or_path) and not Path(cfg.name_or_path).exists():
-        # saved adapters then name the Hub id as their base, not this machine's cache folder
+    if (cfg.name_or_path != DEFAULT_MODEL and _looks_like_hub_id(cfg.name_or_path)
+            and not Path(cfg.name_or_path).exists()):
+        # saved adapters then name the Hub id as their base, not this machine's cache folder. Not the
+        # embedded default's alias: it is no Hub id, and peft would look it up there on every save
         model.config._name_or_path = model.name_or_path = cfg.name_or_path
     return model
 

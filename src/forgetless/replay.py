@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from forgetless.rows import REPLAY, Rows
+from forgetless.schema import out_of_range
 
 if TYPE_CHECKING:  # the trainer builds it; importing it here would loop through the regularizers package
     from forgetless.regularizers.base import RunInfo
@@ -59,15 +60,10 @@ class ReplayConfig:
     self_prompts: str | None = None  # a text file, one prompt per line (default: from the BOS token)
 
     def problems(self) -> dict[str, str]:
-        found = {key: "must be >= 0" for key in ("ratio", "weight") if getattr(self, key) < 0}
-        if self.max_length < 2:
-            found["max_length"] = "must be >= 2"
-        if self.self_blocks < 1:
-            found["self_blocks"] = "must be >= 1"
-        if not self.self_temperature > 0:
-            found["self_temperature"] = "must be > 0"
-        if not 0 < self.self_top_p <= 1:
-            found["self_top_p"] = "must be in (0, 1]"
+        found = out_of_range(self, {"ratio": ">= 0", "max_length": ">= 2", "weight": ">= 0", "self_blocks": ">= 1",
+                                    "self_temperature": "> 0", "self_top_p": "(0, 1]"})
+        if not self.data:
+            found["data"] = f"give a replay corpus (a file, folder or Hub dataset), or {SELF}"
         if self.data == SELF and self.format == "chat":
             found["format"] = "data: self writes plain text; use format: auto or text"
         return found
@@ -117,7 +113,8 @@ class ReplaySource:
             from forgetless.self_replay import load_or_generate  # generation is only needed here
 
             settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
-                        "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": run.seed}
+                        "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": run.seed,
+                        "inputs": run.inputs_key}
             # before the first update the model is the initial one (on resume the cache already exists)
             self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir, settings,
                                                                     run.accelerator)

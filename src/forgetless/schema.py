@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import operator
 import types
 import typing
 from typing import Any, Literal
@@ -27,6 +29,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _Mismatch(ConfigError):
+    """`key`'s value is not of the annotated kind at all (a union then tries its other arms)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check `value` against the annotation `tp`; return it converted where that is unambiguous."""
     origin = typing.get_origin(tp)
@@ -34,57 +44,110 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+            raise _Mismatch(f"{where}{key}: expected a mapping, got {value!r}", key)
         return from_dict(tp, value, where=where, prefix=key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {value!r}")
+            except _Mismatch as exc:
+                if exc.key != key:  # the value has this arm's shape; what is wrong is inside it
+                    raise
+            # any other ConfigError (a bad value of the right type: nan, a nested problem) is the answer
+        raise _Mismatch(f"{where}{key}: expected {_type_name(tp)}, got {value!r}", key)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}{key}: must be one of {_type_name(tp)}, got {value!r}")
+            raise _Mismatch(f"{where}{key}: must be one of {_type_name(tp)}, got {value!r}", key)
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {value!r}")
+            raise _Mismatch(f"{where}{key}: expected {_type_name(tp)}, got {value!r}", key)
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
-        return dict(value)
+            raise _Mismatch(f"{where}{key}: expected a mapping, got {value!r}", key)
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        for k in value:
+            if key_tp is str and not isinstance(k, str):  # YAML reads `0.1:` or `yes:` as a number / boolean
+                raise ConfigError(f"{where}{key}: names must be strings, got {k!r} (quote it: '{k}')")
+        return {k: _coerce(v, value_tp, f"{key}.{k}", where) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}{key}: expected true or false, got {value!r}")
+        raise _Mismatch(f"{where}{key}: expected true or false, got {value!r}", key)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
+        raise _Mismatch(f"{where}{key}: expected an integer, got {value!r}", key)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = value
         # YAML 1.1 reads `1e-4` (no dot) as a string; accept it as the number it plainly is.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}{key}: expected a number, got {value!r}")
+        if number is None:
+            raise _Mismatch(f"{where}{key}: expected a number, got {value!r}", key)
+        try:
+            number = float(number)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        # nan passes every `< low` check and inf every `> 0` one: no setting means either
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}{key}: expected a string, got {value!r}")
+        raise _Mismatch(f"{where}{key}: expected a string, got {value!r}", key)
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in forgetless, not user input
+
+
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def _within(value: Any, rule: str) -> bool:
+    if rule[0] in "[(":  # an interval: "[0, 1)"
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        return ((low <= value) if rule[0] == "[" else (low < value)) and \
+            ((value <= high) if rule[-1] == "]" else (value < high))
+    op, bound = rule.split()  # a bound: ">= 1"
+    return _COMPARE[op](value, float(bound))
+
+
+def out_of_range(obj: Any, ranges: dict[str, str]) -> dict[str, str]:
+    """{field: problem} for the numeric fields of `obj` outside their range, each rule written as it
+    reads: ">= 1", "> 0", "[0, 1)", "(0, 1]". A list is checked item by item (`field[i]`); None
+    (unset) passes. For a dataclass's `problems()` (see from_dict)."""
+    found: dict[str, str] = {}
+    for name, rule in ranges.items():
+        value = getattr(obj, name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            problem = _range_problem(item, rule)
+            if problem:
+                found[name if i is None else f"{name}[{i}]"] = problem
+                break
+    return found
+
+
+def _range_problem(value: Any, rule: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):  # built in code, not parsed
+        return f"expected a number, got {value!r}"
+    if (isinstance(value, float) and not math.isfinite(value)) or not _within(value, rule):
+        return f"must be {'in ' if rule[0] in '[(' else ''}{rule}, got {value!r}"
+    return None
 
 
 # keys that existed once: what replaces them
@@ -107,6 +170,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = ""
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{where}{prefix}{key}: unknown key{hint}")
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.init and required and name not in data:
+            raise ConfigError(f"{where}{prefix}{name}: missing; this setting has no default")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], prefix + name, where)
@@ -115,3 +182,16 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = ""
     for name, problem in getattr(built, "problems", lambda: {})().items():
         raise ConfigError(f"{where}{prefix}{name}: {problem}")
     return built
+
+
+def check_problems(obj: Any, where: str = "", prefix: str = "") -> None:
+    """from_dict's value checks (every nested dataclass's `problems()`, inner first) on a dataclass
+    built or changed in code."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                check_problems(item, where, f"{prefix}{f.name}{'' if i is None else f'[{i}]'}.")
+    for name, problem in getattr(obj, "problems", lambda: {})().items():
+        raise ConfigError(f"{where}{prefix}{name}: {problem}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,19 +24,20 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from forgetless import data as data_mod
-from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.curve import ForgettingCurve
-from forgetless.errors import ConfigError, TrainingError
+from forgetless.errors import TrainingError
+from forgetless.identity import digest, run_inputs
 from forgetless.memory import peak_memory
 from forgetless.model import load_for_training, resolve_dtype
 from forgetless.regularizers import build_regularizers
 from forgetless.replay import build_replay
+from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
+                                   is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
+                                   save_aside, trim_metrics, write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 logger = logging.getLogger(__name__)
-
-SUMMARY = "train_summary.json"
 
 
 @dataclass
@@ -88,51 +90,16 @@ def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> Traini
     )
 
 
-def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Never clobber a run by accident: an output_dir holding files needs --overwrite or --resume. Empty
-    folders alone (a run stopped by bad input while being set up) hold nothing to lose."""
-    if resume or overwrite or not output_dir.is_dir() or not any(p.is_file() for p in output_dir.rglob("*")):
-        return
-    finished = (output_dir / SUMMARY).exists()
-    what = "a finished run" if finished else "files from an earlier (unfinished) run"
-    hint = "pass --overwrite to replace it" if finished else "pass --resume to continue it or --overwrite to start again"
-    raise ConfigError(f"output_dir {output_dir} already holds {what}; {hint}")
-
-
-def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool, args: TrainingArguments | None = None) -> None:
-    """--overwrite starts afresh: the main process empties the folder while the others wait
-    (`args` None: a single process)."""
-    check_output_dir(output_dir, overwrite, resume)
-    with args.main_process_first(local=False, desc="preparing output_dir") if args else contextlib.nullcontext():
-        if args is None or args.process_index == 0:
-            if overwrite and not resume and output_dir.exists():
-                shutil.rmtree(output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The newest *complete* checkpoint: Trainer writes trainer_state.json last, so a folder whose
-    state file is missing or unreadable was cut short by a kill and is passed over."""
-    if not checkpoint_dir.is_dir():
-        return None
-    candidates = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return str(path)
-        except (OSError, ValueError):
-            logger.warning("skipping incomplete checkpoint %s", path)
-    return None
-
-
 def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False,
           measure_memory: bool = False, extra_summary: dict[str, Any] | None = None) -> TrainResult:
     """Run one fine-tune as `config` describes and write its outputs. See the module docstring.
     `measure_memory`: the summary gets the training's peak memory (forgetless.memory.peak_memory).
     `extra_summary`: facts the caller adds to train_summary.json (compare: runs trained side by side)."""
-    output_dir = Path(config.output_dir)
+    output_dir = Path(config.output_dir).expanduser()
     check_output_dir(output_dir, overwrite, resume)  # before the model loads: fail fast
-    checkpoint_dir = output_dir / "checkpoints"
+    checkpoint_dir = output_dir / CHECKPOINTS
+    inputs = run_inputs(config)  # by content: the run's caches and its reuse by compare are keyed by it
+    resume_from = check_resume(output_dir, config.to_dict(), inputs) if resume else None
     set_seed(config.train.seed)
 
     # model first: the tokenizer decides how data is rendered
@@ -143,8 +110,17 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     replay = build_replay(config.regularizers, config.data)  # a data source, written among the method's entries
 
     args = training_arguments(config, checkpoint_dir)
-    prepare_output_dir(output_dir, overwrite, resume, args)  # before any regularizer caches into it
-    curve = ForgettingCurve(config, tokenizer) if config.evaluation.every_steps > 0 else None
+    is_main = args.process_index == 0
+    # Before any regularizer caches into it. Every process has checked the folder (above) before the main
+    # one writes to it, and none goes on before it has.
+    args.distributed_state.wait_for_everyone()
+    if is_main:
+        prepare_output_dir(output_dir, overwrite, resume, inputs)
+        if resume_from:
+            trim_metrics(output_dir, resume_from)
+    args.distributed_state.wait_for_everyone()
+    inputs_key = digest(inputs)
+    curve = ForgettingCurve(config, tokenizer, inputs_key) if config.evaluation.every_steps > 0 else None
     trainer = ForgetlessTrainer(
         model=model,
         args=args,
@@ -155,16 +131,15 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         regularizers=regularizers,
         replay=replay,
         max_nonfinite_steps=config.train.max_nonfinite_steps,
-        callbacks=[MetricsFileCallback(output_dir / "metrics.jsonl")] + ([curve] if curve else []),
+        inputs_key=inputs_key,
+        callbacks=[MetricsFileCallback(output_dir / METRICS)] + ([curve] if curve else []),
     )
     if curve:
         curve.attach(trainer)
     tensorboard_into(trainer, output_dir / "tensorboard")
-    dump_config(config, output_dir / "config.yaml")
+    if is_main:
+        dump_config(config, output_dir / "config.yaml")
 
-    resume_from = latest_checkpoint(checkpoint_dir) if resume else None
-    if resume and resume_from is None:
-        logger.warning("--resume: no checkpoint in %s, starting from the beginning", checkpoint_dir)
     started = time.perf_counter()
     memory: dict[str, int] = {}
     with peak_memory(memory) if measure_memory else contextlib.nullcontext():
@@ -182,6 +157,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
             torch.tensor(result.training_loss, device=trainer.args.device), "mean").item(),
         "train_seconds": round(train_seconds, 2),
         "step_time_s": train_seconds / max(result.global_step, 1),
+        "inputs": inputs,
     }
     if measure_memory:
         summary["peak_mem_bytes"] = memory["peak_bytes"]
@@ -199,24 +175,41 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if bad:
         raise TrainingError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); "
                             "nothing was saved. Lower train.learning_rate or train.max_grad_norm")
-    # every process: under DeepSpeed ZeRO-3 / FSDP the weights are gathered collectively (Trainer writes on the main one)
-    trainer.save_model(str(output_dir))
+    # Weights and tokenizer are written beside the run and renamed into place, the summary last: a kill
+    # part-way never leaves a run that reads as finished. save_model runs on every process: under
+    # DeepSpeed ZeRO-3 / FSDP the weights are gathered collectively (Trainer writes on the main one).
+    def save(folder: Path) -> None:
+        trainer.save_model(str(folder))
+        if is_main:
+            tokenizer.save_pretrained(str(folder))
+
+    save_aside(output_dir, save, is_main=trainer.is_world_process_zero())
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(output_dir))
         if config.merge:  # from the saved adapter, which holds the whole weights whatever the engine sharded
             merged = load_trained(output_dir, device="cpu")[0].merge_and_unload()
-            merged.save_pretrained(str(output_dir / "merged"))
-            tokenizer.save_pretrained(str(output_dir / "merged"))
+            aside = output_dir / ".merged"
+            shutil.rmtree(aside, ignore_errors=True)
+            merged.save_pretrained(str(aside))
+            tokenizer.save_pretrained(str(aside))
+            shutil.rmtree(output_dir / "merged", ignore_errors=True)
+            os.replace(aside, output_dir / "merged")
             summary["merged_dir"] = str(output_dir / "merged")
         write_summary(output_dir, summary)
     trainer.accelerator.wait_for_everyone()
     return TrainResult(output_dir, summary)
 
 
-def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
-    """The one writer of OUTPUT_DIR/train_summary.json. Written last, and whole (tmp + rename): its
-    presence marks a finished run."""
-    write_json_atomic(output_dir / SUMMARY, summary, indent=2)
+def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
+    """The run in config.output_dir carried to its end, and its summary: reused when it finished with the
+    same config and inputs, resumed from its last checkpoint when it did not, else trained afresh (a
+    forgetless run there is replaced; anything else is refused). What `budget --resume` does per trial."""
+    summary = reusable_summary(config)
+    if summary is not None:
+        return summary
+    out = Path(config.output_dir).expanduser()
+    if is_run(out) and not is_finished(out) and latest_checkpoint(out / CHECKPOINTS):
+        return train(config, resume=True, **kwargs).summary
+    return train(config, overwrite=True, **kwargs).summary
 
 
 def tensorboard_into(trainer: ForgetlessTrainer, folder: Path) -> None:

@@ -15,6 +15,9 @@ The step, top to bottom (see `training_step`):
   5. only with a perturbing regularizer (LfU): the clean backward runs without gradient sync,
      this micro-batch's gradient of l_sft alone is handed to it, and it runs its own
      forward + backward (the last backward of the micro-step, so the one that syncs).
+A micro-batch whose loss is NaN/inf on any process is skipped (no backward) by every process. When it
+is the step's last (syncing) micro-batch, the step's accumulated gradient is discarded on every process
+(never all-reduced, it differs per process): the optimizer steps with a zero gradient.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class ForgetlessTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None, replay: ReplaySource | None = None,
-                 max_nonfinite_steps: int = 5, **kwargs: Any) -> None:
+                 max_nonfinite_steps: int = 5, inputs_key: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # A micro-batch whose loss is NaN/inf is skipped (no backward); this many in a row abort the run.
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -75,7 +78,7 @@ class ForgetlessTrainer(Trainer):
             train_dataset=self.train_dataset, output_dir=Path(self.args.output_dir), seed=int(self.args.seed),
             grad_accum=self.args.gradient_accumulation_steps, batch_size=self.args.per_device_train_batch_size,
             eval_batch_size=self.args.per_device_eval_batch_size, show_progress=not self.args.disable_tqdm,
-            perturbing=self.perturber is not None)
+            perturbing=self.perturber is not None, inputs_key=inputs_key)
         self.replay = replay
         # DeepSpeed's engine steps at the last micro-batch's first backward: replay rows must join the SFT one
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -133,8 +136,9 @@ class ForgetlessTrainer(Trainer):
                     self._record(metrics)
             total = sft_loss if extra is None else sft_loss + extra
             if not self.all_finite(total):
-                # a finite replay pass has already added its gradient; it is kept (it is still valid)
-                return self._skip_nonfinite(total)
+                # a finite replay pass has already added its gradient: kept, unless this micro-batch was
+                # the step's syncing one (then _skip_nonfinite discards the whole step's gradient)
+                return self._skip_nonfinite(model, total)
             self._nonfinite_in_a_row = 0
 
             if perturber is None:
@@ -236,7 +240,17 @@ class ForgetlessTrainer(Trainer):
             finite = self.accelerator.gather(finite).min()
         return bool(finite.item())
 
-    def _skip_nonfinite(self, total: torch.Tensor) -> torch.Tensor:
+    def _skip_nonfinite(self, model, total: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.sync_gradients and not self.deepspeed:
+            # The step's last micro-batch is the one whose backward all-reduces: skipping it leaves the
+            # gradient accumulated under no_sync (earlier micro-batches, replay's own pass) different on
+            # each process, and stepping with it would make the model copies drift apart. Every process
+            # skips together (all_finite), so every process discards it: all step with the same zero
+            # gradient (a zeroed .grad, not None: optimizers and the fp16 scaler then see the usual
+            # tensors). One process does the same, so N processes still train as one does.
+            # Not under DeepSpeed: its engine owns the gradients (p.grad is not them) and reduces them in
+            # its own backward, so its processes cannot drift this way; a skip there is left to the engine.
+            model.zero_grad(set_to_none=False)
         self._nonfinite_in_a_row += 1
         self._record({"nonfinite_skipped": 1.0})
         logger.warning("non-finite loss (%s here; all processes skip it) at step %d: micro-batch skipped (%d in a row)",

@@ -32,6 +32,9 @@ class RunInfo:
     eval_batch_size: int
     show_progress: bool
     perturbing: bool  # a perturbing regularizer (LfU) runs its own forward + backward after the clean one
+    # a hash of what the run is computed from (forgetless.identity.run_inputs): what a regularizer keeps
+    # in output_dir is reused only under the same key
+    inputs_key: str = ""
 
     @property
     def device(self) -> torch.device:

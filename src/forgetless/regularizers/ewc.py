@@ -28,6 +28,7 @@ from forgetless.errors import ConfigError
 from forgetless.model import trainable_snapshot
 from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
 from forgetless.replay import DEFAULT_CORPUS
+from forgetless.schema import out_of_range
 
 
 FISHER_FILE = "ewc_fisher.safetensors"
@@ -40,6 +41,9 @@ class EWCConfig:
     samples: int = 32  # text blocks
     max_length: int = 128  # tokens per block
     text_field: str = "text"
+
+    def problems(self) -> dict[str, str]:  # checked when the config is parsed
+        return out_of_range(self, {"coef": ">= 0", "samples": ">= 1", "max_length": ">= 2"})
 
 
 def empirical_fisher(model, params: list[tuple[str, torch.Tensor]], blocks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,8 +78,8 @@ class EWC(Regularizer):
     reads_weights = True
 
     def __init__(self, cfg: EWCConfig) -> None:
-        if cfg.coef < 0 or cfg.samples < 1 or cfg.max_length < 2:
-            raise ConfigError("regularizers.ewc: coef must be >= 0, samples >= 1, max_length >= 2")
+        for key, problem in cfg.problems().items():  # also built directly, without from_dict
+            raise ConfigError(f"regularizers.ewc.{key}: {problem}")
         self.cfg = cfg
 
     def setup(self, run: RunInfo) -> None:
@@ -100,7 +104,8 @@ class EWC(Regularizer):
             return empirical_fisher(run.model, self.params, blocks[pick])
 
         names = {n for n, _ in self.params}
-        return build_once(run.output_dir / FISHER_FILE, self._meta(), estimate, run.accelerator,
+        meta = {**self._meta(), "inputs": run.inputs_key}
+        return build_once(run.output_dir / FISHER_FILE, meta, estimate, run.accelerator,
                           "EWC Fisher", fits=lambda fisher: set(fisher) == names)
 
     def penalty(self) -> torch.Tensor:

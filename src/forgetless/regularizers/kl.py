@@ -36,6 +36,7 @@ from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_
 from forgetless.model import is_lora
 from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
 from forgetless.rows import REPLAY, SFT
+from forgetless.schema import out_of_range
 
 
 # LoRA initialisations that leave the base weights untouched and start as a no-op.
@@ -56,6 +57,9 @@ class KLConfig:
     # "topk": precompute the reference's top-k (k = topk, 64 when topk is 0) once per example (SFT tokens)
     cache: Literal["none", "topk"] = "none"
 
+    def problems(self) -> dict[str, str]:  # checked when the config is parsed
+        return out_of_range(self, {"coef": ">= 0", "topk": ">= 0"})
+
     def combination_problems(self, others: set[str]) -> dict[str, str]:
         if self.on in ("replay", "both") and "replay" not in others:
             return {"on": f"'{self.on}' needs a replay regularizer in the same run"}
@@ -66,8 +70,8 @@ class KL(Regularizer):
     name = "kl"
 
     def __init__(self, cfg: KLConfig) -> None:
-        if cfg.coef < 0 or cfg.topk < 0:
-            raise ConfigError("regularizers.kl: coef and topk must be >= 0")
+        for key, problem in cfg.problems().items():  # also built directly, without from_dict
+            raise ConfigError(f"regularizers.kl.{key}: {problem}")
         self.cfg = cfg
         self.reference: torch.nn.Module | None = None  # full fine-tuning only
         self.cache: dict[str, torch.Tensor] | None = None
@@ -120,7 +124,7 @@ class KL(Regularizer):
         if dataset is None or "example_id" not in dataset.column_names:
             raise ConfigError("regularizers.kl.cache: needs a training dataset built by forgetless (with example ids)")
         return build_once(run.output_dir / "kl_cache.safetensors",
-                          {"examples": str(len(dataset)), "k": str(self.cache_k)},
+                          {"examples": str(len(dataset)), "k": str(self.cache_k), "inputs": run.inputs_key},
                           lambda: self._build_cache(run, dataset), run.accelerator, "KL reference cache")
 
     @torch.no_grad()

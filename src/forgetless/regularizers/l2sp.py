@@ -20,6 +20,7 @@ import torch
 from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors, trainable_snapshot
 from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
+from forgetless.schema import out_of_range
 
 
 @dataclass
@@ -27,6 +28,9 @@ class L2SPConfig:
     # Calibrated on the embedded default: after its 80 plain-SFT steps ||dW||^2 ~ 57, and at coef 0.1
     # the penalty's gradient is about as large as the SFT loss's (norms 1.08 vs 1.14).
     coef: float = 0.1
+
+    def problems(self) -> dict[str, str]:  # checked when the config is parsed
+        return out_of_range(self, {"coef": ">= 0"})
 
 
 def lora_delta_sq(factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
@@ -43,8 +47,8 @@ class L2SP(Regularizer):
     reads_weights = True
 
     def __init__(self, cfg: L2SPConfig) -> None:
-        if cfg.coef < 0:
-            raise ConfigError("regularizers.l2sp.coef: must be >= 0")
+        for key, problem in cfg.problems().items():  # also built directly, without from_dict
+            raise ConfigError(f"regularizers.l2sp.{key}: {problem}")
         self.cfg = cfg
 
     def setup(self, run: RunInfo) -> None:

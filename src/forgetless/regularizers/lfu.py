@@ -42,6 +42,7 @@ from torch import nn
 from forgetless.losses import IGNORE_INDEX
 from forgetless.errors import ConfigError, TrainingError
 from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
+from forgetless.schema import out_of_range
 
 EPS = 1e-12
 # half-precision weights: the applied offset must stay this close to phi (else the run is refused)
@@ -59,7 +60,11 @@ class LfUConfig:
     every: int = 1  # run the perturbed pass on every k-th micro-batch only (term scaled by k)
 
     def problems(self) -> dict[str, str]:
-        found = {key: "must be >= 0" for key in ("lam", "alpha") if getattr(self, key) < 0}
+        found = out_of_range(self, {"lam": ">= 0", "alpha": ">= 0"})
+        if isinstance(self.layers, str) and self.layers not in ("all", "early", "middle", "late"):
+            found["layers"] = f"expected all, early, middle, late or a list of layer indices, got {self.layers!r}"
+        elif isinstance(self.layers, list) and not self.layers:
+            found["layers"] = "give at least one decoder-layer index (or all, early, middle, late)"
         if not 0 < self.rows <= 1:
             found["rows"] = f"a fraction of the micro-batch in (0, 1], got {self.rows}"
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -147,6 +152,7 @@ class LfU(Regularizer):
         self.micro_step = 0  # this micro-batch's index in the run (set by perturbs_at)
         self.rows: torch.Tensor | None = None  # the rows the perturbed pass runs on (None: all)
         self.positions: torch.Tensor | None = None  # their response positions, flattened [rows * T]
+        self.accelerator = None  # set by setup: the half-precision check is decided by all processes
 
     def setup(self, run: RunInfo) -> None:
         kind = str(run.accelerator.distributed_type)
@@ -159,6 +165,7 @@ class LfU(Regularizer):
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         self.half_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in self.params)
         self.seed = run.seed
+        self.accelerator = run.accelerator
         # Stopping the perturbed forward early leaves later parameters without a gradient, which
         # DDP would wait for; with several processes the whole forward runs (see perturbed_backward).
         self.early_stop = run.accelerator.num_processes == 1
@@ -329,13 +336,20 @@ class LfU(Regularizer):
             sq += applied.pow(2).sum()
         dot, norm_applied, norm_phi = torch.stack([dot, sq.sqrt(), perturb_norm.float()]).tolist()
         cosine = dot / max(norm_applied * norm_phi, EPS)
-        if cosine < APPLIED_COSINE_MIN or not abs(norm_applied / max(norm_phi, EPS) - 1) <= APPLIED_NORM_TOLERANCE:
+        failed = cosine < APPLIED_COSINE_MIN or not abs(norm_applied / max(norm_phi, EPS) - 1) <= APPLIED_NORM_TOLERANCE
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            # each process checks its own phi: all must raise if one does, or the others would wait
+            # forever in the next all-reduce for the process that stopped
+            flag = torch.tensor([float(failed)], device=perturb_norm.device)
+            failed = bool(self.accelerator.gather(flag).max().item())
+        if failed:
             for p, o in zip(self.params, originals):
                 p.copy_(o)
             dtype = self.params[0].dtype
             raise TrainingError(
                 f"lfu: in {str(dtype).replace('torch.', '')} the weights cannot hold the perturbation "
-                f"(applied norm {norm_applied:.3g} for alpha {norm_phi:.3g}, cosine {cosine:.3f} with it); "
+                f"(applied norm {norm_applied:.3g} for alpha {norm_phi:.3g}, cosine {cosine:.3f} with it, "
+                "here; every process stops when one fails); "
                 "use model.dtype: float32 for full fine-tuning with LfU, or model.finetune: lora")
         return {"lfu_applied_norm": norm_applied, "lfu_applied_cosine": cosine}
 

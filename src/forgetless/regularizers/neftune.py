@@ -15,19 +15,23 @@ import torch
 
 from forgetless.errors import ConfigError
 from forgetless.regularizers.base import Regularizer, RunInfo, register
+from forgetless.schema import out_of_range
 
 
 @dataclass
 class NEFTuneConfig:
     alpha: float = 5.0  # the paper's most used setting
 
+    def problems(self) -> dict[str, str]:  # checked when the config is parsed
+        return out_of_range(self, {"alpha": "> 0"})  # the noise's scale; 0 would be no NEFTune at all
+
 
 class NEFTune(Regularizer):
     name = "neftune"
 
     def __init__(self, cfg: NEFTuneConfig) -> None:
-        if cfg.alpha <= 0:
-            raise ConfigError("regularizers.neftune.alpha: must be > 0")
+        for key, problem in cfg.problems().items():  # also built directly, without from_dict
+            raise ConfigError(f"regularizers.neftune.{key}: {problem}")
         self.cfg = cfg
 
     def setup(self, run: RunInfo) -> None:

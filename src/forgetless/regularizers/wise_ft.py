@@ -21,11 +21,15 @@ import torch
 from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors, trainable_snapshot
 from forgetless.regularizers.base import Regularizer, RunInfo, register
+from forgetless.schema import out_of_range
 
 
 @dataclass
 class WiseFTConfig:
     alpha: float = 0.5  # the paper's default mixing weight
+
+    def problems(self) -> dict[str, str]:  # checked when the config is parsed
+        return out_of_range(self, {"alpha": "[0, 1]"})  # 0 = the initial model, 1 = the fine-tuned one
 
 
 class WeightMixer:
@@ -63,8 +67,8 @@ class WiseFT(Regularizer):
     reads_weights = True
 
     def __init__(self, cfg: WiseFTConfig) -> None:
-        if not 0 <= cfg.alpha <= 1:
-            raise ConfigError(f"regularizers.wise_ft.alpha: must be in [0, 1], got {cfg.alpha}")
+        for key, problem in cfg.problems().items():  # also built directly, without from_dict
+            raise ConfigError(f"regularizers.wise_ft.{key}: {problem}")
         self.cfg = cfg
         self.initial: dict[str, torch.Tensor] | None = None
 

@@ -1,0 +1,164 @@
+"""What a result was computed from, by content: the key every reused result and cache is kept under.
+
+A run's *inputs* are the hashes of the data files it reads, the model's identity (name or path,
+revision, and a hash over the model folder's files: weights, config and tokenizer), the dtype
+`model.dtype` resolved to, the device kind and the forgetless version. A finished run, a stored
+evaluation or a cache (KL reference, EWC Fisher, forgetting-curve reference, self-replay text) is
+reused only while these are unchanged, so editing `train.jsonl` in place, upgrading forgetless, swapping
+the weights behind a path or moving from a CPU (float32) to a GPU (bfloat16) recomputes it.
+
+Hashing reads each file once per process (memoised by path, size and modification time); a file in the
+Hugging Face cache is named by its blob, which is already its content hash, so it is not read at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from forgetless import __version__
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (a Hub cache blob: its name, which is that content hash)."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", real.name):
+        return real.name
+    stat = real.stat()
+    memo = (str(real), stat.st_size, stat.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def folder_digest(folder: Path) -> str:
+    """One hash over every file under `folder` (relative names and contents; hidden files skipped)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        h.update(f"{rel}\0{file_digest(path)}\n".encode())
+    return h.hexdigest()
+
+
+def source_digest(spec: str | None) -> str | None:
+    """The content hash of a data source as a config names it: a file, a glob, a `builtin:` file, a
+    dataset folder, or a Hub dataset in the local cache. A source that is not a file (e.g. replay's
+    `self`, or a Hub dataset not cached yet) is keyed by its spec alone."""
+    if spec is None:
+        return None
+    from forgetless.assets import resolve_builtin
+    from forgetless.data import split_source
+
+    base, split = split_source(spec)
+    suffix = f"@{split}" if split else ""
+    if any(ch in base for ch in "*?["):
+        root = Path("/") if Path(base).is_absolute() else Path()
+        files = sorted(root.glob(base.lstrip("/") if root == Path("/") else base))
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f}\0{file_digest(f)}\n".encode())
+        return h.hexdigest() + suffix
+    path = resolve_builtin(base)
+    if path.is_file():
+        return file_digest(path) + suffix
+    if path.is_dir():
+        return folder_digest(path) + suffix
+    try:  # a Hub dataset: its cached snapshot
+        from huggingface_hub import snapshot_download
+
+        return folder_digest(Path(snapshot_download(base, repo_type="dataset", local_files_only=True))) + suffix
+    except Exception:  # not a dataset in the cache: nothing to hash but its name
+        return f"spec:{spec}"
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value (a cache's metadata field)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def model_identity(model_cfg) -> dict[str, Any]:
+    """The base model a config names: its name, revision and the hash of its resolved folder."""
+    from forgetless.model import resolve_model_path
+
+    path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
+    return {"name_or_path": model_cfg.name_or_path, "revision": model_cfg.revision, "files": folder_digest(path)}
+
+
+def machine_identity(model_cfg) -> dict[str, str]:
+    """What the same config computes differently on another machine: the dtype `auto` resolves to, the device kind."""
+    from forgetless.model import default_device, resolve_dtype
+
+    return {"dtype": str(resolve_dtype(model_cfg)).replace("torch.", ""), "device": default_device().type}
+
+
+def training_data_specs(config) -> list[str]:
+    """Every data source a training run reads: data.train's sources, data.eval, a replay corpus."""
+    from forgetless.data import eval_source, source_spec, train_sources
+
+    specs = [source_spec(s) for s in train_sources(config.data)]
+    if config.data.eval:
+        specs.append(eval_source(config.data))
+    for entry in config.regularizers:
+        for name, options in entry.items():
+            if name == "replay" and isinstance(options, dict) and isinstance(options.get("data"), str):
+                specs.append(options["data"])
+            if name == "replay" and isinstance(options, dict) and isinstance(options.get("self_prompts"), str):
+                specs.append(options["self_prompts"])
+            if name == "ewc" and isinstance(options, dict) and isinstance(options.get("data"), str):
+                specs.append(options["data"])
+    return specs
+
+
+def evaluation_data_specs(ev) -> list[str]:
+    """Every data source the evaluation suite reads."""
+    from forgetless.data import general_domains
+
+    specs = [s for s in (ev.task, ev.instructions, ev.mc) if s]
+    specs += list(general_domains(ev.general_text).values())
+    return specs
+
+
+def run_inputs(config) -> dict[str, Any]:
+    """What a training run is computed from, by content (see the module docstring)."""
+    return {
+        "forgetless": __version__,
+        "model": model_identity(config.model),
+        **machine_identity(config.model),
+        "data": {spec: source_digest(spec) for spec in training_data_specs(config)},
+    }
+
+
+def evaluation_inputs(config) -> dict[str, Any]:
+    """What an evaluation of the config's suite is computed from, by content (besides the model evaluated)."""
+    return {
+        "forgetless": __version__,
+        "model": model_identity(config.model),
+        **machine_identity(config.model),
+        "data": {spec: source_digest(spec) for spec in evaluation_data_specs(config.evaluation)},
+    }
+
+
+def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable names of what differs between two `run_inputs`."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key == "data":
+            a, b = old.get("data", {}), new.get("data", {})
+            out += [f"data file {spec}" for spec in sorted(set(a) | set(b)) if a.get(spec) != b.get(spec)]
+        elif old.get(key) != new.get(key):
+            out.append({"model": "the base model (name, revision or files)", "forgetless": "the forgetless version",
+                        "dtype": "the resolved model.dtype", "device": "the device kind"}.get(key, key))
+    return out

@@ -1,0 +1,273 @@
+"""A run's folder: what marks it as forgetless's, when it may be replaced or resumed, and how a
+finished run is written so that a kill never leaves a half-written one that looks finished.
+
+Nothing a user did not ask to delete is deleted: `--overwrite` removes a folder only when it carries
+forgetless's marker (MARKER, written when the run starts; runs from before the marker are recognised
+by their config.yaml beside a train_summary.json, metrics.jsonl or checkpoints/), and never the working
+directory, an ancestor of it or the home folder. `--resume` continues only an unfinished run, from a
+complete checkpoint, with the same config (but for the keys in RESUMABLE) and the same inputs
+(forgetless.identity): anything else is one error saying what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from forgetless import __version__
+from forgetless.cache import write_json_atomic
+from forgetless.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".forgetless-run"  # JSON: the forgetless version and the run's inputs (forgetless.identity)
+SUMMARY = "train_summary.json"  # written last: its presence marks a finished run
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+# config keys that may differ on --resume: how the run is logged, saved and evaluated, not what it trains
+RESUMABLE = ("output_dir", "train.progress_bar", "train.logging_steps", "train.report_to", "train.save_steps",
+             "train.save_total_limit", "train.max_nonfinite_steps", "evaluation", "compare", "budget")
+
+
+def is_run(folder: Path) -> bool:
+    """Whether `folder` holds a forgetless run (its marker, or an older run's own files)."""
+    if (folder / MARKER).is_file():
+        return True
+    return (folder / CONFIG).is_file() and any((folder / name).exists() for name in (SUMMARY, METRICS, CHECKPOINTS))
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / SUMMARY).is_file()
+
+
+def _files(folder: Path) -> list[Path]:
+    """The files a folder holds, but for the marker alone (a run stopped while being set up)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.rglob("*") if p.is_file() and p != folder / MARKER]
+
+
+def _protected(folder: Path) -> str | None:
+    """Why deleting `folder` is never right, or None."""
+    target = folder.expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if target == Path(target.anchor):
+        return "the filesystem root"
+    if target == home:
+        return "your home folder"
+    if target == cwd or target in cwd.parents:
+        return "the working directory" if target == cwd else "a folder that holds the working directory"
+    return None
+
+
+def _listing(folder: Path, limit: int = 4) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse, before anything loads, every use of output_dir that could lose a user's files or a run.
+    A folder of empty folders (a run stopped by bad input while being set up) holds nothing to lose."""
+    output_dir = Path(output_dir).expanduser()
+    holds_files = bool(_files(output_dir))
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume: give one (start again, or continue the run)")
+    if resume:
+        if not holds_files:
+            raise ConfigError(f"--resume: {output_dir} holds no run to resume; drop --resume to start it")
+        if not is_run(output_dir):
+            raise ConfigError(f"--resume: {output_dir} is not a forgetless run (it holds {_listing(output_dir)})")
+        if is_finished(output_dir):
+            raise ConfigError(f"--resume: the run in {output_dir} has finished ({SUMMARY} is there); "
+                              "pass --overwrite to train it again, or choose another output_dir")
+        return
+    if not holds_files:
+        return
+    if not is_run(output_dir):
+        what = f"{output_dir} holds files that are not a forgetless run ({_listing(output_dir)})"
+        if overwrite:
+            raise ConfigError(f"output_dir: {what}; --overwrite replaces only a forgetless run, so nothing was "
+                              "deleted. Choose a new output_dir, or move those files away")
+        raise ConfigError(f"output_dir: {what}; choose a new or empty output_dir")
+    if overwrite:
+        why = _protected(output_dir)
+        if why:
+            raise ConfigError(f"output_dir {output_dir} is {why}; --overwrite will not delete it. "
+                              "Give each run a folder of its own, e.g. output_dir=runs/NAME")
+        return
+    finished = is_finished(output_dir)
+    what = "a finished run" if finished else "files from an earlier (unfinished) run"
+    hint = "pass --overwrite to replace it" if finished else "pass --resume to continue it or --overwrite to start again"
+    raise ConfigError(f"output_dir {output_dir} already holds {what}; {hint}")
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool, inputs: dict[str, Any] | None = None) -> None:
+    """Start afresh (--overwrite: the old run is removed) or continue; mark the folder as a run. With
+    several processes only the main one calls this, after every process has run check_output_dir."""
+    output_dir = Path(output_dir).expanduser()
+    check_output_dir(output_dir, overwrite, resume)
+    if overwrite and output_dir.exists() and _files(output_dir):
+        shutil.rmtree(output_dir)  # check_output_dir: a forgetless run, not a protected folder
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not resume or not (output_dir / MARKER).is_file():
+        write_json_atomic(output_dir / MARKER, {"forgetless": __version__, "inputs": inputs}, indent=2)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest *complete* checkpoint: Trainer writes trainer_state.json last, so a folder whose
+    state file is missing or unreadable was cut short by a kill and is passed over."""
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys (dotted) whose values differ, except those RESUMABLE."""
+    a, b = _flat(saved), _flat(current)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+
+
+def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """The checkpoint to resume from, after checking the run is the same one; else a ConfigError."""
+    from forgetless.identity import changed_inputs
+
+    output_dir = Path(output_dir).expanduser()
+    saved_path = output_dir / CONFIG
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {output_dir} has no {CONFIG} (the run stopped before it started training); "
+                          "start again with --overwrite")
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    current = yaml.safe_load(yaml.safe_dump(config_dict))  # as it reads back from the file
+    differing = config_differences(saved, current)
+    if differing:
+        shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+        raise ConfigError(f"--resume: the config differs from the run's own {saved_path} in {shown}; resume with "
+                          "the same settings, or start again with --overwrite")
+    marker = output_dir / MARKER
+    old_inputs = json.loads(marker.read_text()).get("inputs") if marker.is_file() else None
+    if old_inputs is not None:
+        changed = changed_inputs(old_inputs, inputs)
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed)} changed since the run in {output_dir} started; "
+                              "a resumed run would mix them. Start again with --overwrite")
+    checkpoint = latest_checkpoint(output_dir / CHECKPOINTS)
+    if checkpoint is None:
+        raise ConfigError(f"--resume: no complete checkpoint in {output_dir / CHECKPOINTS} (train.save_steps: 0 saves "
+                          "only at the end, or the run stopped before its first save); start again with --overwrite")
+    return checkpoint
+
+
+def trim_metrics(output_dir: Path, checkpoint: str) -> None:
+    """metrics.jsonl back to the checkpoint's step: the resumed run logs the later steps again."""
+    path = Path(output_dir) / METRICS
+    if not path.is_file():
+        return
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_aside(output_dir: Path, save: Callable[[Path], None], is_main: bool = True) -> None:
+    """`save(folder)` writes into a fresh folder beside the run; then each file is renamed into place
+    (main process). A kill part-way leaves no train_summary.json, so the run never reads as finished."""
+    output_dir = Path(output_dir)
+    aside = output_dir / ".saving"
+    if is_main:
+        shutil.rmtree(aside, ignore_errors=True)
+    save(aside)
+    if not is_main:
+        return
+    for item in sorted(aside.iterdir()):
+        target = output_dir / item.name
+        if target.is_dir():  # os.replace renames over a file, not over a folder
+            shutil.rmtree(target)
+        elif item.is_dir() and target.exists():
+            target.unlink()
+        os.replace(item, target)
+    aside.rmdir()
+
+
+def reusable_summary(config) -> dict | None:
+    """The summary of a finished run in config.output_dir trained with the same config (what it trains:
+    evaluation, compare and budget aside) and the same inputs by content (data files, model, resolved
+    dtype, device kind, forgetless version), else None."""
+    from forgetless.identity import changed_inputs, run_inputs
+
+    out = Path(config.output_dir).expanduser()
+    if not is_finished(out) or not (out / CONFIG).is_file():
+        return None
+
+    def training_part(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in ("evaluation", "compare", "budget")}
+
+    saved = yaml.safe_load((out / CONFIG).read_text(encoding="utf-8")) or {}
+    if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
+        return None
+    summary = json.loads((out / SUMMARY).read_text())
+    old, new = summary.get("inputs"), run_inputs(config)
+    if old is None or changed_inputs(old, new):
+        logger.info("%s: its inputs changed (%s); training it again", out,
+                    ", ".join(changed_inputs(old, new)) if old else "not recorded by an older forgetless")
+        return None
+    return summary
+
+
+def check_same_base(run_dir: Path, config) -> None:
+    """Refuse to evaluate a run against a base it was not trained from (`eval --run`)."""
+    from forgetless.identity import model_identity
+
+    run_dir = Path(run_dir).expanduser()
+    summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+    recorded = (summary.get("inputs") or {}).get("model")
+    if recorded is not None:
+        if recorded != model_identity(config.model):
+            raise ConfigError(f"--run {run_dir} was trained from {recorded['name_or_path']} (files "
+                              f"{recorded['files'][:12]}), not from this config's model.name_or_path "
+                              f"{config.model.name_or_path!r} as it is now; evaluate it with the config it was "
+                              f"trained with ({run_dir / CONFIG})")
+        return
+    if (run_dir / CONFIG).is_file():  # a run from an older forgetless: compare the names
+        saved = (yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}).get("model", {})
+        if (saved.get("name_or_path"), saved.get("revision")) != (config.model.name_or_path, config.model.revision):
+            raise ConfigError(f"--run {run_dir} was trained from model.name_or_path {saved.get('name_or_path')!r}, "
+                              f"not this config's {config.model.name_or_path!r}; evaluate it with its own "
+                              f"{run_dir / CONFIG}")
+
+
+def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
+    """The one writer of OUTPUT_DIR/train_summary.json. Written last, and whole (tmp + rename): its
+    presence marks a finished run."""
+    write_json_atomic(Path(output_dir) / SUMMARY, summary, indent=2)

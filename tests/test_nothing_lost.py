@@ -1,0 +1,232 @@
+"""Nothing lost: --overwrite deletes only runs, --resume continues only the same run, and every reused
+result or cache is keyed by the content of what it was computed from (forgetless.run_folder, .identity)."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetless import identity
+from forgetless.cache import build_once, load_matching, save_atomic
+from forgetless.cli import main
+from forgetless.errors import ConfigError
+from forgetless.run_folder import MARKER, check_same_base, reusable_summary, save_aside
+from forgetless.train import train
+
+from conftest import save_tiny, tiny_config, write_jsonl
+
+
+class OneProcess:
+    """The parts of an accelerator that build_once uses, for one process."""
+    is_main_process = True
+
+    def main_process_first(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def user_folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "thesis.tex").write_text("months of work")
+    return path
+
+
+# ---------------------------------------------------------------- deletion only of runs
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_gpt2, memo_data, tmp_path):
+    folder = user_folder(tmp_path / "mine")
+    cfg = tiny_config(tiny_gpt2, memo_data, folder, max_steps=1)
+    with pytest.raises(ConfigError, match=r"not a forgetless run \(thesis.tex\).*nothing was deleted"):
+        train(cfg, overwrite=True)
+    with pytest.raises(ConfigError, match="not a forgetless run"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="not a forgetless run"):
+        train(cfg, resume=True)
+    assert (folder / "thesis.tex").read_text() == "months of work"
+
+
+def test_cli_overwrite_of_the_working_directory_is_refused(tiny_gpt2, memo_data, tmp_path, monkeypatch, capsys):
+    scratch = user_folder(tmp_path / "scratch")
+    monkeypatch.chdir(scratch)
+    args = ["train", "default", f"model.name_or_path={tiny_gpt2}", f"data.train={memo_data}", "train.max_steps=1",
+            "train.progress_bar=false", "--overwrite"]
+    assert main(args + ["output_dir=."]) == 2
+    assert "not a forgetless run" in capsys.readouterr().err
+    # even a working directory that looks like a run (its marker) is never deleted by --overwrite
+    (scratch / MARKER).write_text("{}")
+    assert main(args + ["output_dir=."]) == 2
+    assert "is the working directory; --overwrite will not delete it" in capsys.readouterr().err
+    (scratch.parent / MARKER).write_text("{}")  # an ancestor of the working directory, marked too
+    assert main(args + [f"output_dir={scratch.parent}"]) == 2
+    assert "holds the working directory" in capsys.readouterr().err
+    assert (scratch / "thesis.tex").read_text() == "months of work"
+
+
+def test_overwrite_replaces_a_run_and_tilde_is_home(tiny_gpt2, memo_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = tiny_config(tiny_gpt2, memo_data, "~/runs/a", max_steps=1)
+    result = train(cfg)
+    assert result.output_dir == tmp_path / "home" / "runs" / "a"
+    assert (result.output_dir / "train_summary.json").is_file() and (result.output_dir / MARKER).is_file()
+    assert not Path("~").exists()
+    train(cfg, overwrite=True)  # a run: replaced
+    assert not list(result.output_dir.glob(".saving*"))  # the save aside is renamed into place
+
+
+# ---------------------------------------------------------------- resume that checks
+
+
+def test_resume_refuses_a_finished_run_a_changed_config_and_a_missing_checkpoint(tiny_gpt2, memo_data, tmp_path):
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=2)
+    train(cfg)
+    with pytest.raises(ConfigError, match="has finished"):
+        train(cfg, resume=True)
+    (tmp_path / "run" / "train_summary.json").unlink()  # as if killed after training, before the summary
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train(cfg, resume=True)
+    changed = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=2, learning_rate=3e-3)
+    with pytest.raises(ConfigError, match=r"differs .* in train.learning_rate"):
+        train(changed, resume=True)
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        train(tiny_config(tiny_gpt2, memo_data, tmp_path / "nothing", max_steps=2), resume=True)
+
+
+def test_resume_trims_metrics_and_refuses_changed_data(tiny_gpt2, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i)} for i in range(8)])
+    cfg = tiny_config(tiny_gpt2, data, tmp_path / "run", max_steps=4, save_steps=2, batch_size=2)
+    train(cfg)
+    run = tmp_path / "run"
+    # as if killed after step 4 was logged but before its checkpoint and the summary were complete
+    (run / "train_summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    train(cfg, resume=True)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 4, steps  # each step logged once
+    (run / "train_summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    with open(data, "a") as f:
+        f.write(json.dumps({"prompt": "Calculate 9 + 1.", "response": "10"}) + "\n")
+    with pytest.raises(ConfigError, match=r"data file .*d.jsonl changed since the run"):
+        train(cfg, resume=True)
+
+
+def test_save_aside_leaves_the_old_files_when_the_save_fails(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_text("old")
+
+    def failing(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_text("half")
+        raise KeyboardInterrupt  # a kill part-way
+
+    with pytest.raises(KeyboardInterrupt):
+        save_aside(tmp_path, failing)
+    assert (tmp_path / "adapter_model.safetensors").read_text() == "old"
+
+    def works(folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_model.safetensors").write_text("new")
+
+    save_aside(tmp_path, works)
+    assert (tmp_path / "adapter_model.safetensors").read_text() == "new" and not (tmp_path / ".saving").exists()
+
+
+# ---------------------------------------------------------------- reuse keyed by content
+
+
+def test_a_finished_run_is_reused_only_with_the_same_inputs(tiny_gpt2, tmp_path, monkeypatch):
+    model = Path(shutil.copytree(tiny_gpt2, tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i)} for i in range(4)])
+    cfg = tiny_config(model, data, tmp_path / "run", max_steps=1)
+    train(cfg)
+    assert reusable_summary(cfg) is not None  # unchanged: reused
+
+    data.write_text(data.read_text().replace('"3"', '"4"'))  # edited in place: same name, same config
+    assert reusable_summary(cfg) is None
+    data.write_text(data.read_text().replace('"4"', '"3"'))
+    assert reusable_summary(cfg) is not None
+
+    monkeypatch.setattr("forgetless.model.resolve_dtype", lambda *a, **k: torch.bfloat16)  # `auto` on a GPU
+    assert reusable_summary(cfg) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(identity, "__version__", "9.9.9")
+    assert reusable_summary(cfg) is None
+    monkeypatch.undo()
+
+    weights = model / "model.safetensors"
+    state = {k: v.clone() for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(weights)).items()}
+    next(iter(state.values())).add_(1.0)
+    save_atomic(state, weights, metadata={"format": "pt"})  # new weights behind the same path
+    assert reusable_summary(cfg) is None
+
+
+def test_eval_run_refuses_a_run_of_another_base(tiny_gpt2, tiny_llama, memo_data, tmp_path):
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=1)
+    train(cfg)
+    check_same_base(tmp_path / "run", cfg)  # its own base: fine
+    other = tiny_config(tiny_llama, memo_data, tmp_path / "x", max_steps=1)
+    with pytest.raises(ConfigError, match="was trained from"):
+        check_same_base(tmp_path / "run", other)
+
+
+def test_caches_are_rebuilt_for_other_inputs_or_when_corrupt(tmp_path):
+    path = tmp_path / "cache.safetensors"
+    built = []
+
+    def build():
+        built.append(1)
+        return {"x": torch.arange(4.0)}
+
+    meta = {"k": "8", "inputs": "abc"}
+    build_once(path, meta, build, OneProcess(), "test")
+    build_once(path, meta, build, OneProcess(), "test")
+    assert len(built) == 1  # same inputs: reused
+    build_once(path, {**meta, "inputs": "other"}, build, OneProcess(), "test")
+    assert len(built) == 2  # other inputs: rebuilt
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 6])  # truncated, its header (and metadata) intact
+    assert load_matching(path, {**meta, "inputs": "other"}) is None
+    out = build_once(path, {**meta, "inputs": "other"}, build, OneProcess(), "test")
+    assert len(built) == 3 and torch.equal(out["x"], torch.arange(4.0))
+
+
+def test_run_inputs_change_with_each_input(tiny_gpt2, memo_data, tmp_path):
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run")
+    before = identity.run_inputs(cfg)
+    assert identity.run_inputs(cfg) == before
+    corpus = tmp_path / "replay.txt"
+    corpus.write_text("one document\n\nanother")
+    cfg.regularizers = [{"replay": {"data": str(corpus)}}]
+    with_replay = identity.run_inputs(cfg)
+    corpus.write_text("one document\n\nchanged")
+    assert identity.changed_inputs(with_replay, identity.run_inputs(cfg)) == [f"data file {corpus}"]
+
+
+# ---------------------------------------------------------------- the offline default stays offline
+
+
+def test_saving_an_adapter_of_the_embedded_default_makes_no_network_lookup(tmp_path, monkeypatch, memo_data):
+    # the embedded default's converted folder, here a tiny model in its place (FORGETLESS_CACHE)
+    save_tiny(tmp_path / "cache" / "models" / "smollm2-135m-instruct", "llama", chat=True)
+    monkeypatch.setenv("FORGETLESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # peft looks up the Hub unless told it is offline
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("socket.getaddrinfo", no_network)
+    monkeypatch.setattr("socket.create_connection", no_network)
+    cfg = tiny_config("smollm2-135m-instruct", memo_data, tmp_path / "run", max_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+    assert attempts == []
+    assert not [w for w in caught if "Unable to fetch" in str(w.message) or "Could not find a config" in str(w.message)]
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]) == tmp_path / "cache" / "models" / "smollm2-135m-instruct"
