@@ -31,14 +31,16 @@ def test_two_processes_match_one(tiny_llama, tmp_path, method):
     one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=2", *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    stale = tmp_path / "two" / "stale.txt"  # --overwrite under several processes: emptied once, no race
+    # --overwrite of an earlier run under several processes: emptied once, no race
+    stale = tmp_path / "two" / "metrics.jsonl"
     stale.parent.mkdir()
-    stale.write_text("from an earlier run")
+    (stale.parent / ".forgetless-run").write_text("{}")
+    stale.write_text('{"step": 1}\n')
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
                           "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'two'}", "--overwrite",
                           *common], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert not stale.exists()
+    assert '{"step": 1}' not in stale.read_text()
     assert two.stdout.count("done:") == 1  # the summary is printed by the main process only
     # ... and its train_loss is the mean over processes, as one process computes it
     losses = [json.loads((tmp_path / run / "train_summary.json").read_text())["train_loss"] for run in ("one", "two")]

@@ -425,6 +425,7 @@ def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, mem
     training; they are cached with the run, reused with the same settings, and depend on the seed."""
     from accelerate import PartialState
 
+    from forgetless.identity import digest
     from forgetless.model import load_tokenizer
     from forgetless.self_replay import CACHE_FILE, load_or_generate
     from transformers import AutoModelForCausalLM
@@ -438,7 +439,8 @@ def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, mem
 
     tok = load_tokenizer(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    settings = {"blocks": 6, "length": 16, "temperature": 1.0, "top_p": 0.95, "prompts": None, "seed": 42}
+    settings = {"blocks": 6, "length": 16, "temperature": 1.0, "top_p": 0.95, "prompts": None, "seed": 42,
+                "inputs": digest(summary["inputs"])}  # keyed by the run's inputs, as the run keyed it
     state = PartialState()  # one process: it is the main one
     blocks, seconds = load_or_generate(model, tok, tmp_path / "o" / "checkpoints", settings, state)
     assert seconds == 0.0 and blocks.shape == (6, 16)  # the run's cache, reused

@@ -230,3 +230,47 @@ def test_saving_an_adapter_of_the_embedded_default_makes_no_network_lookup(tmp_p
     assert not [w for w in caught if "Unable to fetch" in str(w.message) or "Could not find a config" in str(w.message)]
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]) == tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+
+
+def test_a_folder_is_a_run_only_when_forgetless_made_it_and_holds_nothing_else(tmp_path):
+    from forgetless.run_folder import check_output_dir, is_run
+
+    project = tmp_path / "project"  # a user's ML project: a config.yaml of its own beside checkpoints/
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.yaml").write_text("lr: 1\n")
+    (project / "main.py").write_text("print('hi')")
+    assert not is_run(project)
+    with pytest.raises(ConfigError, match="not a forgetless run"):
+        check_output_dir(project, overwrite=True, resume=False)
+
+    run = tmp_path / "run"  # a marked run to which the user added notes: not deleted with it
+    run.mkdir()
+    (run / MARKER).write_text("{}")
+    (run / "adapter_model.safetensors").write_text("w")
+    (run / "my-notes.md").write_text("keep")
+    with pytest.raises(ConfigError, match="also my-notes.md, which forgetless did not write"):
+        check_output_dir(run, overwrite=True, resume=False)
+    (run / "my-notes.md").unlink()
+    check_output_dir(run, overwrite=True, resume=False)  # only forgetless's files: may be replaced
+
+
+def test_model_identity_is_its_weights_config_and_tokenizer_only(tiny_gpt2, tmp_path):
+    from forgetless.config import ModelConfig
+
+    model = Path(shutil.copytree(tiny_gpt2, tmp_path / "model"))
+    before = identity.model_identity(ModelConfig(name_or_path=str(model)))
+    (model / "checkpoints").mkdir()  # e.g. a forgetless run used as a base, evaluated later
+    (model / "checkpoints" / "state.bin").write_text("x")
+    (model / "eval.json").write_text("{}")
+    (model / "notes.md").write_text("later")
+    assert identity.model_identity(ModelConfig(name_or_path=str(model))) == before
+    (model / "tokenizer_config.json").write_text((model / "tokenizer_config.json").read_text().replace("}", ', "x": 1}', 1))
+    assert identity.model_identity(ModelConfig(name_or_path=str(model))) != before
+
+
+def test_a_glob_source_that_matches_a_dataset_folder_is_hashed(tmp_path):
+    (tmp_path / "d" / "ds").mkdir(parents=True)
+    (tmp_path / "d" / "ds" / "part.jsonl").write_text("{}")
+    first = identity.source_digest(str(tmp_path / "d" / "*"))
+    (tmp_path / "d" / "ds" / "part.jsonl").write_text("{ }")
+    assert identity.source_digest(str(tmp_path / "d" / "*")) != first

@@ -179,7 +179,7 @@ def write_text_logged(self, *args, **kwargs):
 
 
 def copy2_logged(src, dst, *args, **kwargs):
-    if pathlib.Path(dst).resolve().parent == out:
+    if pathlib.Path(dst).resolve().parent in (out, out / ".saving"):  # written aside, then renamed into place
         log(f"copy {pathlib.Path(dst).name}")
     return copy2(src, dst, *args, **kwargs)
 

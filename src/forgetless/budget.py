@@ -44,6 +44,7 @@ from forgetless.data import (general_blocks, interleave_blocks, load_texts, pack
                              uses_chat_template)
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
+from forgetless.run_folder import MARKER, save_aside
 from forgetless.train import (SUMMARY, check_output_dir, continue_run, load_trained, prepare_output_dir, train,
                               training_arguments, write_summary)
 
@@ -237,11 +238,16 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
         mixer.set(chosen["alpha"])
         chosen_model = model
         final_regs = cfg.regularizers + [{"wise_ft": {"alpha": chosen["alpha"]}}]
-        if writer:
-            model.save_pretrained(str(out))
-            tokenizer.save_pretrained(str(out))
-            if (Path(cfg.output_dir) / "metrics.jsonl").exists():
-                shutil.copy2(Path(cfg.output_dir) / "metrics.jsonl", out / "metrics.jsonl")
+        tuned_dir = Path(cfg.output_dir)
+
+        def save_mixed(folder: Path) -> None:
+            model.save_pretrained(str(folder))
+            tokenizer.save_pretrained(str(folder))
+            if (tuned_dir / "metrics.jsonl").exists():
+                shutil.copy2(tuned_dir / "metrics.jsonl", folder / "metrics.jsonl")
+
+        if writer:  # written aside, then renamed into place: a kill leaves no half-written weights
+            save_aside(out, save_mixed)
         summary = json.loads((Path(cfg.output_dir) / SUMMARY).read_text())
     else:
         reg, option, default_grid = RETRAIN_KNOBS[b.knob]
@@ -264,9 +270,15 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
                 f"(closest: {min(trials, key=lambda t: t['general_drop'])}); widen budget.grid or use budget.knob=wise_ft. "
                 f"Trial runs are kept in {work}"
             )
-        for item in Path(chosen["run"]).iterdir():
-            if writer and item.name != "checkpoints" and item.is_file():
-                shutil.copy2(item, out / item.name)
+        def copy_chosen(folder: Path) -> None:
+            # the trial's weights, tokenizer and metrics; its marker, config and summary are the trial's own
+            folder.mkdir(parents=True)
+            for item in Path(chosen["run"]).iterdir():
+                if item.is_file() and item.name not in (SUMMARY, MARKER, "config.yaml"):
+                    shutil.copy2(item, folder / item.name)
+
+        if writer:
+            save_aside(out, copy_chosen)
         summary = json.loads((Path(chosen["run"]) / SUMMARY).read_text())
 
     # the held-out check: the test blocks the evaluation reports on (not those the search saw)

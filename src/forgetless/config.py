@@ -158,7 +158,7 @@ class TrainingSettings:
     logging_steps: int = 5
     # 0 = save only at the end.
     save_steps: int = 0
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # checkpoints kept (0: every one)
     gradient_checkpointing: bool = False
     progress_bar: bool = True
     # micro-batches with a NaN/inf loss are skipped; this many in a row stop the run
@@ -173,7 +173,7 @@ class TrainingSettings:
             "learning_rate": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1",
             "warmup_ratio": "[0, 1)",  # a fraction of the steps (transformers reads a float >= 1 as a step count)
             "weight_decay": ">= 0", "max_grad_norm": ">= 0",  # 0 = no clipping, as in transformers
-            "seed": SEED_RANGE, "logging_steps": ">= 1", "save_steps": ">= 0", "save_total_limit": ">= 1",
+            "seed": SEED_RANGE, "logging_steps": ">= 1", "save_steps": ">= 0", "save_total_limit": ">= 0",
             "max_nonfinite_steps": ">= 1"})
         if self.max_steps <= 0 and not self.epochs > 0:
             found["epochs"] = f"must be > 0 when train.max_steps is not set, got {self.epochs}"

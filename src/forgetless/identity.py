@@ -22,17 +22,18 @@ from typing import Any
 
 from forgetless import __version__
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple, str] = {}
 _CHUNK = 1 << 20
 
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes (a Hub cache blob: its name, which is that content hash)."""
     real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", real.name):
+    # an LFS blob's name is its sha256 (a small git blob's 40-hex name is not a hash of what is there now)
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
         return real.name
     stat = real.stat()
-    memo = (str(real), stat.st_size, stat.st_mtime_ns)
+    memo = (str(real), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
     if memo not in _DIGESTS:
         h = hashlib.sha256()
         with open(real, "rb") as f:
@@ -42,15 +43,28 @@ def file_digest(path: Path) -> str:
     return _DIGESTS[memo]
 
 
-def folder_digest(folder: Path) -> str:
-    """One hash over every file under `folder` (relative names and contents; hidden files skipped)."""
+def folder_digest(folder: Path, patterns: tuple[str, ...] | None = None) -> str:
+    """One hash over the files under `folder` (relative names and contents; hidden files skipped), or
+    over its top-level files matching `patterns`."""
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    if patterns is None:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+    else:
+        files = [p for p in folder.iterdir() if p.is_file() and any(p.match(pat) for pat in patterns)
+                 and p.name not in RESULT_FILES]
+    for path in sorted(files):
         rel = path.relative_to(folder).as_posix()
         if any(part.startswith(".") for part in rel.split("/")):
             continue
         h.update(f"{rel}\0{file_digest(path)}\n".encode())
     return h.hexdigest()
+
+
+# What a model folder's identity is made of: weights, configs, tokenizer; not what else may sit there
+# (a forgetless run used as a base holds checkpoints/, metrics and evaluations that change later)
+MODEL_FILES = ("*.safetensors", "*.bin", "*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py")
+RESULT_FILES = {"train_summary.json", "eval.json", "compare_eval.json", "base_eval.json", "budget.json", "report.json",
+                "training_args.bin"}
 
 
 def source_digest(spec: str | None) -> str | None:
@@ -68,8 +82,8 @@ def source_digest(spec: str | None) -> str | None:
         root = Path("/") if Path(base).is_absolute() else Path()
         files = sorted(root.glob(base.lstrip("/") if root == Path("/") else base))
         h = hashlib.sha256()
-        for f in files:
-            h.update(f"{f}\0{file_digest(f)}\n".encode())
+        for f in files:  # a matched folder is a dataset folder
+            h.update(f"{f}\0{folder_digest(f) if f.is_dir() else file_digest(f)}\n".encode())
         return h.hexdigest() + suffix
     path = resolve_builtin(base)
     if path.is_file():
@@ -94,7 +108,8 @@ def model_identity(model_cfg) -> dict[str, Any]:
     from forgetless.model import resolve_model_path
 
     path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
-    return {"name_or_path": model_cfg.name_or_path, "revision": model_cfg.revision, "files": folder_digest(path)}
+    return {"name_or_path": model_cfg.name_or_path, "revision": model_cfg.revision,
+            "files": folder_digest(path, MODEL_FILES)}
 
 
 def machine_identity(model_cfg) -> dict[str, str]:
@@ -111,6 +126,8 @@ def training_data_specs(config) -> list[str]:
     specs = [source_spec(s) for s in train_sources(config.data)]
     if config.data.eval:
         specs.append(eval_source(config.data))
+    if config.evaluation.every_steps > 0:  # the forgetting curve, logged with the run, reads the evaluation's data
+        specs += [s for s in evaluation_data_specs(config.evaluation) if s != config.evaluation.mc]
     for entry in config.regularizers:
         for name, options in entry.items():
             if name == "replay" and isinstance(options, dict) and isinstance(options.get("data"), str):

@@ -11,6 +11,7 @@ complete checkpoint, with the same config (but for the keys in RESUMABLE) and th
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -32,27 +33,54 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
-# config keys that may differ on --resume: how the run is logged, saved and evaluated, not what it trains
-RESUMABLE = ("output_dir", "train.progress_bar", "train.logging_steps", "train.report_to", "train.save_steps",
-             "train.save_total_limit", "train.max_nonfinite_steps", "evaluation", "compare", "budget")
+# config keys that may differ on --resume: how the run is logged, saved, exported and evaluated, and
+# memory-only settings, not what it trains
+RESUMABLE = ("output_dir", "merge", "train.progress_bar", "train.logging_steps", "train.report_to", "train.save_steps",
+             "train.save_total_limit", "train.max_nonfinite_steps", "train.gradient_checkpointing", "evaluation",
+             "compare", "budget")
+
+# What a run folder holds (top level) when forgetless wrote it: its own files, Trainer's and peft's saves,
+# the tokenizer, compare's and eval's results, budget's trials. `--overwrite` deletes a run only when
+# nothing else is there: a file you added to a run folder is never deleted with it.
+RUN_ENTRIES = (MARKER, CONFIG, METRICS, SUMMARY, CHECKPOINTS, "tensorboard", "merged", ".saving", ".merged",
+               "budget", "budget.json", "eval.json", "compare_eval.json", "README.md", "adapter_config.json",
+               "adapter_model.safetensors", "adapter_model.bin", "config.json", "generation_config.json",
+               "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+               "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "vocab.txt", "merges.txt",
+               "added_tokens.json", "spiece.model", "training_args.bin", "*.tmp")
+
+
+def _looks_like_run_config(path: Path) -> bool:
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and {"model", "data", "train", "output_dir"} <= set(saved)
 
 
 def is_run(folder: Path) -> bool:
-    """Whether `folder` holds a forgetless run (its marker, or an older run's own files)."""
+    """Whether `folder` holds a forgetless run: its marker, or (a run from before the marker) a config.yaml
+    that forgetless wrote beside its summary, metrics or checkpoints."""
     if (folder / MARKER).is_file():
         return True
-    return (folder / CONFIG).is_file() and any((folder / name).exists() for name in (SUMMARY, METRICS, CHECKPOINTS))
+    return (_looks_like_run_config(folder / CONFIG)
+            and any((folder / name).exists() for name in (SUMMARY, METRICS, CHECKPOINTS)))
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Top-level entries of a run folder that forgetless does not write there."""
+    return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in RUN_ENTRIES))
 
 
 def is_finished(folder: Path) -> bool:
     return (folder / SUMMARY).is_file()
 
 
-def _files(folder: Path) -> list[Path]:
-    """The files a folder holds, but for the marker alone (a run stopped while being set up)."""
+def _holds_files(folder: Path) -> bool:
+    """Whether a folder holds a file, but for the marker alone (a run stopped while being set up)."""
     if not folder.is_dir():
-        return []
-    return [p for p in folder.rglob("*") if p.is_file() and p != folder / MARKER]
+        return False
+    return any(p.is_file() and p != folder / MARKER for p in folder.rglob("*"))
 
 
 def _protected(folder: Path) -> str | None:
@@ -77,7 +105,7 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse, before anything loads, every use of output_dir that could lose a user's files or a run.
     A folder of empty folders (a run stopped by bad input while being set up) holds nothing to lose."""
     output_dir = Path(output_dir).expanduser()
-    holds_files = bool(_files(output_dir))
+    holds_files = _holds_files(output_dir)
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume: give one (start again, or continue the run)")
     if resume:
@@ -102,10 +130,21 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
         if why:
             raise ConfigError(f"output_dir {output_dir} is {why}; --overwrite will not delete it. "
                               "Give each run a folder of its own, e.g. output_dir=runs/NAME")
+        foreign = foreign_entries(output_dir)
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise ConfigError(f"output_dir {output_dir} holds a forgetless run and also {shown}, which forgetless "
+                              "did not write; --overwrite deletes nothing of yours, so nothing was deleted. Move "
+                              "them out of the run folder, or choose another output_dir")
         return
     finished = is_finished(output_dir)
     what = "a finished run" if finished else "files from an earlier (unfinished) run"
-    hint = "pass --overwrite to replace it" if finished else "pass --resume to continue it or --overwrite to start again"
+    if finished:
+        hint = "pass --overwrite to replace it"
+    elif latest_checkpoint(output_dir / CHECKPOINTS):
+        hint = "pass --resume to continue it or --overwrite to start again"
+    else:
+        hint = "it has no complete checkpoint to resume from: pass --overwrite to start again"
     raise ConfigError(f"output_dir {output_dir} already holds {what}; {hint}")
 
 
@@ -114,7 +153,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool, inputs: 
     several processes only the main one calls this, after every process has run check_output_dir."""
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir, overwrite, resume)
-    if overwrite and output_dir.exists() and _files(output_dir):
+    if overwrite and _holds_files(output_dir):
         shutil.rmtree(output_dir)  # check_output_dir: a forgetless run, not a protected folder
     output_dir.mkdir(parents=True, exist_ok=True)
     if not resume or not (output_dir / MARKER).is_file():
@@ -191,23 +230,28 @@ def trim_metrics(output_dir: Path, checkpoint: str) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if line.strip() and json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            row = json.loads(line) if line.strip() else None
         except ValueError:  # a line cut short by the kill
             continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def save_aside(output_dir: Path, save: Callable[[Path], None], is_main: bool = True) -> None:
-    """`save(folder)` writes into a fresh folder beside the run; then each file is renamed into place
-    (main process). A kill part-way leaves no train_summary.json, so the run never reads as finished."""
+def save_aside(output_dir: Path, save: Callable[[Path], None], is_main: bool = True,
+               barrier: Callable[[], None] = lambda: None) -> None:
+    """`save(folder)` writes into a fresh folder beside the run (on every process: an engine may write
+    shards from each); then the main process renames each entry into place. A kill part-way leaves no
+    train_summary.json, so the run never reads as finished. `barrier`: every process waits there."""
     output_dir = Path(output_dir)
     aside = output_dir / ".saving"
     if is_main:
         shutil.rmtree(aside, ignore_errors=True)
+    barrier()
     save(aside)
+    barrier()
     if not is_main:
         return
     for item in sorted(aside.iterdir()):

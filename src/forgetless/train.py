@@ -98,14 +98,16 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     output_dir = Path(config.output_dir).expanduser()
     check_output_dir(output_dir, overwrite, resume)  # before the model loads: fail fast
     checkpoint_dir = output_dir / CHECKPOINTS
-    inputs = run_inputs(config)  # by content: the run's caches and its reuse by compare are keyed by it
-    resume_from = check_resume(output_dir, config.to_dict(), inputs) if resume else None
     set_seed(config.train.seed)
 
     # model first: the tokenizer decides how data is rendered
     model, tokenizer, model_path = load_for_training(config.model, config.train.gradient_checkpointing)
     train_ds = data_mod.build_training_dataset(config.data, tokenizer, config.train.seed)
     eval_ds = data_mod.build_dataset(data_mod.eval_source(config.data), tokenizer, config.data) if config.data.eval else None
+    # by content, once the data is read (a Hub dataset is in the local cache now): the run's caches, its
+    # resume and its reuse by compare are keyed by it
+    inputs = run_inputs(config)
+    resume_from = check_resume(output_dir, config.to_dict(), inputs) if resume else None
     regularizers = build_regularizers(config.regularizers)
     replay = build_replay(config.regularizers, config.data)  # a data source, written among the method's entries
 
@@ -118,6 +120,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         prepare_output_dir(output_dir, overwrite, resume, inputs)
         if resume_from:
             trim_metrics(output_dir, resume_from)
+        dump_config(config, output_dir / "config.yaml")  # before the caches are built: a kill then can resume
     args.distributed_state.wait_for_everyone()
     inputs_key = digest(inputs)
     curve = ForgettingCurve(config, tokenizer, inputs_key) if config.evaluation.every_steps > 0 else None
@@ -137,8 +140,6 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if curve:
         curve.attach(trainer)
     tensorboard_into(trainer, output_dir / "tensorboard")
-    if is_main:
-        dump_config(config, output_dir / "config.yaml")
 
     started = time.perf_counter()
     memory: dict[str, int] = {}
@@ -183,7 +184,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         if is_main:
             tokenizer.save_pretrained(str(folder))
 
-    save_aside(output_dir, save, is_main=trainer.is_world_process_zero())
+    save_aside(output_dir, save, is_main=trainer.is_world_process_zero(), barrier=trainer.accelerator.wait_for_everyone)
     if trainer.is_world_process_zero():
         if config.merge:  # from the saved adapter, which holds the whole weights whatever the engine sharded
             merged = load_trained(output_dir, device="cpu")[0].merge_and_unload()
