@@ -1,7 +1,7 @@
 """LfU's cost / retention frontier (issue #18): exact LfU against its cheap settings, several seeds.
 
     bash scripts/evidence.sh                      # trains and evaluates (see there), then:
-    .venv/bin/python bench/lfu_frontier.py        # summary + plot from runs/evidence/report.json
+    .venv/bin/python bench/lfu_frontier.py [REPORT]   # summary + plot from runs/evidence/report.json (or REPORT)
 
 Retention: the multi-seed evidence on the embedded default (its regime: learning rate 1e-3, 160 steps,
 the four-domain general yardstick), plain SFT, exact LfU and each cheap setting as `compare.runs`,
@@ -42,7 +42,7 @@ def summarise(report: dict) -> dict:
                       "cost_gpu": gpu[bench_name]["step_time_ratio"]}
     for name, row in rows.items():
         res, paired = report["results"][name], report["paired"][name]
-        row.update({m: {"value": res[m]["value"], "seed_std": res[m].get("seed_std")} for m in SHOWN})
+        row.update({m: {"value": res[m]["value"], "ci95": res[m].get("ci95")} for m in SHOWN})
         for ref in ("sft", "lfu"):
             if name != ref:
                 row[f"vs_{ref}"] = {m: paired[m][f"vs_{ref}"] for m in ("target_nll", "target_acc", "general_ppl",
@@ -71,21 +71,25 @@ def plot(summary: dict, out: Path) -> None:
               ("target_nll", "target NLL (the task) ↓")]
     for ax, (key, label) in zip(axes, panels):
         for i, (name, row) in enumerate(summary["rows"].items()):
-            y, err = row[key]["value"], row[key]["seed_std"] or 0
-            ax.errorbar([row["cost_cpu"]], [y], yerr=[err], fmt="o", color=f"C{i}", capsize=3)
+            y = row[key]["value"]
+            lo, hi = row[key]["ci95"] or (y, y)
+            ax.errorbar([row["cost_cpu"]], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=f"C{i}", capsize=3)
             ax.plot([row["cost_gpu"]], [y], marker="s", mfc="none", color=f"C{i}")
             ax.plot([row["cost_cpu"], row["cost_gpu"]], [y, y], color=f"C{i}", lw=0.6, alpha=0.5)
             ax.annotate(name, (row["cost_cpu"], y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.axvline(1.3, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("step time × plain SFT (● CPU, □ H100; dashed: the 1.3× target)")
         ax.set_ylabel(label)
-    fig.suptitle(f"LfU cost vs retention (mean ± std over seeds {summary['seeds']}, embedded default)", fontsize=9)
+    fig.suptitle(f"LfU cost vs retention (mean over seeds {summary['seeds']} with its 95% interval, embedded default)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
 def main() -> None:
+    global REPORT
+    REPORT = Path(sys.argv[1]) if len(sys.argv) > 1 else REPORT
     summary = summarise(json.loads(REPORT.read_text()))
     (HERE / "lfu_frontier.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, HERE.parent / "docs" / "lfu-frontier.png")

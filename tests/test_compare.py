@@ -5,30 +5,34 @@ import math
 import pytest
 import torch
 
-from forgetless.compare import paired_bootstrap, run_compare
+from forgetless.compare import run_compare
 from forgetless.config import load_config
 from forgetless.errors import ConfigError
+from forgetless.stats import difference
 
 from conftest import write_jsonl
 
 
-def test_paired_bootstrap_by_hand():
-    same = paired_bootstrap([[1.0, 2.0, 3.0]], [[0.0, 1.0, 2.0]], 200, 0, "nats")
-    assert same["mean"] == 1.0 and same["ci95"] == [1.0, 1.0] and same["excludes_zero"]
+def test_paired_difference_by_hand():
+    same = difference([[1.0, 2.0, 3.0]], [[0.0, 1.0, 2.0]], "mean", "nats")
+    assert same["mean"] == 1.0 and same["ci95"] == [1.0, 1.0] and same["excludes_zero"] and same["p"] == 0.0
     # items vary a lot between themselves, the run beats the reference on each by a little: unpaired
     # intervals of the two means would overlap, the paired one excludes zero
     g = torch.Generator().manual_seed(0)
     ref = (5 * torch.randn(200, generator=g)).tolist()
     run = [r - 0.1 + 0.01 * float(torch.randn(1, generator=g)) for r in ref]
-    paired = paired_bootstrap([run], [ref], 500, 0, "nats")
-    assert paired["excludes_zero"] and paired["ci95"][1] < 0
+    paired = difference([run], [ref], "mean", "nats")
+    assert paired["excludes_zero"] and paired["ci95"][1] < 0 and paired["p"] < 1e-10
     assert paired["mean"] == pytest.approx(sum(a - b for a, b in zip(run, ref)) / 200)
+    assert paired["covers"] == "items only" and paired["df"] == 199
     # a mean NLL difference is shown as the perplexity change it is
-    pct = paired_bootstrap([[0.6, 0.6]], [[0.5, 0.5]], 50, 0, "percent")
+    pct = difference([[0.6, 0.6]], [[0.5, 0.5]], "mean", "percent")
     assert pct["mean"] == pytest.approx(100 * (math.exp(0.1) - 1))
-    # two seeds, each paired with its own reference seed
-    two = paired_bootstrap([[1.0, 1.0], [3.0, 3.0]], [[0.0, 0.0], [1.0, 1.0]], 300, 0, "nats")
-    assert two["mean"] == 1.5 and two["seeds"] == 2 and two["ci95"][0] >= 1.0 and two["ci95"][1] <= 2.0
+    # two seeds, each paired with its own reference seed: per-seed differences 1 and 2. The interval covers
+    # training randomness, so it is wider than the span of the two (a bootstrap over 2 seeds was not)
+    two = difference([[1.0, 1.0], [3.0, 3.0]], [[0.0, 0.0], [1.0, 1.0]], "mean", "nats")
+    assert two["mean"] == 1.5 and two["seeds"] == 2 and two["covers"] == "seeds and items"
+    assert two["ci95"][0] < 1.0 and two["ci95"][1] > 2.0
 
 
 def test_paired_robustness_std_by_hand():
@@ -36,11 +40,11 @@ def test_paired_robustness_std_by_hand():
     std sqrt(2) / 6 (ddof 1); the reference answers alike under both (std 0)."""
     run = [[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]]
     ref = [[[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]]
-    d = paired_bootstrap(run, ref, 400, 0, "points", "template_std")
+    d = difference(run, ref, "template_std", "points")
     assert d["mean"] == pytest.approx(100 * math.sqrt(2) / 6)
     assert d["ci95"][0] <= 0 <= d["mean"] <= d["ci95"][1]  # three questions: the interval is wide
-    same = paired_bootstrap(ref, ref, 100, 0, "points", "template_std")
-    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+    same = difference(ref, ref, "template_std", "points")
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0] and same["p"] == 1.0
 
 
 def test_compare_runs_are_checked_before_anything_trains():
@@ -92,7 +96,8 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     vs_lfu = report["paired"]["kl-strong"]["robust_acc_std"]["vs_lfu-lr"]
     assert vs_lfu["seeds"] == 2 and vs_lfu["n"] == 6 and "vs_lfu-lr" not in report["paired"]["lfu-lr"]["target_nll"]
     table = (root / "report.md").read_text()
-    assert "## Paired differences" in table and "seeds 1, 2 (mean ± std over seeds)" in table
+    assert "## Paired differences" in table and "seeds 1, 2, " in table
+    assert "value [95% interval over seeds and items" in table and "survives Holm correction over" in table
     assert "Against `lfu-lr`" in table and "| Δ robust std vs lfu-lr |" in table
     assert '**kl-strong**: regularizers `[{"kl": {"coef": 10.0}}]`' in table
     assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora"}}]`; overrides' in table

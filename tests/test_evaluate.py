@@ -13,7 +13,7 @@ from forgetless.config import DataConfig, EvalConfig, load_config
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import DataError
 from forgetless.replay import ReplayConfig
-from forgetless.evaluate import (bootstrap_ci, check_disjoint, continuation_logprobs, evaluate, is_correct)
+from forgetless.evaluate import check_disjoint, continuation_logprobs, evaluate, is_correct, measure
 from forgetless.model import load_tokenizer
 
 from conftest import GENERAL, write_jsonl
@@ -90,9 +90,11 @@ def test_answer_extractors_and_bootstrap():
     assert is_correct("-1,200", "-1200", "number") and not is_correct("no digits", "7", "number")
     assert is_correct("  Paris. ", "paris", "exact") and not is_correct("Paris, France", "paris", "exact")
     assert is_correct("It is Paris, France", "Paris", "contains")
-    values = [0.0, 1.0] * 50
-    lo, hi = bootstrap_ci(values, n_boot=500, seed=1)
-    assert lo < 0.5 < hi and bootstrap_ci(values, n_boot=500, seed=1) == (lo, hi)
+    # a measure's value and its 95% interval over items (forgetless.stats): a t interval, clipped to [0, 1]
+    entry = measure({"target_acc": [0.0, 1.0] * 50}, "target_acc", 100)
+    half = 1.9842169515 * 0.5025189 / 10  # t_{99, 0.975} x sd (ddof 1) / sqrt(n)
+    assert entry["value"] == 0.5 and entry["ci95"] == pytest.approx([0.5 - half, 0.5 + half], rel=1e-6)
+    assert measure({"target_acc": [0.0] * 99 + [1.0]}, "target_acc", 100)["ci95"][0] == 0.0
 
 
 def test_compare_end_to_end(tiny_llama, suite, tmp_path, monkeypatch):
@@ -236,12 +238,14 @@ def test_instruction_retention_scores_the_base_models_own_answers(tiny_llama, su
     assert moved["instr_nll"]["value"] > own["instr_nll"]["value"]
     assert len(calls) == 3  # still no second generation of the base's answers
 
-    # by hand: the base's own mean per-token NLL of its answers
+    # by hand: the base's own NLL per answer token, averaged over answers (each answer counts once)
     prompts = [ev.render_prompt([{"role": "user", "content": r["instruction"]}], tok, True)
                for _, r in ev.read_rows(cfg.instructions)]
     answers = real(base, tok, prompts, cfg.instructions_max_new_tokens, 4, "t")
     pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
     scores = continuation_logprobs(base, tok, pairs, 4, "t")
-    total = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for _, a in pairs)
-    assert own["instr_nll"]["value"] == pytest.approx(-sum(scores) / total, rel=1e-5)
+    per_answer = [-s / max(len(tok(a, add_special_tokens=False)["input_ids"]), 1) for s, (_, a) in zip(scores, pairs)]
+    assert own["instr_nll"]["value"] == pytest.approx(sum(per_answer) / len(per_answer), rel=1e-5)
+    lo, hi = own["instr_nll"]["ci95"]
+    assert lo <= own["instr_nll"]["value"] <= hi
     assert own["instr_nll"]["n"] == len(pairs) >= 30  # answers that are all special tokens have nothing to score

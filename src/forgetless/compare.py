@@ -4,7 +4,7 @@ the base and every result with the same suite, and write report.md, report.json 
 OUTPUT_DIR/<method>/   one training run per method (reused when finished with the same config), with
                        compare_eval.json: its suite results (reused while the run and the suite are the same)
 OUTPUT_DIR/base_eval.json  the base model's suite results (likewise)
-OUTPUT_DIR/report.md   the table;  report.json   every figure with its n and 95% interval
+OUTPUT_DIR/report.md   the table;  report.json   every figure with its n and 95% interval (forgetless.stats)
 OUTPUT_DIR/tradeoff.png, OUTPUT_DIR/measures.png
 
 `jobs` > 1 trains and evaluates that many runs at a time in worker processes (spawned, each on the
@@ -35,6 +35,7 @@ from forgetless.model import resolve_model_path
 from forgetless.regularizers import parse_regularizers
 from forgetless.replay import ReplayConfig
 from forgetless.run_folder import reusable_summary
+from forgetless import stats
 from forgetless.train import train
 
 logger = logging.getLogger(__name__)
@@ -42,13 +43,13 @@ logger = logging.getLogger(__name__)
 # (key, label, higher is better)
 MEASURES = [
     ("target_acc", "target accuracy", True),
-    ("target_nll", "target NLL", False),
+    ("target_nll", "target NLL per answer token (nats)", False),
     ("general_ppl", "general-text perplexity", False),
     ("general_drift_kl", "drift KL(base‖model)", False),
     ("mc_acc_norm", "MMLU acc_norm", True),
     ("robust_acc_mean", "robustness: mean acc", True),
     ("robust_acc_std", "robustness: std across prompts", False),
-    ("instr_nll", "NLL of the base's own answers", False),
+    ("instr_nll", "NLL per token of the base's answers (nats)", False),
     ("instr_clean_end", "answers ending cleanly", True),
 ]
 
@@ -147,9 +148,9 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
         "run_settings": {name: {"regularizers": cfg.regularizers, "overrides": config.compare.runs.get(name)}
                          for name, cfg in configs.items()},
         "runs": {name: summarise_runs(by_seed) for name, by_seed in runs.items()},
-        "results": {"base": results["base"], **{name: summarise_results(by_seed) for name, by_seed in results.items()
-                                                if name != "base"}},
-        "paired": paired_differences(results, list(configs), config.evaluation, config.compare.paired_with),
+        "results": {"base": summarise_results({seeds[0]: results["base"]}),
+                    **{name: summarise_results(by_seed) for name, by_seed in results.items() if name != "base"}},
+        "paired": paired_differences(results, list(configs), config.compare.paired_with),
         "paired_with": list(config.compare.paired_with),
         "per_seed": {name: results[name] for name in configs},
         "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,
@@ -162,6 +163,7 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
                                              for s in train_sources(config.data))},
     }
     report["curves"] = {name: read_curve(Path(cfg.output_dir)) for name, seed, cfg in jobs_list if seed == seeds[0]}
+    mark_comparisons(report)
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(render_markdown(report))
     plot(report, root)
@@ -253,25 +255,13 @@ def read_curve(run_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- seeds and paired differences
 
-# measure -> (per-item key in evaluate's "items", how a difference is shown, the statistic of the items)
-PAIRED = {
-    "target_acc": ("target_acc", "points", "mean"),
-    "target_nll": ("target_nll", "nats", "mean"),
-    "general_ppl": ("general_nll", "percent", "mean"),  # a difference of mean NLL, shown as a perplexity change
-    "general_drift_kl": ("general_drift_kl", "nats", "mean"),
-    "mc_acc_norm": ("mc_acc_norm", "points", "mean"),
-    # the spread of accuracy over prompt templates (items: per question, correct under each template)
-    "robust_acc_std": ("robust_correct", "points", "template_std"),
-    # instruction-following retention: NLL of the base's own answers, answers ending cleanly
-    "instr_nll": ("instr_nll", "nats", "mean"),
-    "instr_clean_end": ("instr_clean_end", "points", "mean"),
-}
-
-# statistic of a [..., items] (or [..., items, templates]) tensor, reducing the items (and templates)
-STATISTICS = {
-    "mean": lambda a: a.mean(-1),
-    "template_std": lambda a: a.mean(-2).std(-1),  # each template's accuracy, their std (ddof 1, as evaluate)
-}
+# the measures with paired differences (forgetless.stats.MEASURES: items, statistic, unit); per-domain
+# general-text measures are added for each domain measured (stats.domain_measures)
+PAIRED = ["target_acc", "target_nll", "general_ppl", "general_drift_kl", "mc_acc_norm",
+          # the spread of accuracy over prompt templates (items: per question, correct under each template)
+          "robust_acc_std",
+          # instruction-following retention: NLL of the base's own answers, answers ending cleanly
+          "instr_nll", "instr_clean_end"]
 
 
 def summarise_runs(by_seed: dict[int, dict]) -> dict[str, Any]:
@@ -284,87 +274,129 @@ def summarise_runs(by_seed: dict[int, dict]) -> dict[str, Any]:
 
 
 def summarise_results(by_seed: dict[int, dict]) -> dict[str, Any]:
-    """A run's measures: one seed's as they are; several seeds' as mean (value), std over seeds, n."""
+    """A model's measures over its seeds, each computed from its per-item values (forgetless.stats): the
+    value, its 95% interval (over seeds and items; one seed: over items only, `covers` says which), its df,
+    the std of the per-seed values (`seed_std`), n. A measure without items (an old report's mc_acc) is
+    the mean of the per-seed values. One seed's other entries are kept as they are (its items included)."""
     results = list(by_seed.values())
-    if len(results) == 1:
-        return results[0]
-    out: dict[str, Any] = {}
+    items = [r.get("items", {}) for r in results]
+    out: dict[str, Any] = dict(results[0]) if len(results) == 1 else {}
     for key, entry in results[0].items():
-        if isinstance(entry, dict) and "value" in entry:
-            values = [r[key]["value"] for r in results]
-            finite = all(math.isfinite(v) for v in values)  # a measure with nothing to score is NaN
-            out[key] = {"value": statistics.fmean(values), "seed_std": statistics.stdev(values) if finite else math.nan,
-                        "n": entry["n"], "seeds": len(values)}
-    if "general_by_domain" in results[0]:  # per domain: the mean over seeds of each figure
-        out["general_by_domain"] = {d: {k: statistics.fmean(r["general_by_domain"][d][k] for r in results) for k in fig}
-                                    for d, fig in results[0]["general_by_domain"].items()}
+        if not (isinstance(entry, dict) and "value" in entry):
+            continue
+        measure = stats.MEASURES.get(key)
+        together = stats.value(items, measure) if measure else None
+        per_seed_values = [(stats.value([i], measure) or r[key])["value"] if measure else r[key]["value"]
+                           for i, r in zip(items, results)]
+        # (an interval another machinery computed, e.g. an old report's bootstrap, is not carried over)
+        summary = {"value": statistics.fmean(per_seed_values), "n": entry["n"], "seeds": len(results)}
+        if together is not None:
+            summary.update(value=together["value"], ci95=together["ci95"], df=together["df"],
+                           covers=together["covers"])
+        if len(results) > 1:
+            finite = all(math.isfinite(v) for v in per_seed_values)  # a measure with nothing to score is NaN
+            summary["seed_std"] = statistics.stdev(per_seed_values) if finite else math.nan
+        out[key] = summary
+    if "general_by_domain" in results[0]:
+        out["general_by_domain"] = {}
+        domains = stats.domain_measures(items[0])
+        for d, fig in results[0]["general_by_domain"].items():
+            ppl = domains.get(f"general_ppl@{d}")
+            ppl = stats.value(items, ppl) if ppl else None
+            drift = domains.get(f"general_drift_kl@{d}")
+            drift = stats.value(items, drift) if drift else None
+            if ppl is None or drift is None:  # no per-item values: the mean over seeds of each figure
+                out["general_by_domain"][d] = {k: statistics.fmean(r["general_by_domain"][d][k] for r in results)
+                                               for k in fig}
+                continue
+            # perplexity as exp(mean NLL over seeds and blocks), as the pooled one and the paired changes
+            out["general_by_domain"][d] = {"ppl": ppl["value"], "ppl_ci95": ppl["ci95"], "drift_kl": drift["value"],
+                                           "drift_kl_ci95": drift["ci95"], "blocks": fig["blocks"],
+                                           "tokens": fig["tokens"]}
     return out
 
 
-def paired_differences(results: dict, names: list[str], ev,
+def paired_differences(results: dict, names: list[str],
                        references: list[str] = ("sft",)) -> dict[str, dict[str, dict]]:
-    """name -> measure -> {"vs_base": ..., "vs_<ref>": ... for each compared reference run}: the
-    difference of the measure and its 95% interval from a bootstrap over the same items (and over seeds,
-    pairing equal seeds), `excludes_zero`."""
+    """name -> measure -> {"vs_base": ..., "vs_<ref>": ... for each compared reference run}: the paired
+    difference of the measure's statistic over the same items (seed s with seed s; the base serves every
+    seed), its 95% interval, two-sided p-value and df (forgetless.stats.difference). results: "base" ->
+    its evaluation; each name -> seed -> evaluation."""
     out: dict[str, dict[str, dict]] = {}
     base_items = results["base"].get("items", {})
+    measures = {**{key: stats.MEASURES[key] for key in PAIRED}, **stats.domain_measures(base_items)}
     for name in names:
         by_seed = results[name]
         seeds = list(by_seed)
         out[name] = {}
-        for measure, (item_key, unit, statistic) in {**PAIRED, **per_domain_measures(base_items)}.items():
-            if not base_items.get(item_key):  # not measured, or nothing to pair (e.g. no base answer to score)
+        for key, measure in measures.items():
+            base_rows = stats.item_rows(base_items, measure)
+            runs = [stats.item_rows(by_seed[s].get("items", {}), measure) for s in seeds]
+            # not measured, or nothing to pair (e.g. no base answer to score)
+            if base_rows is None or any(r is None or len(r) != len(base_rows) for r in runs):
                 continue
-            runs = [by_seed[s]["items"][item_key] for s in seeds]
-            entry = {"vs_base": paired_bootstrap(runs, [base_items[item_key]], ev.bootstrap, ev.seed, unit, statistic)}
+            entry = {"vs_base": stats.difference(runs, [base_rows], measure.statistic, measure.unit)}
             for ref in references:
                 if ref in results and name != ref and all(s in results[ref] for s in seeds):
-                    entry[f"vs_{ref}"] = paired_bootstrap(runs, [results[ref][s]["items"][item_key] for s in seeds],
-                                                          ev.bootstrap, ev.seed, unit, statistic)
-            out[name][measure] = entry
+                    refs = [stats.item_rows(results[ref][s].get("items", {}), measure) for s in seeds]
+                    if all(r is not None and len(r) == len(base_rows) for r in refs):
+                        entry[f"vs_{ref}"] = stats.difference(runs, refs, measure.statistic, measure.unit)
+            out[name][key] = entry
     return out
 
 
-def per_domain_measures(items: dict) -> dict[str, tuple[str, str, str]]:
-    """general_ppl@<domain> / general_drift_kl@<domain> for each general-text domain evaluate measured."""
-    out = {}
-    for key in items:
-        if key.startswith("general_nll@"):
-            domain = key.split("@", 1)[1]
-            out[f"general_ppl@{domain}"] = (key, "percent", "mean")
-            out[f"general_drift_kl@{domain}"] = (f"general_drift_kl@{domain}", "nats", "mean")
-    return out
+# ---------------------------------------------------------------- many comparisons
+
+# the main paired table's columns: (measure, reference, header)
+PAIRED_COLUMNS = [
+    ("target_acc", "base", "Δ acc vs base"), ("target_acc", "sft", "Δ acc vs sft"),
+    ("target_nll", "base", "Δ target NLL vs base"), ("target_nll", "sft", "Δ target NLL vs sft"),
+    ("general_ppl", "base", "Δ ppl vs base"), ("general_ppl", "sft", "Δ ppl vs sft"),
+    ("general_drift_kl", "sft", "drift KL vs sft"), ("robust_acc_std", "sft", "Δ robust std vs sft"),
+    ("mc_acc_norm", "base", "Δ MMLU vs base"), ("instr_nll", "base", "Δ instr NLL vs base"),
+    ("instr_clean_end", "base", "Δ clean end vs base"),
+]
+# the table against each further reference run (compare.paired_with besides sft): (measure, header)
+REFERENCE_COLUMNS = [("target_nll", "Δ target NLL"), ("target_acc", "Δ acc"), ("general_ppl", "Δ ppl"),
+                     ("general_drift_kl", "drift KL"), ("robust_acc_std", "Δ robust std")]
 
 
-def paired_bootstrap(runs: list, refs: list, n_boot: int, seed: int, unit: str,
-                     statistic: str = "mean") -> dict[str, Any]:
-    """statistic(run) - statistic(reference), averaged over seeds (seed s of the run paired with seed s of
-    the reference, or with the one reference), and a percentile 95% interval resampling seeds and items
-    together, the same draw for both sides. runs / refs: [seeds][items] (or [seeds][items][templates])."""
-    import torch
+def _other_references(report: dict) -> list[str]:
+    return [r for r in report.get("paired_with", []) if r != "sft" and r in report["methods"]]
 
-    stat = STATISTICS[statistic]
-    x = torch.tensor(runs, dtype=torch.float64)
-    y = torch.tensor(refs, dtype=torch.float64).expand_as(x)  # one reference serves every seed
-    s, n = x.shape[:2]
-    g = torch.Generator().manual_seed(seed)
-    pick_seeds = torch.randint(0, s, (n_boot, s), generator=g)
-    pick_items = torch.randint(0, n, (n_boot, n), generator=g)
-    rows = pick_seeds[:, :, None]  # [n_boot, seeds, 1] with items [n_boot, 1, items] -> [n_boot, seeds, items, ...]
-    cols = pick_items[:, None, :]
 
-    def difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per seed
-        # a mean is linear: the mean of per-item differences (one rounding, identical items give exactly 0)
-        return stat(a - b) if statistic == "mean" else stat(a) - stat(b)
+def _domains(report: dict) -> list[str]:
+    """The general-text domains the report shows a table of (more than one)."""
+    domains = list(report["results"]["base"].get("general_by_domain", {}))
+    return domains if len(domains) > 1 else []
 
-    stats = difference(x[rows, cols], y[rows, cols]).mean(1)
-    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    mean = difference(x, y).mean().item()
-    if unit == "percent":  # mean NLL difference -> relative perplexity change
-        mean, lo, hi = (100 * math.expm1(v) for v in (mean, lo, hi))
-    elif unit == "points":
-        mean, lo, hi = (100 * v for v in (mean, lo, hi))
-    return {"mean": mean, "ci95": [lo, hi], "unit": unit, "excludes_zero": lo > 0 or hi < 0, "n": n, "seeds": s}
+
+def shown_differences(report: dict) -> tuple[list[dict], list[dict]]:
+    """The paired-difference entries the report's tables show: (the paired tables: against the base, sft and
+    every further reference; the per-domain table), each a family for the Holm correction."""
+    paired = report.get("paired", {})
+
+    def get(name: str, measure: str, ref: str) -> dict | None:
+        return paired.get(name, {}).get(measure, {}).get(f"vs_{ref}")
+
+    main = [get(name, measure, ref) for name in report["methods"] for measure, ref, _ in PAIRED_COLUMNS]
+    main += [get(name, measure, ref) for ref in _other_references(report) for name in report["methods"]
+             if name != ref for measure, _ in REFERENCE_COLUMNS]
+    domain = [get(name, f"general_ppl@{d}", "base") for name in report["methods"] for d in _domains(report)]
+    return [e for e in main if e], [e for e in domain if e]
+
+
+def mark_comparisons(report: dict, alpha: float = 0.05) -> dict:
+    """Holm–Bonferroni over each family of shown paired differences: each entry gets `p_holm` (adjusted) and
+    `holm` (survives at family-wise level alpha); report["comparisons"] counts each family. Returns report."""
+    counts = {}
+    for family, entries in zip(("paired", "by_domain"), shown_differences(report)):
+        adjusted = stats.holm([e.get("p", math.nan) for e in entries])
+        for entry, p in zip(entries, adjusted):
+            entry["p_holm"], entry["holm"] = p, bool(p <= alpha)
+        counts[family] = sum(math.isfinite(p) for p in adjusted)
+    report["comparisons"] = counts
+    return report
 
 
 # ---------------------------------------------------------------- report
@@ -376,46 +408,58 @@ def _value(results: dict, key: str) -> float:
 
 
 def _fmt(entry: dict | None, digits: int = 3) -> str:
+    """A value with its 95% interval."""
     if not isinstance(entry, dict):
         return "–"
     text = f"{entry['value']:.{digits}f}"
-    if "seed_std" in entry:  # several seeds: mean ± std over them
-        return text + f" ± {entry['seed_std']:.{digits}f}"
     if "ci95" in entry and all(math.isfinite(x) for x in entry["ci95"]):
         lo, hi = entry["ci95"]
         text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    elif "seed_std" in entry:  # no items to compute an interval from: mean ± std over seeds
+        text += f" ± {entry['seed_std']:.{digits}f}"
     return text
 
 
 def _diff(entry: dict | None) -> str:
-    """A paired difference: mean [95% interval], starred when the interval excludes zero."""
+    """A paired difference: mean [95% interval], starred when it survives the Holm correction."""
     if not entry:
         return "–"
     digits = 4 if entry["unit"] == "nats" else 1
     suffix = "%" if entry["unit"] == "percent" else ""
     lo, hi = entry["ci95"]
-    star = " *" if entry["excludes_zero"] else ""
+    star = " *" if entry.get("holm") else ""
     return f"{entry['mean']:+.{digits}f}{suffix} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
 
 
+def _covers_text(seeds: list) -> str:
+    if len(seeds) > 1:
+        return ("over seeds and items (a t interval from the two-level variance of seeds crossed with items, "
+                "forgetless.stats)")
+    return ("over items only: one seed, so it does not cover training randomness (another seed can land "
+            "outside it)")
+
+
 def render_markdown(report: dict) -> str:
+    if "comparisons" not in report:  # a report built before the Holm marks
+        report = mark_comparisons(copy.deepcopy(report))
     res, runs = report["results"], report["runs"]
     base = res["base"]
     s = report["settings"]
     seeds = report.get("seeds", [s["seed"]])
     first = runs[report["methods"][0]]
-    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean ± std over seeds)"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
     lines = [
         "# forgetless compare",
         "",
         f"Base model: `{report['base_model']}`; training data `{s['train_data']}`; {s['finetune']} fine-tuning, "
         f"{seed_text}, {first['global_steps']:g} steps of batch {s['batch_size']} for every method.",
-        "Each cell: value [95% bootstrap interval] (or mean ± std over seeds); Δ is against the base model. "
-        "Sample counts are in report.json.",
+        f"Each cell: value [95% interval {_covers_text(seeds)}]; the base's intervals are over items. "
+        "Δ is against the base model. Target NLL and instr NLL: NLL per answer token, averaged over answers "
+        "(nats). Sample counts are in report.json.",
         "",
         "| method | target acc | Δ acc | target NLL | general ppl | Δ ppl | drift KL | MMLU acc_norm | Δ MMLU "
-        "| robust acc mean ± std | instr NLL | clean end | step s | peak mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| robust acc mean | robust std | instr NLL | clean end | step s | peak mem GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ["base"] + report["methods"]:
         r = res[name]
@@ -423,79 +467,80 @@ def render_markdown(report: dict) -> str:
         d_acc = _value(r, "target_acc") - _value(base, "target_acc")
         d_ppl = 100 * (_value(r, "general_ppl") / _value(base, "general_ppl") - 1)
         d_mc = _value(r, "mc_acc_norm") - _value(base, "mc_acc_norm")
-        robust = f"{_value(r, 'robust_acc_mean'):.3f} ± {_value(r, 'robust_acc_std'):.3f}"
         step = f"{run['step_time_s']:.2f}" if run else "–"
         mem = f"{run['peak_mem_bytes'] / 2**30:.2f}" if run and "peak_mem_bytes" in run else "–"
         lines.append(
             f"| {name} | {_fmt(r.get('target_acc'))} | {d_acc:+.3f} | {_fmt(r.get('target_nll'))} | "
             f"{_fmt(r.get('general_ppl'), 2)} | {d_ppl:+.1f}% | {_fmt(r.get('general_drift_kl'), 4)} | "
-            f"{_fmt(r.get('mc_acc_norm'))} | {d_mc:+.3f} | {robust} | {_fmt(r.get('instr_nll'))} | "
+            f"{_fmt(r.get('mc_acc_norm'))} | {d_mc:+.3f} | {_fmt(r.get('robust_acc_mean'))} | "
+            f"{_fmt(r.get('robust_acc_std'))} | {_fmt(r.get('instr_nll'))} | "
             f"{_fmt(r.get('instr_clean_end'), 2)} | {step} | {mem} |"
         )
     n = {k: base[k]["n"] for k in ("target_acc", "general_ppl", "mc_acc_norm") if k in base}
     lines += [
         "",
         f"n: target {n.get('target_acc')} questions ({len(base.get('robust_acc_per_template', []))} prompt templates "
-        f"for robustness), general text {n.get('general_ppl')} tokens, MMLU {n.get('mc_acc_norm')} questions.",
+        f"for robustness: robust std is the std over templates of each template's accuracy, its interval over "
+        f"questions), general text {n.get('general_ppl')} tokens (intervals over contiguous groups of "
+        f"{stats.BLOCK_GROUP} blocks: consecutive blocks of a text are not independent), "
+        f"MMLU {n.get('mc_acc_norm')} questions.",
         "Peak memory is the process's (CPU: resident set size, including the Python runtime and libraries).",
     ]
     if s.get("runs_at_a_time", 1) > 1:
         lines.append(f"Runs trained up to {s['runs_at_a_time']} at a time on one machine: step times include that "
                      "contention; compare them with `bench/` figures, not with a run trained alone.")
     paired = report.get("paired", {})
+    counts = report["comparisons"]
     if paired:
         lines += [
             "",
             "## Paired differences",
             "",
-            "Each model answers the same items, so differences are paired: mean of (run − reference) over the "
-            "items" + (" and seeds (seed s paired with seed s)" if len(seeds) > 1 else "") + ", with a 95% interval "
-            "from a bootstrap over them; * = the interval excludes zero. Accuracies in points, perplexity in %, "
-            "NLL and drift in nats.",
+            "Each model answers the same items, so differences are paired: the measure of the run minus that of "
+            "the reference on the same items" + (", averaged over seeds (seed s paired with seed s; the base "
+            "serves every seed)" if len(seeds) > 1 else "") + f", with its 95% interval {_covers_text(seeds)}. "
+            f"* = survives Holm correction over {counts.get('paired', 0)} comparisons (family-wise 5%): every "
+            "difference in the tables of this section; the intervals shown are unadjusted. Accuracies in points, "
+            "perplexity in %, NLL (per answer token, averaged over answers) and drift in nats.",
             "",
-            "| method | Δ acc vs base | Δ acc vs sft | Δ target NLL vs base | Δ target NLL vs sft | Δ ppl vs base "
-            "| Δ ppl vs sft | drift KL vs sft | Δ robust std vs sft | Δ MMLU vs base | Δ instr NLL vs base "
-            "| Δ clean end vs base |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | " + " | ".join(header for _, _, header in PAIRED_COLUMNS) + " |",
+            "|---|" + "---|" * len(PAIRED_COLUMNS),
         ]
         for name in report["methods"]:
             p = paired.get(name, {})
-            get = lambda measure, ref: _diff(p.get(measure, {}).get(ref))  # noqa: E731
-            lines.append(f"| {name} | {get('target_acc', 'vs_base')} | {get('target_acc', 'vs_sft')} | "
-                         f"{get('target_nll', 'vs_base')} | {get('target_nll', 'vs_sft')} | "
-                         f"{get('general_ppl', 'vs_base')} | {get('general_ppl', 'vs_sft')} | "
-                         f"{get('general_drift_kl', 'vs_sft')} | {get('robust_acc_std', 'vs_sft')} | "
-                         f"{get('mc_acc_norm', 'vs_base')} | {get('instr_nll', 'vs_base')} | "
-                         f"{get('instr_clean_end', 'vs_base')} |")
-        for ref in [r for r in report.get("paired_with", []) if r != "sft" and r in report["methods"]]:
+            lines.append(f"| {name} | " + " | ".join(_diff(p.get(measure, {}).get(f"vs_{ref}"))
+                                                     for measure, ref, _ in PAIRED_COLUMNS) + " |")
+        for ref in _other_references(report):
             lines += [
                 "",
-                f"Against `{ref}` (the same measures, paired with its items and seeds):",
+                f"Against `{ref}` (the same measures, paired with its items and seeds; in the same Holm family):",
                 "",
-                f"| method | Δ target NLL vs {ref} | Δ acc vs {ref} | Δ ppl vs {ref} | drift KL vs {ref} "
-                f"| Δ robust std vs {ref} |",
-                "|---|---|---|---|---|---|",
+                "| method | " + " | ".join(f"{header} vs {ref}" for _, header in REFERENCE_COLUMNS) + " |",
+                "|---|" + "---|" * len(REFERENCE_COLUMNS),
             ]
             for name in report["methods"]:
                 if name == ref:
                     continue
                 p = paired.get(name, {})
-                get = lambda measure: _diff(p.get(measure, {}).get(f"vs_{ref}"))  # noqa: E731
-                lines.append(f"| {name} | {get('target_nll')} | {get('target_acc')} | {get('general_ppl')} | "
-                             f"{get('general_drift_kl')} | {get('robust_acc_std')} |")
-    domains = list(base.get("general_by_domain", {}))
-    if len(domains) > 1:
+                lines.append(f"| {name} | " + " | ".join(_diff(p.get(measure, {}).get(f"vs_{ref}"))
+                                                         for measure, _ in REFERENCE_COLUMNS) + " |")
+    domains = _domains(report)
+    if domains:
+        blocks = base["general_by_domain"][domains[0]]["blocks"]
         lines += [
             "",
             "## General yardstick by domain",
             "",
-            "Perplexity (change against the base, paired 95% interval; * = excludes zero) and drift KL per domain; "
-            "the pooled figures above weigh every block alike.",
+            "Perplexity (change against the base, paired 95% interval; * = survives Holm correction over "
+            f"{counts.get('by_domain', 0)} comparisons, family-wise 5%, this table's own family) and drift KL per "
+            f"domain; the pooled figures above weigh every block alike. Each {stats.BLOCK_GROUP} consecutive blocks "
+            f"of a domain form one item of its interval (consecutive blocks of one text are not independent): "
+            f"{blocks:g} blocks are {len(stats.block_groups([0.0] * int(blocks)))} items, so the intervals are wide.",
             "",
             "| method | " + " | ".join(f"{d} ppl | {d} drift" for d in domains) + " |",
             "|---|" + "---|---|" * len(domains),
         ]
-        tokens = ", ".join(f"{d} {base['general_by_domain'][d]['tokens']}" for d in domains)
+        tokens = ", ".join(f"{d} {base['general_by_domain'][d]['tokens']:g}" for d in domains)
         for name in ["base"] + report["methods"]:
             by = res[name].get("general_by_domain", {})
             cells = []

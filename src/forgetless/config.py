@@ -219,7 +219,7 @@ class EvalConfig:
     mc: str | None = "builtin:mmlu/mmlu_sample.jsonl"  # {"question", "choices", "answer"} rows
     mc_limit: int = 120
     batch_size: int = 16
-    bootstrap: int = 1000
+    bootstrap: int = 1000  # resamples for the lm-eval backend's standard errors (forgetless.stats needs none)
     seed: int = 0
     # Optional: EleutherAI lm-evaluation-harness tasks run on the in-memory model (pip install
     # 'forgetless[lm-eval]'); names it knows, or tasks defined in YAML files under lm_eval_include.
@@ -237,7 +237,7 @@ class EvalConfig:
             "task_limit": ">= 1", "max_new_tokens": ">= 1", "general_blocks": ">= 1",
             "block_length": ">= 2",  # a block predicts tokens 2..n from the ones before
             "instructions_max_new_tokens": ">= 1", "mc_limit": ">= 1", "batch_size": ">= 1",
-            "bootstrap": ">= 100",  # fewer resamples give intervals that move from seed to seed
+            "bootstrap": ">= 0",  # lm-eval's bootstrap_iters (0: no stderr); forgetless's intervals are t intervals
             "seed": SEED_RANGE, "lm_eval_limit": ">= 1", "lm_eval_num_fewshot": ">= 0",
             "every_steps": ">= 0", "curve_blocks": ">= 1", "curve_examples": ">= 1"})
         if self.task and not self.templates:

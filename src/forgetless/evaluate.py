@@ -1,7 +1,8 @@
 """What fine-tuning gained and what it broke, measured the same way for the base and every tuned model.
 
-Measures (each with its sample count `n`, and a bootstrap 95% interval where cheap):
-  target_nll         mean NLL of the reference answers of the task's test split (response tokens)
+Measures (each with its sample count `n` and a 95% interval over its items, forgetless.stats):
+  target_nll         NLL per answer token of the reference answers of the task's test split, averaged
+                     over answers (each answer counts once; nats)
   target_acc         greedy-decoding accuracy on the task, with an answer extractor
   robust_acc_mean / robust_acc_std   accuracy across K paraphrased prompt templates
   general_ppl        perplexity on held-out general text (never a training or replay source)
@@ -28,30 +29,21 @@ from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa:
 from forgetless.replay import ReplayConfig, replay_documents
 from forgetless.errors import ConfigError, DataError
 from forgetless.losses import forward_rows, token_kl, upcast
+from forgetless import stats
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- small statistics
 
 
-def bootstrap_ci(values: list[float], stat=None, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% interval of `stat` (default: the mean) over resamples of `values`."""
-    if not values or n_boot <= 0:
-        return (math.nan, math.nan)
-    x = torch.tensor(values, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(values), (n_boot, len(values)), generator=g)
-    samples = x[idx]
-    stats = samples.mean(1) if stat is None else torch.stack([stat(s) for s in samples])
-    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return (lo, hi)
-
-
-def measure(value: float, n: int, ci: tuple[float, float] | None = None) -> dict[str, Any]:
-    out = {"value": value, "n": n}
-    if ci is not None:
-        out["ci95"] = list(ci)
-    return out
+def measure(items: dict[str, list], key: str, n: int) -> dict[str, Any]:
+    """Measure `key` of forgetless.stats.MEASURES from the per-item values in `items`: its value and 95%
+    interval, one statistic of the same items (one model and seed: the interval covers item sampling, not
+    training randomness), and the sample count `n`."""
+    entry = stats.value([items], stats.MEASURES[key])
+    if entry is None:  # nothing to score
+        return {"value": math.nan, "n": n}
+    return {"value": entry["value"], "n": n, "ci95": entry["ci95"]}
 
 
 # ---------------------------------------------------------------- answers
@@ -224,10 +216,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
         pairs = [render(r.messages, tokenizer, chat) for r in records]
         scores = continuation_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: task NLL")
         lengths = [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for _, resp in pairs]
-        per_token = [-s / n for s, n in zip(scores, lengths)]
-        results["target_nll"] = measure(sum(-s for s in scores) / sum(lengths), len(records),
-                                        bootstrap_ci(per_token, n_boot=cfg.bootstrap, seed=cfg.seed))
-        items["target_nll"] = per_token
+        items["target_nll"] = [-s / n for s, n in zip(scores, lengths)]  # per answer: its mean token NLL
+        results["target_nll"] = measure(items, "target_nll", len(records))
         per_template, correct_by_template = [], []
         for t, template in enumerate(cfg.templates):
             prompts = []
@@ -242,15 +232,13 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
             correct_by_template.append(correct)
             if t == 0:
                 items["target_acc"] = correct
-                results["target_acc"] = measure(per_template[0], len(records),
-                                                bootstrap_ci(correct, n_boot=cfg.bootstrap, seed=cfg.seed))
+                results["target_acc"] = measure(items, "target_acc", len(records))
                 results["examples"] = [{"prompt": p, "answer": a} for p, a in zip(prompts[:3], answers[:3])]
-        mean = sum(per_template) / len(per_template)
-        std = math.sqrt(sum((a - mean) ** 2 for a in per_template) / max(len(per_template) - 1, 1))
-        results["robust_acc_mean"] = measure(mean, len(records) * len(per_template))
-        results["robust_acc_std"] = measure(std, len(per_template))
-        results["robust_acc_per_template"] = per_template
         items["robust_correct"] = [list(row) for row in zip(*correct_by_template)]  # [question][template]
+        # the mean and the std (ddof 1) over templates of each template's accuracy; intervals over questions
+        results["robust_acc_mean"] = measure(items, "robust_acc_mean", len(records) * len(per_template))
+        results["robust_acc_std"] = measure(items, "robust_acc_std", len(per_template))
+        results["robust_acc_per_template"] = per_template
 
     if cfg.general_text:
         # every domain's reported blocks; pooled figures weigh each block alike, per-domain ones beside them
@@ -264,13 +252,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
             items[f"general_nll@{domain}"], items[f"general_drift_kl@{domain}"] = d_nll, d_drift
         items["general_nll"], items["general_drift_kl"] = nll, drift
         n_tokens = sum(d["tokens"] for d in by_domain.values())
-        ci = bootstrap_ci(nll, n_boot=cfg.bootstrap, seed=cfg.seed)
-        results["general_ppl"] = measure(math.exp(sum(nll) / len(nll)), n_tokens, (math.exp(ci[0]), math.exp(ci[1])))
-        if base is not None:
-            results["general_drift_kl"] = measure(sum(drift) / len(drift), n_tokens,
-                                                  bootstrap_ci(drift, n_boot=cfg.bootstrap, seed=cfg.seed))
-        else:
-            results["general_drift_kl"] = measure(0.0, n_tokens)
+        # intervals over contiguous groups of blocks (consecutive blocks of a text are not independent)
+        results["general_ppl"] = measure(items, "general_ppl", n_tokens)
+        results["general_drift_kl"] = measure(items, "general_drift_kl", n_tokens)  # the base's: 0 [0, 0]
         results["general_by_domain"] = by_domain
 
     if cfg.instructions:
@@ -288,10 +272,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
             acc.append(float(max(range(k), key=lambda j: s[j]) == row["answer"]))
             acc_norm.append(float(max(range(k), key=lambda j: norm[j]) == row["answer"]))
             i += k
-        items["mc_acc_norm"] = acc_norm
-        results["mc_acc"] = measure(sum(acc) / len(acc), len(acc), bootstrap_ci(acc, n_boot=cfg.bootstrap, seed=cfg.seed))
-        results["mc_acc_norm"] = measure(sum(acc_norm) / len(acc_norm), len(acc_norm),
-                                         bootstrap_ci(acc_norm, n_boot=cfg.bootstrap, seed=cfg.seed))
+        items["mc_acc"], items["mc_acc_norm"] = acc, acc_norm
+        results["mc_acc"] = measure(items, "mc_acc", len(acc))
+        results["mc_acc_norm"] = measure(items, "mc_acc_norm", len(acc_norm))
     if cfg.lm_eval_tasks:
         results["lm_eval"] = run_lm_eval(model, tokenizer, cfg)
     results["items"] = items
@@ -335,9 +318,10 @@ _BASE_ANSWERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.Weak
 
 def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base, name: str,
                           items: dict) -> dict[str, Any]:
-    """How much of the base model's own behaviour on everyday instructions the model kept: the mean per-token
-    NLL of the base's greedy answers under this model (`instr_nll`; the base's own is the reference), and the
-    share of this model's own greedy answers that end at end-of-sequence within the budget (`instr_clean_end`)."""
+    """How much of the base model's own behaviour on everyday instructions the model kept: the NLL per answer
+    token of the base's greedy answers under this model, averaged over answers (`instr_nll`, nats; the
+    base's own is the reference), and the share of this model's own greedy answers that end at
+    end-of-sequence within the budget (`instr_clean_end`)."""
     rows = [row for _, row in read_rows(cfg.instructions)]
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
@@ -358,16 +342,12 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     pairs = [(p, a) for p, a in zip(prompts, reference) if a.strip()]
     scores = continuation_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: base answers' NLL")
     lengths = [max(len(tokenizer(a, add_special_tokens=False)["input_ids"]), 1) for _, a in pairs]
-    per_answer = [-s / n for s, n in zip(scores, lengths)]
-    items["instr_nll"] = per_answer
+    items["instr_nll"] = [-s / n for s, n in zip(scores, lengths)]  # per answer: its mean token NLL
     items["instr_clean_end"] = [float(e) for e in own_ended]
     return {
         # no answer to score (the base answered nothing but special tokens): NaN, not a figure
-        "instr_nll": measure(sum(-s for s in scores) / sum(lengths), len(pairs),
-                             bootstrap_ci(per_answer, n_boot=cfg.bootstrap, seed=cfg.seed))
-        if pairs else measure(math.nan, 0),
-        "instr_clean_end": measure(sum(own_ended) / len(own_ended), len(own_ended),
-                                   bootstrap_ci(items["instr_clean_end"], n_boot=cfg.bootstrap, seed=cfg.seed)),
+        "instr_nll": measure(items, "instr_nll", len(pairs)),
+        "instr_clean_end": measure(items, "instr_clean_end", len(own_ended)),
     }
 
 
