@@ -4,8 +4,9 @@ per-item values it stores: no model is loaded, nothing is trained or evaluated.
     .venv/bin/python scripts/rerender_report.py DIR [OUT_DIR]
 
 DIR holds report.json (its `per_seed` evaluations with their items, and the base's in `results.base`).
-Every figure, interval, paired difference and Holm mark is recomputed; report.json, report.md and the PNG
-plots are written to OUT_DIR (default: DIR itself, in place) by compare's own functions.
+Every figure, interval, paired difference and Holm mark (one family over every starred cell) is recomputed;
+report.json, report.md and the PNG plots are written to OUT_DIR (default: DIR itself, in place) by compare's
+own functions.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def main(argv: list[str]) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     plot(report, out)
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and the plots "
-          f"({report['comparisons'].get('paired', 0)} paired comparisons, "
-          f"{report['comparisons'].get('by_domain', 0)} by domain, Holm-corrected)")
+    counts = report["comparisons"]
+    stars = sum(bool(e.get("holm")) for by_measure in report["paired"].values() for entries in by_measure.values()
+                for e in entries.values())
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and the plots ({counts.get('family', 0)} comparisons "
+          f"in one Holm family: {counts.get('paired', 0)} paired, {counts.get('by_domain', 0)} by domain; "
+          f"{stars} starred)")
     return 0
 
 

@@ -90,11 +90,14 @@ def test_answer_extractors_and_bootstrap():
     assert is_correct("-1,200", "-1200", "number") and not is_correct("no digits", "7", "number")
     assert is_correct("  Paris. ", "paris", "exact") and not is_correct("Paris, France", "paris", "exact")
     assert is_correct("It is Paris, France", "Paris", "contains")
-    # a measure's value and its 95% interval over items (forgetless.stats): a t interval, clipped to [0, 1]
+    # a 0/1 measure's value and its 95% interval over items on one seed (forgetless.stats): Wilson's score
+    # interval, with the t quantile t_{99, 0.975} in place of z, by hand
     entry = measure({"target_acc": [0.0, 1.0] * 50}, "target_acc", 100)
-    half = 1.9842169515 * 0.5025189 / 10  # t_{99, 0.975} x sd (ddof 1) / sqrt(n)
+    z, n, p = 1.9842169515, 100, 0.5
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     assert entry["value"] == 0.5 and entry["ci95"] == pytest.approx([0.5 - half, 0.5 + half], rel=1e-6)
-    assert measure({"target_acc": [0.0] * 99 + [1.0]}, "target_acc", 100)["ci95"][0] == 0.0
+    low, high = measure({"target_acc": [0.0] * 99 + [1.0]}, "target_acc", 100)["ci95"]
+    assert 0.0 < low < 0.01 < high < 0.06  # never zero width, never below 0
 
 
 def test_compare_end_to_end(tiny_llama, suite, tmp_path, monkeypatch):

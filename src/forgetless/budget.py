@@ -45,8 +45,9 @@ from forgetless.data import (general_blocks, interleave_blocks, load_texts, pack
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
 from forgetless.run_folder import MARKER, save_aside
-from forgetless.train import (SUMMARY, check_output_dir, continue_run, load_trained, prepare_output_dir, train,
-                              training_arguments, write_summary)
+from forgetless.model import load_trained
+from forgetless.train import (SUMMARY, check_output_dir, continue_run, prepare_output_dir, train, training_arguments,
+                              write_summary)
 
 logger = logging.getLogger(__name__)
 

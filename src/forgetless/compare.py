@@ -24,7 +24,7 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, run_config, validate
@@ -48,7 +48,7 @@ MEASURES = [
     ("general_drift_kl", "drift KL(base‖model)", False),
     ("mc_acc_norm", "MMLU acc_norm", True),
     ("robust_acc_mean", "robustness: mean acc", True),
-    ("robust_acc_std", "robustness: std across prompts", False),
+    ("robust_acc_std", "robustness: template spread beyond noise", False),
     ("instr_nll", "NLL per token of the base's answers (nats)", False),
     ("instr_clean_end", "answers ending cleanly", True),
 ]
@@ -193,10 +193,13 @@ class Suite:
 
     def __init__(self, config: ForgetlessConfig, root: Path):
         self.config, self.root = config, root
-        d = config.to_dict()
-        # the suite's settings and, by content, its data files, the base model, dtype, device and version
-        self.key = {**{k: d[k] for k in ("evaluation", "data", "model")}, "inputs": evaluation_inputs(config)}
         self._base = None
+
+    def key(self) -> dict:
+        """The suite's settings and, by content, its data files, the base model, dtype, device and version
+        (file hashes are memoised: cheap to ask again)."""
+        d = self.config.to_dict()
+        return {**{k: d[k] for k in ("evaluation", "data", "model")}, "inputs": evaluation_inputs(self.config)}
 
     def base(self):
         if self._base is None:
@@ -208,22 +211,21 @@ class Suite:
                             lambda: evaluate(*self.base(), self.config.evaluation, self.config.data, name="base"))
 
     def run_results(self, name: str, cfg: ForgetlessConfig, summary: dict, overwrite: bool = False) -> dict:
-        key = {**self.key, "run": summary}
-        return self._cached(Path(cfg.output_dir) / RUN_EVAL, key, overwrite,
+        return self._cached(Path(cfg.output_dir) / RUN_EVAL, lambda: {**self.key(), "run": summary}, overwrite,
                             lambda: evaluate_run(self.config, *self.base(), cfg.output_dir, name))
 
     @staticmethod
-    def _cached(path: Path, key: dict, overwrite: bool, compute) -> dict:
-        key = json.loads(json.dumps(key))  # as it reads back from the file
+    def _cached(path: Path, key: Callable[[], dict], overwrite: bool, compute) -> dict:
         if not overwrite and path.exists():
             try:
                 saved = json.loads(path.read_text())
-                if saved.get("key") == key:
+                if saved.get("key") == json.loads(json.dumps(key())):  # as it reads back from the file
                     return saved["results"]
             except (ValueError, KeyError):
                 pass  # unreadable: measured again
         results = compute()
-        write_json_atomic(path, {"key": key, "results": results})
+        # keyed as it is after the evaluation: a Hub dataset it read is in the local cache now, hashed
+        write_json_atomic(path, {"key": key(), "results": results})
         return results
 
 
@@ -320,27 +322,31 @@ def paired_differences(results: dict, names: list[str],
                        references: list[str] = ("sft",)) -> dict[str, dict[str, dict]]:
     """name -> measure -> {"vs_base": ..., "vs_<ref>": ... for each compared reference run}: the paired
     difference of the measure's statistic over the same items (seed s with seed s; the base serves every
-    seed), its 95% interval, two-sided p-value and df (forgetless.stats.difference). results: "base" ->
-    its evaluation; each name -> seed -> evaluation."""
+    seed), its 95% interval, two-sided p-value and df (forgetless.stats.item_difference). results: "base" ->
+    its evaluation; each name -> seed -> evaluation. A run and a reference must have the same seeds (each
+    printed value is over all of its seeds, and a paired difference is the difference of the two)."""
     out: dict[str, dict[str, dict]] = {}
     base_items = results["base"].get("items", {})
     measures = {**{key: stats.MEASURES[key] for key in PAIRED}, **stats.domain_measures(base_items)}
     for name in names:
         by_seed = results[name]
         seeds = list(by_seed)
+        refs = [ref for ref in references if ref in results and ref != name]
+        for ref in refs:
+            if set(results[ref]) != set(seeds):
+                raise ValueError(f"paired differences: {name} has seeds {sorted(seeds)} but the reference {ref} "
+                                 f"has {sorted(results[ref])}: pair runs of the same seeds")
+        runs = [by_seed[s].get("items", {}) for s in seeds]
         out[name] = {}
         for key, measure in measures.items():
-            base_rows = stats.item_rows(base_items, measure)
-            runs = [stats.item_rows(by_seed[s].get("items", {}), measure) for s in seeds]
-            # not measured, or nothing to pair (e.g. no base answer to score)
-            if base_rows is None or any(r is None or len(r) != len(base_rows) for r in runs):
+            # not measured, or nothing to pair (e.g. no base answer to score): no entry
+            entry = {"vs_base": stats.item_difference(runs, [base_items], measure)}
+            if entry["vs_base"] is None:
                 continue
-            entry = {"vs_base": stats.difference(runs, [base_rows], measure.statistic, measure.unit)}
-            for ref in references:
-                if ref in results and name != ref and all(s in results[ref] for s in seeds):
-                    refs = [stats.item_rows(results[ref][s].get("items", {}), measure) for s in seeds]
-                    if all(r is not None and len(r) == len(base_rows) for r in refs):
-                        entry[f"vs_{ref}"] = stats.difference(runs, refs, measure.statistic, measure.unit)
+            for ref in refs:
+                diff = stats.item_difference(runs, [results[ref][s].get("items", {}) for s in seeds], measure)
+                if diff is not None:
+                    entry[f"vs_{ref}"] = diff
             out[name][key] = entry
     return out
 
@@ -373,7 +379,7 @@ def _domains(report: dict) -> list[str]:
 
 def shown_differences(report: dict) -> tuple[list[dict], list[dict]]:
     """The paired-difference entries the report's tables show: (the paired tables: against the base, sft and
-    every further reference; the per-domain table), each a family for the Holm correction."""
+    every further reference; the per-domain table). Together they are one family for the Holm correction."""
     paired = report.get("paired", {})
 
     def get(name: str, measure: str, ref: str) -> dict | None:
@@ -387,16 +393,33 @@ def shown_differences(report: dict) -> tuple[list[dict], list[dict]]:
 
 
 def mark_comparisons(report: dict, alpha: float = 0.05) -> dict:
-    """Holm–Bonferroni over each family of shown paired differences: each entry gets `p_holm` (adjusted) and
-    `holm` (survives at family-wise level alpha); report["comparisons"] counts each family. Returns report."""
-    counts = {}
-    for family, entries in zip(("paired", "by_domain"), shown_differences(report)):
-        adjusted = stats.holm([e.get("p", math.nan) for e in entries])
-        for entry, p in zip(entries, adjusted):
-            entry["p_holm"], entry["holm"] = p, bool(p <= alpha)
-        counts[family] = sum(math.isfinite(p) for p in adjusted)
-    report["comparisons"] = counts
+    """Holm–Bonferroni over one family, every paired difference the report shows (and may star): each shown
+    entry gets `p_holm` (adjusted), `holm` (survives at family-wise level alpha) and `excludes_zero` (its
+    unadjusted interval does); an entry the report does not show carries none of these (its p-value and
+    interval stay). report["comparisons"]: the family's size and how many of it each table shows. Returns
+    report."""
+    main, by_domain = shown_differences(report)
+    shown = {id(e) for e in main + by_domain}
+    for by_measure in report.get("paired", {}).values():
+        for entries in by_measure.values():
+            for entry in entries.values():
+                if id(entry) not in shown:
+                    for key in ("excludes_zero", "holm", "p_holm"):
+                        entry.pop(key, None)
+    adjusted = stats.holm([e.get("p", math.nan) for e in main + by_domain])
+    for entry, p in zip(main + by_domain, adjusted):
+        lo, hi = entry["ci95"]
+        entry["p_holm"], entry["holm"], entry["excludes_zero"] = p, bool(p <= alpha), bool(lo > 0 or hi < 0)
+    finite = [math.isfinite(p) for p in adjusted]
+    report["comparisons"] = {"family": sum(finite), "paired": sum(finite[:len(main)]),
+                             "by_domain": sum(finite[len(main):])}
     return report
+
+
+def holm_threshold(seeds: int, comparisons: int, alpha: float = 0.05) -> float:
+    """|mean| / se over seeds that a difference needs to survive Holm's first (strictest) step over this many
+    comparisons when its interval is the t over seeds (seeds - 1 df)."""
+    return stats.t_quantile(1 - alpha / (2 * max(comparisons, 1)), seeds - 1).item()
 
 
 # ---------------------------------------------------------------- report
@@ -439,8 +462,28 @@ def _covers_text(seeds: list) -> str:
             "outside it)")
 
 
+def _few_seeds_text(seeds: int, comparisons: int) -> str:
+    """The legend's warning when seeds are few: the t over seeds has seeds - 1 df."""
+    if not 2 <= seeds <= 5 or comparisons < 1:
+        return ""
+    return (f" With {seeds} seeds the t over seeds has {seeds - 1} df, so a difference whose interval that t sets "
+            f"survives Holm over {comparisons} comparisons only when |mean| is above about "
+            f"{holm_threshold(seeds, comparisons):.0f} times its standard error over seeds: few seeds: wide intervals, "
+            "few stars.")
+
+
+def _tiny_domains_text(by_domain: dict, domains: list[str]) -> str:
+    """The legend's warning for domains of fewer than 2 items of BLOCK_GROUP blocks: df tiny."""
+    tiny = [d for d in domains if by_domain[d].get("blocks", 0) < 2 * stats.BLOCK_GROUP]
+    if not tiny:
+        return ""
+    items = {d: len(stats.block_groups([0.0] * int(by_domain[d]["blocks"]))) for d in tiny}
+    listed = ", ".join(f"{d} ({by_domain[d]['blocks']:g} blocks, {items[d]} items)" for d in tiny)
+    return f" Fewer than {2 * stats.BLOCK_GROUP} blocks in {listed}: df tiny (items - 1), its intervals are very wide."
+
+
 def render_markdown(report: dict) -> str:
-    if "comparisons" not in report:  # a report built before the Holm marks
+    if "family" not in report.get("comparisons", {}):  # a report built before the Holm marks over one family
         report = mark_comparisons(copy.deepcopy(report))
     res, runs = report["results"], report["runs"]
     base = res["base"]
@@ -454,25 +497,29 @@ def render_markdown(report: dict) -> str:
         f"Base model: `{report['base_model']}`; training data `{s['train_data']}`; {s['finetune']} fine-tuning, "
         f"{seed_text}, {first['global_steps']:g} steps of batch {s['batch_size']} for every method.",
         f"Each cell: value [95% interval {_covers_text(seeds)}]; the base's intervals are over items. "
-        "Δ is against the base model. Target NLL and instr NLL: NLL per answer token, averaged over answers "
-        "(nats). Sample counts are in report.json.",
+        "Δ is against the base model (accuracies in points, perplexity in %). Target NLL and instr NLL: NLL per "
+        "answer token, averaged over answers (nats). Accuracies and clean-end rates are 0/1 per item: one seed's "
+        "interval is Wilson's score interval, and a 0/1 measure's item variance is floored by pseudo-observations "
+        "(Agresti–Coull for a value, Agresti–Min for a paired difference), so a rate of 0 or 1 still gets a "
+        "width. Sample counts are in report.json.",
         "",
-        "| method | target acc | Δ acc | target NLL | general ppl | Δ ppl | drift KL | MMLU acc_norm | Δ MMLU "
+        "| method | target acc | Δ acc (points) | target NLL | general ppl | Δ ppl | drift KL | MMLU acc_norm "
+        "| Δ MMLU (points) "
         "| robust acc mean | robust std | instr NLL | clean end | step s | peak mem GiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ["base"] + report["methods"]:
         r = res[name]
         run = runs.get(name, {})
-        d_acc = _value(r, "target_acc") - _value(base, "target_acc")
+        d_acc = 100 * (_value(r, "target_acc") - _value(base, "target_acc"))
         d_ppl = 100 * (_value(r, "general_ppl") / _value(base, "general_ppl") - 1)
-        d_mc = _value(r, "mc_acc_norm") - _value(base, "mc_acc_norm")
+        d_mc = 100 * (_value(r, "mc_acc_norm") - _value(base, "mc_acc_norm"))
         step = f"{run['step_time_s']:.2f}" if run else "–"
         mem = f"{run['peak_mem_bytes'] / 2**30:.2f}" if run and "peak_mem_bytes" in run else "–"
         lines.append(
-            f"| {name} | {_fmt(r.get('target_acc'))} | {d_acc:+.3f} | {_fmt(r.get('target_nll'))} | "
+            f"| {name} | {_fmt(r.get('target_acc'))} | {d_acc:+.1f} | {_fmt(r.get('target_nll'))} | "
             f"{_fmt(r.get('general_ppl'), 2)} | {d_ppl:+.1f}% | {_fmt(r.get('general_drift_kl'), 4)} | "
-            f"{_fmt(r.get('mc_acc_norm'))} | {d_mc:+.3f} | {_fmt(r.get('robust_acc_mean'))} | "
+            f"{_fmt(r.get('mc_acc_norm'))} | {d_mc:+.1f} | {_fmt(r.get('robust_acc_mean'))} | "
             f"{_fmt(r.get('robust_acc_std'))} | {_fmt(r.get('instr_nll'))} | "
             f"{_fmt(r.get('instr_clean_end'), 2)} | {step} | {mem} |"
         )
@@ -480,9 +527,11 @@ def render_markdown(report: dict) -> str:
     lines += [
         "",
         f"n: target {n.get('target_acc')} questions ({len(base.get('robust_acc_per_template', []))} prompt templates "
-        f"for robustness: robust std is the std over templates of each template's accuracy, its interval over "
-        f"questions), general text {n.get('general_ppl')} tokens (intervals over contiguous groups of "
-        f"{stats.BLOCK_GROUP} blocks: consecutive blocks of a text are not independent), "
+        f"for robustness; robust std: spread of accuracy over prompt templates beyond question noise, "
+        f"sqrt(max(0, (MS_template - MS_question×template) / questions)) of the question × template table, "
+        f"its interval over questions), general text {n.get('general_ppl')} tokens (intervals over contiguous "
+        f"groups of {stats.BLOCK_GROUP} blocks: consecutive blocks of a text are not independent; the pooled "
+        f"figure's jackknife within each domain: the domains are fixed, not a sample), "
         f"MMLU {n.get('mc_acc_norm')} questions.",
         "Peak memory is the process's (CPU: resident set size, including the Python runtime and libraries).",
     ]
@@ -499,9 +548,11 @@ def render_markdown(report: dict) -> str:
             "Each model answers the same items, so differences are paired: the measure of the run minus that of "
             "the reference on the same items" + (", averaged over seeds (seed s paired with seed s; the base "
             "serves every seed)" if len(seeds) > 1 else "") + f", with its 95% interval {_covers_text(seeds)}. "
-            f"* = survives Holm correction over {counts.get('paired', 0)} comparisons (family-wise 5%): every "
-            "difference in the tables of this section; the intervals shown are unadjusted. Accuracies in points, "
-            "perplexity in %, NLL (per answer token, averaged over answers) and drift in nats.",
+            f"* = survives Holm correction over all {counts.get('family', 0)} comparisons starred in this report "
+            f"(family-wise 5%, one family: the {counts.get('paired', 0)} differences of this section's tables and the "
+            f"{counts.get('by_domain', 0)} of the per-domain table); the intervals shown are unadjusted. Accuracies "
+            "in points, perplexity in %, NLL (per answer token, averaged over answers) and drift in nats."
+            + _few_seeds_text(len(seeds), counts.get("family", 0)),
             "",
             "| method | " + " | ".join(header for _, _, header in PAIRED_COLUMNS) + " |",
             "|---|" + "---|" * len(PAIRED_COLUMNS),
@@ -531,11 +582,12 @@ def render_markdown(report: dict) -> str:
             "",
             "## General yardstick by domain",
             "",
-            "Perplexity (change against the base, paired 95% interval; * = survives Holm correction over "
-            f"{counts.get('by_domain', 0)} comparisons, family-wise 5%, this table's own family) and drift KL per "
+            "Perplexity (change against the base, paired 95% interval; * = survives Holm correction in the same "
+            f"Holm family as the paired differences, all {counts.get('family', 0)} comparisons) and drift KL per "
             f"domain; the pooled figures above weigh every block alike. Each {stats.BLOCK_GROUP} consecutive blocks "
             f"of a domain form one item of its interval (consecutive blocks of one text are not independent): "
-            f"{blocks:g} blocks are {len(stats.block_groups([0.0] * int(blocks)))} items, so the intervals are wide.",
+            f"{blocks:g} blocks are {len(stats.block_groups([0.0] * int(blocks)))} items, so the intervals are wide."
+            + _tiny_domains_text(base["general_by_domain"], domains),
             "",
             "| method | " + " | ".join(f"{d} ppl | {d} drift" for d in domains) + " |",
             "|---|" + "---|---|" * len(domains),

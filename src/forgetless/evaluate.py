@@ -235,7 +235,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
                 results["target_acc"] = measure(items, "target_acc", len(records))
                 results["examples"] = [{"prompt": p, "answer": a} for p, a in zip(prompts[:3], answers[:3])]
         items["robust_correct"] = [list(row) for row in zip(*correct_by_template)]  # [question][template]
-        # the mean and the std (ddof 1) over templates of each template's accuracy; intervals over questions
+        # the mean over templates, and the spread of the templates' accuracies beyond question noise (forgetless.stats)
         results["robust_acc_mean"] = measure(items, "robust_acc_mean", len(records) * len(per_template))
         results["robust_acc_std"] = measure(items, "robust_acc_std", len(per_template))
         results["robust_acc_per_template"] = per_template
@@ -363,7 +363,7 @@ def load_base(config):
 def evaluate_run(config, base, tokenizer, out_dir: str, name: str) -> dict[str, Any]:
     """The suite on one fine-tuned output folder, with drift measured against `base`."""
     from forgetless.model import default_device
-    from forgetless.train import load_trained
+    from forgetless.model import load_trained
 
     # in the base model's precision, so drift measures training, not a change of dtype
     model, _ = load_trained(out_dir, dtype=base.dtype, device=default_device())

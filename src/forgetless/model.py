@@ -4,6 +4,7 @@ precision, attention and quantisation; LoRA (QLoRA on a quantised base) or full 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -11,9 +12,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from forgetless.config import DEFAULT_MODEL, ModelConfig
 from forgetless.errors import ModelError
+from forgetless.schema import from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -286,3 +289,40 @@ def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
                 raise ModelError(f"{name}: DoRA adapters are not a plain B @ A update; L2-SP / WiSE-FT need plain LoRA")
             factors.append((module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])))
     return factors
+
+
+def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    """Load a forgetless output folder (adapter or full model), or any model folder, for inference:
+    (model, tokenizer) on `device` (default: the CPU).
+
+    An adapter is put on its base loaded as the run loaded it (its config.yaml: quantisation, attention);
+    `dtype` (default: the run's model.dtype, float32 for a folder without config.yaml) is the base's
+    precision, so a tuned model can be evaluated in exactly its base model's dtype."""
+    from transformers import AutoTokenizer
+
+    output_dir = Path(output_dir)
+    saved = output_dir / "config.yaml"
+    model_cfg = ModelConfig(name_or_path=str(output_dir), dtype="float32")
+    if saved.is_file():
+        model_cfg = from_dict(ModelConfig, (yaml.safe_load(saved.read_text()) or {}).get("model", {}),
+                              where=f"{saved}: ", prefix="model.")
+    if dtype is not None:
+        model_cfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
+    device = device if device is not None else "cpu"
+    if (output_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        if saved.is_file():
+            base_path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
+        else:  # an adapter folder from elsewhere: the base it names
+            adapter = json.loads((output_dir / "adapter_config.json").read_text())
+            base_path = resolve_model_path(adapter["base_model_name_or_path"])
+        base = load_model(model_cfg, base_path, device=device)
+        model = PeftModel.from_pretrained(base, output_dir)
+    else:
+        model_cfg.quantization = None  # a full fine-tune is saved unquantised
+        model_cfg.name_or_path = str(output_dir)
+        model = load_model(model_cfg, output_dir, device=device)
+    return model, tokenizer
+

@@ -8,14 +8,14 @@ one number per seed:
 
     mean            g(m) = m                    accuracy, NLL per answer token, KL per block, ...
     template_mean   g(m) = mean_t m_t           robustness: accuracy averaged over prompt templates
-    template_std    g(m) = std_t m_t (ddof 1)   robustness: spread of accuracy over prompt templates
+    template_spread sqrt(max(0, v)), v below    robustness: spread of the templates' own accuracies
     ratio           g(m) = m_sum / m_count      text blocks taken in contiguous groups (below)
 
 A figure is the mean over seeds of D_s, with D_s = g(x_s) - g(y_s) for a paired difference (y the
 reference: the base, one seed serving every seed, or a compared run, seed s with seed s; for a mean this
 is the mean of the per-item differences) and y = 0 for a single model's own value. The printed value, its
 interval and every paired difference are this one statistic of the same items, so a paired difference is
-the difference of the two values it pairs.
+the difference of the two values it pairs. A run is paired with a reference only on the same seeds.
 
 What the interval covers
 ------------------------
@@ -32,14 +32,12 @@ serves a non-linear statistic (for a mean, J is var_i / n and S n V = MS_seed + 
 
     A = var_s(D_s) / S                                E[A] = sa²/S + se²/(S n)    df S-1
     B = J(Dbar), item i deleted from every seed       E[B] = sb²/n + se²/(S n)    df n-1
-    C = [sum_s J(D_s) - S B] / (S (S-1))              E[C] = se²/(S n)            df (S-1)(n-1)
+    C = [sum_s J(D_s) - S B] / (S (S-1)), at least 0  E[C] = se²/(S n)            df (S-1)(n-1)
     V = A + B - C
 
-V is floored at max(A, B): the variance of the mean is at least its seed part and at least its item
-part (a variance component estimated below zero counts as zero). Without the floor the simulation's coverage
-is nearer 95% on average but dips to 93% (robustness std, 5 seeds, items dominating); with it, 94-98.5%.
-Degrees of freedom: Satterthwaite's, df = V² / (A²/(S-1) + B²/(n-1) + C²/((S-1)(n-1))), those of the
-floor's component when floored.
+V is floored at max(A, B, C): sa²/S-part A - C, sb²/n-part B - C and se²/(S n)-part C, each counted as zero
+when estimated below it, sum to exactly that. Degrees of freedom: Satterthwaite's,
+df = V² / (A²/(S-1) + B²/(n-1) + C²/((S-1)(n-1))), those of the floor's component when floored.
 
 The interval is the hull of mean ± t_{df, 0.975} sqrt(V) and of the t interval over seeds alone,
 mean ± t_{S-1, 0.975} sqrt(A). The seeds-alone interval is exact (normal D_s) for the mean given these items;
@@ -47,23 +45,67 @@ the unconditional one should be no narrower, and Satterthwaite's df, estimated f
 large exactly when A comes out small by chance: with 3 seeds and seeds dominating, coverage is 92% without
 the hull, 95% with it. The p-value of a difference is the larger of the two intervals' two-sided t p-values
 (each with its own df), so p < 0.05 exactly when the 95% interval excludes zero; and it stays calibrated in
-the far tail where Holm's thresholds lie (alpha / 166 ~ 3e-4 in the stored report). Under a true null with
+the far tail where Holm's thresholds lie (alpha / 210 ~ 2e-4 in the stored report). Under a true null with
 3 seeds and seeds dominating, the two-level t's p-value alone falls below 0.003 2.8 times and below 3e-4 18
 times as often as it should (its df, estimated from 3 seeds, is too large exactly when A is small); the
-larger of the two: 0.8 and 0.7 times (5 seeds: 1.2 and 1.0). (With 2 seeds t_{1, 0.975} = 12.7: the hull makes
-intervals wide, 98-99% coverage when items dominate; 3 seeds or more are the useful setting.)
+larger of the two: 0.8 and 0.7 times (5 seeds: 1.2 and 1.3). The price: with 3 seeds the t over seeds has
+2 df, so a difference that interval sets survives Holm over ~200 comparisons only at |mean| / se above ~60
+(the report says so). (With 2 seeds t_{1, 0.975} = 12.7: the hull makes intervals wide, 98-99% coverage
+when items dominate; 3 seeds or more are the useful setting.) The t quantile and p-value both switch to the
+normal's beyond _NORMAL_DF degrees of freedom.
 
 With one seed, V = J(D_1) and df = n-1: the interval covers item sampling only, the expectation given that
 one training run; the entry says so ("covers": "items only") and so does the report.
 
-A non-linear statistic's target is its own expectation at this number of items: for the robustness std,
-E[std over templates of each template's accuracy on n questions], which question noise lifts above the std
-of the templates' population accuracies (an upward bias no interval around the measured std can undo).
+0/1 items
+---------
+Accuracies and clean-end rates (target_acc, mc_acc, mc_acc_norm, instr_clean_end; robust_acc_mean's
+per-template correctness) are 0/1 per item, where a symmetric interval from the items' own spread
+under-covers near 0 and 1 (one seed, n = 100: 87% at p = 0.02, 80% at 0.97) and has zero width when every
+item agrees. One model's value on one seed gets Wilson's score interval (t_{n-1} for z). Otherwise the item
+part B is floored at the jackknife variance of the mean of the pooled S n items with pseudo-observations
+added: for a value Agresti–Coull's 2 right and 2 wrong answers, for a paired difference Agresti–Min's half a
+pair in each cell of the 2 x 2 table (differences 0, +1, -1, 0). The centre stays the items' own mean (a
+paired difference is still the difference of its two values); a zero-variance difference gets a p-value above
+0. With several seeds the seed part dominates and is left as it is.
 
-tests/test_stats.py checks coverage by simulation (2000 replicate experiments a case; seeds dominating /
-items dominating; 1, 3, 5 seeds): paired mean difference 95.4/94.6/94.1 and 94.9/98.2/96.5%, perplexity
-change 94.9/94.7/95.3 and 95.0/97.2/95.8%, robustness std 95.8/95.8/94.0 and 98.2/98.5/95.8%, a single
-model's value 95.5/95.1/94.5 and 94.9/96.7/95.5%.
+The robustness spread
+---------------------
+The std over templates of each template's accuracy counts question noise, p(1-p)/n per template, which grows
+with accuracy: two models without any template spread at accuracies 3% and 21% differ by -2.2 points and
+the interval excluded zero 16% of the time. robust std is instead the template component of a two-way ANOVA
+of the question x template 0/1 table, v = (MS_template - MS_question x template) / n (an unbiased estimate of
+the variance of the templates' true accuracies, ddof 1), shown as sqrt(max(0, v)): the spread of accuracy
+over prompt templates beyond question noise. Its target is that of the templates' population accuracies
+(given the seed; with several seeds its mean over seeds). The root has a kink at 0, where a jackknife of
+sqrt(max(0, .)) sees no variation at all (coverage 87% with one seed when question noise dominates): the
+deleted values are those of the root's linearisation at the estimate, slope 1 / (2 max(root, kappa)), kappa =
+sqrt(z se_v) / 2 (se_v the jackknife se of v, z = 1.96), so that at a root of 0 the interval reaches
+sqrt(z se_v), as far as the root of the variance's own interval. In the same accuracy-3%-vs-21% simulation
+the difference is now -0.6 points on average and its interval excludes zero 2.0% (one seed) / 0.3% (3 seeds)
+of the time. The root's remaining bias (upwards at a spread of 0, downwards by Jensen above) is small
+against its interval at these sizes (simulation below).
+
+Coverage (tests/test_stats.py; `python tests/test_stats.py` prints the table)
+----------------------------------------------------------------------------
+5000 replicate experiments a case (one standard error ± 0.003), computed as the report computes them: per-item
+dicts as evaluate stores them -> stack -> values_of / differences_of, the functions value() and
+item_difference() call (the perplexity change: every replicate through dicts, blocks grouped and jackknifed by
+domain by item_tensor and item_strata; the others: 200 replicates through dicts, checked to agree with the
+rest computed from the same tensors). Seeds dominating / items dominating, 1, 3, 5 seeds:
+
+    paired mean difference     94.4/94.9/94.8  and 95.2/98.3/96.5%
+    perplexity change          94.2/94.6/95.4  and 94.3/97.4/95.8%
+    robust std difference      95.1/94.9/95.6  and 96.6/97.8/95.7%  (target: the population template std)
+    single model's value       95.3/95.1/94.6  and 95.1/96.6/96.1%
+    robust std value           94.7/94.8/94.1  and 98.5/99.1/98.5%  (not asserted)
+
+0/1 items (probit model: seed sd 0.3, question sd 0.5), one seed / 3 seeds: one model's accuracy at p = 0.02
+95.8/94.1%, 0.5 95.4/95.1%, 0.97 96.2/94.0%; its paired difference with the base at p = 0.02 98.7/98.2%,
+0.5 94.5/95.2%, 0.97 96.8/97.7%, most pairs agreeing (22% vs 20%, latent correlation 0.97) 95.2/94.2%.
+Robust std of two models without template spread at 3% and 21%: covers 0 98.0/99.7%. With strongly skewed
+seed effects near 0 or 1 (seed sd 0.6 on the probit scale at 2%) the t over 3 seeds falls to ~83%: the
+seed part, which no item adjustment mends.
 
 Transforms, after the interval: perplexity is exp(mean NLL) and its change 100 expm1(Δ mean NLL), both
 monotone, so the interval on the mean NLL carries over. A single model's interval is clipped to the range
@@ -79,12 +121,20 @@ This is the batch-means remedy; it holds while dependence does not reach past a 
 show lag-1 autocorrelations of block NLL differences around zero, -0.07 on average, which 12 blocks cannot
 pin down, so the grouping is the cautious side). Simulated with one seed and AR(1) blocks, groups of 3 keep
 coverage at 94% for a lag-1 autocorrelation of 0.1, 93% at 0.2, 92-93% at 0.3. Groups cost degrees of
-freedom: a domain's interval alone rests on 4 items (t_{3, 0.975} = 3.18).
+freedom: a domain's interval alone rests on 4 items (t_{3, 0.975} = 3.18); a domain of fewer than 6 blocks
+has 2 items, 1 df (the report says so).
+
+The pooled measure's domains are fixed (the report's four, not a sample of domains): its jackknife is
+stratified by domain, item i deleted from its domain and the domain's other groups reweighted n_h / (n_h - 1),
+J = sum_h (n_h - 1) / n_h sum_{i in h} (deleted value - its domain's mean)², df n - domains. (Treating the
+groups of all domains as exchangeable counted the domains' different levels as sampling noise: wide.)
 
 Many comparisons
 ----------------
 holm() adjusts a family's p-values (Holm–Bonferroni, family-wise error 5%); the report stars a paired
-difference only when it survives over the whole family of differences it shows.
+difference only when it survives over one family: every cell the report shows and may star (the paired
+tables and the per-domain table together). Entries report.json holds but the report does not show carry no
+significance mark.
 """
 
 from __future__ import annotations
@@ -101,70 +151,171 @@ BLOCK_GROUP = 3  # consecutive text blocks per item of the general-text measures
 
 # ---------------------------------------------------------------- statistics of the item means
 
-# g: item means [..., k] -> [...]
-STATISTICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "mean": lambda m: m[..., 0],
-    "template_mean": lambda m: m.mean(-1),
-    # ddof 1, as evaluate; one template has no spread
-    "template_std": lambda m: m.std(-1) if m.shape[-1] > 1 else torch.zeros_like(m[..., 0]),
-    "ratio": lambda m: m[..., 0] / m[..., 1],
+
+def _template_features(x: torch.Tensor) -> torch.Tensor:
+    """[..., n, T] correct-ness per question and template -> [..., n, T + 2]: the templates, the question's
+    sum of squares over templates and its squared mean (what the two-way ANOVA's residual needs)."""
+    return torch.cat([x, x.pow(2).sum(-1, keepdim=True), x.mean(-1, keepdim=True).pow(2)], -1)
+
+
+def _template_var(m: torch.Tensor, n: int) -> torch.Tensor:
+    """(MS_template - MS_question x template) / n of the question x template table whose item means are
+    m [..., T + 2] (_template_features) over n questions: the variance component of the templates' own
+    accuracies, question noise removed (unbiased; below zero by chance when there is little spread).
+    var_t(m_t) = MS_template / n; SS_residual / n = M1 - T M2 - (T-1) var_t(m_t)."""
+    T = m.shape[-1] - 2
+    if T < 2 or n < 2:
+        return torch.zeros_like(m[..., 0])
+    templates = m[..., :T]
+    spread = (templates - templates.mean(-1, keepdim=True)).pow(2).sum(-1) / (T - 1)  # var_t (ddof 1)
+    noise = (m[..., T] - T * m[..., T + 1] - (T - 1) * spread) / ((n - 1) * (T - 1))  # MS_qt / n
+    return spread - noise
+
+
+@dataclass(frozen=True)
+class Statistic:
+    g: Callable[[torch.Tensor, int], torch.Tensor]  # item means [..., k'] and the item count -> [...]
+    features: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # per-item rows [..., n, k] -> [..., n, k']
+    root: bool = False  # the statistic is sqrt(max(0, g)): g a variance component (module docstring)
+
+
+STATISTICS: dict[str, Statistic] = {
+    "mean": Statistic(lambda m, n: m[..., 0]),
+    "template_mean": Statistic(lambda m, n: m.mean(-1)),
+    "template_spread": Statistic(_template_var, _template_features, root=True),
+    # the raw std over templates of each template's accuracy (ddof 1): question noise included, so it grows
+    # with accuracy; not a report measure (robust_acc_std is template_spread), kept for callers
+    "template_std": Statistic(lambda m, n: m.std(-1) if m.shape[-1] > 1 else torch.zeros_like(m[..., 0])),
+    "ratio": Statistic(lambda m, n: m[..., 0] / m[..., 1]),
 }
+ROOT_Z = NormalDist().inv_cdf(0.975)  # the root's slope cap (module docstring)
 
 
-def per_seed(x: torch.Tensor, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., S, n, k] -> (g of the item means [..., S], g with item i deleted [..., S, n])."""
-    g = STATISTICS[statistic]
-    n = x.shape[-2]
-    total = x.sum(-2, keepdim=True)
-    return g(total.squeeze(-2) / n), g((total - x) / (n - 1))
+def per_seed(x: torch.Tensor, statistic: str, strata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., S, n, k] -> (the statistic of the item means [..., S], its value with item i deleted
+    [..., S, n]). With strata (one label per item), item i is deleted from its stratum and the stratum's
+    other items take its weight (n_h / (n_h - 1) each): every stratum keeps its share, as a stratified
+    jackknife needs. A root statistic's deleted values are its linearisation (module docstring)."""
+    stat = STATISTICS[statistic]
+    f = stat.features(x)
+    n = f.shape[-2]
+    total = f.sum(-2, keepdim=True)
+    if strata is None:
+        full, loo = stat.g(total.squeeze(-2) / n, n), stat.g((total - f) / (n - 1), n - 1)
+    else:
+        onehot = torch.nn.functional.one_hot(strata).to(f.dtype)  # [n, H]
+        counts = onehot.sum(0)[strata][:, None]  # n_h of each item's stratum, [n, 1]
+        own = torch.einsum("nh,...nk->...hk", onehot, f)[..., strata, :]  # each item's stratum total
+        full, loo = stat.g(total.squeeze(-2) / n, n), stat.g((total - own + (own - f) * counts / (counts - 1)) / n, n)
+    if not stat.root:
+        return full, loo
+    # sqrt(max(0, v)); deleted values on the line through it with slope 1 / (2 max(root, kappa)),
+    # kappa = sqrt(z se_v) / 2: at a root of 0 the interval reaches sqrt(z se_v), as the variance's does
+    root = full.clamp_min(0).sqrt()
+    kappa = (ROOT_Z * _jackknife(loo, strata).sqrt()).sqrt() / 2
+    slope = 1 / (2 * torch.maximum(root, kappa))
+    return root, root[..., None] + (loo - full[..., None]) * torch.where(torch.isfinite(slope), slope, 0.0)[..., None]
 
 
-def variance(D: torch.Tensor, loo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# pseudo-observations of a 0/1 measure's item-part floor, (value, weight) pairs: for one model's value
+# Agresti–Coull's 2 right and 2 wrong answers; for a paired difference Agresti–Min's half a pair in each
+# cell of the 2 x 2 table (run right/wrong x reference right/wrong: differences 0, +1, -1, 0)
+PSEUDO_VALUE = ((1.0, 2.0), (0.0, 2.0))
+PSEUDO_DIFFERENCE = ((0.0, 0.5), (1.0, 0.5), (-1.0, 0.5), (0.0, 0.5))
+
+
+def _pseudo_floor(d: torch.Tensor, pseudo: Sequence[tuple[float, float]]) -> torch.Tensor:
+    """The variance of the mean of d [..., N] with the pseudo-observations (value, weight) added: the
+    jackknife variance of a mean, sum of squares about the mean / (N' (N' - 1)), N' = N + their weight."""
+    values = torch.tensor([v for v, _ in pseudo], dtype=d.dtype)
+    weights = torch.tensor([w for _, w in pseudo], dtype=d.dtype)
+    total = d.shape[-1] + weights.sum()
+    mean = (d.sum(-1) + (weights * values).sum()) / total
+    ss = (d - mean[..., None]).pow(2).sum(-1) + (weights * (values - mean[..., None]).pow(2)).sum(-1)
+    return ss / (total * (total - 1))
+
+
+def _jackknife(v: torch.Tensor, strata: torch.Tensor | None) -> torch.Tensor:
+    """Delete-one jackknife variance over the last (item) axis; with strata (one label per item), the
+    stratified one: sum over strata h of (n_h - 1) / n_h sum_{i in h} (v_i - mean_h v)²."""
+    n = v.shape[-1]
+    if strata is None:
+        return (n - 1) / n * (v - v.mean(-1, keepdim=True)).pow(2).sum(-1)
+    onehot = torch.nn.functional.one_hot(strata).to(v.dtype)  # [n, H]
+    counts = onehot.sum(0)
+    dev = v - ((v @ onehot) / counts)[..., strata]
+    return (((counts - 1) / counts)[strata] * dev.pow(2)).sum(-1)
+
+
+def variance(D: torch.Tensor, loo: torch.Tensor, strata: torch.Tensor | None = None,
+             item_floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Var(mean_s D_s) and its degrees of freedom from the per-seed statistics D [..., S] and their
-    delete-one-item values loo [..., S, n] (the module docstring has the formula)."""
+    delete-one-item values loo [..., S, n] (the module docstring has the formula); strata: the items'
+    strata, for a stratified jackknife (item df: n - strata); item_floor: a floor on the item part B."""
     S, n = loo.shape[-2:]
-    jack = (n - 1) / n
-
-    def J(v: torch.Tensor) -> torch.Tensor:  # jackknife variance over the last (item) axis
-        return jack * (v - v.mean(-1, keepdim=True)).pow(2).sum(-1)
-
-    B = J(loo.mean(-2))  # items deleted from every seed at once
+    item_df = n - (1 if strata is None else int(strata.max()) + 1)
+    B = _jackknife(loo.mean(-2), strata)  # items deleted from every seed at once
+    B_floored = B if item_floor is None else torch.maximum(B, item_floor)
     if S == 1:
-        return B, torch.full_like(B, n - 1.0)
+        return B_floored, torch.full_like(B, float(item_df))
     A = D.var(-1) / S
-    C = (J(loo).sum(-1) - S * B) / (S * (S - 1))
+    C = ((_jackknife(loo, strata).sum(-1) - S * B) / (S * (S - 1))).clamp_min(0)
+    B = B_floored
+    dfs = (S - 1.0, float(item_df), (S - 1.0) * item_df)
     V = A + B - C
-    df = V.pow(2) / (A.pow(2) / (S - 1) + B.pow(2) / (n - 1) + C.pow(2) / ((S - 1) * (n - 1)))
-    # at least the seed part and at least the item part, with that part's df
-    floored = V < torch.maximum(A, B)
-    seed_part = A >= B
-    floor_V = torch.where(seed_part, A, B)
-    floor_df = torch.where(seed_part, torch.full_like(df, S - 1.0), torch.full_like(df, n - 1.0))
-    return torch.where(floored, floor_V, V), torch.where(floored, floor_df, df)
+    df = V.pow(2) / (A.pow(2) / dfs[0] + B.pow(2) / dfs[1] + C.pow(2) / dfs[2])
+    # at least each component (one estimated below zero counts as zero), with that component's df
+    parts = torch.stack([A, B, C])
+    floor, which = parts.max(0)
+    floored = (V < floor) | (floor <= 0)  # (no spread at all: the seeds' df)
+    floor_df = torch.tensor(dfs, dtype=V.dtype)[which]
+    return torch.where(floored, floor, V), torch.where(floored, floor_df, df)
 
 
 def estimate(x: torch.Tensor, y: torch.Tensor | None = None, statistic: str = "mean",
-             level: float = LEVEL, p_value: bool = True) -> dict[str, torch.Tensor]:
+             level: float = LEVEL, p_value: bool = True, binary: bool = False,
+             strata: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """mean_s [g(x_s) - g(y_s)] with its standard error, df, interval and two-sided p-value, vectorised
     over leading axes. x [..., S, n, k]; y None (a single model's value), [..., 1, n, k] (one reference
     seed for every seed) or [..., S, n, k] (seed s paired with seed s).
 
     With several seeds the interval is the hull of the two-level one (mean ± t_df sqrt(V)) and the t
     interval over seeds alone (mean ± t_{S-1} sqrt(A)), p the larger of their p-values (so p < 1 - level
-    exactly when the interval excludes zero), se and df those of the wider one (module docstring)."""
-    D, loo = per_seed(x, statistic)
+    exactly when the interval excludes zero), se and df those of the wider one (module docstring).
+    binary: 0/1 items under a linear statistic (mean, template_mean): the item part is floored at the
+    variance of the pooled items' mean with pseudo-observations added (PSEUDO_VALUE, PSEUDO_DIFFERENCE), and
+    one model's value on one seed with a mean statistic gets Wilson's score interval. strata: [n] labels of
+    a stratified jackknife (not with binary)."""
+    strata = None if binary else strata
+    D, loo = per_seed(x, statistic, strata)
     if y is not None:
-        Dy, loo_y = per_seed(y, statistic)
+        Dy, loo_y = per_seed(y, statistic, strata)
         D, loo = D - Dy, loo - loo_y
-    S = D.shape[-1]
+    S, n = x.shape[-3], x.shape[-2]
+    floor = None
+    if binary:  # the item part at least that of the pooled items with pseudo-observations added
+        g = STATISTICS[statistic].g  # linear (mean, template_mean): item by item
+        d = g(x, 1) if y is None else g(x, 1) - g(y, 1)
+        d = d.expand(*D.shape, n).flatten(-2)
+        floor = _pseudo_floor(d, PSEUDO_VALUE if y is None else PSEUDO_DIFFERENCE)
     mean = D.mean(-1)
-    var, df = variance(D, loo)
+    var, df = variance(D, loo, strata, floor)
     se = var.clamp_min(0).sqrt()
     quantile = 0.5 + level / 2
 
     def half_width(se: torch.Tensor, df: torch.Tensor) -> torch.Tensor:  # no spread (identical models): 0
         return torch.where(se > 0, t_quantile(quantile, df) * se, torch.zeros_like(se))
 
+    if binary and y is None and S == 1 and statistic == "mean":  # Wilson's score interval
+        q = t_quantile(quantile, df)
+        shrink = 1 + q * q / n
+        centre = (mean + q * q / (2 * n)) / shrink
+        half = q / shrink * (mean * (1 - mean) / n + q * q / (4 * n * n)).clamp_min(0).sqrt()
+        lo, hi = torch.minimum(centre - half, mean), torch.maximum(centre + half, mean)  # (rounding at 0, 1)
+        out = {"mean": mean, "se": half / q, "df": df, "lo": lo, "hi": hi}
+        if p_value:
+            out["p"] = _p(mean, out["se"], df)
+        return out
     half = half_width(se, df)
     candidates = [(se, df)]
     if S > 1:
@@ -275,22 +426,31 @@ def _newton(t, nu, q, ops, incbeta):
 
 
 def t_quantile(p: float | torch.Tensor, df: float | torch.Tensor) -> torch.Tensor:
-    """The p-quantile of Student's t (0.5 < p < 1; real df, at least 1): Cornish–Fisher's expansion as the
-    start, then (df < 100) Newton steps on the exact tail."""
+    """The p-quantile of Student's t (0.5 < p < 1; real df, at least 1): the normal's beyond _NORMAL_DF (as
+    t_two_sided_p), else Cornish–Fisher's expansion as the start, then (df < 100) Newton steps on the exact
+    tail."""
     df = torch.as_tensor(df, dtype=torch.float64).clamp_min(1.0)
     p = torch.as_tensor(p, dtype=torch.float64)
     if max(p.numel(), df.numel()) <= _FEW:
         def one(p: float, nu: float) -> float:
-            t = _cornish_fisher(NormalDist().inv_cdf(p), nu)
+            z = NormalDist().inv_cdf(p)
+            if nu > _NORMAL_DF:
+                return z
+            t = _cornish_fisher(z, nu)
             return _newton(t, nu, 1 - p, math, _betainc_float) if nu < 100 else t
         return _elementwise(one, p, df)
+    if p.numel() == 1 and df.numel() > _FEW:  # one level: each distinct df once
+        distinct, inverse = torch.unique(df, return_inverse=True)
+        if distinct.numel() < df.numel():
+            return t_quantile(p, distinct)[inverse]
     p, df = torch.broadcast_tensors(p, df)
-    t = _cornish_fisher(torch.special.ndtri(p), df)
+    z = torch.special.ndtri(p)
+    t = _cornish_fisher(z, df)
     small = df < 100
     if bool(small.any()):
         t = t.clone()
         t[small] = _newton(t[small], df[small], 1 - p[small], torch, betainc)
-    return t
+    return torch.where(df > _NORMAL_DF, z, t)
 
 
 # ---------------------------------------------------------------- many comparisons
@@ -321,20 +481,22 @@ class Measure:
     low: float = 0.0         # the range of the value: its interval is clipped to it
     high: float = math.inf
     exp: bool = False        # the value is exp(statistic): a perplexity
+    binary: bool = False     # 0/1 items: pseudo-items in the item part, Wilson for one seed's value
 
 
 MEASURES: dict[str, Measure] = {
-    "target_acc": Measure("target_acc", "mean", "points", 0.0, 1.0),
+    "target_acc": Measure("target_acc", "mean", "points", 0.0, 1.0, binary=True),
     # NLL per answer token, averaged over answers (each answer counts once, whatever its length), in nats
     "target_nll": Measure("target_nll", "mean", "nats"),
     "general_ppl": Measure("general_nll", "ratio", "percent", exp=True),
     "general_drift_kl": Measure("general_drift_kl", "ratio", "nats"),
-    "mc_acc": Measure("mc_acc", "mean", "points", 0.0, 1.0),
-    "mc_acc_norm": Measure("mc_acc_norm", "mean", "points", 0.0, 1.0),
-    "robust_acc_mean": Measure("robust_correct", "template_mean", "points", 0.0, 1.0),
-    "robust_acc_std": Measure("robust_correct", "template_std", "points"),
+    "mc_acc": Measure("mc_acc", "mean", "points", 0.0, 1.0, binary=True),
+    "mc_acc_norm": Measure("mc_acc_norm", "mean", "points", 0.0, 1.0, binary=True),
+    "robust_acc_mean": Measure("robust_correct", "template_mean", "points", 0.0, 1.0, binary=True),
+    # the spread of the templates' accuracies beyond question noise (module docstring)
+    "robust_acc_std": Measure("robust_correct", "template_spread", "points"),
     "instr_nll": Measure("instr_nll", "mean", "nats"),
-    "instr_clean_end": Measure("instr_clean_end", "mean", "points", 0.0, 1.0),
+    "instr_clean_end": Measure("instr_clean_end", "mean", "points", 0.0, 1.0, binary=True),
 }
 
 
@@ -358,64 +520,129 @@ def block_groups(blocks: Sequence[float], size: int = BLOCK_GROUP) -> list[list[
     return [[float(sum(blocks[lo:hi])), float(hi - lo)] for lo, hi in zip(bounds, bounds[1:])]
 
 
-def item_rows(items: dict, measure: Measure) -> list | None:
-    """A measure's items [n][k] from evaluate's per-item values; None when it has none to compute from.
+def _domain_parts(items: dict, measure: Measure) -> list[list[float]] | None:
+    """The pooled general-text measure's blocks split by domain, or None (no split stored: one text)."""
+    values = items.get(measure.items)
+    parts = [v for k, v in items.items() if k.startswith(measure.items + "@")]
+    if not values or not parts or sum(len(p) for p in parts) != len(values):
+        return None
+    return parts
+
+
+def item_tensor(items: dict, measure: Measure) -> torch.Tensor | None:
+    """A measure's items [n, k] from evaluate's per-item values; None when it has none to compute from.
     General text: each domain's blocks in contiguous groups (the pooled measure: every domain's groups)."""
     values = items.get(measure.items)
     if not values:
         return None
     if measure.statistic != "ratio":
-        return [row if isinstance(row, list) else [row] for row in values]
+        x = torch.tensor(values, dtype=torch.float64)
+        return x[:, None] if x.dim() == 1 else x
     if "@" in measure.items:
-        return block_groups(values)
-    parts = [v for k, v in items.items() if k.startswith(measure.items + "@")]
-    if not parts or sum(len(p) for p in parts) != len(values):  # no domain split stored: one text
-        parts = [values]
-    return [group for part in parts for group in block_groups(part)]
+        return torch.tensor(block_groups(values), dtype=torch.float64)
+    parts = _domain_parts(items, measure) or [values]
+    return torch.tensor([group for part in parts for group in block_groups(part)], dtype=torch.float64)
 
 
-def _tensor(rows_by_seed: list) -> torch.Tensor:
-    return torch.tensor(rows_by_seed, dtype=torch.float64)
+def item_rows(items: dict, measure: Measure) -> list | None:
+    """item_tensor as nested lists [n][k]."""
+    x = item_tensor(items, measure)
+    return None if x is None else x.tolist()
+
+
+def item_strata(items: dict, measure: Measure) -> list[int] | None:
+    """The stratum of each of item_tensor's items for a stratified jackknife: the pooled general-text
+    measure's groups by domain (every domain with at least 2 groups); None: one stratum."""
+    if measure.statistic != "ratio" or "@" in measure.items:
+        return None
+    parts = _domain_parts(items, measure)
+    sizes = [len(block_groups(part)) for part in parts or []]
+    if len(sizes) < 2 or min(sizes) < 2:
+        return None
+    return [h for h, size in enumerate(sizes) for _ in range(size)]
+
+
+def stack(items: Sequence[Sequence[dict]], measure: Measure) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """evaluate's per-item dicts [R][S] (R experiments of S seeds each) -> the measure's items
+    x [R, S, n, k] and their strata (item_strata; None: one), or None when one lacks the measure's items
+    or their shapes differ."""
+    rows = [item_tensor(one, measure) for seeds in items for one in seeds]
+    if any(r is None for r in rows) or len({r.shape for r in rows}) != 1:
+        return None
+    strata = item_strata(items[0][0], measure)
+    return (torch.stack(rows).view(len(items), -1, *rows[0].shape),
+            None if strata is None else torch.tensor(strata, dtype=torch.long))
+
+
+def values_of(x: torch.Tensor, measure: Measure, strata: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A single model's value over its seeds and its 95% interval (one seed: over items only), clipped to
+    the measure's range and exp-transformed for a perplexity, vectorised: x [..., S, n, k] -> [...]."""
+    if x.shape[-2] < 2:  # one item: nothing to tell its spread by
+        v = per_seed(x, measure.statistic)[0].mean(-1)
+        nan = torch.full_like(v, math.nan)
+        e = {"mean": v, "lo": nan, "hi": nan, "df": nan}
+    else:
+        e = estimate(x, statistic=measure.statistic, p_value=False, binary=measure.binary, strata=strata)
+    v, lo, hi = e["mean"], e["lo"].clamp(measure.low, measure.high), e["hi"].clamp(measure.low, measure.high)
+    if measure.exp:
+        v, lo, hi = v.exp(), lo.exp(), hi.exp()
+    return {"value": v, "lo": lo, "hi": hi, "df": e["df"]}
+
+
+def differences_of(x: torch.Tensor, y: torch.Tensor, measure: Measure,
+                   strata: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The paired difference mean_s [g(x_s) - g(y_s)] in the measure's unit, its 95% interval, two-sided
+    p-value and df, vectorised: x [..., S, n, k], y [..., S or 1, n, k] -> [...]."""
+    if x.shape[-2] < 2:  # one item: nothing to tell its spread by
+        mean = (per_seed(x, measure.statistic)[0] - per_seed(y, measure.statistic)[0]).mean(-1)
+        nan = torch.full_like(mean, math.nan)
+        e = {"mean": mean, "lo": nan, "hi": nan, "p": nan, "df": nan}
+    else:
+        e = estimate(x, y, measure.statistic, binary=measure.binary, strata=strata)
+    mean, lo, hi = e["mean"], e["lo"], e["hi"]
+    if measure.unit == "percent":  # a mean NLL difference shown as the relative perplexity change it is
+        mean, lo, hi = (100 * torch.expm1(v) for v in (mean, lo, hi))
+    elif measure.unit == "points":
+        mean, lo, hi = (100 * v for v in (mean, lo, hi))
+    return {"mean": mean, "lo": lo, "hi": hi, "p": e["p"], "df": e["df"], "n": torch.full_like(mean, x.shape[-2])}
 
 
 def value(items_by_seed: list[dict], measure: Measure) -> dict[str, Any] | None:
     """A single model's value over its seeds and its 95% interval (one seed: over items only), or None
     when its items are missing. items_by_seed: evaluate's per-item dicts, one per seed."""
-    rows = [item_rows(items, measure) for items in items_by_seed]
-    if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+    stacked = stack([items_by_seed], measure)
+    if stacked is None:
         return None
-    x = _tensor(rows)
-    if x.shape[-2] < 2:
-        v = per_seed(x, measure.statistic)[0].mean().item()
-        return {"value": math.exp(v) if measure.exp else v, "ci95": [math.nan, math.nan], "df": math.nan,
-                "covers": _covers(len(rows)), "seeds": len(rows)}
-    e = {k: v.item() for k, v in estimate(x, statistic=measure.statistic, p_value=False).items()}
-    lo, hi = max(e["lo"], measure.low), min(e["hi"], measure.high)
-    v = e["mean"]
-    if measure.exp:
-        v, lo, hi = math.exp(v), math.exp(lo), math.exp(hi)
-    return {"value": v, "ci95": [lo, hi], "df": e["df"], "covers": _covers(len(rows)), "seeds": len(rows)}
+    x, strata = stacked
+    e = {k: v[0].item() for k, v in values_of(x, measure, strata).items()}
+    return {"value": e["value"], "ci95": [e["lo"], e["hi"]], "df": e["df"], "covers": _covers(len(items_by_seed)),
+            "seeds": len(items_by_seed)}
 
 
-def difference(runs: list, refs: list, statistic: str, unit: str) -> dict[str, Any]:
-    """The paired difference mean_s [g(run_s) - g(ref_s)] in its unit, its 95% interval, two-sided p-value
-    and df. runs [S][n][k] (or [S][n]); refs the same, or one seed for every seed."""
-    x, y = _tensor(runs), _tensor(refs)
+def item_difference(runs: list[dict], refs: list[dict], measure: Measure) -> dict[str, Any] | None:
+    """The paired difference of a measure between a run and a reference, from evaluate's per-item dicts:
+    runs one per seed, refs the same seeds in the same order, or one seed for every seed (the base). Its mean
+    in its unit, 95% interval, two-sided p-value and df; None when either lacks the items or their counts
+    differ."""
+    x, y = stack([runs], measure), stack([refs], measure)
+    if x is None or y is None or x[0].shape[-2] != y[0].shape[-2]:
+        return None
+    return _entry(differences_of(x[0], y[0], measure, x[1]), measure.unit, len(runs))
+
+
+def difference(runs: list, refs: list, statistic: str, unit: str, binary: bool = False) -> dict[str, Any]:
+    """item_difference from item rows: runs [S][n][k] (or [S][n]), refs the same or one seed for every
+    seed, a STATISTICS key and a unit (binary: 0/1 items)."""
+    x, y = torch.tensor(runs, dtype=torch.float64), torch.tensor(refs, dtype=torch.float64)
     if x.dim() == 2:
         x, y = x[..., None], y[..., None]
-    S, n = x.shape[:2]
-    if n < 2:  # one item: nothing to tell its spread by
-        e = {"mean": (per_seed(x, statistic)[0] - per_seed(y, statistic)[0]).mean().item(),
-             "lo": math.nan, "hi": math.nan, "p": math.nan, "df": math.nan}
-    else:
-        e = {k: v.item() for k, v in estimate(x, y, statistic).items()}
-    mean, lo, hi = e["mean"], e["lo"], e["hi"]
-    if unit == "percent":  # a mean NLL difference shown as the relative perplexity change it is
-        mean, lo, hi = (100 * math.expm1(v) for v in (mean, lo, hi))
-    elif unit == "points":
-        mean, lo, hi = (100 * v for v in (mean, lo, hi))
-    return {"mean": mean, "ci95": [lo, hi], "unit": unit, "p": e["p"], "df": e["df"],
-            "excludes_zero": lo > 0 or hi < 0, "n": n, "seeds": S, "covers": _covers(S)}
+    return _entry(differences_of(x[None], y[None], Measure("", statistic, unit, binary=binary)), unit, x.shape[0])
+
+
+def _entry(e: dict[str, torch.Tensor], unit: str, seeds: int) -> dict[str, Any]:
+    e = {k: v[0].item() for k, v in e.items()}
+    return {"mean": e["mean"], "ci95": [e["lo"], e["hi"]], "unit": unit, "p": e["p"], "df": e["df"],
+            "excludes_zero": e["lo"] > 0 or e["hi"] < 0, "n": int(e["n"]), "seeds": seeds, "covers": _covers(seeds)}
 
 
 def _covers(seeds: int) -> str:

@@ -11,7 +11,6 @@ OUTPUT_DIR after a run:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -29,7 +28,7 @@ from forgetless.curve import ForgettingCurve
 from forgetless.errors import TrainingError
 from forgetless.identity import digest, run_inputs
 from forgetless.memory import peak_memory
-from forgetless.model import load_for_training, resolve_dtype
+from forgetless.model import load_for_training, load_trained, resolve_dtype  # noqa: F401  (load_trained: public here too)
 from forgetless.regularizers import build_regularizers
 from forgetless.replay import build_replay
 from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
@@ -221,45 +220,3 @@ def tensorboard_into(trainer: ForgetlessTrainer, folder: Path) -> None:
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
             callback.logging_dir = str(folder)
-
-
-def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-    """Load a forgetless output folder (adapter or full model), or any model folder, for inference:
-    (model, tokenizer) on `device` (default: the CPU).
-
-    An adapter is put on its base loaded as the run loaded it (its config.yaml: quantisation, attention);
-    `dtype` (default: the run's model.dtype, float32 for a folder without config.yaml) is the base's
-    precision, so a tuned model can be evaluated in exactly its base model's dtype."""
-    from transformers import AutoTokenizer
-
-    from forgetless.config import ModelConfig, from_dict
-    from forgetless.model import DTYPES, load_model, resolve_model_path
-
-    output_dir = Path(output_dir)
-    saved = output_dir / "config.yaml"
-    model_cfg = ModelConfig(name_or_path=str(output_dir), dtype="float32")
-    if saved.is_file():
-        import yaml
-
-        model_cfg = from_dict(ModelConfig, (yaml.safe_load(saved.read_text()) or {}).get("model", {}),
-                              where=f"{saved}: ", prefix="model.")
-    if dtype is not None:
-        model_cfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
-    tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
-    device = device if device is not None else "cpu"
-    if (output_dir / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        if saved.is_file():
-            base_path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
-        else:  # an adapter folder from elsewhere: the base it names
-            adapter = json.loads((output_dir / "adapter_config.json").read_text())
-            base_path = resolve_model_path(adapter["base_model_name_or_path"])
-        base = load_model(model_cfg, base_path, device=device)
-        model = PeftModel.from_pretrained(base, output_dir)
-    else:
-        model_cfg.quantization = None  # a full fine-tune is saved unquantised
-        model_cfg.name_or_path = str(output_dir)
-        model = load_model(model_cfg, output_dir, device=device)
-    return model, tokenizer
-
