@@ -77,10 +77,12 @@ def is_finished(folder: Path) -> bool:
 
 
 def _holds_files(folder: Path) -> bool:
-    """Whether a folder holds a file, but for the marker alone (a run stopped while being set up)."""
+    """Whether a folder holds a file to lose: not a run stopped while being set up (bad input found after
+    the folder was prepared), which holds its marker and, beside it, its config.yaml at most."""
     if not folder.is_dir():
         return False
-    return any(p.is_file() and p != folder / MARKER for p in folder.rglob("*"))
+    setup_only = {folder / MARKER, folder / CONFIG} if (folder / MARKER).is_file() else set()
+    return any(p.is_file() and p not in setup_only for p in folder.rglob("*"))
 
 
 def _protected(folder: Path) -> str | None:
