@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,12 +185,12 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if trainer.is_world_process_zero():
         if config.merge:  # from the saved adapter, which holds the whole weights whatever the engine sharded
             merged = load_trained(output_dir, device="cpu")[0].merge_and_unload()
-            aside = output_dir / ".merged"
-            shutil.rmtree(aside, ignore_errors=True)
-            merged.save_pretrained(str(aside))
-            tokenizer.save_pretrained(str(aside))
-            shutil.rmtree(output_dir / "merged", ignore_errors=True)
-            os.replace(aside, output_dir / "merged")
+
+            def save_merged(folder: Path) -> None:  # written aside and renamed into place, like the adapter
+                merged.save_pretrained(str(folder / "merged"))
+                tokenizer.save_pretrained(str(folder / "merged"))
+
+            save_aside(output_dir, save_merged)
             summary["merged_dir"] = str(output_dir / "merged")
         write_summary(output_dir, summary)
     trainer.accelerator.wait_for_everyone()
