@@ -204,12 +204,23 @@ def _read_hub_dataset(repo_id: str, split: str | None) -> Iterator[tuple[str, An
         yield f"{where}: row {i}", row
 
 
+def is_pattern(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[")
+
+
+def matching_paths(pattern: str) -> list[Path]:
+    """The paths a glob pattern (relative to the working directory, or absolute) matches, sorted."""
+    if Path(pattern).is_absolute():
+        return sorted(Path("/").glob(pattern.lstrip("/")))
+    return sorted(Path().glob(pattern))
+
+
 def read_rows(spec: str) -> Iterator[tuple[str, Any]]:
     """Yield (location, raw row) from a file, a glob of files, a dataset folder or a Hub dataset id
     (`@SPLIT` picks a split of a folder or Hub dataset)."""
     base, split = split_source(spec)
-    if any(ch in base for ch in "*?["):
-        files = sorted(Path().glob(base) if not Path(base).is_absolute() else Path("/").glob(base.lstrip("/")))
+    if is_pattern(base):
+        files = matching_paths(base)
         if not files:
             raise DataError(f"{base}: no file matches this pattern")
         return itertools.chain.from_iterable(read_rows(str(f)) for f in files)

@@ -74,15 +74,13 @@ def source_digest(spec: str | None) -> str | None:
     if spec is None:
         return None
     from forgetless.assets import resolve_builtin
-    from forgetless.data import split_source
+    from forgetless.data import is_pattern, matching_paths, split_source
 
     base, split = split_source(spec)
     suffix = f"@{split}" if split else ""
-    if any(ch in base for ch in "*?["):
-        root = Path("/") if Path(base).is_absolute() else Path()
-        files = sorted(root.glob(base.lstrip("/") if root == Path("/") else base))
+    if is_pattern(base):  # what read_rows reads: the same matches
         h = hashlib.sha256()
-        for f in files:  # a matched folder is a dataset folder
+        for f in matching_paths(base):  # a matched folder is a dataset folder
             h.update(f"{f}\0{folder_digest(f) if f.is_dir() else file_digest(f)}\n".encode())
         return h.hexdigest() + suffix
     path = resolve_builtin(base)
