@@ -37,44 +37,44 @@ import os
 import statistics
 import subprocess
 import sys
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
-from forgetless.config import ModelConfig
+from forgetless.config import ForgetlessConfig, ModelConfig
 from forgetless.memory import keep_freed_cpu_memory, peak_memory
 from forgetless.model import DTYPES, apply_finetune, load_model, load_tokenizer, resolve_model_path
-from forgetless.regularizers import build_regularizers
-from forgetless.replay import build_replay
+from forgetless.train import build_method
 from forgetless.trainer import ForgetlessTrainer
 
 HERE = Path(__file__).resolve().parent
 
 METHODS = {
-    "sft": [],
-    "lfu_lora": [{"lfu": {"variant": "lora"}}],
-    "lfu_reps": [{"lfu": {"variant": "reps"}}],
+    "sft": {},
+    "lfu_lora": {"regularizers": [{"lfu": {"variant": "lora"}}]},
+    "lfu_reps": {"regularizers": [{"lfu": {"variant": "reps"}}]},
     # consistency on the first third of the layers only: the perturbed pass stops there
-    "lfu_lora_early": [{"lfu": {"variant": "lora", "layers": "early"}}],
+    "lfu_lora_early": {"regularizers": [{"lfu": {"variant": "lora", "layers": "early"}}]},
     # the cheap approximations (issue #18): the perturbed pass on a fraction of the rows, or every k-th step
-    "lfu_rows50": [{"lfu": {"variant": "lora", "rows": 0.5}}],
-    "lfu_rows25": [{"lfu": {"variant": "lora", "rows": 0.25}}],
-    "lfu_every2": [{"lfu": {"variant": "lora", "every": 2}}],
-    "lfu_every4": [{"lfu": {"variant": "lora", "every": 4}}],
-    "lfu_r50_e2": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 2}}],
-    "lfu_r25_e2": [{"lfu": {"variant": "lora", "rows": 0.25, "every": 2}}],
-    "lfu_r50_e4": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 4}}],
-    "kl": [{"kl": {}}],
-    "lfu_kl": [{"kl": {}}, {"lfu": {"variant": "lora"}}],  # LfU with a clean-pass term: its graph freed first
-    "kl_cached": [{"kl": {"cache": "topk", "topk": 64}}],
-    "replay": [{"replay": {"ratio": 0.25}}],  # blocks join the SFT forward (forward: auto)
-    "replay_own": [{"replay": {"ratio": 0.25, "forward": "own"}}],  # their own pass: lowest peak memory
-    "kl_replay": [{"kl": {}}, {"replay": {"ratio": 0.25}}],
+    "lfu_rows50": {"regularizers": [{"lfu": {"variant": "lora", "rows": 0.5}}]},
+    "lfu_rows25": {"regularizers": [{"lfu": {"variant": "lora", "rows": 0.25}}]},
+    "lfu_every2": {"regularizers": [{"lfu": {"variant": "lora", "every": 2}}]},
+    "lfu_every4": {"regularizers": [{"lfu": {"variant": "lora", "every": 4}}]},
+    "lfu_r50_e2": {"regularizers": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 2}}]},
+    "lfu_r25_e2": {"regularizers": [{"lfu": {"variant": "lora", "rows": 0.25, "every": 2}}]},
+    "lfu_r50_e4": {"regularizers": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 4}}]},
+    "kl": {"regularizers": [{"kl": {}}]},
+    "lfu_kl": {"regularizers": [{"kl": {}}, {"lfu": {"variant": "lora"}}]},  # LfU with a clean-pass term: its graph freed first
+    "kl_cached": {"regularizers": [{"kl": {"cache": "topk", "topk": 64}}]},
+    "replay": {"replay": {"ratio": 0.25}},  # blocks join the SFT forward (forward: auto)
+    "replay_own": {"replay": {"ratio": 0.25, "forward": "own"}},  # their own pass: lowest peak memory
+    "kl_replay": {"regularizers": [{"kl": {}}], "replay": {"ratio": 0.25}},
     # the baselines (issue #8). WiSE-FT changes nothing during training (no step cost); NEFTune's
     # hook is attached by Trainer.train(), which this bench bypasses (its cost: one uniform_ per step)
-    "l2sp": [{"l2sp": {}}],
-    "ewc": [{"ewc": {}}],
+    "l2sp": {"regularizers": [{"l2sp": {}}]},
+    "ewc": {"regularizers": [{"ewc": {}}]},
     "trl_sft": None,  # plain SFT in TRL's SFTTrainer: the peer anchor (needs `pip install trl`)
     "decoder_pass": None,  # not a method: the floor of LfU's extra pass (see DecoderPass)
     "sft_plus_rows": None,  # not a method: the floor of replay at 0.25 (see SFTPlusTrainedRows)
@@ -87,8 +87,8 @@ CHEAP_LFU = ["lfu_lora_early", "lfu_rows50", "lfu_rows25", "lfu_every2", "lfu_ev
 
 def period(method: str) -> int:
     """k for LfU `every: k` (its steps alternate between costs: timed by the mean), else 1."""
-    return max([opts.get("every", 1) for entry in METHODS.get(method) or [] for name, opts in entry.items()
-                if name == "lfu"] or [1])
+    entries = (METHODS.get(method) or {}).get("regularizers", [])
+    return max([opts.get("every", 1) for entry in entries for name, opts in entry.items() if name == "lfu"] or [1])
 
 
 def step_time(method: str, times: list[float]) -> float:
@@ -203,11 +203,12 @@ def build(args, model, method: str, tokenizer, batch, shared: bool = True):
                              train_dataset=bench_dataset(batch).remove_columns(["example_id", "labels"]),
                              processing_class=tokenizer)
     else:
-        # replay blocks as long as the benchmark's rows, so a replay row costs what an SFT row costs
-        entries = [{name: dict(opts, max_length=args.seq_len) if name == "replay" else opts}
-                   for entry in METHODS[method] for name, opts in entry.items()]
+        config = ForgetlessConfig(method=method, **METHODS[method])  # the YAML form, parsed by the config
+        if config.replay is not None:  # replay blocks as long as the benchmark's rows: a replay row costs an SFT row's
+            config.replay = dataclasses.replace(config.replay, max_length=args.seq_len)
+        regularizers, replay = build_method(config)
         trainer = ForgetlessTrainer(model=model, args=TrainingArguments(**common, per_device_train_batch_size=args.batch),
-                                    regularizers=build_regularizers(entries), replay=build_replay(entries),
+                                    regularizers=regularizers, replay=replay,
                                     train_dataset=bench_dataset(batch),
                                     processing_class=tokenizer)
     trainer.create_optimizer()

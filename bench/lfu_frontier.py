@@ -37,7 +37,7 @@ def summarise(report: dict) -> dict:
     gpu = json.loads((HERE / "results_gpu_lfu_cheap.json").read_text())
     rows = {"sft": {"options": {}, "cost_cpu": 1.0, "cost_gpu": 1.0}}
     for name, bench_name in SETTINGS.items():
-        opts = {k: v for k, v in METHODS[bench_name][0]["lfu"].items() if k != "variant"}
+        opts = {k: v for k, v in METHODS[bench_name]["regularizers"][0]["lfu"].items() if k != "variant"}
         rows[name] = {"options": opts, "cost_cpu": cpu[bench_name]["step_time_ratio"],
                       "cost_gpu": gpu[bench_name]["step_time_ratio"]}
     for name, row in rows.items():

@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from forgetless.budget import Validator, split_training_data
+from forgetless.budget import Validator
 from forgetless.cli import resolve_config_path
 from forgetless.config import load_config
+from forgetless.data import split_holdout, training_records
 from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
 from forgetless.train import load_trained, train
 
@@ -39,7 +40,8 @@ def main() -> None:
     tag = "".join(f"_{a.split('=')[0].split('.')[-1]}{a.split('=')[1]}" for a in fixed)
     root = Path("runs/sweep") / f"{reg}_{option}{tag}"
     config = load_config(resolve_config_path("default"), [f"output_dir={root}", *fixed])
-    train_spec, val_records = split_training_data(config, root)
+    holdout = config.budget.validation_examples  # each run trains on the rest (in memory), as budget's trials do
+    val_records = [record for record, _ in split_holdout(training_records(config.data, config.train.seed), holdout)[1]]
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
     tokenizer = load_tokenizer(path)
     base = load_model(config.model, path, device=default_device()).eval()
@@ -47,14 +49,20 @@ def main() -> None:
     rows = []
     values = [float(v) for v in values] if reg == "train" else [0.0] + [float(v) for v in values]  # 0: plain SFT
     for value in values:
-        setting = [f"train.{option}={value:g}"] if reg == "train" else []
+        if reg == "train":
+            setting = [f"train.{option}={value:g}"]
+        elif value == 0:  # plain SFT
+            setting = []
+        elif reg == "replay":  # a section of its own
+            setting = [f"replay={{{option}: {value!r}}}"]
+        else:
+            setting = [f"regularizers=[{{{reg}: {{{option}: {value!r}}}}}]"]
         cfg = load_config(resolve_config_path("default"),
-                          [f"output_dir={root / f'{value:g}'}", f"data.train={train_spec}", *fixed, *setting,
+                          [f"output_dir={root / f'{value:g}'}", *fixed, *setting,
                            # measured by the validator alone: no forgetting curve, no Trainer eval on the test split
                            "evaluation.every_steps=0", "data.eval=null"])
-        cfg.regularizers = [] if value == 0 or reg == "train" else [{reg: {option: value}}]
         started = time.perf_counter()
-        summary = train(cfg, overwrite=True).summary
+        summary = train(cfg, overwrite=True, holdout=holdout).summary
         model, _ = load_trained(cfg.output_dir, dtype=base.dtype, device=base.device)
         row = {option: value, "train_seconds": round(time.perf_counter() - started, 1),
                "train_loss": summary["train_loss"], **validator.measure(model)}

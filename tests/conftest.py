@@ -119,12 +119,25 @@ def tiny_config(model_dir: Path, data: Path, out: Path, **train):
     return load_config(None, overrides)
 
 
-def trained_weights(model_dir: Path, data: Path, out: Path, regularizers: list, **train_settings) -> dict:
-    """Train a tiny run with these regularizers and return its saved parameters by name."""
+def with_method(cfg, regularizers: list = (), replay: dict | None = None):
+    """`cfg` trained with these `regularizers:` entries and `replay:` section (YAML form), parsed and checked
+    as a config file's are."""
+    import dataclasses
+
+    from forgetless.config import validate
+
+    out = dataclasses.replace(cfg, method="custom" if regularizers or replay is not None else "sft",
+                              regularizers=list(regularizers), replay=replay)
+    validate(out)
+    return out
+
+
+def trained_weights(model_dir: Path, data: Path, out: Path, regularizers: list, replay: dict | None = None,
+                    **train_settings) -> dict:
+    """Train a tiny run with these regularizers (and replay) and return its saved parameters by name."""
     from forgetless.train import load_trained, train
 
-    cfg = tiny_config(model_dir, data, out, **train_settings)
-    cfg.regularizers = regularizers
+    cfg = with_method(tiny_config(model_dir, data, out, **train_settings), regularizers, replay)
     train(cfg)
     return dict(load_trained(out)[0].named_parameters())
 
@@ -147,3 +160,16 @@ def suite(tmp_path):
     ])
     return EvalConfig(task=str(task), task_limit=6, max_new_tokens=4, general_text=str(text), general_blocks=4,
                       block_length=16, mc=str(mc), batch_size=2, bootstrap=200, instructions_max_new_tokens=6)
+
+
+@pytest.fixture
+def clean_registry():
+    """Methods a test registers are gone after it (forgetless.registry refuses a name registered twice)."""
+    from forgetless.registry import METHODS, PRESETS
+
+    methods, presets = dict(METHODS), dict(PRESETS)
+    yield
+    METHODS.clear()
+    METHODS.update(methods)
+    PRESETS.clear()
+    PRESETS.update(presets)

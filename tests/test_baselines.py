@@ -1,5 +1,6 @@
 """The standard baselines behind the regularizer interface: L2-SP, EWC, NEFTune, WiSE-FT."""
 
+import importlib.util
 import json
 
 import pytest
@@ -7,11 +8,11 @@ import torch
 from transformers import TrainerCallback
 
 from forgetless.model import lora_factors
-from forgetless.regularizers import build_regularizers
+from forgetless.registry import build
 from forgetless.regularizers import ewc as ewc_mod
 from forgetless.train import load_trained, train
 
-from conftest import memorisation_rows, tiny_config
+from conftest import memorisation_rows, tiny_config, with_method
 from test_kl_replay import make_batch, make_trainer
 
 
@@ -53,7 +54,7 @@ def test_l2sp_lora_penalises_exactly_the_merged_weight_update(tiny_llama, tmp_pa
             penalty += delta.pow(2).sum()
             a_b[name] = (module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"])
     assert len(a_b) > 0
-    assert with_reg._metrics["l2sp_dist_sq"][-1] == pytest.approx(penalty.item(), rel=1e-9)
+    assert with_reg.pending_metrics()["l2sp_dist_sq"][-1] == pytest.approx(penalty.item(), rel=1e-9)
     hand = torch.autograd.grad(0.5 * coef * penalty, [t for a, b, _ in a_b.values() for t in (a, b)])
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     got = [grads[n] - base[n] for n in names]  # the SFT parts are identical: the difference is the penalty's
@@ -74,7 +75,7 @@ def test_l2sp_full_pulls_towards_the_snapshot(tiny_llama, tmp_path):
             for n, p in t.model.named_parameters():
                 p.add_(shifts[n])
     grads, base = step_grads(with_reg, batch), step_grads(plain, batch)
-    assert with_reg._metrics["l2sp_dist_sq"][-1] == pytest.approx(sum(s.pow(2).sum().item() for s in shifts.values()))
+    assert with_reg.pending_metrics()["l2sp_dist_sq"][-1] == pytest.approx(sum(s.pow(2).sum().item() for s in shifts.values()))
     for n, s in shifts.items():
         torch.testing.assert_close(grads[n] - base[n], coef * s, rtol=1e-7, atol=1e-12)
 
@@ -93,8 +94,8 @@ def test_l2sp_and_ewc_keep_the_trained_model_closer_to_the_base(tiny_llama, memo
     sizes = {}
     for name, regs in [("sft", []), ("l2sp", [{"l2sp": {"coef": 50.0}}]),
                        ("ewc", [{"ewc": {"coef": 50.0, "data": str(text), "samples": 4, "max_length": 32}}])]:
-        cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, max_steps=8, batch_size=4, learning_rate=3e-2)
-        cfg.regularizers = regs
+        cfg = with_method(tiny_config(tiny_llama, memo_data, tmp_path / name, max_steps=8, batch_size=4,
+                                      learning_rate=3e-2), regs)
         train(cfg)
         sizes[name] = _update_size(tmp_path / name, tiny_llama)
     assert sizes["l2sp"] < 0.7 * sizes["sft"]
@@ -145,7 +146,7 @@ def test_ewc_fisher_by_hand_penalty_gradient_and_reuse(tiny_gpt2, tmp_path, monk
             p.add_(s)
     base = step_grads(plain, batch)
     expected_penalty = sum((f * s.pow(2)).sum().item() for f, s in zip(reg.fisher, shifts))
-    assert trainer._metrics["ewc_penalty"][-1] == pytest.approx(expected_penalty, rel=1e-6)
+    assert trainer.pending_metrics()["ewc_penalty"][-1] == pytest.approx(expected_penalty, rel=1e-6)
     for (n, _), f, s in zip(reg.params, reg.fisher, shifts):
         torch.testing.assert_close(grads[n] - base[n], 0.6 * f * s, rtol=1e-6, atol=1e-12)
 
@@ -211,7 +212,7 @@ def test_neftune_adds_bounded_uniform_noise_while_training_only(tiny_gpt2, memo_
         self.add_callback(captured)
 
     cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "n", max_steps=2, batch_size=4, learning_rate=1e-2)
-    cfg.regularizers = [{"neftune": {"alpha": alpha}}]
+    cfg = with_method(cfg, [{"neftune": {"alpha": alpha}}])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ForgetlessTrainer, "__init__", init)
         train(cfg)
@@ -239,7 +240,7 @@ def test_wise_ft_is_the_exact_weight_interpolation(tiny_llama, memo_data, tmp_pa
     for name, regs in [("sft", []), ("wise", [{"wise_ft": {"alpha": alpha}}])]:
         cfg = tiny_config(tiny_llama, memo_data, tmp_path / name, max_steps=3, batch_size=4, learning_rate=3e-2)
         cfg.model.finetune = finetune
-        cfg.regularizers = regs
+        cfg = with_method(cfg, regs)
         train(cfg)
         model = load_trained(tmp_path / name)[0]
         model = model.merge_and_unload() if finetune == "lora" else model
@@ -260,11 +261,12 @@ def test_baseline_presets_validate_and_build(method):
     from forgetless.config import load_config
 
     cfg = load_config(None, [f"method={method}"])
-    regs = build_regularizers(cfg.regularizers)
+    regs = [build(options) for options in cfg.regularizers]
     assert [r.name for r in regs] == [method.replace("-", "_")]
 
 
-def test_the_readme_regularizer_example_trains_and_its_penalty_is_exact(tiny_llama, memo_data, tmp_path, monkeypatch):
+def test_the_readme_regularizer_example_trains_and_its_penalty_is_exact(tiny_llama, memo_data, tmp_path,
+                                                                        clean_registry):
     """The README's "Writing a regularizer" code, run as written: it registers, its option is checked when
     the config is parsed, and in a training step its term is coef * sum of squares of the trainable weights."""
     import re
@@ -272,26 +274,30 @@ def test_the_readme_regularizer_example_trains_and_its_penalty_is_exact(tiny_lla
 
     from forgetless.config import load_config
     from forgetless.errors import ConfigError
-    from forgetless.regularizers import REGISTRY
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("### Writing a regularizer"):readme.index("## How the training step works")]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.splitlines()) < 60
-    monkeypatch.setitem(REGISTRY, "mine", None)  # restored after the test
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    # the file as the README says to save it, imported as forgetless/methods.py would import it
+    (tmp_path / "mine.py").write_text(code)
+    spec = importlib.util.spec_from_file_location("forgetless_readme_mine", tmp_path / "mine.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
     with pytest.raises(ConfigError, match=r"regularizers\[0\]\.mine\.coef: must be >= 0"):
         load_config(None, ["regularizers=[{mine: {coef: -1}}]"])
+    # its preset and its strength are known to the config and the budget
+    assert load_config(None, ["method=mine"]).regularizers[0].coef == 0.1
+    load_config(None, ["budget.knob=mine", "budget.max_general_drop=0.1"])
 
     trainer = make_trainer(tiny_llama, tmp_path, "lora", [{"mine": {"coef": 0.5}}])
     batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     squares = sum(p.detach().pow(2).sum().item() for p in params)
     loss = trainer.training_step(trainer.model, dict(batch))
-    assert trainer._metrics["mine"][-1] == pytest.approx(squares, rel=1e-9)
-    assert loss.item() - trainer._metrics["l_sft"][-1] == pytest.approx(0.5 * squares, rel=1e-6)
+    assert trainer.pending_metrics()["mine"][-1] == pytest.approx(squares, rel=1e-9)
+    assert loss.item() - trainer.pending_metrics()["l_sft"][-1] == pytest.approx(0.5 * squares, rel=1e-6)
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2, batch_size=4)
-    cfg.regularizers = [{"mine": {"coef": 0.5}}]
+    cfg = with_method(cfg, [{"mine": {"coef": 0.5}}])
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert any("mine" in r for r in rows)

@@ -1,3 +1,4 @@
+import json
 import pytest
 
 from forgetless.cli import resolve_config_path
@@ -72,10 +73,39 @@ def test_merge_requires_lora():
         load_config(None, ["merge=true", "model.finetune=full"])
 
 
-def test_method_presets_fill_regularizers():
-    assert load_config(None, ["method=lfu"]).regularizers == [{"lfu": {"variant": "lora"}}]
-    assert load_config(None, ["method=lfu-reps"]).regularizers == [{"lfu": {"variant": "reps"}}]
+def test_method_presets_fill_regularizers_and_replay_typed():
+    from forgetless.regularizers.kl import KLConfig
+    from forgetless.regularizers.lfu import LfUConfig
+    from forgetless.sections import ReplayConfig
+
+    assert load_config(None, ["method=lfu"]).regularizers == [LfUConfig(variant="lora")]
+    assert load_config(None, ["method=lfu-reps"]).regularizers == [LfUConfig(variant="reps")]
+    arr = load_config(None, ["method=kl+replay"])
+    assert arr.regularizers == [KLConfig()] and arr.replay == ReplayConfig()
+    assert load_config(None, ["method=sft"]).replay is None
     explicit = load_config(None, ["method=my-lfu", "regularizers=[{lfu: {lam: 1.0}}]"])
-    assert explicit.regularizers == [{"lfu": {"lam": 1.0}}] and explicit.method == "my-lfu"
+    assert explicit.regularizers == [LfUConfig(lam=1.0)] and explicit.method == "my-lfu"
+    # a preset name with a replay section given is a label: the section is the run's, no preset is added
+    labelled = load_config(None, ["method=kl+replay", "replay={ratio: 0.5}"])
+    assert labelled.regularizers == [] and labelled.replay == ReplayConfig(ratio=0.5)
+    # the YAML form round-trips: config.yaml holds every option, and parses back to the same run
+    again = load_config(None, [f"{k}={json.dumps(v)}" for k, v in [("regularizers", arr.to_dict()["regularizers"]),
+                                                        ("replay", arr.to_dict()["replay"]), ("method", "x")]])
+    assert again.regularizers == arr.regularizers and again.replay == arr.replay
+
+
+def test_replay_is_a_section_and_the_old_entry_names_it():
+    with pytest.raises(ConfigError, match=r"regularizers\[1\]: replay is no longer an entry of regularizers: it has "
+                                          r"its own top-level section; write `replay: \{options\}`"):
+        load_config(None, ["regularizers=[{kl: {}}, {replay: {ratio: 0.5}}]"])
+    with pytest.raises(ConfigError, match=r"compare.runs.r: regularizers\[0\]: replay is no longer an entry"):
+        load_config(None, ["compare.runs={r: {regularizers: [{replay: {}}]}}"])
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].kl.on: 'replay' needs replay rows: add a `replay:`"):
+        load_config(None, ["regularizers=[{kl: {on: replay}}]"])
+    with pytest.raises(ConfigError, match=r"replay.forward: with_sft cannot be combined with lfu"):
+        load_config(None, ["regularizers=[{lfu: {}}]", "replay={forward: with_sft}"])
+    run = load_config(None, ["compare.runs={klr: {regularizers: [{kl: {on: replay}}], replay: {weight: 0.0}}}"])
+    klr = run.compared_runs["klr"]
+    assert klr.method == "klr" and klr.replay.weight == 0.0 and klr.regularizers[0].on == "replay"
     with pytest.raises(ConfigError, match="method: unknown method 'lfuu'"):
         load_config(None, ["method=lfuu"])

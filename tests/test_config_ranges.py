@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from forgetless.config import ForgetlessConfig, load_config
 from forgetless.errors import ConfigError, ForgetlessError
-from forgetless.regularizers import REGISTRY
+from forgetless.registry import METHODS, build
 
 
 def refused(overrides: list[str], message: str) -> None:
@@ -34,7 +34,8 @@ def refused(overrides: list[str], message: str) -> None:
     ("budget.grid=[0.5, .inf]", r"budget.grid\[1\]: must be a finite number"),
     ("data.train=[{path: a.jsonl, weight: .nan}]", r"data.train\[0\].weight: must be a finite number"),
     ("regularizers=[{kl: {coef: .nan}}]", r"regularizers\[0\].kl.coef: must be a finite number"),
-    ("regularizers=[{replay: {ratio: .inf}}]", r"regularizers\[0\].replay.ratio: must be a finite number"),
+    ("replay={ratio: .inf}", r"replay.ratio: must be a finite number"),
+    ("replay={self_top_p: 0}", r"replay.self_top_p: must be in \(0, 1\]"),
     ("regularizers=[{lfu: {lam: inf}}]", r"regularizers\[0\].lfu.lam: must be a finite number"),
     ("train.extra={adam_beta1: .nan}", r"train.extra.adam_beta1: must be a finite number"),
 ])
@@ -51,7 +52,8 @@ def test_non_finite_numbers_in_the_yaml_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"train": {"learning_rate": float("nan")},
                                     "regularizers": [{"kl": {"coef": float("inf")}}]}))
-    with pytest.raises(ConfigError, match=r"run.yaml: train.learning_rate: must be a finite number, got nan"):
+    # keys are parsed in the file's order (safe_dump sorts them): the first bad one is named, with the file
+    with pytest.raises(ConfigError, match=r"run.yaml: regularizers\[0\].kl.coef: must be a finite number, got inf"):
         load_config(path)
 
 
@@ -115,20 +117,23 @@ def test_out_of_range_settings_name_the_key(override, message):
     ("{lfu: {alpha: -1}}", r"regularizers\[0\].lfu.alpha: must be >= 0"),
     ("{lfu: {layers: firstthird}}", r"regularizers\[0\].lfu.layers: expected all, early, middle, late"),
     ("{lfu: {layers: []}}", r"regularizers\[0\].lfu.layers: give at least one"),
-    ("{replay: {self_top_p: 0}}", r"regularizers\[0\].replay.self_top_p: must be in \(0, 1\]"),
+    ("{replay: {}}", r"regularizers\[0\]: replay is no longer an entry of regularizers: .* write `replay: "),
 ])
 def test_regularizer_options_are_checked_when_parsed(entry, message):
     refused([f"regularizers=[{entry}]"], message)
 
 
 def test_regularizers_built_in_code_still_check_their_options():
-    from forgetless.regularizers.kl import KL, KLConfig
-    from forgetless.regularizers.wise_ft import WiseFT, WiseFTConfig
+    from forgetless.config import ForgetlessConfig
+    from forgetless.regularizers.kl import KLConfig
+    from forgetless.regularizers.wise_ft import WiseFTConfig
 
     with pytest.raises(ConfigError, match=r"regularizers.kl.coef: must be >= 0"):
-        KL(KLConfig(coef=-1.0))
+        build(KLConfig(coef=-1.0))
     with pytest.raises(ConfigError, match=r"regularizers.wise_ft.alpha: must be in \[0, 1\]"):
-        WiseFT(WiseFTConfig(alpha=float("nan")))
+        build(WiseFTConfig(alpha=float("nan")))
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].kl.coef: must be >= 0"):
+        ForgetlessConfig(regularizers=[KLConfig(coef=-1.0)])
 
 
 @pytest.mark.parametrize("template, message", [
@@ -188,8 +193,8 @@ def test_output_dir_expands_home_and_must_not_be_empty(tmp_path, monkeypatch):
 
 def test_parsing_loads_no_model_and_no_transformers():
     """Parsing stays fast: no transformers import at all (hence no weights), even for every preset and a run."""
-    code = ("import sys; from forgetless.config import load_config, METHOD_PRESETS\n"
-            "for m in METHOD_PRESETS: load_config(None, [f'method={m}'])\n"
+    code = ("import sys; from forgetless.config import load_config\nfrom forgetless.registry import PRESETS\n"
+            "for m in PRESETS: load_config(None, [f'method={m}'])\n"
             "load_config(None, ['compare.runs={x: {method: ewc}}', 'compare.methods=[sft, arr, wise-ft]'])\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -219,7 +224,8 @@ def _paths(cls: type, prefix: str = "") -> list[str]:
 
 PATHS = _paths(ForgetlessConfig)
 RUN_PATHS = [p for p in PATHS if p.split(".")[0] not in ("compare", "budget", "evaluation")]
-OPTIONS = {name: [f.name for f in dataclasses.fields(cls)] for name, (cls, _) in REGISTRY.items()}
+OPTIONS = {name: [f.name for f in dataclasses.fields(m.config)] for name, m in METHODS.items() if m.build is not None}
+REPLAY_OPTIONS = [f.name for f in dataclasses.fields(METHODS["replay"].config)]
 
 texts = st.sampled_from(["{prompt}", "{{prompt}}", "{prompt} {answer}", "{", "}", "~", "~/x", "", ".", "..",
                          "../x", "/tmp/x", "-x", "nan", "inf", "-inf", "1e-4", "all-linear", "lora", "full", "sft",
@@ -235,10 +241,13 @@ regularizer_entry = st.sampled_from(sorted(OPTIONS)).flatmap(
 regularizers = st.lists(regularizer_entry | values, max_size=3)
 
 
+replay_section = st.none() | st.dictionaries(st.sampled_from(REPLAY_OPTIONS), values, max_size=3) | values
+
+
 def _settings(paths: list[str]):
-    """(dotted key, value) pairs: a known key with a random value, or a regularizers list."""
-    return st.lists(st.tuples(st.sampled_from(paths), values) | st.tuples(st.just("regularizers"), regularizers),
-                    max_size=5)
+    """(dotted key, value) pairs: a known key with a random value, a regularizers list or a replay section."""
+    return st.lists(st.tuples(st.sampled_from(paths), values) | st.tuples(st.just("regularizers"), regularizers)
+                    | st.tuples(st.just("replay"), replay_section), max_size=5)
 
 
 runs = st.dictionaries(texts | st.sampled_from(["kl-0.1", "x", "base", "sft"]),

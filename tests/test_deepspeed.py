@@ -35,8 +35,7 @@ def test_deepspeed_matches_one_plain_process(tiny_llama, tmp_path, stage, method
               "train.batch_size=2", "train.learning_rate=0.05", "train.optim=sgd", "train.max_grad_norm=0",
               "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.progress_bar=false", "data.eval=null"]
     if method == "kl+replay":  # blocks longer than the SFT rows: `auto` would give them a pass of their own
-        common.append(f"regularizers=[{{kl: {{coef: 0.5, on: both}}}}, "
-                      f"{{replay: {{data: {corpus}, max_length: 48, ratio: 0.5}}}}]")
+        common += ["regularizers=[{kl: {coef: 0.5, on: both}}]", f"replay={{data: {corpus}, max_length: 48, ratio: 0.5}}"]
     one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=4", *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -65,7 +64,7 @@ def launch_zero(stage: int, output_dir: Path, *overrides: str) -> subprocess.Com
 
 
 @pytest.mark.parametrize("stage, setting, error", [
-    (2, "regularizers=[{replay: {forward: own}}]", "regularizers.replay.forward: own is not possible under DeepSpeed"),
+    (2, "replay={forward: own}", "replay.forward: own is not possible under DeepSpeed"),
     (3, "method=l2sp", "regularizers: l2sp read the weights' values, which DeepSpeed ZeRO-3 partitions"),
 ])
 def test_what_cannot_work_under_deepspeed_is_refused(tiny_llama, tmp_path, stage, setting, error):

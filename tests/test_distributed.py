@@ -27,7 +27,7 @@ def test_two_processes_match_one(tiny_llama, tmp_path, method):
               "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.progress_bar=false",
               "model.lora.target_modules=all-linear", f"method={method}"]
     if method == "arr":
-        common.append(f"regularizers=[{{kl: {{coef: 0.5}}}}, {{replay: {{data: {corpus}, max_length: 16, ratio: 0.5}}}}]")
+        common += ["regularizers=[{kl: {coef: 0.5}}]", f"replay={{data: {corpus}, max_length: 16, ratio: 0.5}}"]
     one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=2", *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

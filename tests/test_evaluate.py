@@ -113,8 +113,8 @@ def test_compare_end_to_end(tiny_llama, suite, tmp_path, monkeypatch):
     ])
     config.evaluation = suite
     # arr with a small local replay corpus
-    from forgetless.config import METHOD_PRESETS
-    monkeypatch.setitem(METHOD_PRESETS, "arr", [{"kl": {}}, {"replay": {"data": str(replay), "max_length": 16}}])
+    from forgetless.registry import PRESETS
+    monkeypatch.setitem(PRESETS, "arr", {"regularizers": [{"kl": {}}], "replay": {"data": str(replay), "max_length": 16}})
     report = run_compare(config)
     root = tmp_path / "cmp"
     for name in ["report.md", "report.json", "tradeoff.png", "measures.png"]:
@@ -199,6 +199,13 @@ def test_general_yardstick_of_several_domains(tiny_llama, suite, tmp_path):
     expected = torch.stack([fox[0], numbers[0], fox[1], numbers[1], fox[2], numbers[2]])
     assert torch.equal(validator.blocks, expected)
     assert torch.equal(ForgettingCurve(config, tok).blocks, expected[:4])
+    from forgetless.data import held_out_blocks  # the one helper both take them from
+
+    assert torch.equal(held_out_blocks(domains, tok, 16, 3, 6), expected)
+    # a text too short to hold any: the curve watches its reported blocks, last first; budget gets none
+    assert torch.equal(held_out_blocks({"numbers": str(other)}, tok, 16, 20, 2, fallback=True),
+                       pack_blocks(load_texts(str(other)), tok, 16).flip(0)[:2])
+    assert len(held_out_blocks({"numbers": str(other)}, tok, 16, 20, 2)) == 0
 
 
 def test_shipped_general_domains_are_long_enough_and_not_replay(tiny_llama):

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from forgetless.errors import TrainingError
-from forgetless.regularizers import REGISTRY, Regularizer
+from forgetless.registry import METHODS, Method
+from forgetless.regularizers import Regularizer
 from forgetless.train import latest_checkpoint, load_trained, train
 
-from conftest import memorisation_rows, tiny_config, write_jsonl
+from conftest import memorisation_rows, tiny_config, with_method, write_jsonl
 
 
 @dataclass
@@ -38,9 +39,9 @@ class Poison(Regularizer):
 
 
 def test_nonfinite_steps_are_skipped_and_logged(tiny_gpt2, memo_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(REGISTRY, "poison", (PoisonConfig, Poison))
+    monkeypatch.setitem(METHODS, "poison", Method("poison", PoisonConfig, Poison))
     cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=6, batch_size=4, learning_rate=1e-2)
-    cfg.regularizers = [{"poison": {"bad_steps": [1, 3]}}]
+    cfg = with_method(cfg, [{"poison": {"bad_steps": [1, 3]}}])
     train(cfg)
     model, _ = load_trained(tmp_path / "o")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -49,9 +50,9 @@ def test_nonfinite_steps_are_skipped_and_logged(tiny_gpt2, memo_data, tmp_path, 
 
 
 def test_repeated_nonfinite_loss_aborts_without_writing_a_model(tiny_gpt2, memo_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(REGISTRY, "poison", (PoisonConfig, Poison))
+    monkeypatch.setitem(METHODS, "poison", Method("poison", PoisonConfig, Poison))
     cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=10, batch_size=4, max_nonfinite_steps=3)
-    cfg.regularizers = [{"poison": {"bad_steps": list(range(2, 10))}}]
+    cfg = with_method(cfg, [{"poison": {"bad_steps": list(range(2, 10))}}])
     with pytest.raises(TrainingError, match="NaN/inf for 3 micro-batches in a row"):
         train(cfg)
     out = tmp_path / "o"
@@ -81,7 +82,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_llama, tmp_path, me
               "train.batch_size=4", "train.save_steps=4", "train.save_total_limit=3", "train.learning_rate=1e-3",
               "train.progress_bar=false", "model.lora.target_modules=all-linear", "train.logging_steps=100"]
     if method == "arr":
-        common.append(f"regularizers=[{{kl: {{coef: 0.1}}}}, {{replay: {{data: {corpus}, max_length: 16}}}}]")
+        common += ["regularizers=[{kl: {coef: 0.1}}]", f"replay={{data: {corpus}, max_length: 16}}"]
     ref = subprocess.run(_cli("default", f"output_dir={tmp_path / 'ref'}", *common), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
 

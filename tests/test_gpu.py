@@ -7,9 +7,10 @@ import contextlib
 import pytest
 import torch
 
-from forgetless.config import METHOD_PRESETS, load_config
+from forgetless.config import load_config
+from forgetless.registry import PRESETS
 
-from conftest import write_jsonl
+from conftest import with_method, write_jsonl
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -42,9 +43,10 @@ def test_train_eval_compare_all_on_the_gpu(tiny_llama, suite, tmp_path, monkeypa
                                                         for i in range(8)])
     replay = tmp_path / "replay.txt"
     replay.write_text(("in the beginning was the word. " * 10 + "\n\n") * 20)
-    monkeypatch.setitem(METHOD_PRESETS, "kl+replay", [{"kl": {}}, {"replay": {"data": str(replay), "max_length": 16}}])
-    monkeypatch.setitem(METHOD_PRESETS, "kl-cached", [{"kl": {"cache": "topk", "topk": 8}}])
-    monkeypatch.setitem(METHOD_PRESETS, "ewc", [{"ewc": {"data": str(replay), "samples": 4, "max_length": 16}}])
+    monkeypatch.setitem(PRESETS, "kl+replay", {"regularizers": [{"kl": {}}],
+                                               "replay": {"data": str(replay), "max_length": 16}})
+    monkeypatch.setitem(PRESETS, "kl-cached", {"regularizers": [{"kl": {"cache": "topk", "topk": 8}}]})
+    monkeypatch.setitem(PRESETS, "ewc", {"regularizers": [{"ewc": {"data": str(replay), "samples": 4, "max_length": 16}}]})
     config = load_config(None, [
         f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
         "data.max_length=64", "train.max_steps=2", "train.batch_size=4", "train.progress_bar=false",
@@ -68,7 +70,7 @@ def test_full_finetune_kl_reference_on_the_gpu(tiny_llama, memo_data, tmp_path):
 
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2)
     cfg.model.finetune = "full"
-    cfg.regularizers = [{"kl": {}}, {"lfu": {}}]
+    cfg = with_method(cfg, [{"kl": {}}, {"lfu": {}}])
     with cpu_forwards() as found:
         train(cfg)
     assert found == [], found[:5]

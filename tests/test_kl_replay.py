@@ -9,17 +9,18 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from forgetless.config import DataConfig, ModelConfig, load_config
+from forgetless.config import DataConfig, ForgetlessConfig, ModelConfig, ReplayConfig, load_config, validate
 from forgetless.data import collator, load_records, load_texts, pack_blocks, tokenize_records
 from forgetless.errors import ConfigError, DataError
 from forgetless.losses import token_kl
 from forgetless.model import apply_finetune, load_tokenizer
-from forgetless.regularizers import build_regularizers
-from forgetless.replay import build_replay
-from forgetless.train import load_trained, train
+from forgetless.registry import build, parse_entries
+from forgetless.replay import ReplaySource
+from forgetless.train import build_method, load_trained, train
+from forgetless.regularizers.kl import KLConfig
 from forgetless.trainer import ForgetlessTrainer
 
-from conftest import trained_weights, memorisation_rows, tiny_config, write_jsonl
+from conftest import trained_weights, memorisation_rows, tiny_config, with_method, write_jsonl
 
 
 # ------------------------------------------------------------------ the divergence itself
@@ -73,12 +74,16 @@ def test_topk_kl_is_a_lower_bound_that_becomes_exact():
 
 # ------------------------------------------------------------------ the regularizer in a training step
 
-def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, **args_kwargs):
+def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, replay=None, **args_kwargs):
+    """A trainer with these `regularizers:` entries and `replay:` section (YAML form), checked as a config's are."""
+    config = ForgetlessConfig(method="custom" if regs or replay is not None else "sft", regularizers=regs, replay=replay)
+    validate(config)
+    regularizers, replay_source = build_method(config)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = apply_finetune(model, ModelConfig(finetune=finetune))
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, learning_rate=0.5,
                              optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", **args_kwargs)
-    trainer = ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regs), replay=build_replay(regs),
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=regularizers, replay=replay_source,
                                 processing_class=load_tokenizer(model_dir))
     trainer.create_optimizer()
     return trainer
@@ -99,11 +104,10 @@ def test_kl_is_zero_before_the_first_update_and_matches_by_hand_after(tiny_llama
     batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
     model = trainer.model
     trainer.training_step(model, dict(batch))
-    assert trainer._metrics["kl"][-1] == 0.0  # exactly: the reference is the model as it starts
+    assert trainer.pending_metrics()["kl"][-1] == 0.0  # exactly: the reference is the model as it starts
     trainer.optimizer.step()
     model.zero_grad()
 
-    trainer._metrics.clear()
     loss = trainer.training_step(model, dict(batch))
     # by hand: initial model from disk vs the updated model, mean over response tokens
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
@@ -125,7 +129,7 @@ def test_kl_is_zero_before_the_first_update_and_matches_by_hand_after(tiny_llama
             nll -= lp[labels[b, t + 1]].item()
             count += 1
     assert total / count > 1e-6
-    assert trainer._metrics["kl"][-1] == pytest.approx(total / count, rel=1e-6)
+    assert trainer.pending_metrics()["kl"][-1] == pytest.approx(total / count, rel=1e-6)
     assert loss.item() == pytest.approx(nll / count + coef * total / count, rel=1e-6)
 
 
@@ -147,7 +151,7 @@ def test_lora_kl_keeps_no_second_copy_of_the_weights_full_finetuning_does(tiny_l
     for finetune in ["lora", "full"]:
         trainer = make_trainer(tiny_llama, tmp_path, finetune, [])
         before = _tensor_elements()
-        kl = build_regularizers([{"kl": {}}])[0]
+        kl = build(KLConfig())
         kl.setup(trainer.run_info)
         grown[finetune] = _tensor_elements() - before
         assert (kl.reference is None) == (finetune == "lora")
@@ -160,7 +164,7 @@ def test_lora_init_that_rewrites_the_base_is_refused(tiny_llama, tmp_path):
     trainer = make_trainer(tiny_llama, tmp_path, "lora", [])
     trainer.model.peft_config["default"].init_lora_weights = "pissa"
     with pytest.raises(ConfigError, match="rewrites the base weights"):
-        build_regularizers([{"kl": {}}])[0].setup(trainer.run_info)
+        build(KLConfig()).setup(trainer.run_info)
 
 
 @pytest.mark.parametrize("forward,length", [("own", 8), ("with_sft", 8), ("with_sft", 40)])
@@ -170,7 +174,6 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     # the SFT rows, the SFT rows when the blocks are longer) or run their own forward + backward before
     # it; the accumulated gradient must be that of the one loss the spec defines, computed here by autograd:
     #   mean SFT NLL + coef * mean KL (SFT tokens) + weight * mean replay NLL + coef * mean KL (replay tokens)
-    from forgetless.replay import ReplaySource
 
     coef, weight = 0.5, 2.0
     drawn = []
@@ -178,8 +181,8 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     monkeypatch.setattr(ReplaySource, "row_indices",
                         lambda self, first, count, rank=None: drawn.append(original(self, first, count, rank)) or drawn[-1])
     trainer = make_trainer(tiny_llama, tmp_path, "full",
-                           [{"replay": {"ratio": 1.0, "max_length": length, "weight": weight, "forward": forward}},
-                            {"kl": {"coef": coef, "on": "both"}}], per_device_train_batch_size=3)
+                           [{"kl": {"coef": coef, "on": "both"}}], per_device_train_batch_size=3,
+                           replay={"ratio": 1.0, "max_length": length, "weight": weight, "forward": forward})
     batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
     model = trainer.model
     trainer.training_step(model, dict(batch))  # a first update, so the model differs from the reference
@@ -227,26 +230,26 @@ def test_replay_auto_joins_the_sft_forward_only_when_padding_is_small(tiny_llama
     batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
     sft_length = batch["input_ids"].shape[1]
 
-    def forwards_of_one_step(regs):
-        trainer = make_trainer(tiny_llama, tmp_path, "lora", regs, per_device_train_batch_size=3)
+    def forwards_of_one_step(replay, regs=()):
+        trainer = make_trainer(tiny_llama, tmp_path, "lora", list(regs), replay=replay, per_device_train_batch_size=3)
         shapes = []
         trainer.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
                                                 with_kwargs=True)
         trainer.training_step(trainer.model, dict(batch))
         return shapes
 
-    same = {"replay": {"ratio": 1.0, "max_length": sft_length}}
-    assert forwards_of_one_step([same]) == [(6, sft_length)]  # equal lengths: one forward
-    long = {"replay": {"ratio": 1.0, "max_length": 3 * sft_length}}  # padding would add far more than 10%
-    assert forwards_of_one_step([long]) == [(3, 3 * sft_length), (3, sft_length)]
+    same = {"ratio": 1.0, "max_length": sft_length}
+    assert forwards_of_one_step(same) == [(6, sft_length)]  # equal lengths: one forward
+    long = {"ratio": 1.0, "max_length": 3 * sft_length}  # padding would add far more than 10%
+    assert forwards_of_one_step(long) == [(3, 3 * sft_length), (3, sft_length)]
     # LfU's hooks read the SFT rows of the clean forward: replay runs apart (3 = LfU's perturbed pass)
-    assert forwards_of_one_step([same, {"lfu": {}}]) == [(3, sft_length)] * 3
+    assert forwards_of_one_step(same, [{"lfu": {}}]) == [(3, sft_length)] * 3
     with pytest.raises(ConfigError, match="with_sft cannot be combined with lfu"):
-        make_trainer(tiny_llama, tmp_path, "lora", [{"replay": {"forward": "with_sft"}}, {"lfu": {}}])
+        make_trainer(tiny_llama, tmp_path, "lora", [{"lfu": {}}], replay={"forward": "with_sft"})
 
 
 def test_kl_on_replay_needs_replay(tiny_llama, tmp_path):
-    with pytest.raises(ConfigError, match="needs a replay regularizer"):
+    with pytest.raises(ConfigError, match="needs replay rows"):
         make_trainer(tiny_llama, tmp_path, "lora", [{"kl": {"on": "replay"}}])
 
 
@@ -254,15 +257,15 @@ def test_rules_between_regularizers_are_checked_when_the_config_is_parsed():
     """Before any model loads, naming the entry and its option; the order of the entries does not matter."""
     from forgetless.config import load_config
 
-    with pytest.raises(ConfigError, match=r"regularizers\[0\].kl.on: 'both' needs a replay regularizer in the same run"):
+    with pytest.raises(ConfigError, match=r"regularizers\[0\].kl.on: 'both' needs replay rows: add a `replay:`"):
         load_config(None, ["regularizers=[{kl: {on: both}}]"])
-    load_config(None, ["regularizers=[{kl: {on: both}}, {replay: {}}]"])  # with replay: fine
-    with pytest.raises(ConfigError, match=r"regularizers\[1\].replay.forward: with_sft cannot be combined with lfu"):
-        load_config(None, ["regularizers=[{lfu: {}}, {replay: {forward: with_sft}}]"])
+    load_config(None, ["regularizers=[{kl: {on: both}}]", "replay={}"])  # with replay: fine
+    with pytest.raises(ConfigError, match=r"replay.forward: with_sft cannot be combined with lfu"):
+        load_config(None, ["regularizers=[{lfu: {}}]", "replay={forward: with_sft}"])
     with pytest.raises(ConfigError, match=r"regularizers\[0\].lfu: at most one perturbing regularizer"):
         load_config(None, ["regularizers=[{lfu: {}}, {lfu: {variant: reps}}]"])
     # and inside a compare run, before anything trains
-    with pytest.raises(ConfigError, match=r"compare.runs.x: regularizers\[0\].kl.on: 'replay' needs a replay"):
+    with pytest.raises(ConfigError, match=r"compare.runs.x: regularizers\[0\].kl.on: 'replay' needs replay rows"):
         load_config(None, ["compare.runs={x: {regularizers: [{kl: {on: replay}}]}}"])
 
 
@@ -282,14 +285,14 @@ def test_replay_corpus_loading_and_packing(tiny_gpt2, tmp_path):
 
 def test_replay_mix_ratio_is_exact_deterministic_and_cycles(tiny_gpt2, tmp_path):
     trainer = make_trainer(tiny_gpt2, tmp_path, "lora", [])
-    replay = build_replay([{"replay": {"ratio": 0.3, "max_length": 16}}])
+    replay = ReplaySource(ReplayConfig(ratio=0.3, max_length=16))
     replay.setup(trainer.run_info)
     n_blocks = replay.blocks.shape[0]
     draws = replay.row_indices(0, 3 * n_blocks)
     for c in range(3):  # each cycle visits every block once, in a fresh order
         assert sorted(draws[c * n_blocks:(c + 1) * n_blocks]) == list(range(n_blocks))
     assert draws[:n_blocks] != draws[n_blocks:2 * n_blocks]
-    again = build_replay([{"replay": {"ratio": 0.3, "max_length": 16}}])
+    again = ReplaySource(ReplayConfig(ratio=0.3, max_length=16))
     again.setup(trainer.run_info)
     assert again.row_indices(0, 50) == draws[:50]
 
@@ -297,7 +300,7 @@ def test_replay_mix_ratio_is_exact_deterministic_and_cycles(tiny_gpt2, tmp_path)
 def test_replay_fraction_over_a_run(tiny_gpt2, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(9))  # full batches of 3 every epoch
     cfg = tiny_config(tiny_gpt2, data, tmp_path / "o", max_steps=20, batch_size=3, learning_rate=1e-3)
-    cfg.regularizers = [{"replay": {"ratio": 0.4, "max_length": 16}}]
+    cfg = with_method(cfg, replay={"ratio": 0.4, "max_length": 16})
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl") if '"replay_fraction"' in line]
     assert len(rows) == 20
@@ -314,7 +317,7 @@ def test_replay_with_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
         cfg = tiny_config(tiny_llama, data, tmp_path / f"o{batch}", max_steps=2, batch_size=batch, grad_accum=accum,
                           learning_rate=0.5, optim="sgd", max_grad_norm=0, seed=3)
         cfg.model.finetune = "full"
-        cfg.regularizers = [{"replay": {"ratio": 0.5, "max_length": 12, "weight": 2.0}}, {"kl": {"coef": 0.5}}]
+        cfg = with_method(cfg, [{"kl": {"coef": 0.5}}], replay={"ratio": 0.5, "max_length": 12, "weight": 2.0})
         train(cfg)
         params[batch] = dict(load_trained(tmp_path / f"o{batch}")[0].named_parameters())
     for name, p in params[4].items():
@@ -324,7 +327,7 @@ def test_replay_with_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
 def test_zero_coef_and_zero_ratio_reproduce_plain_sft_exactly(tiny_llama, memo_data, tmp_path):
     steps = dict(max_steps=4, batch_size=4, learning_rate=1e-2)
     sft = trained_weights(tiny_llama, memo_data, tmp_path / "sft", [], **steps)
-    noop = trained_weights(tiny_llama, memo_data, tmp_path / "noop", [{"kl": {"coef": 0.0}}, {"replay": {"ratio": 0.0}}], **steps)
+    noop = trained_weights(tiny_llama, memo_data, tmp_path / "noop", [{"kl": {"coef": 0.0}}], {"ratio": 0.0}, **steps)
     for n, p in sft.items():
         assert torch.equal(p, noop[n]), n
 
@@ -335,7 +338,7 @@ def test_presets_train_and_log(tiny_gpt2, memo_data, tmp_path, method):
     cfg = load_config(None, [f"method={method}", f"model.name_or_path={cfg.model.name_or_path}",
                              f"data.train={cfg.data.train}", f"output_dir={cfg.output_dir}", "train.max_steps=3",
                              "train.logging_steps=1", "train.progress_bar=false", "model.lora.target_modules=all-linear",
-                             "regularizers=[]"] + (["regularizers=[{kl: {on: both}}, {replay: {max_length: 16}}]"]
+                             "regularizers=[]"] + (["regularizers=[{kl: {on: both}}]", "replay={max_length: 16}"]
                                                    if method == "arr" else []))
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
@@ -346,7 +349,7 @@ def test_presets_train_and_log(tiny_gpt2, memo_data, tmp_path, method):
 
 def test_lfu_composes_with_kl_and_replay(tiny_gpt2, memo_data, tmp_path):
     cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=3, batch_size=4, learning_rate=1e-2)
-    cfg.regularizers = [{"lfu": {}}, {"kl": {"coef": 0.1}}, {"replay": {"max_length": 16, "ratio": 0.5}}]
+    cfg = with_method(cfg, [{"lfu": {}}, {"kl": {"coef": 0.1}}], replay={"max_length": 16, "ratio": 0.5})
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl") if '"l_cons"' in line]
     assert rows and all({"kl", "l_replay", "l_cons"} <= set(r) for r in rows)
@@ -370,7 +373,7 @@ def test_cached_reference_matches_the_topk_kl_and_is_reused(tiny_llama, tmp_path
         model = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64), ModelConfig())
         args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), report_to="none", use_cpu=True,
                                  learning_rate=0.5, optim="sgd", per_device_eval_batch_size=4, disable_tqdm=True)
-        return ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regs), train_dataset=ds,
+        return ForgetlessTrainer(model=model, args=args, regularizers=[build(o) for o in parse_entries(regs)], train_dataset=ds,
                                  processing_class=tok)
 
     trainer = trainer_with(regs)
@@ -410,14 +413,14 @@ def test_full_finetune_cache_needs_no_reference_copy_and_starts_at_zero(tiny_lla
                            ModelConfig(finetune="full"))
     args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), report_to="none", use_cpu=True, disable_tqdm=True)
     trainer = ForgetlessTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(examples),
-                                regularizers=build_regularizers([{"kl": {"cache": "topk", "topk": 5}}]),
+                                regularizers=[build(KLConfig(cache="topk", topk=5))],
                                 processing_class=tok)
     kl = trainer.regularizers[0]
     assert kl.reference is None and kl.cache is not None
     batch = collator(tok)([dict(examples[i]) for i in range(4)])
     trainer.training_step(model, batch)
     # the cache holds the model as it started (stored in fp32, so zero up to fp32 rounding)
-    assert abs(trainer._metrics["kl"][-1]) < 1e-6
+    assert abs(trainer.pending_metrics()["kl"][-1]) < 1e-6
 
 
 def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, memo_data, tmp_path):
@@ -431,7 +434,7 @@ def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, mem
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2, batch_size=4)
-    cfg.regularizers = [{"replay": {"data": "self", "self_blocks": 6, "max_length": 16, "ratio": 0.5}}]
+    cfg = with_method(cfg, replay={"data": "self", "self_blocks": 6, "max_length": 16, "ratio": 0.5})
     summary = train(cfg).summary
     assert summary["self_replay_blocks"] == 6 and summary["self_replay_generation_seconds"] > 0
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
@@ -464,8 +467,8 @@ def test_chat_replay_rows_are_trained_like_sft_rows(tiny_llama, tmp_path):
     weight = 1.5
     chats = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": f"say {w} please", "response": f"{w} {w} {w}"}
                                                   for w in ["red", "green and blue", "a long yellow word", "x"]])
-    regs = [{"replay": {"data": str(chats), "ratio": 1.0, "max_length": 32, "weight": weight}}]
-    trainer = make_trainer(tiny_llama, tmp_path, "full", regs, per_device_train_batch_size=3)
+    trainer = make_trainer(tiny_llama, tmp_path, "full", [], per_device_train_batch_size=3,
+                           replay={"data": str(chats), "ratio": 1.0, "max_length": 32, "weight": weight})
     replay = trainer.replay
     assert replay.examples is not None and replay.blocks is None and len(replay) == 4
     expected_rows, _ = tokenize_records(load_records(str(chats), DataConfig()), load_tokenizer(tiny_llama),
@@ -497,8 +500,6 @@ def test_replay_scale_is_the_mean_over_every_process_rows_of_the_step(tiny_llama
     average then gives the mean over the step's replay tokens)."""
     from types import SimpleNamespace
 
-    from forgetless.replay import ReplayConfig, ReplaySource
-
     chats = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "q " * (i + 1), "response": "a " * (2 * i + 1)}
                                                   for i in range(7)])
     tok = load_tokenizer(tiny_llama)
@@ -528,11 +529,9 @@ def test_replay_scale_is_the_mean_over_every_process_rows_of_the_step(tiny_llama
 def test_replay_source_errors_name_the_file_line_and_option(tiny_llama, tmp_path):
     bad = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "only a prompt"}])
     with pytest.raises(DataError, match=r"chat.jsonl:2"):
-        make_trainer(tiny_llama, tmp_path, "lora", [{"replay": {"data": str(bad)}}])
+        make_trainer(tiny_llama, tmp_path, "lora", [], replay={"data": str(bad)})
     text = write_jsonl(tmp_path / "text.jsonl", [{"body": "no text field here"}])
     with pytest.raises(DataError, match=r"text.jsonl:1: missing field 'text'"):
-        make_trainer(tiny_llama, tmp_path, "lora", [{"replay": {"data": str(text), "format": "text"}}])
-    with pytest.raises(ConfigError, match=r"regularizers\[0\].replay.ratio: must be >= 0"):
-        load_config(None, ["regularizers=[{replay: {ratio: -1}}]"])
-    with pytest.raises(ConfigError, match=r"regularizers\[0\].replay: at most one replay entry per run"):
-        load_config(None, ["regularizers=[{replay: {}}, {replay: {ratio: 0.5}}]"])
+        make_trainer(tiny_llama, tmp_path, "lora", [], replay={"data": str(text), "format": "text"})
+    with pytest.raises(ConfigError, match=r"replay.ratio: must be >= 0"):
+        load_config(None, ["replay={ratio: -1}"])

@@ -11,12 +11,12 @@ from forgetless.config import ModelConfig
 from forgetless.data import collator, load_records, tokenize_records
 from forgetless.config import DataConfig
 from forgetless.model import apply_finetune, load_tokenizer
-from forgetless.regularizers import build_regularizers
+from forgetless.registry import build, parse_entries
 from forgetless.regularizers.lfu import find_decoder_layers, select_layers
 from forgetless.train import train
 from forgetless.trainer import ForgetlessTrainer
 
-from conftest import trained_weights, memorisation_rows, tiny_config, write_jsonl
+from conftest import trained_weights, memorisation_rows, tiny_config, with_method, write_jsonl
 
 LAM, ALPHA = 5.0, 0.1
 
@@ -114,10 +114,10 @@ def hand_lfu_grads(model, batch, variant, layers_spec):
 
 def library_step(model, batch, tmp_path, variant, layers_spec, lam=LAM):
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True)
-    regs = build_regularizers([{"lfu": {"variant": variant, "lam": lam, "alpha": ALPHA, "layers": layers_spec}}])
+    regs = [build(o) for o in parse_entries([{"lfu": {"variant": variant, "lam": lam, "alpha": ALPHA, "layers": layers_spec}}])]
     trainer = ForgetlessTrainer(model=model, args=args, regularizers=regs)
     loss = trainer.training_step(model, dict(batch))
-    metrics = {k: v[-1] for k, v in trainer._metrics.items()}
+    metrics = {k: v[-1] for k, v in trainer.pending_metrics().items()}
     return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, metrics
 
 
@@ -157,7 +157,7 @@ def test_ascent_gradient_never_leaks_into_the_accumulated_gradient(tiny_llama, t
         for name, gi in g.items():  # per-micro mean -> weighted by its share of the step's tokens
             expected[name] = expected.get(name, 0) + gi * n / sum(tokens)
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, gradient_accumulation_steps=2)
-    regs = build_regularizers([{"lfu": {"lam": LAM, "alpha": ALPHA}}])
+    regs = [build(o) for o in parse_entries([{"lfu": {"lam": LAM, "alpha": ALPHA}}])]
     trainer = ForgetlessTrainer(model=model, args=args, regularizers=regs)
     for b in (b1, b2):
         trainer.training_step(model, dict(b), num_items_in_batch=sum(tokens))
@@ -178,7 +178,7 @@ def test_lam_zero_reproduces_plain_sft_exactly(tiny_llama, memo_data, tmp_path):
 @pytest.mark.parametrize("variant", ["lora", "reps"])
 def test_lfu_trains_and_logs_its_parts(tiny_gpt2, memo_data, tmp_path, variant):
     cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=3, batch_size=4, learning_rate=1e-2)
-    cfg.regularizers = [{"lfu": {"variant": variant}}]
+    cfg = with_method(cfg, [{"lfu": {"variant": variant}}])
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     logged = [r for r in rows if "l_cons" in r]
@@ -199,10 +199,10 @@ def test_dropout_masks_are_shared_by_the_clean_and_perturbed_pass(tmp_path):
     model = apply_finetune(model, ModelConfig(finetune="full"))
     batch = make_batch(model_dir, tmp_path, memorisation_rows(3))
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True)
-    regs = build_regularizers([{"lfu": {"alpha": 0.0}}])
+    regs = [build(o) for o in parse_entries([{"lfu": {"alpha": 0.0}}])]
     trainer = ForgetlessTrainer(model=model, args=args, regularizers=regs)
     trainer.training_step(model, dict(batch))
-    assert trainer._metrics["l_cons"][-1] == 0.0
+    assert trainer.pending_metrics()["l_cons"][-1] == 0.0
     # and dropout really is on: two clean forwards in train mode differ
     model.train()
     a = model(input_ids=batch["input_ids"]).logits
@@ -224,7 +224,7 @@ def test_bad_lfu_options_are_named():
 
 def lfu_trainer(model, tmp_path, **options):
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, seed=3)
-    regs = build_regularizers([{"lfu": {"lam": LAM, "alpha": ALPHA, **options}}])
+    regs = [build(o) for o in parse_entries([{"lfu": {"lam": LAM, "alpha": ALPHA, **options}}])]
     return ForgetlessTrainer(model=model, args=args, regularizers=regs)
 
 
@@ -292,14 +292,14 @@ def test_every_k_runs_the_pass_on_every_kth_micro_batch_scaled_by_k(tiny_llama, 
     assert relative_error(grads[3], grads[0]) < 1e-9
     summed = {n: grads[0][n] + grads[1][n] + grads[2][n] for n in exact}
     assert relative_error(summed, {n: 3 * g for n, g in exact.items()}) < 1e-6
-    assert len(trainer._metrics["l_cons"]) == 2
+    assert len(trainer.pending_metrics()["l_cons"]) == 2
 
 
 def test_lfu_fast_preset_trains_and_logs(tiny_gpt2, memo_data, tmp_path):
-    from forgetless.config import METHOD_PRESETS
+    from forgetless.config import as_preset as preset
 
-    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=4, batch_size=4, learning_rate=1e-2)
-    cfg.regularizers = METHOD_PRESETS["lfu-fast"]
+    cfg = preset(tiny_config(tiny_gpt2, memo_data, tmp_path / "o", max_steps=4, batch_size=4, learning_rate=1e-2),
+                 "lfu-fast")
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert sum("l_cons" in r for r in rows) >= 1

@@ -16,7 +16,7 @@ from forgetless.errors import ConfigError
 from forgetless.run_folder import MARKER, check_same_base, reusable_summary, save_aside
 from forgetless.train import train
 
-from conftest import save_tiny, tiny_config, write_jsonl
+from conftest import save_tiny, tiny_config, with_method, write_jsonl
 
 
 class OneProcess:
@@ -135,6 +135,50 @@ def test_save_aside_leaves_the_old_files_when_the_save_fails(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").read_text() == "new" and not (tmp_path / ".saving").exists()
 
 
+def test_write_run_writes_the_summary_last_and_a_kill_leaves_no_finished_run(tiny_gpt2, memo_data, tmp_path,
+                                                                             monkeypatch):
+    """run_folder.write_run, the one writer of a finished run's folder (train's and budget's): weights aside
+    then in place, the metrics of the run they came from, config.yaml, extra files, the summary last."""
+    import yaml
+
+    from forgetless import run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text("{}")
+    (tmp_path / "trained.jsonl").write_text('{"step": 1}\n')
+    cfg = tiny_config(tiny_gpt2, memo_data, run)
+
+    def save(folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_model.safetensors").write_text("weights")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill after the weights, while the other files are written
+
+    with monkeypatch.context() as m:
+        m.setattr(run_folder, "write_json_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_folder.write_run(run, save, {"train_loss": 1.0}, config=cfg, metrics=tmp_path / "trained.jsonl",
+                                 files={"budget.json": {"chosen": 1}})
+    assert (run / "adapter_model.safetensors").read_text() == "weights"
+    assert not run_folder.is_finished(run)  # the folder never reads as finished
+
+    present_at_summary = []
+    real = run_folder.write_summary
+    monkeypatch.setattr(run_folder, "write_summary", lambda folder, summary: (
+        present_at_summary.append(sorted(p.name for p in Path(folder).iterdir())), real(folder, summary)))
+    run_folder.write_run(run, save, {"train_loss": 1.0}, config=cfg, metrics=tmp_path / "trained.jsonl",
+                         files={"budget.json": {"chosen": 1}})
+    assert present_at_summary == [sorted([MARKER, "adapter_model.safetensors", "metrics.jsonl", "config.yaml",
+                                          "budget.json"])]
+    assert sorted(p.name for p in run.iterdir()) == sorted(present_at_summary[0] + ["train_summary.json"])
+    assert json.loads((run / "train_summary.json").read_text()) == {"train_loss": 1.0}
+    assert json.loads((run / "budget.json").read_text()) == {"chosen": 1}
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert yaml.safe_load((run / "config.yaml").read_text()) == yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+
+
 # ---------------------------------------------------------------- reuse keyed by content
 
 
@@ -200,10 +244,30 @@ def test_run_inputs_change_with_each_input(tiny_gpt2, memo_data, tmp_path):
     assert identity.run_inputs(cfg) == before
     corpus = tmp_path / "replay.txt"
     corpus.write_text("one document\n\nanother")
-    cfg.regularizers = [{"replay": {"data": str(corpus)}}]
+    cfg = with_method(cfg, replay={"data": str(corpus)})
     with_replay = identity.run_inputs(cfg)
     corpus.write_text("one document\n\nchanged")
     assert identity.changed_inputs(with_replay, identity.run_inputs(cfg)) == [f"data file {corpus}"]
+
+
+def test_examples_held_out_of_training_are_part_of_a_runs_inputs(tiny_gpt2, memo_data, tmp_path):
+    """budget's trials train on data.train less its last validation examples (train(holdout=...)): the
+    count is in their inputs, so a finished trial is reused only for the same split, and plain runs'
+    inputs are as before."""
+    from forgetless.config import dump_config
+    from forgetless.run_folder import write_summary
+
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run")
+    plain, held = identity.run_inputs(cfg), identity.run_inputs(cfg, holdout=16)
+    assert "holdout" not in plain and held == {**plain, "holdout": 16}
+    assert identity.changed_inputs(held, identity.run_inputs(cfg, holdout=8)) == [
+        "the examples held out of training (budget.validation_examples)"]
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    write_summary(run, {"inputs": held})
+    assert reusable_summary(cfg, holdout=16) == {"inputs": held}
+    assert reusable_summary(cfg, holdout=8) is None and reusable_summary(cfg) is None
 
 
 # ---------------------------------------------------------------- the offline default stays offline

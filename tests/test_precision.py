@@ -13,7 +13,7 @@ from forgetless.evaluate import evaluate_base_and_runs
 from forgetless.model import default_device, load_model, resolve_dtype
 from forgetless.train import load_trained, train, training_arguments
 
-from conftest import memorisation_rows, tiny_config, write_jsonl
+from conftest import memorisation_rows, tiny_config, with_method, write_jsonl
 
 CORPUS = ("the quick brown fox jumps over the lazy dog " * 8 + "\n\n") * 30
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -47,7 +47,7 @@ def test_tuned_model_is_evaluated_in_the_base_dtype(tiny_llama, memo_data, suite
     be exactly 0. Loaded in float32 against a bf16 base (the old behaviour) it was not."""
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2, learning_rate=1e-2)
     cfg.model.dtype = "bfloat16"
-    cfg.regularizers = [{"wise_ft": {"alpha": 0.0}}]
+    cfg = with_method(cfg, [{"wise_ft": {"alpha": 0.0}}])
     train(cfg)
     model, _ = load_trained(tmp_path / "o")
     assert next(model.parameters()).dtype == torch.bfloat16  # the run's own dtype by default
@@ -84,8 +84,8 @@ def test_qlora_trains_with_kl_replay_and_lfu_and_evaluates(bits, tiny_llama64, m
     corpus.write_text(CORPUS)
     cfg = tiny_config(tiny_llama64, memo_data, tmp_path / "o", max_steps=3, batch_size=2, learning_rate=1e-2)
     cfg.model.quantization = bits
-    cfg.regularizers = [{"kl": {"coef": 0.5, "on": "both"}},
-                        {"replay": {"data": str(corpus), "max_length": 16, "ratio": 0.5}}, {"lfu": {"lam": 1.0}}]
+    cfg = with_method(cfg, [{"kl": {"coef": 0.5, "on": "both"}}, {"lfu": {"lam": 1.0}}],
+                      replay={"data": str(corpus), "max_length": 16, "ratio": 0.5})
     train(cfg)
     model, _ = load_trained(tmp_path / "o", device=default_device())
     kind = bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt
@@ -107,7 +107,7 @@ def test_report_to_tensorboard_holds_our_metrics(tiny_llama, memo_data, tmp_path
     corpus.write_text(CORPUS)
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2, batch_size=2)
     cfg.train.report_to = "tensorboard"
-    cfg.regularizers = [{"kl": {}}, {"replay": {"data": str(corpus), "max_length": 16}}, {"lfu": {}}]
+    cfg = with_method(cfg, [{"kl": {}}, {"lfu": {}}], replay={"data": str(corpus), "max_length": 16})
     train(cfg)
     (events,) = (tmp_path / "o" / "tensorboard").glob("events.out.tfevents.*")
     tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])

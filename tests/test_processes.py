@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.cli import main
-from forgetless.regularizers import Regularizer, register
+from forgetless.registry import register
+from forgetless.regularizers import Regularizer
 
 
 @dataclass
@@ -141,7 +142,8 @@ import pathlib
 import shutil
 import sys
 
-import forgetless.budget as budget
+import forgetless.config as config
+from forgetless import run_folder
 from forgetless.cli import main
 
 rank, out = os.environ.get("RANK", "0"), pathlib.Path(os.environ["BUDGET_OUT"]).resolve()
@@ -152,28 +154,12 @@ def log(what):
         f.write(f"{rank} {what}\\n")
 
 
-def logged(what, fn):
-    def wrapper(*args, **kwargs):
-        log(what)
-        return fn(*args, **kwargs)
-    return wrapper
-
-
-split = budget.split_training_data
-
-
-def split_logged(config, folder, write=True):
-    if write:
-        log("split data")
-        return split(config, folder)
-    return split(config, folder, write=False)
-
-
 write_text, copy2 = pathlib.Path.write_text, shutil.copy2
+dump_config, write_summary = config.dump_config, run_folder.write_summary
 
 
 def write_text_logged(self, *args, **kwargs):
-    if self.name == "budget.json":
+    if self.name == "budget.json" or self.name.startswith(".budget.json."):  # whole, or a tmp renamed into place
         log("budget.json")
     return write_text(self, *args, **kwargs)
 
@@ -184,9 +170,21 @@ def copy2_logged(src, dst, *args, **kwargs):
     return copy2(src, dst, *args, **kwargs)
 
 
-budget.split_training_data = split_logged
-budget.dump_config = logged("config.yaml", budget.dump_config)
-budget.write_summary = logged("summary", budget.write_summary)
+# the chosen run's folder has one writer, run_folder.write_run (train's too): its writes there are logged,
+# not those into the trials' folders under budget/
+def dump_config_logged(cfg, path):
+    if pathlib.Path(path).resolve().parent == out:
+        log("config.yaml")
+    return dump_config(cfg, path)
+
+
+def write_summary_logged(folder, summary):
+    if pathlib.Path(folder).resolve() == out:
+        log("summary")
+    return write_summary(folder, summary)
+
+
+config.dump_config, run_folder.write_summary = dump_config_logged, write_summary_logged
 pathlib.Path.write_text, shutil.copy2 = write_text_logged, copy2_logged
 sys.exit(main(sys.argv[1:]))
 '''
@@ -197,8 +195,8 @@ sys.exit(main(sys.argv[1:]))
                                                 ("wise_ft", [1.0, 0.5], "metrics.jsonl")])
 def test_budget_under_two_processes_writes_each_file_once(pretrained, tmp_path, knob, grid, copied):
     """`forgetless train` with a budget under `accelerate launch`: the trials train on both processes,
-    the main process alone writes the split data, the chosen run's files, budget.json, config.yaml and
-    the summary (the others used to delete and rewrite the same files at the same time)."""
+    the main process alone writes the chosen run's files, budget.json, config.yaml and the summary (the
+    others used to delete and rewrite the same files at the same time); the split stays in memory."""
     import os
 
     from forgetless.train import load_trained
@@ -215,13 +213,15 @@ def test_budget_under_two_processes_writes_each_file_once(pretrained, tmp_path, 
     assert res.returncode == 0, why(res)
     writes = log.read_text().splitlines()
     assert all(line.startswith("0 ") for line in writes), writes
-    for what in ("split data", "budget.json", "config.yaml", "summary", f"copy {copied}"):
+    for what in ("budget.json", "config.yaml", "summary", f"copy {copied}"):
         assert writes.count(f"0 {what}") == 1, (what, writes)
     report = json.loads((out / "budget.json").read_text())
     assert len(report["trials"]) >= 1 and report["chosen"]["passes"]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["budget"]["chosen"] == report["chosen"]
-    assert sum(1 for _ in open(out / "budget" / "train.jsonl")) == 64 - 16
+    trial = next(p for p in (out / "budget").iterdir() if (p / "train_summary.json").is_file())
+    assert json.loads((trial / "train_summary.json").read_text())["train_examples"] == 64 - 16
+    assert not list((out / "budget").glob("*.jsonl"))  # no split written out
     load_trained(out)  # the output folder is a whole run
 
 

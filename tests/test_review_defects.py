@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 
 from forgetless.model import apply_finetune
 from forgetless.config import ModelConfig
-from forgetless.regularizers import build_regularizers
+from forgetless.registry import build, parse_entries
 from forgetless.trainer import ForgetlessTrainer
 
 from test_lfu import make_batch
@@ -18,7 +18,7 @@ from conftest import memorisation_rows
 
 def step_trainer(model, tmp_path, regularizers, **args):
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, **args)
-    return ForgetlessTrainer(model=model, args=args, regularizers=build_regularizers(regularizers))
+    return ForgetlessTrainer(model=model, args=args, regularizers=[build(o) for o in parse_entries(regularizers)])
 
 
 @pytest.mark.parametrize("regularizers", [[{"kl": {"coef": 1.0}}, {"lfu": {}}], [{"lfu": {}}, {"kl": {"coef": 1.0}}]])
@@ -70,7 +70,7 @@ def test_a_nonfinite_lfu_term_is_skipped_and_the_clean_gradient_kept(tiny_llama,
         grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         for n, p in model.named_parameters():  # the perturbation was undone
             assert torch.equal(p, before[n]), n
-    assert trainer._metrics["lfu_nonfinite_skipped"] == [1.0]
+    assert trainer.pending_metrics()["lfu_nonfinite_skipped"] == [1.0]
     for n, g in grads["sft"].items():
         torch.testing.assert_close(grads["lfu"][n], g, rtol=0, atol=0)
 
@@ -82,7 +82,8 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.cli import main
-from forgetless.regularizers import Regularizer, register
+from forgetless.registry import register
+from forgetless.regularizers import Regularizer
 
 
 @dataclass
@@ -184,7 +185,7 @@ def test_lfu_refuses_a_perturbation_that_half_precision_weights_round_away(tiny_
     lora = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16), ModelConfig())
     trainer = step_trainer(lora, tmp_path, [{"lfu": {"alpha": 0.01}}])
     trainer.training_step(lora, dict(batch))
-    assert trainer._metrics["lfu_perturb_norm"][-1] == pytest.approx(0.01, rel=1e-4)
+    assert trainer.pending_metrics()["lfu_perturb_norm"][-1] == pytest.approx(0.01, rel=1e-4)
 
 
 def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_path, monkeypatch):
@@ -196,7 +197,7 @@ def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_pa
     from forgetless.replay import ReplayConfig, ReplaySource
     from forgetless.train import train
 
-    from conftest import tiny_config, write_jsonl
+    from conftest import tiny_config, with_method, write_jsonl
 
     seen = []  # (optimizer step, the micro-batch's blocks, their scale)
     draw = ReplaySource.draw
@@ -213,7 +214,7 @@ def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_pa
     corpus.write_text(("the quick brown fox jumps over the lazy dog " * 8 + "\n\n") * 30)
     options = dict(data=str(corpus), ratio=0.3, max_length=16)
     cfg = tiny_config(tiny_gpt2, data, tmp_path / "o", max_steps=6, batch_size=4, grad_accum=2)
-    cfg.regularizers = [{"replay": options}]
+    cfg = with_method(cfg, replay=options)
     train(cfg)
     steps = sorted({step for step, _, _ in seen})
     assert steps == list(range(6))

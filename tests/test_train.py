@@ -7,11 +7,12 @@ import torch
 from dataclasses import dataclass
 
 from forgetless.errors import ConfigError, DataError
-from forgetless.regularizers import REGISTRY, Regularizer, register
+from forgetless.registry import METHODS, Method
+from forgetless.regularizers import Regularizer
 from forgetless.train import load_trained, train
 from forgetless.losses import next_token_targets, prediction_mask, token_nll
 
-from conftest import memorisation_rows, tiny_config, write_jsonl
+from conftest import memorisation_rows, tiny_config, with_method, write_jsonl
 
 
 def base_weights(model):
@@ -154,13 +155,13 @@ class PullToZero(Regularizer):
 
 
 def test_regularizer_term_is_added_to_the_gradient_and_logged(tiny_llama, memo_data, tmp_path, monkeypatch):
-    monkeypatch.setitem(REGISTRY, "pull_to_zero", (PullConfig, PullToZero))
+    monkeypatch.setitem(METHODS, "pull_to_zero", Method("pull_to_zero", PullConfig, PullToZero))
     finals = {}
     for coef in [0.0, 0.5]:
         cfg = tiny_config(tiny_llama, memo_data, tmp_path / f"out{coef}", max_steps=1, batch_size=8,
                           learning_rate=0.1, optim="sgd", max_grad_norm=0)
         cfg.model.finetune = "full"
-        cfg.regularizers = [{"pull_to_zero": {"coef": coef}}]
+        cfg = with_method(cfg, [{"pull_to_zero": {"coef": coef}}])
         train(cfg)
         finals[coef] = {n: p.detach() for n, p in load_trained(tmp_path / f"out{coef}")[0].named_parameters()}
         log = [json.loads(line) for line in open(tmp_path / f"out{coef}" / "metrics.jsonl")]
@@ -181,11 +182,10 @@ def test_output_dir_is_never_overwritten_silently(tiny_gpt2, memo_data, tmp_path
     # a run stopped by bad input while it was set up leaves empty folders only: the corrected rerun may go on
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "only a prompt"}])
     cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "fresh", max_steps=1)
-    cfg.regularizers = [{"replay": {"data": str(bad)}}]
+    cfg = with_method(cfg, replay={"data": str(bad)})
     for _ in range(2):  # the second time the same data error, not "already holds files"
         with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'response'"):
             train(cfg)
     # the marker and the config it was started with: nothing to lose
     assert sorted(p.name for p in (tmp_path / "fresh").rglob("*") if p.is_file()) == [".forgetless-run", "config.yaml"]
-    cfg.regularizers = []
-    train(cfg)
+    train(with_method(cfg))

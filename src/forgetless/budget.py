@@ -7,7 +7,9 @@ picks the regularisation strength that stays inside it while keeping as much tar
 The search, on a validation split (never the data the final figures are reported on):
   - general text: `budget.general_text`, or by default the blocks of each `evaluation.general_text` domain
     *after* its first `evaluation.general_blocks` (which the evaluation reports on), the domains in turn;
-  - target task: the last `budget.validation_examples` training examples, held out from training.
+  - target task: the last `budget.validation_examples` examples of data.train's mixture, held out from
+    training (in memory: each trial trains on the rest, `train(holdout=...)`, with the sources' own formats
+    and tags; the trials' inputs record the count).
 A candidate passes when its validation perplexity rise (ppl / ppl_base - 1) and/or drift KL stay
 within (1 - margin) x the bound(s); among passing candidates the one with the lowest validation
 target NLL wins.
@@ -22,7 +24,8 @@ Knobs:
 Finally the chosen model is measured on the held-out test blocks the evaluation uses, and everything
 (every candidate, the choice, the held-out check) goes to OUTPUT_DIR/budget.json and the run summary.
 
-OUTPUT_DIR: the chosen model (as a normal run), budget.json, budget/ (split data, trial runs).
+OUTPUT_DIR: the chosen model (a normal run, written by the same writer as train's: run_folder.write_run),
+budget.json, budget/ (the trial runs).
 
 Under `accelerate launch` every process runs the search: the trials train together (train() is
 collective), every process measures its copy of each candidate and all follow the main process's figures
@@ -35,31 +38,21 @@ import copy
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
-from forgetless.config import ForgetlessConfig, dump_config
-from forgetless.data import (general_blocks, interleave_blocks, load_texts, pack_blocks, render, training_records,
-                             uses_chat_template)
+from forgetless.config import ForgetlessConfig, with_strength, without_method
+from forgetless.registry import METHODS
+from forgetless.data import (general_blocks, general_domains, held_out_blocks, load_texts, pack_blocks, split_holdout,
+                             task_pairs, training_records)
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
-from forgetless.run_folder import MARKER, save_aside
+from forgetless.run_folder import METRICS, copy_run_files, write_run
 from forgetless.model import load_trained
-from forgetless.train import (SUMMARY, check_output_dir, continue_run, prepare_output_dir, train, training_arguments,
-                              write_summary)
+from forgetless.train import SUMMARY, check_output_dir, continue_run, prepare_output_dir, train, training_arguments
 
 logger = logging.getLogger(__name__)
 
-# knob -> (regularizer name, option searched, default grid, weakest first)
-RETRAIN_KNOBS = {
-    "lfu": ("lfu", "lam", [1.0, 5.0, 20.0]),
-    "kl": ("kl", "coef", [0.01, 0.1, 1.0, 10.0]),
-    "replay": ("replay", "ratio", [0.25, 0.5, 1.0]),
-    "l2sp": ("l2sp", "coef", [0.1, 1.0, 10.0]),
-    "ewc": ("ewc", "coef", [0.1, 1.0, 10.0]),
-}
-WISE_GRID = [1.0, 0.75, 0.5, 0.25]
 
 
 def budget_active(config: ForgetlessConfig) -> bool:
@@ -79,17 +72,17 @@ class Validator:
             where = b.general_text
         elif ev.general_text:
             # held out from the evaluation: each domain's blocks after those it reports on, the domains in turn
-            domains = general_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks)
-            self.blocks = interleave_blocks([held for _, held in domains.values()], b.validation_blocks)
-            where = f"evaluation.general_text ({', '.join(domains)}) after the first {ev.general_blocks} blocks of each"
+            self.blocks = held_out_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks,
+                                          b.validation_blocks)
+            where = (f"evaluation.general_text ({', '.join(general_domains(ev.general_text))}) after the first "
+                     f"{ev.general_blocks} blocks of each")
         else:
             raise ConfigError("budget: needs general text to validate on: set budget.general_text or evaluation.general_text")
         if len(self.blocks) < 4:
             raise DataError(f"budget: only {len(self.blocks)} validation blocks of {ev.block_length} tokens in {where}; "
                             "give budget.general_text a longer text, or lower evaluation.general_blocks")
-        chat = uses_chat_template(tokenizer, config.data)
-        self.pairs = [render(r.messages, tokenizer, chat) for r in val_records]
-        self.lengths = [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for _, resp in self.pairs]
+        self.pairs, answers = task_pairs(val_records, tokenizer, config.data)
+        self.lengths = [len(answer) for answer in answers]
         self.base_ppl, _, self.base_nll = self.measure_raw(base)
 
     def measure_raw(self, model, base=None) -> tuple[float, float, float]:
@@ -132,40 +125,6 @@ def passes(m: dict[str, float], config: ForgetlessConfig) -> bool:
     return bool(ok)
 
 
-def split_training_data(config: ForgetlessConfig, folder: Path, write: bool = True) -> tuple[str, list]:
-    """Hold out the last `validation_examples` training examples; write both parts as JSONL (`write`:
-    this process is the one that writes them)."""
-    records = [record for record, _ in training_records(config.data, config.train.seed)]
-    n_val = config.budget.validation_examples
-    if len(records) < n_val + 8:
-        raise DataError(f"budget.validation_examples: {n_val} held out of {len(records)} training examples leaves "
-                        "too few to train on; lower it")
-    train_recs, val_recs = records[:-n_val], records[-n_val:]
-    if not write:
-        return str(folder / "train.jsonl"), val_recs
-    folder.mkdir(parents=True, exist_ok=True)
-    key = config.data.messages_field
-    for name, part in [("train.jsonl", train_recs), ("validation.jsonl", val_recs)]:
-        with open(folder / name, "w", encoding="utf-8") as f:
-            for r in part:
-                f.write(json.dumps({key: r.messages}) + "\n")
-    return str(folder / "train.jsonl"), val_recs
-
-
-def _without(regs: list[dict], name: str) -> list[dict]:
-    return [dict(e) for e in regs if name not in e]
-
-
-def _with_strength(regs: list[dict], name: str, option: str, value: float) -> list[dict]:
-    out, found = [], False
-    for entry in regs:
-        ((reg, opts),) = entry.items()
-        if reg == name:
-            opts, found = dict(opts or {}, **{option: value}), True
-        out.append({reg: opts})
-    return out if found else out + [{name: {option: value}}]
-
-
 def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train as `config` says, with the regularisation strength searched to meet `config.budget`."""
     from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
@@ -182,8 +141,11 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     state.wait_for_everyone()
     if writer:
         prepare_output_dir(out, overwrite, resume)
-    train_spec, val_records = split_training_data(config, work, write=writer)
-    state.wait_for_everyone()  # the trials read the split the main process wrote
+    state.wait_for_everyone()  # the folder is prepared before any process goes on
+    # the split, in memory: the trials train on the mixture less its last validation_examples (train's
+    # `holdout`: each source's format and tag kept), the search scores those
+    n_val = b.validation_examples
+    val_records = [record for record, _ in split_holdout(training_records(config.data, config.train.seed), n_val)[1]]
 
     device = default_device()
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
@@ -196,13 +158,10 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     validator = Validator(config, val_records, tokenizer, base)
     logger.info("budget: base validation ppl %.3f, target NLL %.4f", validator.base_ppl, validator.base_nll)
 
-    def trial_config(name: str, regs: list[dict]) -> ForgetlessConfig:
-        cfg = copy.deepcopy(config)
+    def trial_config(name: str, method: ForgetlessConfig) -> ForgetlessConfig:
+        cfg = copy.deepcopy(method)  # the config with the trial's strength (config.with_strength)
         cfg.budget.max_general_drop = cfg.budget.max_drift_kl = None
-        cfg.data.train, cfg.data.limit = train_spec, None
-        cfg.data.format = "messages"  # split_training_data wrote the records as messages
         cfg.output_dir = str(work / name)
-        cfg.regularizers = regs
         # the processes enter each trial together: train() checks the folder on each of them before the
         # main one prepares it, so one that lagged behind could find it half-written
         state.wait_for_everyone()
@@ -210,9 +169,10 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
 
     trials: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
-    if b.knob == "wise_ft":
-        cfg = trial_config("tuned", _without(config.regularizers, "wise_ft"))
-        continue_run(cfg) if resume else train(cfg, overwrite=True)
+    strength = METHODS[b.knob].strength  # the knob is a method with a strength (checked with the config)
+    if not strength.retrains:  # WiSE-FT: one training run, then each alpha is a mix of its weights
+        cfg = trial_config("tuned", without_method(config, "wise_ft"))
+        continue_run(cfg, holdout=n_val) if resume else train(cfg, overwrite=True, holdout=n_val)
         model = load_candidate(cfg.output_dir)
         initial = None if (Path(cfg.output_dir) / "adapter_config.json").exists() else dict(base.state_dict())
         mixer = WeightMixer(model, initial)
@@ -221,7 +181,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             mixer.set(alpha)
             trials.append(judge(validator, config, model, alpha=alpha))
 
-        for alpha in sorted(b.grid or WISE_GRID, reverse=True):
+        for alpha in sorted(b.grid or strength.grid, reverse=True):
             try_alpha(alpha)
         for _ in range(b.refine):
             ok = [t for t in trials if t["passes"]]
@@ -238,48 +198,38 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             trials.append(chosen)
         mixer.set(chosen["alpha"])
         chosen_model = model
-        final_regs = cfg.regularizers + [{"wise_ft": {"alpha": chosen["alpha"]}}]
+        final = with_strength(without_method(config, "wise_ft"), "wise_ft", chosen["alpha"])
         tuned_dir = Path(cfg.output_dir)
 
-        def save_mixed(folder: Path) -> None:
+        def save_mixed(folder: Path) -> None:  # the mix in memory; its metrics are the fine-tune's
             model.save_pretrained(str(folder))
             tokenizer.save_pretrained(str(folder))
-            if (tuned_dir / "metrics.jsonl").exists():
-                shutil.copy2(tuned_dir / "metrics.jsonl", folder / "metrics.jsonl")
 
-        if writer:  # written aside, then renamed into place: a kill leaves no half-written weights
-            save_aside(out, save_mixed)
+        save, metrics = save_mixed, tuned_dir / METRICS
         summary = json.loads((Path(cfg.output_dir) / SUMMARY).read_text())
     else:
-        reg, option, default_grid = RETRAIN_KNOBS[b.knob]
-        for value in sorted(b.grid or default_grid):
-            regs = _with_strength(config.regularizers, reg, option, value)
-            cfg = trial_config(f"{b.knob}-{value:g}", regs)
-            continue_run(cfg) if resume else train(cfg, overwrite=True)
+        option = strength.option
+        for value in sorted(b.grid or strength.grid):
+            trial = with_strength(config, b.knob, value)
+            cfg = trial_config(f"{b.knob}-{value:g}", trial)
+            continue_run(cfg, holdout=n_val) if resume else train(cfg, overwrite=True, holdout=n_val)
             model = load_candidate(cfg.output_dir)
             row = judge(validator, config, model, **{option: value, "run": cfg.output_dir})
             trials.append(row)
             if row["passes"]:
-                chosen, chosen_model, final_regs = row, model, regs
+                chosen, chosen_model, final = row, model, trial
                 break
             del model
         if chosen is None:
             if writer:
                 (out / "budget.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
             raise TrainingError(
-                f"budget: no {reg}.{option} in {sorted(b.grid or default_grid)} met the bound on validation "
+                f"budget: no {b.knob}.{option} in {sorted(b.grid or strength.grid)} met the bound on validation "
                 f"(closest: {min(trials, key=lambda t: t['general_drop'])}); widen budget.grid or use budget.knob=wise_ft. "
                 f"Trial runs are kept in {work}"
             )
-        def copy_chosen(folder: Path) -> None:
-            # the trial's weights, tokenizer and metrics; its marker, config and summary are the trial's own
-            folder.mkdir(parents=True)
-            for item in Path(chosen["run"]).iterdir():
-                if item.is_file() and item.name not in (SUMMARY, MARKER, "config.yaml"):
-                    shutil.copy2(item, folder / item.name)
-
-        if writer:
-            save_aside(out, copy_chosen)
+        # the chosen trial's weights and tokenizer, byte for byte, and its metrics
+        save, metrics = copy_run_files(Path(chosen["run"])), Path(chosen["run"]) / METRICS
         summary = json.loads((Path(chosen["run"]) / SUMMARY).read_text())
 
     # the held-out check: the test blocks the evaluation reports on (not those the search saw)
@@ -306,14 +256,12 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     full = [t for t in trials if t.get("alpha") == 1.0]  # wise_ft: the unmixed fine-tune
     if full and validator.base_nll > full[0]["target_nll"]:
         report["target_gain_kept"] = (validator.base_nll - chosen["target_nll"]) / (validator.base_nll - full[0]["target_nll"])
-    final = copy.deepcopy(config)
-    final.regularizers = final_regs
     summary["budget"] = {k: report[k] for k in ("knob", "chosen", "held_out")}
-    if writer:
-        (out / "budget.json").write_text(json.dumps(report, indent=2) + "\n")
-        dump_config(final, out / "config.yaml")
-        write_summary(out, summary)  # last: marks a finished run
-    state.wait_for_everyone()  # the output is whole when any process returns
+    # the chosen model as a normal run, through the one writer of a finished run's folder: weights aside and
+    # renamed into place (the main process's copy), config.yaml, budget.json, the summary last; the other
+    # processes wait, and the output is whole when any process returns
+    write_run(out, save if writer else (lambda folder: None), summary, config=final, metrics=metrics,
+              files={"budget.json": report}, merge=final.merge, is_main=writer, barrier=state.wait_for_everyone)
     logger.info("budget: chose %s; held-out general-text ppl %+.2f%% (bound %s)", chosen,
                 100 * held_out["general_drop"] if held_out else math.nan, b.max_general_drop)
     return report

@@ -27,53 +27,42 @@ from pathlib import Path
 from typing import Any, Callable
 
 from forgetless.cache import write_json_atomic
-from forgetless.config import ForgetlessConfig, run_config, validate
+from forgetless.config import ForgetlessConfig
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
 from forgetless.identity import evaluation_inputs
 from forgetless.model import resolve_model_path
-from forgetless.regularizers import parse_regularizers
-from forgetless.replay import ReplayConfig
 from forgetless.run_folder import reusable_summary
 from forgetless import stats
 from forgetless.train import train
 
 logger = logging.getLogger(__name__)
 
-# (key, label, higher is better)
-MEASURES = [
-    ("target_acc", "target accuracy", True),
-    ("target_nll", "target NLL per answer token (nats)", False),
-    ("general_ppl", "general-text perplexity", False),
-    ("general_drift_kl", "drift KL(base‖model)", False),
-    ("mc_acc_norm", "MMLU acc_norm", True),
-    ("robust_acc_mean", "robustness: mean acc", True),
-    ("robust_acc_std", "robustness: template spread beyond noise", False),
-    ("instr_nll", "NLL per token of the base's answers (nats)", False),
-    ("instr_clean_end", "answers ending cleanly", True),
-]
+# The report's measures, their columns, paired differences and plots: forgetless.stats.MEASURES, one entry each.
+# Everything below reads that table when it runs (never a copy taken at import), so an entry added to it is shown.
 
 
-def method_config(config: ForgetlessConfig, method: str, root: Path) -> ForgetlessConfig:
-    cfg = copy.deepcopy(config)
-    cfg.method = method
-    cfg.regularizers = []
-    cfg.output_dir = str(root / method)
-    validate(cfg)  # fills regularizers from the preset
-    return cfg
+def shown_measures() -> list[stats.Measure]:
+    """The results table's and the plot's measures, in the table's order."""
+    return [m for m in stats.MEASURES.values() if m.header]
+
+
+def paired_measures() -> dict[str, stats.Measure]:
+    """key -> measure of those with paired differences, in the table's order (per-domain general-text measures
+    are added for each domain measured: stats.domain_measures)."""
+    return {m.key: m for m in stats.MEASURES.values() if m.vs}
 
 
 def compared_runs(config: ForgetlessConfig, root: Path) -> dict[str, ForgetlessConfig]:
-    """name -> config of every compared run: the presets of compare.methods, then compare.runs."""
-    runs = {m: method_config(config, m, root) for m in dict.fromkeys(config.compare.methods)}
-    for name, overrides in config.compare.runs.items():
-        cfg = run_config(config, name, overrides)
+    """name -> config of every compared run (config.compared_runs), each in its folder under `root`."""
+    runs = {}
+    for name, cfg in config.compared_runs.items():
+        cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(root / name)
-        runs[name] = cfg
-    for cfg in runs.values():
         # the suite measures the target (evaluation.task) for every model alike; the Trainer's own pass
         # over data.eval after training would repeat it (~45 s a run on the default)
         cfg.data.eval = None
+        runs[name] = cfg
     return runs
 
 
@@ -94,8 +83,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     configs = compared_runs(config, root)
-    replays = {(rc.data, rc.format, rc.text_field): rc for cfg in configs.values()
-               for _, rc in parse_regularizers(cfg.regularizers) if isinstance(rc, ReplayConfig)}
+    replays = {(cfg.replay.data, cfg.replay.format, cfg.replay.text_field): cfg.replay for cfg in configs.values()
+               if cfg.replay is not None}
     check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)],
                    list(replays.values()))
 
@@ -145,8 +134,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
 
     report = {
         "base_model": str(path), "methods": list(configs), "seeds": seeds,
-        "run_settings": {name: {"regularizers": cfg.regularizers, "overrides": config.compare.runs.get(name)}
-                         for name, cfg in configs.items()},
+        "run_settings": {name: {"regularizers": cfg.to_dict()["regularizers"], "replay": cfg.to_dict()["replay"],
+                                "overrides": config.compare.runs.get(name)} for name, cfg in configs.items()},
         "runs": {name: summarise_runs(by_seed) for name, by_seed in runs.items()},
         "results": {"base": summarise_results({seeds[0]: results["base"]}),
                     **{name: summarise_results(by_seed) for name, by_seed in results.items() if name != "base"}},
@@ -257,14 +246,6 @@ def read_curve(run_dir: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- seeds and paired differences
 
-# the measures with paired differences (forgetless.stats.MEASURES: items, statistic, unit); per-domain
-# general-text measures are added for each domain measured (stats.domain_measures)
-PAIRED = ["target_acc", "target_nll", "general_ppl", "general_drift_kl", "mc_acc_norm",
-          # the spread of accuracy over prompt templates (items: per question, correct under each template)
-          "robust_acc_std",
-          # instruction-following retention: NLL of the base's own answers, answers ending cleanly
-          "instr_nll", "instr_clean_end"]
-
 
 def summarise_runs(by_seed: dict[int, dict]) -> dict[str, Any]:
     """A run's training summary; with several seeds, the mean of its numbers over them."""
@@ -327,7 +308,7 @@ def paired_differences(results: dict, names: list[str],
     printed value is over all of its seeds, and a paired difference is the difference of the two)."""
     out: dict[str, dict[str, dict]] = {}
     base_items = results["base"].get("items", {})
-    measures = {**{key: stats.MEASURES[key] for key in PAIRED}, **stats.domain_measures(base_items)}
+    measures = {**paired_measures(), **stats.domain_measures(base_items)}
     for name in names:
         by_seed = results[name]
         seeds = list(by_seed)
@@ -353,18 +334,19 @@ def paired_differences(results: dict, names: list[str],
 
 # ---------------------------------------------------------------- many comparisons
 
-# the main paired table's columns: (measure, reference, header)
-PAIRED_COLUMNS = [
-    ("target_acc", "base", "Δ acc vs base"), ("target_acc", "sft", "Δ acc vs sft"),
-    ("target_nll", "base", "Δ target NLL vs base"), ("target_nll", "sft", "Δ target NLL vs sft"),
-    ("general_ppl", "base", "Δ ppl vs base"), ("general_ppl", "sft", "Δ ppl vs sft"),
-    ("general_drift_kl", "sft", "drift KL vs sft"), ("robust_acc_std", "sft", "Δ robust std vs sft"),
-    ("mc_acc_norm", "base", "Δ MMLU vs base"), ("instr_nll", "base", "Δ instr NLL vs base"),
-    ("instr_clean_end", "base", "Δ clean end vs base"),
-]
-# the table against each further reference run (compare.paired_with besides sft): (measure, header)
-REFERENCE_COLUMNS = [("target_nll", "Δ target NLL"), ("target_acc", "Δ acc"), ("general_ppl", "Δ ppl"),
-                     ("general_drift_kl", "drift KL"), ("robust_acc_std", "Δ robust std")]
+def paired_columns() -> list[tuple[stats.Measure, str]]:
+    """The main paired table's columns, (measure, reference) for each reference of its `vs`: the measures
+    paired with the sft run first (what each method traded against plain fine-tuning), then those paired
+    with the base only (what it kept of the base); each group in the table's order."""
+    paired = list(paired_measures().values())
+    ordered = [m for m in paired if "sft" in m.vs] + [m for m in paired if "sft" not in m.vs]
+    return [(m, ref) for m in ordered for ref in m.vs]
+
+
+def reference_columns() -> list[stats.Measure]:
+    """The columns of the table against each further reference run (compare.paired_with besides sft): the
+    measures paired with the sft run, first_vs_runs ones leading, else in the table's order."""
+    return sorted((m for m in paired_measures().values() if "sft" in m.vs), key=lambda m: not m.first_vs_runs)
 
 
 def _other_references(report: dict) -> list[str]:
@@ -385,9 +367,9 @@ def shown_differences(report: dict) -> tuple[list[dict], list[dict]]:
     def get(name: str, measure: str, ref: str) -> dict | None:
         return paired.get(name, {}).get(measure, {}).get(f"vs_{ref}")
 
-    main = [get(name, measure, ref) for name in report["methods"] for measure, ref, _ in PAIRED_COLUMNS]
-    main += [get(name, measure, ref) for ref in _other_references(report) for name in report["methods"]
-             if name != ref for measure, _ in REFERENCE_COLUMNS]
+    main = [get(name, m.key, ref) for name in report["methods"] for m, ref in paired_columns()]
+    main += [get(name, m.key, ref) for ref in _other_references(report) for name in report["methods"]
+             if name != ref for m in reference_columns()]
     domain = [get(name, f"general_ppl@{d}", "base") for name in report["methods"] for d in _domains(report)]
     return [e for e in main if e], [e for e in domain if e]
 
@@ -443,15 +425,51 @@ def _fmt(entry: dict | None, digits: int = 3) -> str:
     return text
 
 
+def change_vs_base(results: dict, base: dict, key: str) -> float:
+    """A model's value of measure `key` against the base's, in the measure's unit, from the two values alone
+    (no interval: the results table's Δ columns and the trade-off plot; paired_differences has those)."""
+    unit = stats.MEASURES[key].unit
+    value, reference = _value(results, key), _value(base, key)
+    if unit == "percent":
+        return 100 * (value / reference - 1)
+    return 100 * (value - reference) if unit == "points" else value - reference
+
+
+def _unit_format(unit: str) -> tuple[int, str]:
+    """(decimals, suffix) of a change in this unit."""
+    return 4 if unit == "nats" else 1, "%" if unit == "percent" else ""
+
+
 def _diff(entry: dict | None) -> str:
     """A paired difference: mean [95% interval], starred when it survives the Holm correction."""
     if not entry:
         return "–"
-    digits = 4 if entry["unit"] == "nats" else 1
-    suffix = "%" if entry["unit"] == "percent" else ""
+    digits, suffix = _unit_format(entry["unit"])
     lo, hi = entry["ci95"]
     star = " *" if entry.get("holm") else ""
     return f"{entry['mean']:+.{digits}f}{suffix} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
+
+
+def _results_headers() -> list[str]:
+    """The results table's measure columns: each shown measure's, then its change against the base where it
+    asks for one (a percentage carries its % in the cell, points say so in the header)."""
+    headers = []
+    for m in shown_measures():
+        headers.append(m.header)
+        if m.change:
+            headers.append(f"{m.diff} (points)" if m.unit == "points" else m.diff)
+    return headers
+
+
+def _results_cells(results: dict, base: dict) -> list[str]:
+    """A model's cells under _results_headers: value [95% interval], and the change against the base."""
+    cells = []
+    for m in shown_measures():
+        cells.append(_fmt(results.get(m.key), m.digits))
+        if m.change:
+            digits, suffix = _unit_format(m.unit)
+            cells.append(f"{change_vs_base(results, base, m.key):+.{digits}f}{suffix}")
+    return cells
 
 
 def _covers_text(seeds: list) -> str:
@@ -503,26 +521,14 @@ def render_markdown(report: dict) -> str:
         "(Agresti–Coull for a value, Agresti–Min for a paired difference), so a rate of 0 or 1 still gets a "
         "width. Sample counts are in report.json.",
         "",
-        "| method | target acc | Δ acc (points) | target NLL | general ppl | Δ ppl | drift KL | MMLU acc_norm "
-        "| Δ MMLU (points) "
-        "| robust acc mean | robust std | instr NLL | clean end | step s | peak mem GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    headers = ["method", *_results_headers(), "step s", "peak mem GiB"]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name in ["base"] + report["methods"]:
-        r = res[name]
         run = runs.get(name, {})
-        d_acc = 100 * (_value(r, "target_acc") - _value(base, "target_acc"))
-        d_ppl = 100 * (_value(r, "general_ppl") / _value(base, "general_ppl") - 1)
-        d_mc = 100 * (_value(r, "mc_acc_norm") - _value(base, "mc_acc_norm"))
         step = f"{run['step_time_s']:.2f}" if run else "–"
         mem = f"{run['peak_mem_bytes'] / 2**30:.2f}" if run and "peak_mem_bytes" in run else "–"
-        lines.append(
-            f"| {name} | {_fmt(r.get('target_acc'))} | {d_acc:+.1f} | {_fmt(r.get('target_nll'))} | "
-            f"{_fmt(r.get('general_ppl'), 2)} | {d_ppl:+.1f}% | {_fmt(r.get('general_drift_kl'), 4)} | "
-            f"{_fmt(r.get('mc_acc_norm'))} | {d_mc:+.1f} | {_fmt(r.get('robust_acc_mean'))} | "
-            f"{_fmt(r.get('robust_acc_std'))} | {_fmt(r.get('instr_nll'))} | "
-            f"{_fmt(r.get('instr_clean_end'), 2)} | {step} | {mem} |"
-        )
+        lines.append("| " + " | ".join([name, *_results_cells(res[name], base), step, mem]) + " |")
     n = {k: base[k]["n"] for k in ("target_acc", "general_ppl", "mc_acc_norm") if k in base}
     lines += [
         "",
@@ -540,6 +546,7 @@ def render_markdown(report: dict) -> str:
                      "contention; compare them with `bench/` figures, not with a run trained alone.")
     paired = report.get("paired", {})
     counts = report["comparisons"]
+    columns, against_runs = paired_columns(), reference_columns()
     if paired:
         lines += [
             "",
@@ -554,27 +561,27 @@ def render_markdown(report: dict) -> str:
             "in points, perplexity in %, NLL (per answer token, averaged over answers) and drift in nats."
             + _few_seeds_text(len(seeds), counts.get("family", 0)),
             "",
-            "| method | " + " | ".join(header for _, _, header in PAIRED_COLUMNS) + " |",
-            "|---|" + "---|" * len(PAIRED_COLUMNS),
+            "| method | " + " | ".join(f"{m.diff} vs {ref}" for m, ref in columns) + " |",
+            "|---|" + "---|" * len(columns),
         ]
         for name in report["methods"]:
             p = paired.get(name, {})
-            lines.append(f"| {name} | " + " | ".join(_diff(p.get(measure, {}).get(f"vs_{ref}"))
-                                                     for measure, ref, _ in PAIRED_COLUMNS) + " |")
+            lines.append(f"| {name} | " + " | ".join(_diff(p.get(m.key, {}).get(f"vs_{ref}"))
+                                                     for m, ref in columns) + " |")
         for ref in _other_references(report):
             lines += [
                 "",
                 f"Against `{ref}` (the same measures, paired with its items and seeds; in the same Holm family):",
                 "",
-                "| method | " + " | ".join(f"{header} vs {ref}" for _, header in REFERENCE_COLUMNS) + " |",
-                "|---|" + "---|" * len(REFERENCE_COLUMNS),
+                "| method | " + " | ".join(f"{m.diff} vs {ref}" for m in against_runs) + " |",
+                "|---|" + "---|" * len(against_runs),
             ]
             for name in report["methods"]:
                 if name == ref:
                     continue
                 p = paired.get(name, {})
-                lines.append(f"| {name} | " + " | ".join(_diff(p.get(measure, {}).get(f"vs_{ref}"))
-                                                         for measure, _ in REFERENCE_COLUMNS) + " |")
+                lines.append(f"| {name} | " + " | ".join(_diff(p.get(m.key, {}).get(f"vs_{ref}"))
+                                                         for m in against_runs) + " |")
     domains = _domains(report)
     if domains:
         blocks = base["general_by_domain"][domains[0]]["blocks"]
@@ -606,7 +613,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Settings of each run", ""]
         for name, entry in settings.items():
             extra = f"; overrides `{json.dumps(entry['overrides'])}`" if entry.get("overrides") else ""
-            lines.append(f"- **{name}**: regularizers `{json.dumps(entry['regularizers'])}`{extra}")
+            replay = f"; replay `{json.dumps(entry['replay'])}`" if entry.get("replay") else ""
+            lines.append(f"- **{name}**: regularizers `{json.dumps(entry['regularizers'])}`{replay}{extra}")
     lines += ["", "![trade-off](tradeoff.png)", "", "![measures](measures.png)", ""]
     if any(report.get("curves", {}).values()):
         lines += ["![forgetting curve](curve.png)", ""]
@@ -626,8 +634,8 @@ def plot(report: dict, root: Path) -> None:
     ax.axvline(0, color="grey", lw=0.8)
     ax.scatter([0], [0], color="black", marker="s")
     ax.annotate("base", (0, 0), textcoords="offset points", xytext=(5, 5))
-    points = {m: (100 * (_value(res[m], "target_acc") - _value(base, "target_acc")),
-                  100 * (_value(res[m], "general_ppl") / _value(base, "general_ppl") - 1)) for m in methods}
+    points = {m: (change_vs_base(res[m], base, "target_acc"), change_vs_base(res[m], base, "general_ppl"))
+              for m in methods}
     xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]
     near_x, near_y = 0.05 * (max(xs + [0]) - min(xs + [0]) or 1), 0.05 * (max(ys + [0]) - min(ys + [0]) or 1)
     for m, (x, y) in points.items():
@@ -642,9 +650,11 @@ def plot(report: dict, root: Path) -> None:
     fig.savefig(root / "tradeoff.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(3.0 * len(MEASURES), 3.6))
+    shown = shown_measures()
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.0 * len(shown), 3.6))
     names = ["base"] + methods
-    for ax, (key, label, higher) in zip(axes, MEASURES):
+    for ax, measure in zip(axes, shown):
+        key = measure.key
         values = [_value(res[n], key) for n in names]
         ax.bar(range(len(names)), values, color=["black"] + [f"C{i}" for i in range(len(methods))])
         for i, n in enumerate(names):
@@ -653,7 +663,7 @@ def plot(report: dict, root: Path) -> None:
                 ax.plot([i, i], ci, color="grey", lw=1.5)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"{label} {'↑' if higher else '↓'}", fontsize=9)
+        ax.set_title(f"{measure.label} {'↑' if measure.higher else '↓'}", fontsize=9)
     fig.tight_layout()
     fig.savefig(root / "measures.png", dpi=110)
     plt.close(fig)

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from forgetless.cache import load_matching, save_atomic
 from forgetless.identity import digest
-from forgetless.data import general_blocks, interleave_blocks, load_records, render, uses_chat_template
+from forgetless.data import held_out_blocks, load_records, task_pairs
 from forgetless.losses import forward_rows, next_token_targets, prediction_mask, token_nll, upcast
 
 logger = logging.getLogger(__name__)
@@ -38,19 +38,16 @@ class ForgettingCurve(TrainerCallback):
         self.seconds = 0.0
         self.blocks = None
         if ev.general_text:
-            domains = general_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks).values()
             # held-out blocks of every domain in turn; a short text's reported blocks when that is all there is
-            self.blocks = interleave_blocks([held for _, held in domains], ev.curve_blocks)
-            if len(self.blocks) == 0:
-                self.blocks = interleave_blocks([rep.flip(0) for rep, _ in domains], ev.curve_blocks)
+            self.blocks = held_out_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks,
+                                          ev.curve_blocks, fallback=True)
         self.task = None
         if ev.task:
             records = load_records(ev.task, config.data)[-ev.curve_examples:]
-            chat = uses_chat_template(tokenizer, config.data)
+            pairs, answers = task_pairs(records, tokenizer, config.data)
             rows = []
-            for prompt, response in (render(r.messages, tokenizer, chat) for r in records):
+            for (prompt, _), q in zip(pairs, answers):
                 p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                q = tokenizer(response, add_special_tokens=False)["input_ids"]
                 rows.append((p + q, [-100] * len(p) + q))
             width = max(len(ids) for ids, _ in rows)
             pad = tokenizer.pad_token_id

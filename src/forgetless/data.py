@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from forgetless.assets import resolve_builtin
-from forgetless.config import DataConfig, DataSource
+from forgetless.sections import DataConfig, DataSource
 from forgetless.errors import ConfigError, DataError
 from forgetless.losses import IGNORE_INDEX
 
@@ -169,6 +169,18 @@ def training_records(cfg: DataConfig, seed: int) -> list[tuple[Record, int]]:
             picked += [records[i] for i in sorted(order[:extra].tolist())]
         mixture += [(record, index) for record in picked]
     return mixture
+
+
+def split_holdout(mixture: list[tuple[Record, int]], holdout: int
+                  ) -> tuple[list[tuple[Record, int]], list[tuple[Record, int]]]:
+    """The mixture without its last `holdout` examples, and those examples, each with its source tag: what
+    budget's trials train on (in memory, in the mixture's order) and what it validates them on."""
+    if holdout <= 0:
+        return mixture, []
+    if len(mixture) < holdout + 8:
+        raise DataError(f"budget.validation_examples: {holdout} held out of {len(mixture)} training examples leaves "
+                        "too few to train on; lower it")
+    return mixture[:-holdout], mixture[-holdout:]
 
 
 def _looks_like_hub_dataset(spec: str) -> bool:
@@ -461,6 +473,15 @@ def render(messages: list[dict[str, str]], tokenizer, chat: bool) -> tuple[str, 
     return prompt, full[len(prompt):]
 
 
+def task_pairs(records: list[Record], tokenizer, cfg: DataConfig) -> tuple[list[tuple[str, str]], list[list[int]]]:
+    """The task examples as the target NLL scores them: (prompt text, reference answer text) rendered with the
+    training template, and each answer's token ids (their count is what NLL per answer token divides by).
+    The one rendering of the evaluation's target NLL, budget's validation and the forgetting curve."""
+    chat = uses_chat_template(tokenizer, cfg)
+    pairs = [render(r.messages, tokenizer, chat) for r in records]
+    return pairs, [tokenizer(response, add_special_tokens=False)["input_ids"] for _, response in pairs]
+
+
 def render_pieces(record: Record, tokenizer, chat: bool, train_on: str) -> list[tuple[str, bool]]:
     """The conversation as consecutive text pieces (text, trained?): each trained assistant turn is the
     text the template adds for it after its prompt, checked against the tokenizer's own rendering of
@@ -521,9 +542,10 @@ def build_dataset(spec: str, tokenizer, cfg: DataConfig):
     return _as_dataset([(record, 0) for record in load_records(spec, cfg)], tokenizer, cfg)
 
 
-def build_training_dataset(cfg: DataConfig, tokenizer, seed: int):
-    """data.train's mixture (see training_records), tokenised, each row tagged with its `source`."""
-    return _as_dataset(training_records(cfg, seed), tokenizer, cfg)
+def build_training_dataset(cfg: DataConfig, tokenizer, seed: int, holdout: int = 0):
+    """data.train's mixture (see training_records) less its last `holdout` examples (split_holdout),
+    tokenised, each row tagged with its `source`."""
+    return _as_dataset(split_holdout(training_records(cfg, seed), holdout)[0], tokenizer, cfg)
 
 
 def _as_dataset(tagged: list[tuple[Record, int]], tokenizer, cfg: DataConfig):
@@ -631,6 +653,19 @@ def general_blocks(general_text, tokenizer, block_len: int, reported: int) -> di
         blocks = pack_blocks(load_texts(spec), tokenizer, block_len)
         out[domain] = (blocks[:reported], blocks[reported:])
     return out
+
+
+def held_out_blocks(general_text, tokenizer, block_len: int, reported: int, limit: int,
+                    fallback: bool = False) -> "torch.Tensor":
+    """Up to `limit` general-text blocks the evaluation never reports on: each domain's blocks after its first
+    `reported` (general_blocks), a block of each domain in turn. What budget validates on and the forgetting
+    curve watches. `fallback`: when the texts are too short to hold any, their reported blocks, last first
+    (the curve then watches those rather than nothing)."""
+    domains = list(general_blocks(general_text, tokenizer, block_len, reported).values())
+    blocks = interleave_blocks([held for _, held in domains], limit)
+    if fallback and len(blocks) == 0:
+        blocks = interleave_blocks([rep.flip(0) for rep, _ in domains], limit)
+    return blocks
 
 
 def interleave_blocks(parts: list["torch.Tensor"], limit: int) -> "torch.Tensor":

@@ -1,14 +1,16 @@
 """What fine-tuning gained and what it broke, measured the same way for the base and every tuned model.
 
-Measures (each with its sample count `n` and a 95% interval over its items, forgetless.stats):
-  target_nll         NLL per answer token of the reference answers of the task's test split, averaged
-                     over answers (each answer counts once; nats)
-  target_acc         greedy-decoding accuracy on the task, with an answer extractor
-  robust_acc_mean / robust_acc_std   accuracy across K paraphrased prompt templates
-  general_ppl        perplexity on held-out general text (never a training or replay source)
-  general_drift_kl   mean token KL(base || model) on that text (0 for the base itself)
-  mc_acc / mc_acc_norm   multiple-choice accuracy by log-likelihood of each choice, the
-                     lm-evaluation-harness convention (acc_norm divides by the choice's length in bytes)
+Each measure is declared once, in forgetless.stats.MEASURES (its statistic of per-item values, its unit, and
+how the report shows it). The suite computes the per-item values and records each measure under its key
+(`measure`: the value, a 95% interval over its items and the sample count `n`):
+  the task           NLL per answer token of the reference answers of its test split, averaged over answers
+                     (each answer counts once; nats); greedy-decoding accuracy with an answer extractor, and
+                     across K paraphrased prompt templates (robustness)
+  general text       perplexity on held-out general text (never a training or replay source) and mean token
+                     KL(base || model) on it (0 for the base itself), pooled and per domain
+  instructions       what the model kept of the base's own answers (instruction_retention)
+  multiple choice    accuracy by log-likelihood of each choice, the lm-evaluation-harness convention
+                     (acc_norm divides by the choice's length in bytes)
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from forgetless.data import (check_encodable, general_blocks, general_domains, load_records, load_texts, read_rows,
-                             render, render_prompt, uses_chat_template)
+                             render_prompt, task_pairs, uses_chat_template)
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
-from forgetless.replay import ReplayConfig, replay_documents
+from forgetless.replay import replay_documents
+from forgetless.sections import ReplayConfig
 from forgetless.errors import ConfigError, DataError
 from forgetless.losses import forward_rows, token_kl, upcast
 from forgetless import stats
@@ -40,6 +43,8 @@ def measure(items: dict[str, list], key: str, n: int) -> dict[str, Any]:
     """Measure `key` of forgetless.stats.MEASURES from the per-item values in `items`: its value and 95%
     interval, one statistic of the same items (one model and seed: the interval covers item sampling, not
     training randomness), and the sample count `n`."""
+    if key not in stats.MEASURES:  # every recorded measure is one the report knows how to compute and show
+        raise KeyError(f"{key!r} is not declared in forgetless.stats.MEASURES")
     entry = stats.value([items], stats.MEASURES[key])
     if entry is None:  # nothing to score
         return {"value": math.nan, "n": n}
@@ -213,9 +218,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
     if cfg.task:
         records = load_records(cfg.task, data_cfg)[: cfg.task_limit]
         # target NLL of the reference answers, with the training template
-        pairs = [render(r.messages, tokenizer, chat) for r in records]
+        pairs, answers = task_pairs(records, tokenizer, data_cfg)
         scores = continuation_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: task NLL")
-        lengths = [len(tokenizer(resp, add_special_tokens=False)["input_ids"]) for _, resp in pairs]
+        lengths = [len(answer) for answer in answers]
         items["target_nll"] = [-s / n for s, n in zip(scores, lengths)]  # per answer: its mean token NLL
         results["target_nll"] = measure(items, "target_nll", len(records))
         per_template, correct_by_template = [], []

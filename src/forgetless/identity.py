@@ -126,14 +126,9 @@ def training_data_specs(config) -> list[str]:
         specs.append(eval_source(config.data))
     if config.evaluation.every_steps > 0:  # the forgetting curve, logged with the run, reads the evaluation's data
         specs += [s for s in evaluation_data_specs(config.evaluation) if s != config.evaluation.mc]
-    for entry in config.regularizers:
-        for name, options in entry.items():
-            if name == "replay" and isinstance(options, dict) and isinstance(options.get("data"), str):
-                specs.append(options["data"])
-            if name == "replay" and isinstance(options, dict) and isinstance(options.get("self_prompts"), str):
-                specs.append(options["self_prompts"])
-            if name == "ewc" and isinstance(options, dict) and isinstance(options.get("data"), str):
-                specs.append(options["data"])
+    # what a method's options read (a replay corpus, EWC's text sample): `data_sources()` of each
+    for options in config.regularizers + ([config.replay] if config.replay is not None else []):
+        specs += getattr(options, "data_sources", lambda: [])()
     return specs
 
 
@@ -146,14 +141,18 @@ def evaluation_data_specs(ev) -> list[str]:
     return specs
 
 
-def run_inputs(config) -> dict[str, Any]:
-    """What a training run is computed from, by content (see the module docstring)."""
-    return {
+def run_inputs(config, holdout: int = 0) -> dict[str, Any]:
+    """What a training run is computed from, by content (see the module docstring). `holdout`: the run trains
+    on data.train's mixture less its last `holdout` examples (budget's trials: forgetless.data.split_holdout)."""
+    inputs = {
         "forgetless": __version__,
         "model": model_identity(config.model),
         **machine_identity(config.model),
         "data": {spec: source_digest(spec) for spec in training_data_specs(config)},
     }
+    if holdout:  # only then: the inputs of every other run stay as they were
+        inputs["holdout"] = holdout
+    return inputs
 
 
 def evaluation_inputs(config) -> dict[str, Any]:
@@ -175,5 +174,6 @@ def changed_inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out += [f"data file {spec}" for spec in sorted(set(a) | set(b)) if a.get(spec) != b.get(spec)]
         elif old.get(key) != new.get(key):
             out.append({"model": "the base model (name, revision or files)", "forgetless": "the forgetless version",
-                        "dtype": "the resolved model.dtype", "device": "the device kind"}.get(key, key))
+                        "dtype": "the resolved model.dtype", "device": "the device kind",
+                        "holdout": "the examples held out of training (budget.validation_examples)"}.get(key, key))
     return out

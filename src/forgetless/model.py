@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from forgetless.config import DEFAULT_MODEL, ModelConfig
+from forgetless.sections import DEFAULT_MODEL, ModelConfig
 from forgetless.errors import ModelError
 from forgetless.schema import from_dict
 

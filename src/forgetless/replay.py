@@ -1,7 +1,8 @@
 """Approximate replay (arXiv 2512.22337) as a data source, as specified in docs/methods/replay.md.
 
 The original pre-training data is unavailable, so a similar open corpus stands in. Replay is a second
-source of rows beside the SFT mixture (forgetless.rows): micro-batch u of the run (u = step *
+source of rows beside the SFT mixture (forgetless.rows), set by the run's top-level `replay:` section
+(forgetless.sections.ReplayConfig; null = none), never a regularizer entry: micro-batch u of the run (u = step *
 grad_accum + its index in the step) brings floor(r * (u + 1)) - floor(r * u) replay rows,
 r = ratio * batch_size: `ratio` rows per SFT example of a full micro-batch, exactly over a run, and a
 function of the step alone, so a resumed run draws what an uninterrupted one does (no count of
@@ -25,60 +26,18 @@ get their own is the training step's choice (`forward`, see forgetless.trainer).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import torch
 
+from forgetless import data as data_mod
+from forgetless.assets import resolve_builtin
+from forgetless.registry import Strength, register
+from forgetless.regularizers.base import RunInfo
 from forgetless.rows import REPLAY, Rows
-from forgetless.schema import out_of_range
-
-if TYPE_CHECKING:  # the trainer builds it; importing it here would loop through the regularizers package
-    from forgetless.regularizers.base import RunInfo
-
-DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
-SELF = "self"
-
-
-@dataclass
-class ReplayConfig:
-    # .txt/.txt.gz, or .jsonl/.json/.csv/.parquet/datasets folder/Hub dataset; or "self": text the
-    # initial model writes before training (forgetless.self_replay)
-    data: str = DEFAULT_CORPUS
-    ratio: float = 0.25  # replay rows per SFT example
-    max_length: int = 128  # tokens per replay row (a text block's length; chat rows are cut there)
-    weight: float = 1.0  # weight of the replay NLL term
-    # auto: text for .txt files and rows with `text_field`, else chat rows (the formats data.train reads)
-    format: Literal["auto", "text", "chat"] = "auto"
-    text_field: str = "text"
-    # auto | with_sft (join the SFT forward: fastest) | own (own forward + backward: lowest peak memory)
-    forward: Literal["auto", "with_sft", "own"] = "auto"
-    # data: self only: how many blocks the initial model writes, how it samples, from what prompts
-    self_blocks: int = 128
-    self_temperature: float = 1.0
-    self_top_p: float = 0.95
-    self_prompts: str | None = None  # a text file, one prompt per line (default: from the BOS token)
-
-    def problems(self) -> dict[str, str]:
-        found = out_of_range(self, {"ratio": ">= 0", "max_length": ">= 2", "weight": ">= 0", "self_blocks": ">= 1",
-                                    "self_temperature": "> 0", "self_top_p": "(0, 1]"})
-        if not self.data:
-            found["data"] = f"give a replay corpus (a file, folder or Hub dataset), or {SELF}"
-        if self.data == SELF and self.format == "chat":
-            found["format"] = "data: self writes plain text; use format: auto or text"
-        return found
-
-    def provides(self) -> set[str]:
-        return {"replay"}  # rows other terms may cover (KL's `on: replay`)
-
-    def combination_problems(self, others: set[str]) -> dict[str, str]:
-        if "replay" in others:
-            return {"": "at most one replay entry per run"}
-        if self.forward == "with_sft" and "perturbs" in others:
-            return {"forward": "with_sft cannot be combined with lfu (its hooks capture the SFT rows of the clean "
-                               "forward); use auto or own"}
-        return {}
-
+from forgetless.sections import SELF, DataConfig, ReplayConfig  # noqa: F401  (ReplayConfig: re-exported)
+from forgetless.self_replay import load_or_generate
 
 class ReplaySource:
     """The replay rows of a run; `setup` loads (or generates) them, `draw` hands each micro-batch its share."""
@@ -102,16 +61,12 @@ class ReplaySource:
     def setup(self, run: RunInfo) -> None:
         """Load the rows; `data: self` generates them with the initial model, once per run (cached with
         it, reused on resume)."""
-        from forgetless import data as data_mod
-
         c = self.cfg
         self.seed, self.world, self.rank = run.seed, run.accelerator.num_processes, run.accelerator.process_index
         self.accum, self.batch_size = run.grad_accum, run.batch_size
         if c.ratio == 0:
             return
         if c.data == SELF:
-            from forgetless.self_replay import load_or_generate  # generation is only needed here
-
             settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
                         "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": run.seed,
                         "inputs": run.inputs_key}
@@ -121,8 +76,6 @@ class ReplaySource:
         elif row_format(c) == "text":
             self.blocks = data_mod.pack_blocks(data_mod.load_texts(c.data, c.text_field), run.tokenizer, c.max_length)
         else:
-            from forgetless.config import DataConfig
-
             # rendered as data.train is (template, train_on, system prompt); its rows' format detected per row
             render = replace(self.data_cfg or DataConfig(), format="auto", max_length=c.max_length, limit=None)
             self.examples, _ = data_mod.tokenize_records(data_mod.load_records(c.data, render), run.tokenizer, render)
@@ -190,8 +143,6 @@ def row_format(cfg: ReplayConfig) -> str:
     """`text` or `chat`: the config's, or for `auto` what the source holds (its first row)."""
     if cfg.format != "auto":
         return cfg.format
-    from forgetless import data as data_mod
-    from forgetless.assets import resolve_builtin
 
     name = str(resolve_builtin(cfg.data)).lower()
     if name.endswith(".txt") or name.endswith(".txt.gz"):
@@ -204,21 +155,18 @@ def row_format(cfg: ReplayConfig) -> str:
 def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
     """The texts a replay source trains on (documents, or every turn of its chat rows), for the check that
     evaluation text is never replayed; empty for `data: self` (the model's own text)."""
-    from forgetless import data as data_mod
-
     if cfg.data == SELF:
         return []
     if row_format(cfg) == "text":
         return data_mod.load_texts(cfg.data, cfg.text_field)
-    from forgetless.config import DataConfig
 
     records = data_mod.load_records(cfg.data, replace(data_cfg or DataConfig(), format="auto", limit=None))
     return [m["content"] for r in records for m in r.messages]
 
 
-def build_replay(entries: list[dict[str, Any]], data_cfg: Any = None) -> ReplaySource | None:
-    """The replay source of a run's `regularizers:` entries (at most one), or None."""
-    from forgetless.regularizers import parse_regularizers
-
-    found = [cfg for _, cfg in parse_regularizers(entries) if isinstance(cfg, ReplayConfig)]  # one at most
-    return ReplaySource(found[0], data_cfg) if found else None
+# replay's presets and strength (its options are the `replay:` section, forgetless.sections.ReplayConfig)
+register("replay", ReplayConfig, None, strength=Strength("ratio", (0.25, 0.5, 1.0)), presets={
+    "replay": {"replay": {}},
+    # replay of text the initial model writes itself (forgetless.self_replay)
+    "replay-self": {"replay": {"data": SELF}},
+})

@@ -266,10 +266,10 @@ def save_aside(output_dir: Path, save: Callable[[Path], None], is_main: bool = T
     aside.rmdir()
 
 
-def reusable_summary(config) -> dict | None:
+def reusable_summary(config, holdout: int = 0) -> dict | None:
     """The summary of a finished run in config.output_dir trained with the same config (what it trains:
     evaluation, compare and budget aside) and the same inputs by content (data files, model, resolved
-    dtype, device kind, forgetless version), else None."""
+    dtype, device kind, forgetless version, examples held out: `holdout`), else None."""
     from forgetless.identity import changed_inputs, run_inputs
 
     out = Path(config.output_dir).expanduser()
@@ -283,7 +283,7 @@ def reusable_summary(config) -> dict | None:
     if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
         return None
     summary = json.loads((out / SUMMARY).read_text())
-    old, new = summary.get("inputs"), run_inputs(config)
+    old, new = summary.get("inputs"), run_inputs(config, holdout)
     if old is None or changed_inputs(old, new):
         logger.info("%s: its inputs changed (%s); training it again", out,
                     ", ".join(changed_inputs(old, new)) if old else "not recorded by an older forgetless")
@@ -317,3 +317,65 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:
     """The one writer of OUTPUT_DIR/train_summary.json. Written last, and whole (tmp + rename): its
     presence marks a finished run."""
     write_json_atomic(Path(output_dir) / SUMMARY, summary, indent=2)
+
+
+def write_run(output_dir: Path, save: Callable[[Path], None], summary: dict[str, Any], config=None,
+              metrics: Path | None = None, files: dict[str, Any] | None = None, merge: bool = False,
+              is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> None:
+    """The one writer of a finished run's folder: train's run and budget's chosen model alike. In an order a
+    kill may stop anywhere without leaving a folder that reads as finished:
+      1. the weights and tokenizer: `save(folder)` writes them into a folder beside the run, on every process
+         (an engine may gather shards collectively; `save` writes what its own process should), `metrics` (a
+         metrics.jsonl from another folder: the run these weights were trained in) beside them; the main
+         process renames them into place (save_aside);
+      2. config.yaml (`config`; train writes it when the run starts too, for --resume), written whole;
+      3. `merge`: a LoRA run's adapter folded into a full model, from the saved adapter, into merged/ the same
+         way (summary["merged_dir"] says where);
+      4. `files` (name -> JSON-able, e.g. budget.json), each written whole;
+      5. train_summary.json (write_summary), last: it marks the run finished.
+    The main process alone writes (`is_main`); every process waits at `barrier`, and returns when the folder
+    is whole."""
+    output_dir = Path(output_dir)
+
+    def save_with_metrics(folder: Path) -> None:
+        save(folder)
+        if is_main and metrics is not None and Path(metrics).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(metrics, folder / METRICS)
+
+    save_aside(output_dir, save_with_metrics, is_main=is_main, barrier=barrier)
+    if is_main:
+        if config is not None:  # before the merge: the adapter's base is loaded as this config says
+            from forgetless.config import dump_config
+
+            tmp = output_dir / f".{CONFIG}.tmp"
+            dump_config(config, tmp)
+            os.replace(tmp, output_dir / CONFIG)
+        if merge:  # from the saved adapter, which holds the whole weights whatever the engine sharded
+            from forgetless.model import load_trained
+
+            merged, tokenizer = load_trained(output_dir, device="cpu")
+            merged = merged.merge_and_unload()
+
+            def save_merged(folder: Path) -> None:
+                merged.save_pretrained(str(folder / "merged"))
+                tokenizer.save_pretrained(str(folder / "merged"))
+
+            save_aside(output_dir, save_merged)
+            summary["merged_dir"] = str(output_dir / "merged")
+        for name, value in (files or {}).items():
+            write_json_atomic(output_dir / name, value, indent=2)
+        write_summary(output_dir, summary)
+    barrier()
+
+
+def copy_run_files(run_dir: Path) -> Callable[[Path], None]:
+    """A `save` for write_run that takes a finished run's weights and tokenizer, byte for byte: its top-level
+    files but its marker, config.yaml, metrics and summary (write_run writes those of the new run)."""
+    def save(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in sorted(Path(run_dir).iterdir()):
+            if item.is_file() and item.name not in (MARKER, CONFIG, METRICS, SUMMARY):
+                shutil.copy2(item, folder / item.name)
+
+    return save

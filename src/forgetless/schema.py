@@ -176,7 +176,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = ""
             raise ConfigError(f"{where}{prefix}{name}: missing; this setting has no default")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], prefix + name, where)
+        # a field may name its own parser (metadata "parse": (value, where, key) -> value), e.g. the typed
+        # `regularizers:` entries of forgetless.registry
+        parse = fields[name].metadata.get("parse")
+        kwargs[name] = parse(value, where, prefix + name) if parse else _coerce(value, hints[name], prefix + name, where)
     built = cls(**kwargs)
     # value checks a dataclass states itself: {field: what is wrong}, named here with the field's full key
     for name, problem in getattr(built, "problems", lambda: {})().items():

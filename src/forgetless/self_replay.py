@@ -30,12 +30,12 @@ def _prompts(tokenizer, prompts_file: str | None) -> list[list[int]]:
     if prompts_file is None:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if bos is None:
-            raise ConfigError("regularizers.replay.self_prompts: the tokenizer has no BOS/EOS token to start from; "
+            raise ConfigError("replay.self_prompts: the tokenizer has no BOS/EOS token to start from; "
                               "give a file of prompts")
         return [[bos]]
     path = Path(prompts_file)
     if not path.is_file():
-        raise DataError(f"regularizers.replay.self_prompts: {path} does not exist")
+        raise DataError(f"replay.self_prompts: {path} does not exist")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path}: no prompts (one per line)")
@@ -52,7 +52,7 @@ def generate_blocks(model, tokenizer, n_blocks: int, length: int, temperature: f
     what the model reads and continues)."""
     prompts = _prompts(tokenizer, prompts_file)
     if max(len(p) for p in prompts) >= length:
-        raise ConfigError(f"regularizers.replay: a self-replay prompt is longer than max_length={length}")
+        raise ConfigError(f"replay: a self-replay prompt is longer than max_length={length}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

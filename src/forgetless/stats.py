@@ -475,6 +475,10 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class Measure:
+    """One measure of the report: how its statistic is computed from evaluate's per-item values (items to
+    binary) and how the report shows it (key to first_vs_runs). MEASURES is the one declaration of each:
+    evaluate records its result under `key`; compare's tables, Holm family and plots are drawn from it."""
+
     items: str               # evaluate's per-item key
     statistic: str           # STATISTICS key
     unit: str                # a paired difference shown in "points", "nats" or "percent" (of perplexity)
@@ -482,22 +486,45 @@ class Measure:
     high: float = math.inf
     exp: bool = False        # the value is exp(statistic): a perplexity
     binary: bool = False     # 0/1 items: pseudo-items in the item part, Wilson for one seed's value
+    key: str = ""            # evaluate's result key (report.json's too)
+    header: str = ""         # its column in the results table; "": in neither that table nor the plot
+    label: str = ""          # its plot's title
+    higher: bool = True      # higher is better (the plot's arrow)
+    digits: int = 3          # decimals of its value and interval in the results table
+    change: bool = False     # the results table also shows its change against the base, in its unit
+    diff: str = ""           # the paired tables' header of its differences ("Δ acc" -> "Δ acc vs base")
+    # the references its paired differences are shown against in the main paired table: "base" and/or "sft"
+    # (the plain fine-tuning run); with "sft" also against each further reference run (compare.paired_with)
+    vs: tuple[str, ...] = ()
+    first_vs_runs: bool = False  # its column leads the tables against further reference runs (their order)
 
 
-MEASURES: dict[str, Measure] = {
-    "target_acc": Measure("target_acc", "mean", "points", 0.0, 1.0, binary=True),
+# In the order of the results table, the plot and report.json's paired differences. A new measure is an entry
+# here and its per-item values with `measure(items, key, n)` in the evaluate function that computes them.
+MEASURES: dict[str, Measure] = {m.key: m for m in [
+    Measure("target_acc", "mean", "points", 0.0, 1.0, binary=True, key="target_acc", header="target acc",
+            label="target accuracy", change=True, diff="Δ acc", vs=("base", "sft")),
     # NLL per answer token, averaged over answers (each answer counts once, whatever its length), in nats
-    "target_nll": Measure("target_nll", "mean", "nats"),
-    "general_ppl": Measure("general_nll", "ratio", "percent", exp=True),
-    "general_drift_kl": Measure("general_drift_kl", "ratio", "nats"),
-    "mc_acc": Measure("mc_acc", "mean", "points", 0.0, 1.0, binary=True),
-    "mc_acc_norm": Measure("mc_acc_norm", "mean", "points", 0.0, 1.0, binary=True),
-    "robust_acc_mean": Measure("robust_correct", "template_mean", "points", 0.0, 1.0, binary=True),
+    Measure("target_nll", "mean", "nats", key="target_nll", header="target NLL",
+            label="target NLL per answer token (nats)", higher=False, diff="Δ target NLL", vs=("base", "sft"),
+            first_vs_runs=True),
+    Measure("general_nll", "ratio", "percent", exp=True, key="general_ppl", header="general ppl",
+            label="general-text perplexity", higher=False, digits=2, change=True, diff="Δ ppl", vs=("base", "sft")),
+    Measure("general_drift_kl", "ratio", "nats", key="general_drift_kl", header="drift KL",
+            label="drift KL(base‖model)", higher=False, digits=4, diff="drift KL", vs=("sft",)),
+    Measure("mc_acc", "mean", "points", 0.0, 1.0, binary=True, key="mc_acc"),  # recorded, not shown
+    Measure("mc_acc_norm", "mean", "points", 0.0, 1.0, binary=True, key="mc_acc_norm", header="MMLU acc_norm",
+            label="MMLU acc_norm", change=True, diff="Δ MMLU", vs=("base",)),
+    Measure("robust_correct", "template_mean", "points", 0.0, 1.0, binary=True, key="robust_acc_mean",
+            header="robust acc mean", label="robustness: mean acc"),
     # the spread of the templates' accuracies beyond question noise (module docstring)
-    "robust_acc_std": Measure("robust_correct", "template_spread", "points"),
-    "instr_nll": Measure("instr_nll", "mean", "nats"),
-    "instr_clean_end": Measure("instr_clean_end", "mean", "points", 0.0, 1.0, binary=True),
-}
+    Measure("robust_correct", "template_spread", "points", key="robust_acc_std", header="robust std",
+            label="robustness: template spread beyond noise", higher=False, diff="Δ robust std", vs=("sft",)),
+    Measure("instr_nll", "mean", "nats", key="instr_nll", header="instr NLL",
+            label="NLL per token of the base's answers (nats)", higher=False, diff="Δ instr NLL", vs=("base",)),
+    Measure("instr_clean_end", "mean", "points", 0.0, 1.0, binary=True, key="instr_clean_end",
+            header="clean end", label="answers ending cleanly", digits=2, diff="Δ clean end", vs=("base",)),
+]}
 
 
 def domain_measures(items: dict) -> dict[str, Measure]:
@@ -506,8 +533,9 @@ def domain_measures(items: dict) -> dict[str, Measure]:
     for key in items:
         if key.startswith("general_nll@"):
             domain = key.split("@", 1)[1]
-            out[f"general_ppl@{domain}"] = Measure(key, "ratio", "percent", exp=True)
-            out[f"general_drift_kl@{domain}"] = Measure(f"general_drift_kl@{domain}", "ratio", "nats")
+            out[f"general_ppl@{domain}"] = Measure(key, "ratio", "percent", exp=True, key=f"general_ppl@{domain}")
+            out[f"general_drift_kl@{domain}"] = Measure(f"general_drift_kl@{domain}", "ratio", "nats",
+                                                        key=f"general_drift_kl@{domain}")
     return out
 
 

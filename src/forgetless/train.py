@@ -27,11 +27,12 @@ from forgetless.errors import TrainingError
 from forgetless.identity import digest, run_inputs
 from forgetless.memory import peak_memory
 from forgetless.model import load_for_training, load_trained, resolve_dtype  # noqa: F401  (load_trained: public here too)
-from forgetless.regularizers import build_regularizers
-from forgetless.replay import build_replay
+from forgetless import registry
+from forgetless.regularizers import Regularizer
+from forgetless.replay import ReplaySource
 from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
                                    is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
-                                   save_aside, trim_metrics, write_summary)
+                                   save_aside, trim_metrics, write_run, write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ logger = logging.getLogger(__name__)
 class TrainResult:
     output_dir: Path
     summary: dict[str, Any]
+
+
+def build_method(config: ForgetlessConfig) -> tuple[list[Regularizer], ReplaySource | None]:
+    """The run's training terms (one per `regularizers:` entry) and its replay source (a data source)."""
+    regularizers = [registry.build(options) for options in config.regularizers]
+    replay = ReplaySource(config.replay, config.data) if config.replay is not None else None
+    return regularizers, replay
 
 
 def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> TrainingArguments:
@@ -88,10 +96,13 @@ def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> Traini
 
 
 def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False,
-          measure_memory: bool = False, extra_summary: dict[str, Any] | None = None) -> TrainResult:
+          measure_memory: bool = False, extra_summary: dict[str, Any] | None = None, holdout: int = 0) -> TrainResult:
     """Run one fine-tune as `config` describes and write its outputs. See the module docstring.
     `measure_memory`: the summary gets the training's peak memory (forgetless.memory.peak_memory).
-    `extra_summary`: facts the caller adds to train_summary.json (compare: runs trained side by side)."""
+    `extra_summary`: facts the caller adds to train_summary.json (compare: runs trained side by side).
+    `holdout`: train on data.train's mixture less its last `holdout` examples, read in memory with their
+    sources' formats and tags (budget validates on those: forgetless.data.split_holdout); the run's inputs
+    record it (its identity: resume, reuse, caches)."""
     output_dir = Path(config.output_dir).expanduser()
     check_output_dir(output_dir, overwrite, resume)  # before the model loads: fail fast
     checkpoint_dir = output_dir / CHECKPOINTS
@@ -99,14 +110,13 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 
     # model first: the tokenizer decides how data is rendered
     model, tokenizer, model_path = load_for_training(config.model, config.train.gradient_checkpointing)
-    train_ds = data_mod.build_training_dataset(config.data, tokenizer, config.train.seed)
+    train_ds = data_mod.build_training_dataset(config.data, tokenizer, config.train.seed, holdout)
     eval_ds = data_mod.build_dataset(data_mod.eval_source(config.data), tokenizer, config.data) if config.data.eval else None
     # by content, once the data is read (a Hub dataset is in the local cache now): the run's caches, its
     # resume and its reuse by compare are keyed by it
-    inputs = run_inputs(config)
+    inputs = run_inputs(config, holdout)
     resume_from = check_resume(output_dir, config.to_dict(), inputs) if resume else None
-    regularizers = build_regularizers(config.regularizers)
-    replay = build_replay(config.regularizers, config.data)  # a data source, written among the method's entries
+    regularizers, replay = build_method(config)
 
     args = training_arguments(config, checkpoint_dir)
     is_main = args.process_index == 0
@@ -173,27 +183,17 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if bad:
         raise TrainingError(f"training produced non-finite weights ({bad[0]} and {len(bad) - 1} more); "
                             "nothing was saved. Lower train.learning_rate or train.max_grad_norm")
-    # Weights and tokenizer are written beside the run and renamed into place, the summary last: a kill
-    # part-way never leaves a run that reads as finished. save_model runs on every process: under
-    # DeepSpeed ZeRO-3 / FSDP the weights are gathered collectively (Trainer writes on the main one).
+    # The finished run's folder, through its one writer (run_folder.write_run): weights and tokenizer aside
+    # and renamed into place, the summary last, so a kill part-way never leaves a run that reads as finished.
+    # save_model runs on every process: under DeepSpeed ZeRO-3 / FSDP the weights are gathered collectively
+    # (Trainer writes on the main one).
     def save(folder: Path) -> None:
         trainer.save_model(str(folder))
         if is_main:
             tokenizer.save_pretrained(str(folder))
 
-    save_aside(output_dir, save, is_main=trainer.is_world_process_zero(), barrier=trainer.accelerator.wait_for_everyone)
-    if trainer.is_world_process_zero():
-        if config.merge:  # from the saved adapter, which holds the whole weights whatever the engine sharded
-            merged = load_trained(output_dir, device="cpu")[0].merge_and_unload()
-
-            def save_merged(folder: Path) -> None:  # written aside and renamed into place, like the adapter
-                merged.save_pretrained(str(folder / "merged"))
-                tokenizer.save_pretrained(str(folder / "merged"))
-
-            save_aside(output_dir, save_merged)
-            summary["merged_dir"] = str(output_dir / "merged")
-        write_summary(output_dir, summary)
-    trainer.accelerator.wait_for_everyone()
+    write_run(output_dir, save, summary, config=config, merge=config.merge, is_main=trainer.is_world_process_zero(),
+              barrier=trainer.accelerator.wait_for_everyone)
     return TrainResult(output_dir, summary)
 
 
@@ -201,7 +201,7 @@ def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
     """The run in config.output_dir carried to its end, and its summary: reused when it finished with the
     same config and inputs, resumed from its last checkpoint when it did not, else trained afresh (a
     forgetless run there is replaced; anything else is refused). What `budget --resume` does per trial."""
-    summary = reusable_summary(config)
+    summary = reusable_summary(config, kwargs.get("holdout", 0))
     if summary is not None:
         return summary
     out = Path(config.output_dir).expanduser()

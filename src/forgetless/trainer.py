@@ -1,20 +1,28 @@
 """ForgetlessTrainer: transformers.Trainer whose training step composes SFT + regularizers.
 
-The step, top to bottom (see `training_step`):
-  0. the micro-batch's rows: the SFT rows, plus replay rows when the run has a replay source
-     (forgetless.replay; a function of the step count). The step splits them by source when replay
-     asks for a forward of its own (`forward: own`, or `auto` when joining would pad a lot or LfU's
-     hooks read the clean forward): forward + loss + backward on the replay rows first, without
-     gradient sync, so their activations are freed before the SFT forward allocates its own;
-  1. clean forward on the (remaining) rows, all sources in one; each source gets its rows' logits;
-  2. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
+A run's step is one of two plain paths, chosen once when the trainer is built:
+
+`_additive_step` (a run without a perturbing regularizer):
+  1. the micro-batch's rows: the SFT rows, plus replay rows when the run has a replay source
+     (forgetless.replay; a function of the step count). They join the SFT rows' forward, or get one
+     of their own (`forward: own`, or `auto` when joining would pad a lot; `_replay_forward`):
+     forward + loss + backward on the replay rows first, without gradient sync, so their
+     activations are freed before the SFT forward allocates its own;
+  2. clean forward on the (remaining) rows, all sources in one; each source gets its rows' logits;
+  3. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
      tokens in the whole optimizer step, across accumulation and processes): the mean over the
-     step's tokens, exactly as transformers normalises with `num_items_in_batch`; replay rows add
-     weight * their NLL sum * their own scale (forgetless.rows);
-  3. + each regularizer's term;  4. backward;
-  5. only with a perturbing regularizer (LfU): the clean backward runs without gradient sync,
-     this micro-batch's gradient of l_sft alone is handed to it, and it runs its own
-     forward + backward (the last backward of the micro-step, so the one that syncs).
+     step's tokens, exactly as transformers normalises with `num_items_in_batch`; joined replay rows
+     add weight * their NLL sum * their own scale (forgetless.rows);
+  4. + each penalty's term;  5. one backward.
+
+`_perturbing_step` (a run with a perturbing regularizer, LfU; the config allows one). A micro-batch it
+does not perturb (`perturbs_at`: LfU's `every`) takes the additive step; the others:
+  1. replay rows, if any, in their own pass first (the perturber reads the SFT rows of the clean forward);
+  2. clean forward on the SFT rows inside every regularizer's clean_forward; l_sft + each penalty's term;
+  3. backward without gradient sync: the penalties' terms, then l_sft alone, whose gradient w.r.t. the
+     perturber's ascent_tensors() is handed to it (ctx.sft_grads); the clean graph is freed;
+  4. the perturber's own forward + backward (the micro-batch's last backward, so the one that syncs).
+
 A micro-batch whose loss is NaN/inf on any process is skipped (no backward) by every process. When it
 is the step's last (syncing) micro-batch, the step's accumulated gradient is discarded on every process
 (never all-reduced, it differs per process): the optimizer steps with a zero gradient.
@@ -56,10 +64,11 @@ class ForgetlessTrainer(Trainer):
         self.max_nonfinite_steps = max_nonfinite_steps
         self._nonfinite_in_a_row = 0
         self.regularizers = list(regularizers or [])
-        perturbers = [reg for reg in self.regularizers if reg.perturbs]
-        if len(perturbers) > 1:
-            raise ConfigError("regularizers: at most one perturbing regularizer (lfu) per run")
-        self.perturber = perturbers[0] if perturbers else None
+        # penalties add a term to the clean loss; a perturbing regularizer (LfU: one at most, checked when the
+        # config is parsed) runs a pass of its own after the clean one, and makes the run's step the perturbing one
+        self.penalties = [reg for reg in self.regularizers if not reg.perturbs]
+        self.perturber = next((reg for reg in self.regularizers if reg.perturbs), None)
+        self._step = self._additive_step if self.perturber is None else self._perturbing_step
         self._micro_of_step = (-1, 0)  # (optimizer step, micro-batches run in it): see micro_step()
         # Makes Trainer count the response tokens of each optimizer step (over accumulation and
         # processes) and pass the count to training_step as `num_items_in_batch`.
@@ -78,14 +87,15 @@ class ForgetlessTrainer(Trainer):
             train_dataset=self.train_dataset, output_dir=Path(self.args.output_dir), seed=int(self.args.seed),
             grad_accum=self.args.gradient_accumulation_steps, batch_size=self.args.per_device_train_batch_size,
             eval_batch_size=self.args.per_device_eval_batch_size, show_progress=not self.args.disable_tqdm,
-            perturbing=self.perturber is not None, inputs_key=inputs_key)
+            inputs_key=inputs_key)
         self.replay = replay
         # DeepSpeed's engine steps at the last micro-batch's first backward: replay rows must join the SFT one
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if replay is not None:
             if replay.cfg.forward == "own" and self.deepspeed:
-                raise ConfigError("regularizers.replay.forward: own is not possible under DeepSpeed (its engine takes "
+                raise ConfigError("replay.forward: own is not possible under DeepSpeed (its engine takes "
                                   "one backward per micro-batch, and steps at it); use auto or with_sft")
+            self.replay_forward = self._replay_forward()
             replay.setup(self.run_info)
         for reg in self.regularizers:
             reg.setup(self.run_info)
@@ -93,89 +103,100 @@ class ForgetlessTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
-        labels = inputs["labels"]
-        local_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         if num_items_in_batch is None:  # called outside Trainer's loop: this batch is the whole step
-            num_items_in_batch = local_tokens * self.accelerator.num_processes
-        token_scale = self.accelerator.num_processes / max(float(num_items_in_batch), 1.0)
-        micro = self.micro_step()
-        # LfU with `every: k` runs its pass on some micro-batches only; the others are plain SFT steps
-        perturber = self.perturber if self.perturber is not None and self.perturber.perturbs_at(micro) else None
-        parts = [Rows(SFT, inputs, token_scale)]
-        replay_term = None
-        if self.replay is not None:
-            self._record({"replay_fraction": self.replay.fraction(micro, labels.shape[0])})
-            rows = self.replay.draw(micro, self._micro_batches_in_step(), labels.device)
-            if rows is not None and self._replay_joins(parts[0], rows):
-                parts.append(rows)
-            elif rows is not None:
-                # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time)
-                with self.accelerator.no_sync(model), self.compute_loss_context_manager():
-                    replay_term = self._replay_pass(model, rows)
+            num_items_in_batch = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) * self.accelerator.num_processes
+        sft = Rows(SFT, inputs, self.accelerator.num_processes / max(float(num_items_in_batch), 1.0))
+        return self._step(model, sft, self.micro_step())
 
-        clean_pass = self.accelerator.no_sync(model) if perturber else contextlib.nullcontext()
-        with clean_pass:
+    def _additive_step(self, model, sft: Rows, micro: int) -> torch.Tensor:
+        """SFT rows (+ replay rows: joined, or in their own pass first) + each penalty's term; one backward."""
+        joined, replay_term = self._replay_rows(model, sft, micro)
+        parts = [sft] if joined is None else [sft, joined]
+        with self.compute_loss_context_manager():
+            with contextlib.ExitStack() as hooks:
+                for reg in self.penalties:
+                    hooks.enter_context(reg.clean_forward(model, sft.batch, micro))
+                # logits only where a token is trained: the LM head skips prompt and padding
+                outputs, logits = forward_rows(model, *joined_inputs(parts))
+            # one cross-entropy over every row, then each source's share
+            split_outputs(parts, token_nll(logits, torch.cat([p.targets() for p in parts])), logits)
+            sft_loss = sft.nll.sum() * sft.scale
+            ctx = self._context(model, parts, outputs, sft_loss, micro)
+            extra = self._add_penalties(ctx, None if joined is None else self._replay_loss(joined))
+        total = sft_loss if extra is None else sft_loss + extra
+        if not self.all_finite(total):
+            # a finite replay pass has already added its gradient: kept, unless this micro-batch was
+            # the step's syncing one (then _skip_nonfinite discards the whole step's gradient)
+            return self._skip_nonfinite(model, total)
+        self._nonfinite_in_a_row = 0
+        self.backward(total)
+        return self._finish(sft, sft.nll, total, replay_term)
+
+    def _perturbing_step(self, model, sft: Rows, micro: int) -> torch.Tensor:
+        """LfU's step: the clean pass's backward holds the gradient sync back and hands the perturber this
+        micro-batch's gradient of l_sft alone; then the perturber's own forward + backward (the one that syncs)."""
+        perturber = self.perturber
+        if not perturber.perturbs_at(micro):  # LfU's `every`: a plain micro-batch
+            return self._additive_step(model, sft, micro)
+        _, replay_term = self._replay_rows(model, sft, micro)  # never joined here (_replay_forward)
+        # Only the micro-step's last backward (the perturbed one) may sync gradients
+        with self.accelerator.no_sync(model):
             with self.compute_loss_context_manager():
                 with contextlib.ExitStack() as hooks:
-                    for reg in self.regularizers:
-                        if reg is perturber or not reg.perturbs:
-                            hooks.enter_context(reg.clean_forward(model, inputs))
-                    # logits only where a token is trained: the LM head skips prompt and padding
-                    outputs, logits = forward_rows(model, *joined_inputs(parts))
-                # one cross-entropy over every row, then each source's share
-                split_outputs(parts, token_nll(logits, torch.cat([p.targets() for p in parts])), logits)
-                sft = parts[0]
-                nll = sft.nll
-                sft_loss = nll.sum() * token_scale
-                ctx = self._context(model, parts, outputs, sft_loss, token_scale)
-                extra = self._replay_loss(parts[1]) if len(parts) > 1 else None
-                for reg in self.regularizers:
-                    term, metrics = reg.loss(ctx)
-                    if term is not None:
-                        extra = term if extra is None else extra + term
-                    self._record(metrics)
+                    for reg in self.regularizers:  # the perturber's too: it captures what it perturbs
+                        hooks.enter_context(reg.clean_forward(model, sft.batch, micro))
+                    outputs, logits = forward_rows(model, sft.batch["input_ids"], sft.batch["attention_mask"],
+                                                   sft.keep)
+                sft.logits, sft.nll = logits, token_nll(logits, sft.targets())
+                sft_loss = sft.nll.sum() * sft.scale
+                ctx = self._context(model, [sft], outputs, sft_loss, micro)
+                extra = self._add_penalties(ctx, None)
             total = sft_loss if extra is None else sft_loss + extra
             if not self.all_finite(total):
-                # a finite replay pass has already added its gradient: kept, unless this micro-batch was
-                # the step's syncing one (then _skip_nonfinite discards the whole step's gradient)
                 return self._skip_nonfinite(model, total)
             self._nonfinite_in_a_row = 0
+            if extra is not None:
+                self.backward(extra, retain_graph=True)
+            ctx.sft_grads = self._isolated_backward(sft_loss, perturber.ascent_tensors())
+        # Free the whole clean graph before the perturbed forward: `extra`'s backward kept its saved tensors
+        # (retain_graph), and anything holding a grad_fn would keep them (and the logits) alive.
+        total, nll = total.detach(), sft.nll.detach()
+        ctx.outputs = ctx.logits = ctx.sft_loss = ctx.rows = sft.logits = sft.nll = None
+        outputs = logits = sft_loss = extra = None
+        with self.compute_loss_context_manager():
+            term, metrics = perturber.perturbed_backward(ctx)
+        self._record(metrics)
+        return self._finish(sft, nll, total + term, replay_term)
 
-            if perturber is None:
-                self.backward(total)
-            else:
-                if extra is not None:
-                    self.backward(extra, retain_graph=True)
-                ctx.sft_grads = self._isolated_backward(sft_loss, perturber.ascent_tensors())
+    # ------------------------------------------------------------------ the pieces both steps share
 
-        if perturber is not None:
-            # Free the whole clean graph before the perturbed forward: `extra`'s backward kept its saved
-            # tensors (retain_graph), and anything holding a grad_fn would keep them (and the logits) alive.
-            ctx.outputs = ctx.logits = ctx.sft_loss = ctx.rows = outputs = logits = sft_loss = extra = term = None
-            for part in parts:
-                part.logits = part.nll = None
-            total, nll = total.detach(), nll.detach()
-            with self.compute_loss_context_manager():
-                term, metrics = perturber.perturbed_backward(ctx)
-            total = total + term
-            self._record(metrics)
+    def _replay_forward(self) -> str:
+        """How the run's replay rows meet the SFT rows, decided once: "with_sft" (joined), "own" (a pass of
+        their own, first) or "auto" (joined unless that pads a lot: `_replay_joins`)."""
+        if self.perturber is not None:  # the perturbing step's clean forward holds the SFT rows alone
+            return "own"
+        if self.replay.cfg.forward == "auto" and self.deepspeed:  # its engine steps at the first backward
+            return "with_sft"
+        return self.replay.cfg.forward
 
-        if replay_term is not None:
-            total = total + replay_term
-        if local_tokens:
-            self._metrics["l_sft"].append(nll.detach().mean().item())
-        self._tokens_seen += int(inputs["attention_mask"].sum())
-        return total.detach()
+    def _replay_rows(self, model, sft: Rows, micro: int) -> tuple[Rows | None, torch.Tensor | None]:
+        """This micro-batch's replay rows: (rows to join the SFT forward, None), or (None, the detached term
+        of their own pass, run here); (None, None) without replay rows or when their pass was skipped."""
+        if self.replay is None:
+            return None, None
+        labels = sft.batch["labels"]
+        self._record({"replay_fraction": self.replay.fraction(micro, labels.shape[0])})
+        rows = self.replay.draw(micro, self._micro_batches_in_step(), labels.device)
+        if rows is None or self._replay_joins(sft, rows):
+            return rows, None
+        # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time)
+        with self.accelerator.no_sync(model), self.compute_loss_context_manager():
+            return None, self._replay_pass(model, rows, micro)
 
     def _replay_joins(self, sft: Rows, replay: Rows) -> bool:
         """The step option: replay rows join the SFT forward, or get their own pass (lower peak memory)."""
-        forward = self.replay.cfg.forward
-        if forward != "auto":
-            return forward == "with_sft"
-        if self.deepspeed:
-            return True
-        if self.perturber is not None:  # LfU's hooks capture the SFT rows of the clean forward
-            return False
+        if self.replay_forward != "auto":
+            return self.replay_forward == "with_sft"
         (b, t), (r, length) = sft.batch["input_ids"].shape, replay.batch["input_ids"].shape
         # joining pads both to one length: worth it unless that adds more than 10% tokens
         return (b + r) * max(t, length) <= 1.1 * (b * t + r * length)
@@ -185,34 +206,48 @@ class ForgetlessTrainer(Trainer):
         self._record({"l_replay": rows.nll.detach().mean().item()})
         return self.replay.weight * rows.nll.sum() * rows.scale
 
-    def _replay_pass(self, model, rows: Rows) -> torch.Tensor | None:
-        """Replay rows' own forward + loss (with the regularizers' terms on them) + backward; the detached
+    def _replay_pass(self, model, rows: Rows, micro: int) -> torch.Tensor | None:
+        """Replay rows' own forward + loss (with the penalties' terms on them) + backward; the detached
         term, or None when it was not finite (skipped like a non-finite SFT loss; the SFT pass still runs)."""
         _, rows.logits = forward_rows(model, rows.batch["input_ids"], rows.batch["attention_mask"], rows.keep)
         rows.nll = token_nll(rows.logits, rows.targets())
         term = self._replay_loss(rows)
-        ctx = self._context(model, [rows], None, None, 0.0)
-        for reg in self.regularizers:
-            extra, metrics = reg.loss(ctx)
-            if extra is not None:
-                term = term + extra
-            self._record(metrics)
+        term = self._add_penalties(self._context(model, [rows], None, None, micro), term)
         if not self.all_finite(term):
             self._record({"replay_nonfinite_skipped": 1.0})
             return None
         self.backward(term)
         return term.detach()
 
+    def _add_penalties(self, ctx: StepContext, total: torch.Tensor | None) -> torch.Tensor | None:
+        """`total` + each penalty's term on the rows of `ctx` (None: no term at all); their metrics logged."""
+        for reg in self.penalties:
+            term, metrics = reg.loss(ctx)
+            if term is not None:
+                total = term if total is None else total + term
+            self._record(metrics)
+        return total
+
+    def _finish(self, sft: Rows, nll: torch.Tensor, total: torch.Tensor, replay_term: torch.Tensor | None):
+        """The micro-batch's loss as Trainer logs it (every term, detached); l_sft and the tokens seen logged."""
+        if replay_term is not None:
+            total = total + replay_term
+        if nll.numel():
+            self._record({"l_sft": nll.detach().mean().item()})
+        self._tokens_seen += int(sft.batch["attention_mask"].sum())
+        return total.detach()
+
     def _micro_batches_in_step(self) -> int:
         # Trainer's loop sets current_gradient_accumulation_steps (fewer at an epoch's short last step)
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
-    def _context(self, model, parts: list[Rows], outputs, sft_loss, token_scale: float) -> StepContext:
+    def _context(self, model, parts: list[Rows], outputs, sft_loss, micro: int) -> StepContext:
+        """What the regularizers see of one forward (`parts`: its rows by source; no SFT rows in replay's pass)."""
         rows = {p.source: p for p in parts}
         sft = rows.get(SFT)
-        return StepContext(model, rows, sft.batch if sft else None, outputs, sft_loss, token_scale,
+        return StepContext(model, rows, sft.batch if sft else None, outputs, sft_loss, sft.scale if sft else 0.0,
                            global_step=self.state.global_step, micro_batches_in_step=self._micro_batches_in_step(),
-                           backward=self.backward, all_finite=self.all_finite,
+                           micro_step=micro, backward=self.backward, all_finite=self.all_finite,
                            keep=sft.keep if sft else None, logits=sft.logits if sft else None)
 
     def micro_step(self) -> int:
@@ -281,6 +316,11 @@ class ForgetlessTrainer(Trainer):
     def _record(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self._metrics[key].append(value)
+
+    def pending_metrics(self) -> dict[str, list[float]]:
+        """The loss parts and metrics recorded since the last training log line, by name, one value per
+        record, oldest first (a copy: the next log line averages them across processes and starts afresh)."""
+        return {key: list(values) for key, values in self._metrics.items()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Evaluation loss: mean NLL over the response tokens of the batch."""

@@ -1,6 +1,7 @@
-"""The regularizer interface (Regularizer, RunInfo, StepContext) and the registry of `regularizers:`
-entries. A leaf of the package: the method modules import it, it imports none of them (the package's
-__init__ imports them all, so that each registers itself). See forgetless.regularizers for the contract."""
+"""The regularizer interface (Regularizer, RunInfo, StepContext). A leaf of the package: the method
+modules import it, it imports none of them (they register in forgetless.registry). Regularizer's
+docstring lists the hooks of a penalty and of the perturbing regularizer; forgetless.regularizers tells
+how the training step calls them."""
 
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
-from forgetless.errors import ConfigError
-from forgetless.replay import ReplayConfig
 from forgetless.rows import Rows
-from forgetless.schema import from_dict
 
 
 @dataclass
@@ -31,7 +29,6 @@ class RunInfo:
     batch_size: int  # SFT rows per micro-batch, per process
     eval_batch_size: int
     show_progress: bool
-    perturbing: bool  # a perturbing regularizer (LfU) runs its own forward + backward after the clean one
     # a hash of what the run is computed from (forgetless.identity.run_inputs): what a regularizer keeps
     # in output_dir is reused only under the same key
     inputs_key: str = ""
@@ -43,6 +40,9 @@ class RunInfo:
 
 @dataclass
 class StepContext:
+    """What a regularizer sees of one forward of the training step: a penalty's `loss(ctx)`, a perturbing
+    regularizer's `perturbed_backward(ctx)`. In replay's own pass only `rows["replay"]` is there: `batch`,
+    `sft_loss`, `keep` and `logits` are None, `token_scale` is 0."""
     model: torch.nn.Module  # as the trainer calls it (possibly wrapped by accelerate)
     rows: dict[str, Rows]  # this forward's rows by source (forgetless.rows.SFT / REPLAY), with their logits
     batch: dict[str, torch.Tensor] | None  # the SFT rows: input_ids, attention_mask, labels (-100 = not trained on)
@@ -51,13 +51,16 @@ class StepContext:
     token_scale: float  # sum over this micro-batch's response tokens * token_scale == mean over the step's
     global_step: int  # optimizer steps done before this one
     micro_batches_in_step: int  # micro-batches in this optimizer step (the last step of an epoch may have fewer)
+    # this micro-batch's index in the run (step * grad_accum + its place in the step: a resumed run numbers
+    # its micro-batches as an uninterrupted one does); the number clean_forward was given
+    micro_step: int
     # a backward of a regularizer's own term (scaled for the engine: DeepSpeed must not divide it again)
     backward: Callable[..., None]
     # whether a tensor is finite on every process (a syncing backward is skipped by all or by none)
     all_finite: Callable[[torch.Tensor], bool]
     keep: torch.Tensor | None = None  # [B, T] bool: positions whose next token is trained (losses.prediction_mask)
     logits: torch.Tensor | None = None  # [N, V] logits at the `keep` positions only, row-major
-    # Set for perturbing regularizers only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
+    # Set for the perturbing regularizer only: d(l_sft of this micro-batch)/d(ascent_tensors()), in order.
     # Read them before running any backward of your own (autograd may accumulate into them in place).
     sft_grads: list[torch.Tensor] | None = None
 
@@ -72,7 +75,27 @@ class StepContext:
 
 
 class Regularizer:
-    """Base class. Subclasses set `name` and implement `loss` (and the optional hooks below)."""
+    """A `regularizers:` entry at training time (built from its options by its registered factory).
+
+    A penalty (`perturbs = False`) adds a term to the clean loss; the step runs one backward of the sum
+    (forgetless.trainer, the additive step). Its whole interface, every hook optional:
+      setup(run)                         once before training: snapshots, caches (RunInfo, never the Trainer)
+      clean_forward(model, batch, micro_step)  context manager around the clean forward of the SFT rows
+      loss(ctx) -> (term | None, metrics)      its weighted term on ctx's rows (every forward, replay's own too)
+      finalize(model) -> metrics         after the last step, before the weights are saved; may change them
+    and two class flags: `name`, `reads_weights`.
+
+    A perturbing regularizer (`perturbs = True`: LfU; one per run, checked when the config is parsed)
+    makes the run's step the perturbing one, and has a contract of its own instead of `loss` (never
+    called on it):
+      perturbs_at(micro_step) -> bool    pure: whether that micro-batch gets the perturbed pass; the
+                                         others take the additive step, without this regularizer at all
+      clean_forward(model, batch, micro_step)  entered around the clean forward of a perturbed micro-batch
+      ascent_tensors() -> [tensor]       whose gradient of this micro-batch's l_sft alone it needs; the step
+                                         hands it over as ctx.sft_grads
+      perturbed_backward(ctx) -> (term, metrics)  its own forward + backward, after the clean graph is freed
+    besides setup and finalize.
+    """
 
     name: str = "regularizer"
     perturbs: bool = False
@@ -81,72 +104,32 @@ class Regularizer:
     reads_weights: bool = False
 
     def setup(self, run: RunInfo) -> None:
-        """Called once before training (e.g. to snapshot initial weights). Optional."""
+        """Called once before training (e.g. to snapshot initial weights)."""
 
-    def clean_forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> ContextManager:
-        """Context around the clean forward (install hooks). Optional."""
+    def clean_forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_step: int) -> ContextManager:
+        """Context around the clean forward of the SFT rows `batch` (install hooks); `micro_step` is this
+        micro-batch's index in the run (StepContext.micro_step). Not entered in replay's own pass."""
         return contextlib.nullcontext()
 
     def loss(self, ctx: StepContext) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """A term added to the clean loss, and metrics. Default: no term."""
+        """A penalty's term added to the clean loss (already weighted), and metrics. Default: no term."""
         return None, {}
 
     def finalize(self, model: torch.nn.Module) -> dict[str, float]:
-        """After the last step, before the weights are saved; may change them (WiSE-FT). Optional."""
+        """After the last step, before the weights are saved; may change them (WiSE-FT)."""
         return {}
 
-    # --- perturbing regularizers only (perturbs = True)
+    # --- the perturbing regularizer's contract (perturbs = True)
     def perturbs_at(self, micro_step: int) -> bool:
-        """Whether micro-batch `micro_step` of the run gets the perturbed pass; when it does not, the step
-        is plain SFT for this regularizer (its clean_forward is not entered either)."""
+        """Whether micro-batch `micro_step` of the run gets the perturbed pass. Pure (no side effect): a
+        micro-batch it does not perturb takes the additive step, where this regularizer takes no part."""
         return True
 
     def ascent_tensors(self) -> list[torch.Tensor]:
+        """The tensors whose gradient of this micro-batch's l_sft alone the step hands over as ctx.sft_grads."""
         raise NotImplementedError
 
     def perturbed_backward(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        """Run the extra forward + backward; return the (detached) weighted term and metrics."""
+        """Run the extra forward + backward (`ctx.backward`; skip a term not finite on every process,
+        `ctx.all_finite`); return the (detached) weighted term and metrics."""
         raise NotImplementedError
-
-
-# name -> (config dataclass, factory(config) -> Regularizer). Filled by the regularizer modules; a data
-# source written among them (replay) has no factory: forgetless.replay.build_replay builds it.
-REGISTRY: dict[str, tuple[type, Callable[[Any], Regularizer] | None]] = {"replay": (ReplayConfig, None)}
-
-
-def register(name: str, config_cls: type, factory: Callable[[Any], Regularizer]) -> None:
-    REGISTRY[name] = (config_cls, factory)
-
-
-def parse_regularizers(entries: list[dict[str, Any]], where: str = "") -> list[tuple[str, Any]]:
-    """Validate `regularizers:` entries ({name: {options}}) into (name, config) pairs."""
-    parsed = []
-    for i, entry in enumerate(entries):
-        key = f"regularizers[{i}]"
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise ConfigError(f"{where}{key}: expected a single-key mapping like {{name: {{options}}}}, got {entry!r}")
-        (name, options), = entry.items()
-        if name not in REGISTRY:
-            known = ", ".join(sorted(REGISTRY)) or "none yet"
-            raise ConfigError(f"{where}{key}: unknown regularizer '{name}' (known: {known})")
-        config_cls, _ = REGISTRY[name]
-        if options is not None and not isinstance(options, dict):
-            raise ConfigError(f"{where}{key}.{name}: expected a mapping of options, got {options!r}")
-        parsed.append((name, from_dict(config_cls, options or {}, where=where, prefix=f"{key}.{name}.")))
-    check_combination(parsed, where)
-    return parsed
-
-
-def check_combination(parsed: list[tuple[str, Any]], where: str = "") -> None:
-    """The rules between one run's regularizers, from what each entry's config provides and refuses."""
-    provided = [set(getattr(cfg, "provides", lambda: set())()) for _, cfg in parsed]
-    for i, (name, cfg) in enumerate(parsed):
-        others = set().union(*(p for j, p in enumerate(provided) if j != i))
-        for option, problem in getattr(cfg, "combination_problems", lambda _: {})(others).items():
-            at = f"regularizers[{i}].{name}" + (f".{option}" if option else "")
-            raise ConfigError(f"{where}{at}: {problem}")
-
-
-def build_regularizers(entries: list[dict[str, Any]]) -> list[Regularizer]:
-    """The loss terms of `regularizers:` entries (a replay entry is a data source: build_replay)."""
-    return [REGISTRY[name][1](cfg) for name, cfg in parse_regularizers(entries) if REGISTRY[name][1] is not None]

@@ -26,8 +26,9 @@ from forgetless.data import load_texts, pack_blocks
 from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.model import trainable_snapshot
-from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
-from forgetless.replay import DEFAULT_CORPUS
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext
+from forgetless.registry import Strength, register
+from forgetless.sections import DEFAULT_CORPUS
 from forgetless.schema import out_of_range
 
 
@@ -44,6 +45,9 @@ class EWCConfig:
 
     def problems(self) -> dict[str, str]:  # checked when the config is parsed
         return out_of_range(self, {"coef": ">= 0", "samples": ">= 1", "max_length": ">= 2"})
+
+    def data_sources(self) -> list[str]:
+        return [self.data]  # the Fisher's text: part of the run's identity (forgetless.identity)
 
 
 def empirical_fisher(model, params: list[tuple[str, torch.Tensor]], blocks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,8 +82,6 @@ class EWC(Regularizer):
     reads_weights = True
 
     def __init__(self, cfg: EWCConfig) -> None:
-        for key, problem in cfg.problems().items():  # also built directly, without from_dict
-            raise ConfigError(f"regularizers.ewc.{key}: {problem}")
         self.cfg = cfg
 
     def setup(self, run: RunInfo) -> None:
@@ -119,4 +121,4 @@ class EWC(Regularizer):
         return 0.5 * self.cfg.coef * value * share, {"ewc_penalty": value.item()}
 
 
-register("ewc", EWCConfig, EWC)
+register("ewc", EWCConfig, EWC, strength=Strength("coef", (0.1, 1.0, 10.0)), presets={"ewc": {"regularizers": [{"ewc": {}}]}})

@@ -34,7 +34,8 @@ from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.model import is_lora
-from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext
+from forgetless.registry import Strength, register
 from forgetless.rows import REPLAY, SFT
 from forgetless.schema import out_of_range
 
@@ -62,7 +63,7 @@ class KLConfig:
 
     def combination_problems(self, others: set[str]) -> dict[str, str]:
         if self.on in ("replay", "both") and "replay" not in others:
-            return {"on": f"'{self.on}' needs a replay regularizer in the same run"}
+            return {"on": f"'{self.on}' needs replay rows: add a `replay:` section to the run"}
         return {}
 
 
@@ -70,8 +71,6 @@ class KL(Regularizer):
     name = "kl"
 
     def __init__(self, cfg: KLConfig) -> None:
-        for key, problem in cfg.problems().items():  # also built directly, without from_dict
-            raise ConfigError(f"regularizers.kl.{key}: {problem}")
         self.cfg = cfg
         self.reference: torch.nn.Module | None = None  # full fine-tuning only
         self.cache: dict[str, torch.Tensor] | None = None
@@ -229,4 +228,9 @@ class KL(Regularizer):
         return term, metrics
 
 
-register("kl", KLConfig, KL)
+register("kl", KLConfig, KL, strength=Strength("coef", (0.01, 0.1, 1.0, 10.0)), presets={
+    "kl": {"regularizers": [{"kl": {}}]},
+    # regularized approximate replay (arXiv 2512.22337): KL to the initial model beside replay rows
+    "kl+replay": {"regularizers": [{"kl": {}}], "replay": {}},
+    "arr": {"regularizers": [{"kl": {}}], "replay": {}},
+})

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors, trainable_snapshot
-from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext
+from forgetless.registry import Strength, register
 from forgetless.schema import out_of_range
 
 
@@ -47,8 +47,6 @@ class L2SP(Regularizer):
     reads_weights = True
 
     def __init__(self, cfg: L2SPConfig) -> None:
-        for key, problem in cfg.problems().items():  # also built directly, without from_dict
-            raise ConfigError(f"regularizers.l2sp.{key}: {problem}")
         self.cfg = cfg
 
     def setup(self, run: RunInfo) -> None:
@@ -72,4 +70,4 @@ class L2SP(Regularizer):
         return 0.5 * self.cfg.coef * dist * share, {"l2sp_dist_sq": dist.item()}
 
 
-register("l2sp", L2SPConfig, L2SP)
+register("l2sp", L2SPConfig, L2SP, strength=Strength("coef", (0.1, 1.0, 10.0)), presets={"l2sp": {"regularizers": [{"l2sp": {}}]}})

@@ -24,7 +24,7 @@ Cheaper approximations of the same term (issue #18), composable with both varian
         (B / k) * sum_{i in S} c_i is an unbiased estimate of sum_i c_i, gradient included.
         (With dropout > 0 the subset's masks are drawn afresh, not replayed from the clean pass.)
   every = k > 1: the perturbed pass runs on micro-batches whose run index u has u % k == 0, its
-        term scaled by k; the others are plain SFT steps (no capture, no isolated backward).
+        term scaled by k; the others take the trainer's additive step (no capture, no isolated backward).
         Averaged over the k phases this is the exact term; it trades cost for gradient variance.
 rows = 1.0 and every = 1 are the exact method, bit for bit.
 """
@@ -41,7 +41,8 @@ from torch import nn
 
 from forgetless.losses import IGNORE_INDEX
 from forgetless.errors import ConfigError, TrainingError
-from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, register
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext
+from forgetless.registry import Strength, register
 from forgetless.schema import out_of_range
 
 EPS = 1e-12
@@ -138,8 +139,6 @@ class LfU(Regularizer):
     perturbs = True
 
     def __init__(self, cfg: LfUConfig) -> None:
-        for key, problem in cfg.problems().items():  # also built directly, without from_dict
-            raise ConfigError(f"regularizers.lfu.{key}: {problem}")
         self.cfg = cfg
         self.layers: nn.ModuleList | None = None
         self.selected: list[int] = []
@@ -149,7 +148,6 @@ class LfU(Regularizer):
         self.early_stop = True
         self.params: list[torch.Tensor] = []  # LoRA variant: the trainable weights phi offsets
         self.seed = 0  # train.seed: with the micro-batch index, which rows `rows < 1` draws
-        self.micro_step = 0  # this micro-batch's index in the run (set by perturbs_at)
         self.rows: torch.Tensor | None = None  # the rows the perturbed pass runs on (None: all)
         self.positions: torch.Tensor | None = None  # their response positions, flattened [rows * T]
         self.accelerator = None  # set by setup: the half-precision check is decided by all processes
@@ -172,22 +170,22 @@ class LfU(Regularizer):
 
     def perturbs_at(self, micro_step: int) -> bool:
         """Whether micro-batch `micro_step` of the run gets the perturbed pass (`every`)."""
-        self.micro_step = micro_step
         return micro_step % self.cfg.every == 0
 
-    def _draw_rows(self, batch_size: int, device) -> torch.Tensor | None:
+    def _draw_rows(self, batch_size: int, device, micro_step: int) -> torch.Tensor | None:
+        """The rows micro-batch `micro_step` of the run perturbs (`rows`; None: all of them)."""
         k = max(1, round(self.cfg.rows * batch_size))
         if k >= batch_size:
             return None
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.micro_step)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_step)
         return torch.randperm(batch_size, generator=g)[:k].sort().values.to(device)
 
     # ------------------------------------------------------------------ clean pass
 
     @contextlib.contextmanager
-    def clean_forward(self, model, batch):
+    def clean_forward(self, model, batch, micro_step):
         """Capture each selected layer's response-token states (detached: the fixed target)."""
-        self.rows = self._draw_rows(batch["input_ids"].shape[0], batch["input_ids"].device)
+        self.rows = self._draw_rows(batch["input_ids"].shape[0], batch["input_ids"].device, micro_step)
         rows = self.rows
         mask = batch["labels"] != IGNORE_INDEX
         # the response positions of the (sampled) rows, flattened: found once per step (one device sync),
@@ -354,4 +352,11 @@ class LfU(Regularizer):
         return {"lfu_applied_norm": norm_applied, "lfu_applied_cosine": cosine}
 
 
-register("lfu", LfUConfig, LfU)
+register("lfu", LfUConfig, LfU, strength=Strength("lam", (1.0, 5.0, 20.0)), presets={
+    "lfu": {"regularizers": [{"lfu": {"variant": "lora"}}]},
+    "lfu-reps": {"regularizers": [{"lfu": {"variant": "reps"}}]},
+    # the cheap approximation (issue #18, bench/lfu_frontier.py): the perturbed pass on half the rows of every
+    # 4th micro-batch, the cheapest setting measured (CPU and GPU) whose retention stays inside exact LfU's
+    # paired intervals over seeds
+    "lfu-fast": {"regularizers": [{"lfu": {"variant": "lora", "rows": 0.5, "every": 4}}]},
+})

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from forgetless.errors import ConfigError
-from forgetless.regularizers.base import Regularizer, RunInfo, register
+from forgetless.regularizers.base import Regularizer, RunInfo
+from forgetless.registry import register
 from forgetless.schema import out_of_range
 
 
@@ -30,8 +30,6 @@ class NEFTune(Regularizer):
     name = "neftune"
 
     def __init__(self, cfg: NEFTuneConfig) -> None:
-        for key, problem in cfg.problems().items():  # also built directly, without from_dict
-            raise ConfigError(f"regularizers.neftune.{key}: {problem}")
         self.cfg = cfg
 
     def setup(self, run: RunInfo) -> None:
@@ -47,4 +45,4 @@ class NEFTune(Regularizer):
         return {}
 
 
-register("neftune", NEFTuneConfig, NEFTune)
+register("neftune", NEFTuneConfig, NEFTune, presets={"neftune": {"regularizers": [{"neftune": {}}]}})

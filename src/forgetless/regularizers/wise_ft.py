@@ -20,7 +20,8 @@ import torch
 
 from forgetless.errors import ConfigError
 from forgetless.model import is_lora, lora_factors, trainable_snapshot
-from forgetless.regularizers.base import Regularizer, RunInfo, register
+from forgetless.regularizers.base import Regularizer, RunInfo
+from forgetless.registry import Strength, register
 from forgetless.schema import out_of_range
 
 
@@ -67,8 +68,6 @@ class WiseFT(Regularizer):
     reads_weights = True
 
     def __init__(self, cfg: WiseFTConfig) -> None:
-        for key, problem in cfg.problems().items():  # also built directly, without from_dict
-            raise ConfigError(f"regularizers.wise_ft.{key}: {problem}")
         self.cfg = cfg
         self.initial: dict[str, torch.Tensor] | None = None
 
@@ -82,4 +81,6 @@ class WiseFT(Regularizer):
         return {"wise_ft_alpha": self.cfg.alpha}
 
 
-register("wise_ft", WiseFTConfig, WiseFT)
+# the mixing weight is budget's default knob: one training run, then each alpha is a mix of its weights
+register("wise_ft", WiseFTConfig, WiseFT, strength=Strength("alpha", (1.0, 0.75, 0.5, 0.25), range="[0, 1]", retrains=False),
+         presets={"wise-ft": {"regularizers": [{"wise_ft": {}}]}})

@@ -1,0 +1,121 @@
+"""The methods forgetless knows, each declared once by its own module.
+
+One `register(...)` call per method module says everything the rest of forgetless needs of it: its
+name (the key of a `regularizers:` entry), the dataclass of its options, how its training term is
+built, the presets it brings (`method: NAME`) and the option that sets its strength (what `budget`
+searches). config, compare and budget read them from here; nothing else lists methods. Adding a
+penalty = its module + one import line in forgetless/methods.py.
+
+A leaf: it imports schema and errors only. The method modules import it; forgetless.methods imports
+them all (so each registers itself), and forgetless.config imports that before parsing a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from forgetless.errors import ConfigError
+from forgetless.schema import check_problems, from_dict
+
+
+@dataclass(frozen=True)
+class Strength:
+    """The option that sets how strongly a method holds on to the initial model."""
+
+    option: str
+    grid: tuple[float, ...]  # the values a search tries by default, weakest first
+    range: str = ">= 0"  # a valid value (forgetless.schema.out_of_range's rule)
+    # False: applied after training (WiSE-FT's mix), so one training run serves every value
+    retrains: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type  # the dataclass of its options
+    # options -> its Regularizer; None for a method that is not a training term (replay: its own section)
+    build: Callable[[Any], Any] | None
+    strength: Strength | None = None
+
+
+METHODS: dict[str, Method] = {}
+# `method: NAME` -> the config keys it sets: `regularizers` entries and/or the `replay` section
+PRESETS: dict[str, dict[str, Any]] = {"sft": {}}
+
+
+def register(name: str, config: type, build: Callable[[Any], Any] | None, *,
+             presets: dict[str, dict[str, Any]] | None = None, strength: Strength | None = None) -> Method:
+    """Declare a method (called once, at the bottom of its module)."""
+    if name in METHODS or any(p in PRESETS for p in presets or {}):
+        raise ValueError(f"forgetless.registry: '{name}' or one of its presets is registered twice")
+    METHODS[name] = method = Method(name, config, build, strength)
+    PRESETS.update(presets or {})
+    return method
+
+
+def method_of(options: Any) -> Method:
+    """The method whose options `options` are."""
+    for method in METHODS.values():
+        if type(options) is method.config:
+            return method
+    raise TypeError(f"{type(options).__name__} is not the options of a registered method")
+
+
+def entry(options: Any) -> dict[str, dict[str, Any]]:
+    """The YAML form of one typed `regularizers:` entry: {name: {options}}."""
+    return {method_of(options).name: dataclasses.asdict(options)}
+
+
+def parse_entries(entries: list[Any], where: str = "", key: str = "regularizers") -> list[Any]:
+    """`regularizers:` entries ({name: {options}}, or options already typed) -> their typed options."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}{key}: expected a list of {{name: {{options}}}} entries, got {entries!r}")
+    parsed = []
+    for i, item in enumerate(entries):
+        at = f"{key}[{i}]"
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            method_of(item)  # typed already (a config built in code)
+            check_problems(item, where, f"{at}.{method_of(item).name}.")
+            parsed.append(item)
+            continue
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ConfigError(f"{where}{at}: expected a single-key mapping like {{name: {{options}}}}, got {item!r}")
+        (name, options), = item.items()
+        method = METHODS.get(name)
+        if method is None:
+            known = ", ".join(sorted(n for n, m in METHODS.items() if m.build is not None))
+            raise ConfigError(f"{where}{at}: unknown regularizer '{name}' (known: {known})")
+        if method.build is None:
+            raise ConfigError(f"{where}{at}: {name} is no longer an entry of regularizers: it has its own top-level "
+                              f"section; write `{name}: {{options}}` beside `regularizers:`")
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"{where}{at}.{name}: expected a mapping of options, got {options!r}")
+        parsed.append(from_dict(method.config, options or {}, where=where, prefix=f"{at}.{name}."))
+    return parsed
+
+
+def combination_problems(entries: list[Any], replay: bool) -> dict[str, str]:
+    """The rules between one run's entries, from what each provides (`provides() -> set[str]`, e.g.
+    "perturbs") and refuses beside the others (`combination_problems(others) -> {option: problem}`);
+    `replay`: the run has a replay section (its rows: "replay")."""
+    provided = [set(getattr(options, "provides", lambda: set())()) for options in entries]
+    for i, options in enumerate(entries):
+        others = set().union(*(p for j, p in enumerate(provided) if j != i)) | ({"replay"} if replay else set())
+        for option, problem in getattr(options, "combination_problems", lambda _: {})(others).items():
+            at = f"regularizers[{i}].{method_of(options).name}" + (f".{option}" if option else "")
+            return {at: problem}
+    return {}
+
+
+def build(options: Any) -> Any:
+    """The Regularizer of one typed entry (its values checked again: it may have been built in code)."""
+    method = method_of(options)
+    check_problems(options, prefix=f"regularizers.{method.name}.")
+    return method.build(options)
+
+
+def strengths() -> dict[str, Strength]:
+    """name -> Strength of every method that declares one (budget's knobs)."""
+    return {name: m.strength for name, m in METHODS.items() if m.strength is not None}
