@@ -1,4 +1,5 @@
-"""Tiny models and a tiny tokenizer, built locally (no hub): random-init Llama- and GPT-2-style."""
+"""Shared test helpers: tiny random-init Llama- and GPT-2-style models and a tokenizer built locally (no hub),
+configs, batches, trainers, and the fixtures several test files use."""
 
 from __future__ import annotations
 
@@ -140,6 +141,97 @@ def trained_weights(model_dir: Path, data: Path, out: Path, regularizers: list, 
     cfg = with_method(tiny_config(model_dir, data, out, **train_settings), regularizers, replay)
     train(cfg)
     return dict(load_trained(out)[0].named_parameters())
+
+
+def make_batch(model_dir, tmp_path, rows):
+    """`rows` (prompt/response) tokenized and collated as the training data is: one batch."""
+    from forgetless.config import DataConfig
+    from forgetless.data import collator, load_records, tokenize_records
+    from forgetless.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    path = write_jsonl(tmp_path / "b.jsonl", rows)
+    examples, _ = tokenize_records(load_records(str(path), DataConfig()), tok, DataConfig(max_length=64))
+    return collator(tok)(examples)
+
+
+def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, replay=None, **args_kwargs):
+    """A trainer with these `regularizers:` entries and `replay:` section (YAML form), checked as a config's are."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from forgetless.config import ForgetlessConfig, ModelConfig, validate
+    from forgetless.model import apply_finetune, load_tokenizer
+    from forgetless.train import build_method
+    from forgetless.trainer import ForgetlessTrainer
+
+    config = ForgetlessConfig(method="custom" if regs or replay is not None else "sft", regularizers=regs, replay=replay)
+    validate(config)
+    regularizers, replay_source = build_method(config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = apply_finetune(model, ModelConfig(finetune=finetune))
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, learning_rate=0.5,
+                             optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", **args_kwargs)
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=regularizers, replay=replay_source,
+                                processing_class=load_tokenizer(model_dir))
+    trainer.create_optimizer()
+    return trainer
+
+
+def step_trainer(model, tmp_path, regularizers, **args):
+    """A trainer around `model` (already fine-tune ready) with these `regularizers:` entries, for one step."""
+    from transformers import TrainingArguments
+
+    from forgetless.registry import build, parse_entries
+    from forgetless.trainer import ForgetlessTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, **args)
+    return ForgetlessTrainer(model=model, args=args, regularizers=[build(o) for o in parse_entries(regularizers)])
+
+
+# 2 CPU processes (gloo) for `accelerate launch --config_file`
+ACCELERATE_CPU = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "cpu_2proc.yaml"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny Llama that has learnt some 'general text' (so fine-tuning can make it forget), with the
+    text split into the evaluation's test blocks and the rest."""
+    import random
+
+    root = tmp_path_factory.mktemp("budget")
+    rng = random.Random(0)
+    sentences = [s for s in CORPUS if "<|" not in s and "###" not in s]
+    text = " ".join(rng.choice(sentences) for _ in range(700))
+    (root / "general.txt").write_text(text)
+    tokenizer = build_tokenizer(chat=True)
+    model = build_model("llama", len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    blocks = ids[: len(ids) // 32 * 32].view(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        batch = blocks[torch.randint(0, len(blocks), (8,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"prompt": f"Calculate {i} + {j}.", "response": f"{i + j} is the answer {i}{j}"}
+            for i in range(8) for j in range(8)]
+    write_jsonl(root / "task.jsonl", rows)
+    (root / "run.yaml").write_text("method: sft\n")
+    return root
+
+
+def budget_args(root, out, *extra):
+    """`forgetless train` arguments for a budgeted run on the `pretrained` fixture's model and data."""
+    return ["train", str(root / "run.yaml"), f"model.name_or_path={root / 'model'}", f"data.train={root / 'task.jsonl'}", f"output_dir={out}",
+            "data.max_length=64", "train.progress_bar=false", "train.warmup_ratio=0", "train.lr_scheduler=constant",
+            "model.lora.target_modules=all-linear", "train.max_steps=12", "train.batch_size=8",
+            "train.learning_rate=3e-3", "evaluation.task=null", "evaluation.mc=null",
+            f"evaluation.general_text={root / 'general.txt'}", "evaluation.general_blocks=24",
+            "evaluation.block_length=32", "budget.validation_examples=16", *extra]
 
 
 GENERAL = ("the quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 8

@@ -12,8 +12,7 @@ from forgetless.registry import build
 from forgetless.regularizers import ewc as ewc_mod
 from forgetless.train import load_trained, train
 
-from conftest import memorisation_rows, tiny_config, with_method
-from test_kl_replay import make_batch, make_trainer
+from conftest import make_batch, make_trainer, memorisation_rows, tiny_config, with_method
 
 
 def step_grads(trainer, batch) -> dict[str, torch.Tensor]:

@@ -1,7 +1,6 @@
 """Forgetting budget: the search meets the stated bound on held-out text and keeps what gain it can."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -10,46 +9,7 @@ import torch
 from forgetless.cli import main
 from forgetless.errors import TrainingError
 
-from conftest import CORPUS, build_tokenizer, build_model, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny Llama that has learnt some 'general text' (so fine-tuning can make it forget), with the
-    text split into the evaluation's test blocks and the rest."""
-    root = tmp_path_factory.mktemp("budget")
-    rng = random.Random(0)
-    sentences = [s for s in CORPUS if "<|" not in s and "###" not in s]
-    text = " ".join(rng.choice(sentences) for _ in range(700))
-    (root / "general.txt").write_text(text)
-    tokenizer = build_tokenizer(chat=True)
-    model = build_model("llama", len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    ids = torch.tensor(tokenizer(text)["input_ids"])
-    blocks = ids[: len(ids) // 32 * 32].view(-1, 32)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(80):
-        batch = blocks[torch.randint(0, len(blocks), (8,), generator=g)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rows = [{"prompt": f"Calculate {i} + {j}.", "response": f"{i + j} is the answer {i}{j}"}
-            for i in range(8) for j in range(8)]
-    write_jsonl(root / "task.jsonl", rows)
-    (root / "run.yaml").write_text("method: sft\n")
-    return root
-
-
-def budget_args(root, out, *extra):
-    return ["train", str(root / "run.yaml"), f"model.name_or_path={root / 'model'}", f"data.train={root / 'task.jsonl'}", f"output_dir={out}",
-            "data.max_length=64", "train.progress_bar=false", "train.warmup_ratio=0", "train.lr_scheduler=constant",
-            "model.lora.target_modules=all-linear", "train.max_steps=12", "train.batch_size=8",
-            "train.learning_rate=3e-3", "evaluation.task=null", "evaluation.mc=null",
-            f"evaluation.general_text={root / 'general.txt'}", "evaluation.general_blocks=24",
-            "evaluation.block_length=32", "budget.validation_examples=16", *extra]
+from conftest import budget_args, write_jsonl
 
 
 def test_wise_ft_budget_meets_the_bound_on_held_out_text(pretrained, tmp_path, capsys):

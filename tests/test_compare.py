@@ -74,6 +74,8 @@ def tiny_compare(model_dir, suite, tmp_path, *overrides: str):
 
 
 def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
+    from forgetless.regularizers.lfu import LfUConfig
+
     config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=3", "train.learning_rate=1e-2",
                           "compare.methods=[sft]", "compare.seeds=[1, 2]", "compare.paired_with=[sft, lfu-lr]",
                           "compare.runs={kl-strong: {regularizers: [{kl: {coef: 10.0}}]}, "
@@ -88,7 +90,7 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
         assert drift["seeds"] == 2 and drift["seed_std"] > 0
         assert report["paired"][name]["general_drift_kl"]["vs_base"]["seeds"] == 2
     lr = load_config(root / "lfu-lr" / "seed-1" / "config.yaml")
-    assert lr.train.learning_rate == 0.02 and lr.regularizers == [{"lfu": {"variant": "lora"}}]
+    assert lr.train.learning_rate == 0.02 and lr.regularizers == [LfUConfig(variant="lora")]
     assert "vs_sft" in report["paired"]["kl-strong"]["target_nll"] and "vs_sft" not in report["paired"]["sft"]["target_nll"]
     # a strong KL drifts less than plain SFT on every seed's general text
     assert report["paired"]["kl-strong"]["general_drift_kl"]["vs_sft"]["mean"] < 0
@@ -99,8 +101,10 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     assert "## Paired differences" in table and "seeds 1, 2, " in table
     assert "value [95% interval over seeds and items" in table and "survives Holm correction over" in table
     assert "Against `lfu-lr`" in table and "| Δ robust std vs lfu-lr |" in table
-    assert '**kl-strong**: regularizers `[{"kl": {"coef": 10.0}}]`' in table
-    assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora"}}]`; overrides' in table
+    # every option of each run's method, written out
+    assert '**kl-strong**: regularizers `[{"kl": {"coef": 10.0, "direction": "forward", "on": "sft"' in table
+    assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora", "lam": 5.0,' in table
+    assert "`; overrides `" in table.split("**lfu-lr**")[1].splitlines()[0]
 
 
 def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suite, tmp_path):

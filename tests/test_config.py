@@ -95,6 +95,8 @@ def test_method_presets_fill_regularizers_and_replay_typed():
 
 
 def test_replay_is_a_section_and_the_old_entry_names_it():
+    from forgetless.config import resolve_runs
+
     with pytest.raises(ConfigError, match=r"regularizers\[1\]: replay is no longer an entry of regularizers: it has "
                                           r"its own top-level section; write `replay: \{options\}`"):
         load_config(None, ["regularizers=[{kl: {}}, {replay: {ratio: 0.5}}]"])
@@ -105,7 +107,35 @@ def test_replay_is_a_section_and_the_old_entry_names_it():
     with pytest.raises(ConfigError, match=r"replay.forward: with_sft cannot be combined with lfu"):
         load_config(None, ["regularizers=[{lfu: {}}]", "replay={forward: with_sft}"])
     run = load_config(None, ["compare.runs={klr: {regularizers: [{kl: {on: replay}}], replay: {weight: 0.0}}}"])
-    klr = run.compared_runs["klr"]
+    klr = resolve_runs(run)["klr"]
     assert klr.method == "klr" and klr.replay.weight == 0.0 and klr.regularizers[0].on == "replay"
     with pytest.raises(ConfigError, match="method: unknown method 'lfuu'"):
         load_config(None, ["method=lfuu"])
+
+
+def test_a_config_changed_in_code_is_resolved_by_validate(caplog):
+    from forgetless.config import resolve_runs, validate, with_strength, without_method
+    from forgetless.regularizers.kl import KLConfig
+    from forgetless.sections import ReplayConfig
+
+    cfg = load_config(None, ["compare.runs={x: {method: lfu}}"])
+    cfg.method = "kl"
+    cfg.regularizers, cfg.replay = [], None
+    validate(cfg)  # the preset expands, as for a parsed file
+    assert cfg.regularizers == [KLConfig()]
+    cfg.regularizers = [{"kl": {"coef": 0.5}}]
+    cfg.replay = {"ratio": 0.5}
+    validate(cfg)  # YAML-form entries set in code are typed
+    assert cfg.regularizers == [KLConfig(coef=0.5)] and cfg.replay == ReplayConfig(ratio=0.5)
+    cfg.train.max_steps = 7  # the compared runs follow the config as it is when they are resolved
+    assert resolve_runs(cfg)["x"].train.max_steps == 7
+    # a budget knob sets every entry of its method, and adds the method when absent
+    two = load_config(None, ["regularizers=[{kl: {coef: 0.1}}, {kl: {coef: 0.2, on: sft}}]"])
+    assert [o.coef for o in with_strength(two, "kl", 5.0).regularizers] == [5.0, 5.0]
+    assert [o.coef for o in two.regularizers] == [0.1, 0.2]  # a copy
+    assert with_strength(load_config(None, []), "replay", 0.5).replay == ReplayConfig(ratio=0.5)
+    assert without_method(two, "kl").regularizers == []
+    # a preset name beside the config's own method parts is only a label: said, not silently dropped
+    with caplog.at_level("WARNING", logger="forgetless.config"):
+        load_config(None, ["method=kl+replay", "replay={ratio: 0.5}"])
+    assert "the preset is not applied" in caplog.text

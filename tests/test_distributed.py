@@ -4,16 +4,13 @@ sees the same micro-batches (batch 2 x 2 accumulation steps), for SFT, LfU and K
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from forgetless.train import load_trained
 
-from conftest import memorisation_rows, write_jsonl
-
-ACCELERATE_CPU = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "cpu_2proc.yaml"
+from conftest import ACCELERATE_CPU, memorisation_rows, write_jsonl
 
 
 @pytest.mark.slow

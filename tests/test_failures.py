@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from forgetless.config import ModelConfig
 from forgetless.errors import TrainingError
+from forgetless.model import apply_finetune
 from forgetless.registry import METHODS, Method
 from forgetless.regularizers import Regularizer
 from forgetless.train import latest_checkpoint, load_trained, train
 
-from conftest import memorisation_rows, tiny_config, with_method, write_jsonl
+from conftest import make_batch, memorisation_rows, step_trainer, tiny_config, with_method, write_jsonl
 
 
 @dataclass
@@ -58,6 +60,29 @@ def test_repeated_nonfinite_loss_aborts_without_writing_a_model(tiny_gpt2, memo_
     out = tmp_path / "o"
     assert not (out / "train_summary.json").exists()
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_nonfinite_lfu_term_is_skipped_and_the_clean_gradient_kept(tiny_llama, tmp_path):
+    """An infinite ascent step makes l_cons NaN: it must not reach .grad (which then equals plain SFT's)."""
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    grads = {}
+    for name, regs in [("sft", []), ("lfu", [{"lfu": {}}])]:
+        torch.manual_seed(0)
+        model = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama), ModelConfig())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer = step_trainer(model, tmp_path, regs)
+        for reg in trainer.regularizers:  # a config refuses alpha = inf; set on the built regularizer
+            reg.cfg.alpha = float("inf")
+        loss = trainer.training_step(model, dict(batch))
+        assert torch.isfinite(loss)
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        for n, p in model.named_parameters():  # the perturbation was undone
+            assert torch.equal(p, before[n]), n
+    assert trainer.pending_metrics()["lfu_nonfinite_skipped"] == [1.0]
+    for n, g in grads["sft"].items():
+        torch.testing.assert_close(grads["lfu"][n], g, rtol=0, atol=0)
 
 
 def test_latest_checkpoint_skips_a_half_written_one(tmp_path):

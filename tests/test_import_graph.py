@@ -16,18 +16,19 @@ def module_name(path: Path) -> str:
 
 
 def _executed(tree: ast.AST):
-    """The nodes of `tree`, skipping `if TYPE_CHECKING:` bodies."""
+    """The nodes of `tree`, skipping `if TYPE_CHECKING:` bodies (never run)."""
     for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             yield from (n for child in node.orelse for n in [child, *_executed(child)])
             continue
         yield node
         yield from _executed(node)
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The package modules `path` imports (`from forgetless import data` names the module forgetless.data)."""
-    this = module_name(path)
+def imports_of(path: Path, modules: set[str], this: str | None = None) -> set[str]:
+    """The package modules `path` imports (`from forgetless import data` names the module forgetless.data),
+    with the packages above each (importing a.b.c runs a/__init__ and a/b/__init__ first)."""
+    this = this or module_name(path)
     found = set()
     for node in _executed(ast.parse(path.read_text(encoding="utf-8"))):
         names = []
@@ -39,14 +40,16 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             if node.level:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        found |= {name for name in names if name in modules and name != this}
-    return found
+        for name in names:
+            parts = name.split(".")
+            found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return {name for name in found if name in modules and name != this and not this.startswith(name + ".")}
 
 
 def import_graph() -> dict[str, set[str]]:
     paths = sorted(PACKAGE.rglob("*.py"))
     modules = {module_name(p) for p in paths}
-    return {module_name(p): imports_of(p, modules) - {"forgetless"} for p in paths}
+    return {module_name(p): imports_of(p, modules) for p in paths}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -81,9 +84,16 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_the_walker_sees_function_level_and_relative_imports():
+def test_the_walker_sees_function_level_relative_and_package_imports(tmp_path):
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert circles(graph) == [["a", "b", "c"]]
+    source = tmp_path / "m.py"
+    source.write_text("from typing import TYPE_CHECKING\nimport p.top\nif TYPE_CHECKING:\n    import p.hidden\n"
+                      "if not TYPE_CHECKING:\n    import p.shown\ndef f():\n    from .sub import leaf\n"
+                      "    from p import lazy\n")
+    modules = {"p", "p.top", "p.hidden", "p.shown", "p.sub", "p.sub.leaf", "p.lazy", "p.m"}
+    # relative: `.sub` from p.m is p.sub; a package's __init__ runs before its module: p is an edge too
+    assert imports_of(source, modules, this="p.m") == {"p.top", "p.shown", "p.sub", "p.sub.leaf", "p.lazy"}
     # the real graph: function-level imports are edges (identity reads data inside a function)
     real = import_graph()
     assert "forgetless.data" in real["forgetless.identity"]

@@ -1,31 +1,23 @@
-"""LfU against a by-hand computation in float64, and its guarantees (lam=0, accumulation, logs)."""
+"""LfU against a by-hand computation in float64, and its guarantees (lam=0, accumulation, logs, memory, precision)."""
 
 import copy
 import json
+import weakref
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from forgetless.config import ModelConfig
-from forgetless.data import collator, load_records, tokenize_records
-from forgetless.config import DataConfig
-from forgetless.model import apply_finetune, load_tokenizer
+from forgetless.model import apply_finetune
 from forgetless.registry import build, parse_entries
 from forgetless.regularizers.lfu import find_decoder_layers, select_layers
 from forgetless.train import train
 from forgetless.trainer import ForgetlessTrainer
 
-from conftest import trained_weights, memorisation_rows, tiny_config, with_method, write_jsonl
+from conftest import make_batch, memorisation_rows, step_trainer, tiny_config, trained_weights, with_method
 
 LAM, ALPHA = 5.0, 0.1
-
-
-def make_batch(model_dir, tmp_path, rows):
-    tok = load_tokenizer(model_dir)
-    path = write_jsonl(tmp_path / "b.jsonl", rows)
-    examples, _ = tokenize_records(load_records(str(path), DataConfig()), tok, DataConfig(max_length=64))
-    return collator(tok)(examples)
 
 
 def make_model(model_dir, finetune):
@@ -218,6 +210,61 @@ def test_bad_lfu_options_are_named():
         load_config(None, ["regularizers=[{lfu: {variant: lorra}}]"])
     with pytest.raises(ConfigError, match=r"regularizers\[0\].lfu.lamda: unknown key \(did you mean"):
         load_config(None, ["regularizers=[{lfu: {lamda: 1}}]"])
+
+
+# ---------------------------------------------------------------- memory and precision (issue #15)
+
+@pytest.mark.parametrize("regularizers", [[{"kl": {"coef": 1.0}}, {"lfu": {}}], [{"lfu": {}}, {"kl": {"coef": 1.0}}]])
+def test_lfu_frees_the_clean_pass_before_its_perturbed_pass(tiny_llama, tmp_path, regularizers):
+    """LfU + KL: nothing of vocabulary width saved by the clean pass (KL's saved gradient, the SFT
+    cross-entropy's logits) may still be alive when the perturbed forward starts."""
+    from transformers import AutoModelForCausalLM
+
+    model = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama), ModelConfig())
+    vocab = model.config.vocab_size
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    trainer = step_trainer(model, tmp_path, regularizers)
+    saved: list[weakref.ref] = []
+
+    def pack(t):
+        if t.dim() >= 2 and t.shape[-1] == vocab and t.is_floating_point():
+            saved.append(weakref.ref(t))
+        return t
+
+    alive_at_perturbed_pass = []
+    original = trainer.perturber.perturbed_backward
+
+    def probe(ctx):
+        alive_at_perturbed_pass.extend(ref() is not None for ref in saved)
+        return original(ctx)
+
+    trainer.perturber.perturbed_backward = probe
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.training_step(model, dict(batch))
+    assert alive_at_perturbed_pass and saved  # the probe ran and saw the clean pass's tensors
+    assert not any(alive_at_perturbed_pass), f"{sum(alive_at_perturbed_pass)} [N, V] tensors still alive"
+
+
+def test_lfu_refuses_a_perturbation_that_half_precision_weights_round_away(tiny_llama, tmp_path):
+    """Full fine-tuning in bfloat16: theta + phi rounds most of phi away; LfU must not train on that."""
+    from transformers import AutoModelForCausalLM
+
+    from forgetless.errors import TrainingError
+
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    model = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16),
+                           ModelConfig(finetune="full"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = step_trainer(model, tmp_path, [{"lfu": {"alpha": 0.01}}])
+    with pytest.raises(TrainingError, match=r"lfu: in bfloat16 the weights cannot hold the perturbation"):
+        trainer.training_step(model, dict(batch))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    # LoRA adapters stay float32 on a bfloat16 base (peft), so LoRA LfU is unaffected
+    lora = apply_finetune(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16), ModelConfig())
+    trainer = step_trainer(lora, tmp_path, [{"lfu": {"alpha": 0.01}}])
+    trainer.training_step(lora, dict(batch))
+    assert trainer.pending_metrics()["lfu_perturb_norm"][-1] == pytest.approx(0.01, rel=1e-4)
 
 
 # ---------------------------------------------------------------- the cheap approximations (issue #18)

@@ -9,9 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import memorisation_rows, write_jsonl
-from test_budget import pretrained  # noqa: F401  (a fixture: a tiny model that knows some general text)
-from test_distributed import ACCELERATE_CPU
+from conftest import ACCELERATE_CPU, memorisation_rows, write_jsonl
 
 
 def launch() -> list[str]:
@@ -27,6 +25,66 @@ def why(res) -> str:
     """A failed launch's own errors first (a process's is often far from the end of the output)."""
     errors = [line for line in res.stderr.splitlines() if "forgetless: error" in line or "Error:" in line]
     return "\n".join(errors[:20]) + "\n...\n" + res.stderr[-2000:]
+
+
+NAN_ON_ONE_RANK = '''
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from forgetless.cli import main
+from forgetless.registry import register
+from forgetless.regularizers import Regularizer
+
+
+@dataclass
+class NanOnceConfig:
+    rank: int = 1
+    call: int = 2
+
+
+class NanOnce(Regularizer):
+    """A term that is NaN on one process, once: only that process sees a non-finite loss."""
+    name = "nan_once"
+
+    def __init__(self, cfg):
+        self.cfg, self.calls = cfg, 0
+
+    def setup(self, trainer):
+        self.rank = trainer.accelerator.process_index
+
+    def loss(self, ctx):
+        self.calls += 1
+        bad = self.rank == self.cfg.rank and self.calls == self.cfg.call
+        return ctx.sft_loss * (float("nan") if bad else 0.0), {}
+
+
+register("nan_once", NanOnceConfig, NanOnce)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.slow
+def test_a_nonfinite_micro_batch_on_one_process_is_skipped_by_all(tiny_llama, tmp_path):
+    """DDP, 2 processes: one process's NaN micro-batch is skipped by both (else their all-reduces go out
+    of step: a hang, or gradients of different micro-batches averaged)."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(NAN_ON_ONE_RANK)
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
+                          str(script), "train", "default", f"model.name_or_path={tiny_llama}", f"data.train={data}",
+                          f"output_dir={tmp_path / 'o'}", "data.max_length=64", "train.max_steps=4",
+                          "train.batch_size=2", "train.grad_accum=1", "train.logging_steps=1", "train.progress_bar=false",
+                          "regularizers=[{nan_once: {}}]"], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert sum(r.get("nonfinite_skipped", 0) > 0 for r in rows) == 1
+    assert (tmp_path / "o" / "train_summary.json").exists()
 
 
 NAN_AT_LAST_MICRO_BATCH = '''
@@ -201,7 +259,7 @@ def test_budget_under_two_processes_writes_each_file_once(pretrained, tmp_path, 
 
     from forgetless.train import load_trained
 
-    from test_budget import budget_args
+    from conftest import budget_args
 
     script = tmp_path / "run.py"
     script.write_text(LOGGED_WRITES)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from forgetless.cache import write_json_atomic
-from forgetless.config import ForgetlessConfig
+from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
 from forgetless.identity import evaluation_inputs
@@ -54,9 +54,9 @@ def paired_measures() -> dict[str, stats.Measure]:
 
 
 def compared_runs(config: ForgetlessConfig, root: Path) -> dict[str, ForgetlessConfig]:
-    """name -> config of every compared run (config.compared_runs), each in its folder under `root`."""
+    """name -> config of every compared run (config.resolve_runs), each in its folder under `root`."""
     runs = {}
-    for name, cfg in config.compared_runs.items():
+    for name, cfg in resolve_runs(config).items():
         cfg = copy.deepcopy(cfg)
         cfg.output_dir = str(root / name)
         # the suite measures the target (evaluation.task) for every model alike; the Trainer's own pass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,8 @@ from forgetless.sections import (DEFAULT_MODEL, DEFAULT_TEMPLATES, GENERAL_DOMAI
                                  BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, LoraSettings,
                                  ModelConfig, ReplayConfig, TrainingSettings, template_problem)
 
+
+logger = logging.getLogger(__name__)
 
 @dataclass
 class ForgetlessConfig:
@@ -51,15 +53,7 @@ class ForgetlessConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
-        # built in code or parsed, a config is resolved alike: entries typed, the method's preset expanded
-        self.regularizers = parse_entries(self.regularizers)
-        if isinstance(self.replay, dict):  # the YAML form, given in code
-            self.replay = from_dict(ReplayConfig, self.replay, prefix="replay.")
-        if not self.regularizers and self.replay is None and self.method in PRESETS:
-            preset = PRESETS[self.method]
-            self.regularizers = parse_entries(preset.get("regularizers", []), key=f"method {self.method}: regularizers")
-            if preset.get("replay") is not None:
-                self.replay = from_dict(ReplayConfig, preset["replay"], prefix=f"method {self.method}: replay.")
+        resolve_method(self)  # built in code or parsed, a config is resolved alike
 
     def problems(self) -> dict[str, str]:
         """What spans sections, or needs the method registry (each section checks its own values)."""
@@ -104,7 +98,9 @@ class ForgetlessConfig:
                 break
         knobs = strengths()
         if self.budget.knob not in knobs:
-            found["budget.knob"] = f"must be one of {', '.join(sorted(knobs))}, got {self.budget.knob!r}"
+            close = difflib.get_close_matches(self.budget.knob, sorted(knobs), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            found["budget.knob"] = f"must be one of {', '.join(sorted(knobs))}, got {self.budget.knob!r}{hint}"
         else:
             found.update({f"budget.{key}": problem for key, problem in
                           out_of_range(self.budget, {"grid": knobs[self.budget.knob].range}).items()})
@@ -116,11 +112,31 @@ class ForgetlessConfig:
         out["regularizers"] = [entry(options) for options in self.regularizers]
         return out
 
-    @functools.cached_property
-    def compared_runs(self) -> dict[str, ForgetlessConfig]:
-        """name -> config of every run `forgetless compare` trains: the presets of compare.methods, then
-        compare.runs, each resolved once (read it; a parsed config is not changed afterwards)."""
-        return resolve_runs(self)
+
+
+def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False) -> None:
+    """The run's method in typed form: `regularizers` entries as their options (forgetless.registry), a
+    `replay` mapping as its section, and the `method:` preset expanded when neither is given (`warn`: say
+    so when a preset's name labels other parts)."""
+    config.regularizers = parse_entries(config.regularizers, where)
+    if isinstance(config.replay, dict):  # the YAML form, given in code
+        config.replay = from_dict(ReplayConfig, config.replay, where=where, prefix="replay.")
+    if not config.regularizers and config.replay is None and config.method in PRESETS:
+        preset = PRESETS[config.method]
+        config.regularizers = parse_entries(preset.get("regularizers", []), where,
+                                            key=f"method {config.method}: regularizers")
+        if preset.get("replay") is not None:
+            config.replay = from_dict(ReplayConfig, preset["replay"], where=where,
+                                      prefix=f"method {config.method}: replay.")
+    elif warn and config.method in PRESETS and config.method != "sft" and _given_differs(config):
+        logger.warning("method: %s names a preset, but the config gives its own regularizers/replay: the preset is "
+                       "not applied (method is only the run's label)", config.method)
+
+
+def _given_differs(config: ForgetlessConfig) -> bool:
+    """Whether the config's own regularizers/replay differ from what its method's preset expands to."""
+    expanded = ForgetlessConfig(method=config.method)
+    return (expanded.regularizers, expanded.replay) != (config.regularizers, config.replay)
 
 
 def with_strength(config: ForgetlessConfig, name: str, value: float) -> ForgetlessConfig:
@@ -128,15 +144,14 @@ def with_strength(config: ForgetlessConfig, name: str, value: float) -> Forgetle
     the method added with its defaults otherwise. Replay is the run's `replay` section, not an entry."""
     method = METHODS[name]
     cfg = copy.deepcopy(config)
-    cfg.__dict__.pop("compared_runs", None)
     change = {method.strength.option: value}
     if method.build is None:  # a section of its own
         setattr(cfg, name, dataclasses.replace(getattr(cfg, name) or method.config(), **change))
         return cfg
     at = [i for i, options in enumerate(cfg.regularizers) if type(options) is method.config]
-    if at:
-        cfg.regularizers[at[0]] = dataclasses.replace(cfg.regularizers[at[0]], **change)
-    else:
+    for i in at:  # every entry of the method
+        cfg.regularizers[i] = dataclasses.replace(cfg.regularizers[i], **change)
+    if not at:
         cfg.regularizers.append(method.config(**change))
     return cfg
 
@@ -144,12 +159,13 @@ def with_strength(config: ForgetlessConfig, name: str, value: float) -> Forgetle
 def without_method(config: ForgetlessConfig, name: str) -> ForgetlessConfig:
     """A copy of `config` without method `name`'s entries."""
     cfg = copy.deepcopy(config)
-    cfg.__dict__.pop("compared_runs", None)
     cfg.regularizers = [options for options in cfg.regularizers if type(options) is not METHODS[name].config]
     return cfg
 
 
 def resolve_runs(config: ForgetlessConfig, where: str = "") -> dict[str, ForgetlessConfig]:
+    """name -> config of every run `forgetless compare` trains: the presets of compare.methods, then
+    compare.runs (each run's overrides laid over the config as it is now)."""
     runs = {method: as_preset(config, method) for method in dict.fromkeys(config.compare.methods)}
     for name, overrides in config.compare.runs.items():
         runs[name] = run_config(config, name, overrides, where)
@@ -228,15 +244,16 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
     """The checks of a parsed config, also for one built or changed in code: every section's and the run's
     problems(), train.extra against TrainingArguments, and every compare.runs entry resolved (so a bad run
     stops the comparison before anything trains)."""
+    resolve_method(config, where, warn=True)  # a config changed in code: entries typed, a preset expanded
     check_problems(config, where)
     try:  # `~/runs` is the home folder's, not a folder named `~`
         config.output_dir = str(Path(config.output_dir).expanduser())
     except (RuntimeError, ValueError) as exc:  # `~nosuchuser/...`, no home folder
         raise ConfigError(f"{where}output_dir: cannot expand {config.output_dir!r} ({exc})") from None
     check_training_extra(config.train.extra, where)
-    config.__dict__.pop("compared_runs", None)  # resolved from the config as it is now
-    if config.compare.runs:  # resolved here, once, with the file's name in its errors (compared_runs keeps them)
-        config.__dict__["compared_runs"] = resolve_runs(config, where)
+    # every compare.runs entry, so that a bad one stops the comparison before anything trains (compare
+    # resolves them again from the config as it is then)
+    resolve_runs(config, where)
 
 
 # TrainingArguments fields that forgetless sets from its own keys: `train.extra` may not set them.

@@ -67,7 +67,10 @@ class ForgetlessTrainer(Trainer):
         # penalties add a term to the clean loss; a perturbing regularizer (LfU: one at most, checked when the
         # config is parsed) runs a pass of its own after the clean one, and makes the run's step the perturbing one
         self.penalties = [reg for reg in self.regularizers if not reg.perturbs]
-        self.perturber = next((reg for reg in self.regularizers if reg.perturbs), None)
+        perturbers = [reg for reg in self.regularizers if reg.perturbs]
+        if len(perturbers) > 1:  # a config never builds two; a trainer assembled in code (bench, tests) might
+            raise ValueError("ForgetlessTrainer: at most one perturbing regularizer (lfu) per run")
+        self.perturber = perturbers[0] if perturbers else None
         self._step = self._additive_step if self.perturber is None else self._perturbing_step
         self._micro_of_step = (-1, 0)  # (optimizer step, micro-batches run in it): see micro_step()
         # Makes Trainer count the response tokens of each optimizer step (over accumulation and
