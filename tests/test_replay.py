@@ -223,6 +223,17 @@ def test_replay_weighting_is_exact_in_every_step_and_resumable(tiny_gpt2, tmp_pa
 
 # ------------------------------------------------------------------ in a training step, with KL
 
+def nll_and_kl(model, initial, ids, mask, labels):
+    """By hand: the mean NLL of the trained tokens and the mean KL(p_initial || p_model) at their positions."""
+    cur = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        ref = initial(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    keep = labels[:, 1:] != -100
+    logp, logr = torch.log_softmax(cur[keep], -1), torch.log_softmax(ref[keep], -1)
+    nll = -logp.gather(-1, labels[:, 1:][keep].unsqueeze(-1)).mean()
+    return nll, (logr.exp() * (logr - logp)).sum(-1).mean()
+
+
 @pytest.mark.parametrize("forward,length", [("own", 8), ("with_sft", 8), ("with_sft", 40)])
 def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, tmp_path, monkeypatch, forward,
                                                                     length):
@@ -263,17 +274,8 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
     model.eval()  # no dropout in the tiny model; eval() only so the hand pass matches the reference side
 
-    def parts(ids, mask, labels):
-        cur = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        with torch.no_grad():
-            ref = initial(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        keep = labels[:, 1:] != -100
-        logp, logr = torch.log_softmax(cur[keep], -1), torch.log_softmax(ref[keep], -1)
-        nll = -logp.gather(-1, labels[:, 1:][keep].unsqueeze(-1)).mean()
-        return nll, (logr.exp() * (logr - logp)).sum(-1).mean()
-
-    sft_nll, sft_kl = parts(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    rep_nll, rep_kl = parts(blocks, torch.ones_like(blocks), blocks)
+    sft_nll, sft_kl = nll_and_kl(model, initial, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    rep_nll, rep_kl = nll_and_kl(model, initial, blocks, torch.ones_like(blocks), blocks)
     expected_loss = sft_nll + coef * sft_kl + weight * rep_nll + coef * rep_kl
     expected_loss.backward()
     assert sft_kl.item() > 1e-6 and rep_kl.item() > 1e-6
@@ -316,3 +318,45 @@ def test_replay_with_accumulation_matches_one_big_batch(tiny_llama, tmp_path):
         params[batch] = dict(load_trained(tmp_path / f"o{batch}")[0].named_parameters())
     for name, p in params[4].items():
         torch.testing.assert_close(params[1][name], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["replay-kl", "kl+replay-kl"])
+def test_distillation_replay_presets_train_the_kl_on_replay_rows_and_no_nll(tiny_llama, tmp_path, monkeypatch, preset):
+    """replay-kl: the replay rows are inputs only: the term is coef * mean KL(p_init || p_theta) over their
+    tokens, with no NLL on them (weight 0); kl+replay-kl adds the KL anchor on the SFT rows. Checked by
+    autograd on the loss written out by hand."""
+    from forgetless.registry import PRESETS
+
+    spec = PRESETS[preset]
+    kl_entries = [entry["kl"] for entry in spec["regularizers"]]
+    sft_coef = sum(e.get("coef", 0.01) for e in kl_entries if e.get("on", "sft") in ("sft", "both"))
+    rep_coef = sum(e["coef"] for e in kl_entries if e.get("on") in ("replay", "both"))
+    assert spec["replay"]["weight"] == 0.0 and rep_coef == 1.0
+    drawn = []
+    original = ReplaySource.row_indices
+    monkeypatch.setattr(ReplaySource, "row_indices",
+                        lambda self, first, count, rank=None: drawn.append(original(self, first, count, rank)) or drawn[-1])
+    trainer = make_trainer(tiny_llama, tmp_path, "full", spec["regularizers"], per_device_train_batch_size=3,
+                           replay=dict(spec["replay"], ratio=1.0, max_length=8))
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    model = trainer.model
+    trainer.training_step(model, dict(batch))  # a first update, so the model differs from the reference
+    trainer.optimizer.step()
+    model.zero_grad()
+    loss = trainer.training_step(model, dict(batch))
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert "kl_replay" in trainer.pending_metrics()
+
+    blocks = trainer.replay.blocks[drawn[-1]]
+    initial = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+    model.eval()
+
+    sft_nll, sft_kl = nll_and_kl(model, initial, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    _, rep_kl = nll_and_kl(model, initial, blocks, torch.ones_like(blocks), blocks)
+    expected = sft_nll + sft_coef * sft_kl + rep_coef * rep_kl
+    expected.backward()
+    assert rep_kl.item() > 1e-6
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-7, atol=1e-12, msg=n)

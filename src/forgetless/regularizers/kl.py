@@ -233,4 +233,9 @@ register("kl", KLConfig, KL, strength=Strength("coef", (0.01, 0.1, 1.0, 10.0)), 
     # regularized approximate replay (arXiv 2512.22337): KL to the initial model beside replay rows
     "kl+replay": {"regularizers": [{"kl": {}}], "replay": {}},
     "arr": {"regularizers": [{"kl": {}}], "replay": {}},
+    # distillation replay: the replay rows are inputs only, on which the model keeps the initial model's
+    # next-token distribution (KL on them, no NLL: the corpus's own style is not trained on)
+    "replay-kl": {"regularizers": [{"kl": {"coef": 1.0, "on": "replay"}}], "replay": {"weight": 0.0}},
+    # and the KL anchor on the SFT rows too (each with its own coef)
+    "kl+replay-kl": {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}], "replay": {"weight": 0.0}},
 })
