@@ -82,8 +82,10 @@ def fortunes(path: Path, limit: int = LIMIT) -> list[str]:
     return out
 
 
-def write(name: str, paragraphs: list[str]) -> None:
-    (ASSETS / name).write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+def write(name: str, paragraphs: list[str], separator: str = "\n\n") -> None:
+    """One document of paragraphs (blank lines between them), or with separator "\\n\\f\\n" one document per
+    entry (forgetless.data.load_texts: a form-feed line ends a document)."""
+    (ASSETS / name).write_text(separator.join(paragraphs) + "\n", encoding="utf-8")
     print(f"{name}: {len(paragraphs)} paragraphs, {sum(map(len, paragraphs))} characters")
 
 
@@ -99,7 +101,7 @@ def main() -> None:
                 "sect.coexistence-other-packaging-systems", "apt", "solving-problems", "sect.support-sources"]
     files = [handbook / f"{c}.html" for c in chapters if (handbook / f"{c}.html").exists()]
     write("debian_handbook.txt", prose(files + sorted(set(handbook.glob("*.html")) - set(files))))
-    write("fortunes.txt", fortunes(root / "usr/share/games/fortunes/fortunes"))
+    write("fortunes.txt", fortunes(root / "usr/share/games/fortunes/fortunes"), "\n\f\n")  # each quotation a document
 
 
 if __name__ == "__main__":

@@ -127,6 +127,19 @@ def test_a_config_changed_in_code_is_resolved_by_validate(caplog):
     cfg.replay = {"ratio": 0.5}
     validate(cfg)  # YAML-form entries set in code are typed
     assert cfg.regularizers == [KLConfig(coef=0.5)] and cfg.replay == ReplayConfig(ratio=0.5)
+    # ... and without validate, building the method says what to call instead of a bare TypeError
+    from forgetless.train import build_method
+
+    unparsed = load_config(None)
+    unparsed.regularizers = [{"kl": {"coef": 0.5}}]
+    with pytest.raises(ConfigError, match=r"regularizers: the entry \{'kl'.* call forgetless.config.validate"):
+        build_method(unparsed)
+    unparsed.regularizers = [unparsed.data]
+    with pytest.raises(ConfigError, match=r"DataConfig is not the options of a registered method \(known: .*kl"):
+        build_method(unparsed)
+    unparsed.regularizers = [ReplayConfig()]
+    with pytest.raises(ConfigError, match=r"replay is not a training term but a section of its own; set config.replay"):
+        build_method(unparsed)
     cfg.train.max_steps = 7  # the compared runs follow the config as it is when they are resolved
     assert resolve_runs(cfg)["x"].train.max_steps == 7
     # a budget knob sets every entry of its method, and adds the method when absent

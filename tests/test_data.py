@@ -266,3 +266,60 @@ def test_a_mixture_of_sources_by_weight_tagged_and_seeded(tiny_gpt2, tmp_path):
         load_config(None, [f"data.train=[{{path: {a}}}, {{path: {b}, weight: 0}}]"])
     with pytest.raises(ConfigError, match="data.eval: '@test' names a split of data.train's source, but data.train lists several"):
         load_config(None, [sources, "data.eval=@test"])
+
+
+# ---------------------------------------------------------------- text corpora as written (replay, general text)
+
+def test_text_documents_keep_their_newlines_and_a_form_feed_line_ends_one(tmp_path):
+    from forgetless.data import load_texts
+
+    path = tmp_path / "c.txt"
+    path.write_text("\n\nTitle\n\nFirst paragraph,\nsame paragraph.\n\nSecond.  \n\f\nAnother document.\n\n\f\n\n")
+    assert load_texts(str(path)) == ["Title\n\nFirst paragraph,\nsame paragraph.\n\nSecond.", "Another document."]
+    path.write_text("one document\n\nstill the same one\n")
+    assert load_texts(str(path)) == ["one document\n\nstill the same one"]
+
+
+def test_document_separator_is_the_pretraining_one_never_the_chat_end_of_turn(tiny_llama, tiny_gpt2, tmp_path):
+    from transformers import AutoTokenizer
+
+    from forgetless.data import document_separator
+    from forgetless.model import resolve_model_path
+
+    smol = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))  # eos is <|im_end|>, the chat end of turn
+    assert document_separator(smol) == ([], [smol.convert_tokens_to_ids("<|endoftext|>")], "")
+    chat = load_tokenizer(tiny_llama)  # its eos <eos> ends every chat turn: no token, a paragraph break
+    assert document_separator(chat) == ([], [], "\n\n")
+    plain = load_tokenizer(tiny_gpt2)
+    plain.chat_template = None
+    assert document_separator(plain) == ([], [plain.eos_token_id], "")
+    # a tokenizer that puts BOS before raw text (Llama, Mistral, Gemma): BOS before each document
+    plain.save_pretrained(tmp_path / "bos")
+    with_bos = AutoTokenizer.from_pretrained(tmp_path / "bos", bos_token="<unk>")
+    with_bos._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<unk> $A", special_tokens=[("<unk>", with_bos.convert_tokens_to_ids("<unk>"))])
+    assert document_separator(with_bos) == ([with_bos.bos_token_id], [], "")
+
+
+def test_shipped_corpora_are_scored_as_written(tmp_path):
+    """The general-text yardstick and the KJV replay corpus on the default model: the block stream decodes
+    back to the documents as written (newlines, paragraph breaks), each ended by <|endoftext|>; no chat
+    end-of-turn anywhere; the KJV documents are its chapters."""
+    from forgetless.data import general_domains, load_texts, pack_blocks
+    from forgetless.model import resolve_model_path
+    from forgetless.sections import DEFAULT_CORPUS, GENERAL_DOMAINS
+
+    tok = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    for spec in [*general_domains(GENERAL_DOMAINS).values(), DEFAULT_CORPUS]:
+        docs = load_texts(spec)
+        blocks = pack_blocks(docs, tok, 128)
+        stream = blocks.flatten().tolist()
+        expected = "".join(doc + "<|endoftext|>" for doc in docs)
+        assert tok.decode(stream) == expected[: len(tok.decode(stream))], spec
+        assert tok.convert_tokens_to_ids("<|im_end|>") not in stream, spec
+    verne, fortunes = load_texts(GENERAL_DOMAINS["fiction"]), load_texts(GENERAL_DOMAINS["quotations"])
+    assert len(verne) == 1 and verne[0].count("\n\n") > 20  # one story, its paragraph breaks kept
+    assert len(fortunes) > 300  # each quotation a document
+    chapters = load_texts(DEFAULT_CORPUS)
+    assert len(chapters) == 278 and chapters[0].startswith("In the beginning God created")
+    assert chapters[1].startswith("Thus the heavens and the earth were finished")  # Genesis 2

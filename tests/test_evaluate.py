@@ -1,5 +1,6 @@
 """The evaluation suite and `compare` on tiny models: hand computations, identities, no leakage."""
 
+import collections
 import copy
 import dataclasses
 import json
@@ -72,13 +73,30 @@ def test_never_evaluates_on_training_data(tmp_path, suite):
         check_disjoint(suite, DataConfig(), [str(train)], [])
     replay = tmp_path / "replay.txt"
     replay.write_text(GENERAL)
-    with pytest.raises(DataError, match="shares documents with the replay corpus"):
+    with pytest.raises(DataError, match="shares 1 paragraphs with the replay corpus"):
+        check_disjoint(suite, DataConfig(), [], [ReplayConfig(data=str(replay))])
+    # one paragraph of the general text inside a longer replay document is found too
+    replay.write_text("an unrelated opening paragraph.\n\n" + GENERAL.split("\n\n")[0] + "\n\nand a closing one.")
+    with pytest.raises(DataError, match="shares 1 paragraphs with the replay corpus"):
         check_disjoint(suite, DataConfig(), [], [ReplayConfig(data=str(replay))])
     # a replay source of chat rows is checked on its turns' text
     document = next(doc.strip() for doc in GENERAL.split("\n\n") if doc.strip())
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"prompt": "Tell me something.", "response": document}])
-    with pytest.raises(DataError, match="shares documents with the replay corpus .*chats.jsonl"):
+    with pytest.raises(DataError, match="shares 1 paragraphs with the replay corpus .*chats.jsonl"):
         check_disjoint(suite, DataConfig(), [], [ReplayConfig(data=str(chats))])
+    # self-replay prompts the model answers and trains on are never the evaluation's own questions
+    from forgetless.assets import resolve_builtin
+
+    shipped = EvalConfig().instructions
+    asked = json.loads(open(resolve_builtin(shipped)).readline())["instruction"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a new question\n  {asked}  \n")
+    with_instructions = dataclasses.replace(suite, instructions=shipped)
+    with pytest.raises(DataError, match=r"replay.self_prompts .*1 prompts are also asked by the evaluation"):
+        check_disjoint(with_instructions, DataConfig(), [], [ReplayConfig(data="self", self_prompts=str(prompts))])
+    prompts.write_text("a new question\nCalculate 3 + 1.\n")  # a task test prompt
+    with pytest.raises(DataError, match=r"replay.self_prompts .*1 prompts are also asked"):
+        check_disjoint(suite, DataConfig(), [], [ReplayConfig(data="self", self_prompts=str(prompts))])
     # the shipped defaults are disjoint
     default = load_config(None)
     check_disjoint(default.evaluation, default.data, [default.data.train], [ReplayConfig()])
@@ -126,6 +144,8 @@ def test_compare_end_to_end(tiny_llama, suite, tmp_path, monkeypatch):
         assert report["runs"][method]["global_steps"] == 3 and report["runs"][method]["step_time_s"] > 0
     table = (root / "report.md").read_text()
     assert "| lfu |" in table and "| base |" in table
+    answers = report["results"]["base"]["instr_base_answers"]  # the base's instruction answers: scored, cut
+    assert answers["scored"] + answers["cut"] == 40 and f"; the {answers['cut']} still running there (cut) are left out." in table
     assert json.loads((root / "report.json").read_text())["methods"] == ["sft", "lfu", "arr"]
 @pytest.mark.slow
 def test_lm_eval_backend_runs_in_memory_and_agrees_with_our_mc_scoring(tiny_llama, suite, tmp_path):
@@ -222,23 +242,47 @@ def test_shipped_general_domains_are_long_enough_and_not_replay(tiny_llama):
         assert len(reported) == ev.general_blocks and len(held) >= 8, domain
 
 
+def chain_model(path, ends_after: list[int] = ()):
+    """The tiny model with its output rows a permutation of its input embeddings (the role tokens silenced):
+    its greedy answers walk chains of distinct tokens (the random model itself repeats one token). With
+    `ends_after`, the end-of-sequence row points at those tokens' embeddings: an answer ends after one of them."""
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        perm = torch.cat([torch.arange(6), 6 + torch.randperm(len(embed) - 6, generator=torch.Generator().manual_seed(0))])
+        head = embed[perm].clone()
+        head[3:6] = 0
+        if ends_after:
+            head[1] = 1.5 * embed[list(ends_after)].sum(0)
+        model.lm_head.weight = torch.nn.Parameter(head)  # untied from the input embeddings
+    return model
+
+
 def test_instruction_retention_scores_the_base_models_own_answers(tiny_llama, suite, monkeypatch):
-    """The base's greedy answers are the reference, generated once for every model compared with it; a model
+    """The base's greedy answers are the reference, generated once for every model compared with it, each scored
+    with the end-of-sequence token that ended it; answers cut at the budget are left out and counted; a model
     identical to the base keeps them exactly; a perturbed one finds them less likely."""
     import forgetless.evaluate as ev
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tok = load_tokenizer(tiny_llama)
-    with torch.no_grad():  # the random model would answer <|assistant|> forever: silence the role tokens
-        base.get_output_embeddings().weight[3:6] = 0
+    eos = tok.eos_token_id
     cfg = dataclasses.replace(suite, task=None, general_text=None, mc=None)
+    budget = cfg.instructions_max_new_tokens
+    prompts = [ev.render_prompt([{"role": "user", "content": r["instruction"]}], tok, True)
+               for _, r in ev.read_rows(cfg.instructions)]
+    # the two commonest chains made to end, at different depths; the other answers run past the budget
+    walks: list[list[int]] = []
+    ev.greedy_answers(chain_model(tiny_llama), tok, prompts, budget, cfg.batch_size, "t", tokens=walks)
+    (one, _), (two, _) = collections.Counter(map(tuple, walks)).most_common(2)
+    base = chain_model(tiny_llama, ends_after=[one[1], two[3]])
+
     calls = []
     real = ev.greedy_answers
     monkeypatch.setattr(ev, "greedy_answers", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
     own = evaluate(base, tok, cfg, DataConfig())
     twin = evaluate(copy.deepcopy(base), tok, cfg, DataConfig(), base=base)
-    assert own["instr_clean_end"]["n"] == 40 and twin["instr_nll"]["value"] == pytest.approx(own["instr_nll"]["value"], rel=1e-6)
-    assert twin["instr_clean_end"]["value"] == own["instr_clean_end"]["value"]
+    assert twin["instr_nll"]["value"] == pytest.approx(own["instr_nll"]["value"], rel=1e-6)  # the base's own value
+    assert twin["instr_clean_end"] == own["instr_clean_end"] and twin["instr_base_answers"] == own["instr_base_answers"]
     assert len(calls) == 2 and calls[0] is base  # the base generated once, the twin its own answers
     tuned = copy.deepcopy(base)
     with torch.no_grad():
@@ -247,15 +291,33 @@ def test_instruction_retention_scores_the_base_models_own_answers(tiny_llama, su
     moved = evaluate(tuned, tok, cfg, DataConfig(), base=base)
     assert moved["instr_nll"]["value"] > own["instr_nll"]["value"]
     assert len(calls) == 3  # still no second generation of the base's answers
+    evaluate(tuned, tok, dataclasses.replace(cfg, instructions_max_new_tokens=budget + 2), DataConfig(), base=base)
+    assert len(calls) == 5 and calls[4] is base  # another budget: the base's answers generated again
 
-    # by hand: the base's own NLL per answer token, averaged over answers (each answer counts once)
-    prompts = [ev.render_prompt([{"role": "user", "content": r["instruction"]}], tok, True)
-               for _, r in ev.read_rows(cfg.instructions)]
-    answers = real(base, tok, prompts, cfg.instructions_max_new_tokens, 4, "t")
-    pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
-    scores = continuation_logprobs(base, tok, pairs, 4, "t")
-    per_answer = [-s / max(len(tok(a, add_special_tokens=False)["input_ids"]), 1) for s, (_, a) in zip(scores, pairs)]
-    assert own["instr_nll"]["value"] == pytest.approx(sum(per_answer) / len(per_answer), rel=1e-5)
+    # by hand, in float64: the base's answers as generated, each ending with its end-of-sequence token
+    answers, ended = [], []
+    real(base, tok, prompts, budget, cfg.batch_size, "t", ended=ended, tokens=answers)
+    finished = [(p, a) for p, a, e in zip(prompts, answers, ended) if e]
+    assert all(a[-1] == eos and eos not in a[:-1] for _, a in finished)
+    assert all(len(a) == budget and eos not in a for a, e in zip(answers, ended) if not e)
+    assert 0 < len(finished) < 40 and len({len(a) for _, a in finished}) > 1  # ended, cut; answers of several lengths
+    exact = copy.deepcopy(base).double()
+    per_answer, without_end = [], []
+    for prompt, answer in finished:
+        context = tok(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(exact(input_ids=torch.tensor([context + answer])).logits[0], -1)
+        token_logp = [logp[len(context) + j - 1, t].item() for j, t in enumerate(answer)]  # the answer's, eos last
+        per_answer.append(-sum(token_logp) / len(answer))
+        without_end.append(-sum(token_logp[:-1]) / (len(answer) - 1))
+    # only the answers that ended: in their order, each its mean token NLL with the end-of-sequence token
+    assert own["items"]["instr_nll"] == pytest.approx(per_answer, abs=1e-5)
+    assert own["instr_nll"]["value"] == pytest.approx(sum(per_answer) / len(per_answer), abs=1e-5)
+    assert abs(own["instr_nll"]["value"] - sum(without_end) / len(without_end)) > 1e-3  # the ending is scored
     lo, hi = own["instr_nll"]["ci95"]
     assert lo <= own["instr_nll"]["value"] <= hi
-    assert own["instr_nll"]["n"] == len(pairs) >= 30  # answers that are all special tokens have nothing to score
+    # the cut answers: counted, not scored (the base's answers, alike for every model compared with it)
+    assert own["instr_nll"]["n"] == len(finished) and moved["instr_nll"]["n"] == len(finished)
+    assert own["instr_base_answers"] == {"scored": len(finished), "cut": 40 - len(finished), "max_new_tokens": budget}
+    assert moved["instr_base_answers"] == own["instr_base_answers"]
+    assert own["instr_clean_end"]["value"] == pytest.approx(len(finished) / 40)  # the base's own answers

@@ -33,7 +33,8 @@ def test_replay_corpus_loading_and_packing(tiny_gpt2, tmp_path):
 
 def test_chat_replay_rows_are_trained_like_sft_rows(tiny_llama, tmp_path):
     """A replay source of prompt/response rows (format auto): rows are rendered and masked like SFT rows
-    (prompt not trained), padded, and their term is weight x the mean NLL over their trained tokens."""
+    (prompt not trained), padded, and their term is weight x their NLL summed over their trained tokens and
+    divided by the SFT tokens of the step (rows mixed into the batch)."""
     weight = 1.5
     chats = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": f"say {w} please", "response": f"{w} {w} {w}"}
                                                   for w in ["red", "green and blue", "a long yellow word", "x"]])
@@ -54,15 +55,104 @@ def test_chat_replay_rows_are_trained_like_sft_rows(tiny_llama, tmp_path):
     model = trainer.model
     loss = trainer.training_step(model, dict(batch))
     with torch.no_grad():
-        def mean_nll(ids, mask, labels):
+        def nll_sum(ids, mask, labels):
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             keep = labels[:, 1:] != -100
-            return F.cross_entropy(logits[keep], labels[:, 1:][keep]).item()
+            return F.cross_entropy(logits[keep], labels[:, 1:][keep], reduction="sum").item()
 
-        expected = mean_nll(batch["input_ids"], batch["attention_mask"], batch["labels"]) + weight * mean_nll(
-            drawn.batch["input_ids"], drawn.batch["attention_mask"], drawn.batch["labels"])
+        sft_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        expected = (nll_sum(batch["input_ids"], batch["attention_mask"], batch["labels"]) + weight * nll_sum(
+            drawn.batch["input_ids"], drawn.batch["attention_mask"], drawn.batch["labels"])) / sft_tokens
     assert loss.item() == pytest.approx(expected, rel=1e-9)
 
+
+
+def eos_prone(model_dir, bias: float = 4.0):
+    """The tiny model with an untied LM head whose bias favours end-of-sequence (in memory only): its sampled
+    answers end after a few tokens, as a real instruct model's do."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[load_tokenizer(model_dir).eos_token_id] = bias
+    model.lm_head = head
+    return model
+
+
+def test_self_replay_pairs_are_written_in_context_answered_and_cached(tiny_llama, tmp_path):
+    """SSR's rows: instructions the model writes after `shots` real training prompts (new ones: no copy of a
+    prompt, no repeat), answered by the initial model with end-of-sequence allowed (answers that do not end
+    are dropped), cached with their settings and reused; the same seed writes the same pairs."""
+    from accelerate import PartialState
+
+    from forgetless.self_replay import CACHE_FILE, load_or_generate_pairs, sample_completions, write_instructions
+
+    tok, model = load_tokenizer(tiny_llama), eos_prone(tiny_llama)
+    torch.manual_seed(0)
+    completions = sample_completions(model, tok, ["<|user|>hello<eos><|assistant|>"] * 8, 40, 1.0, 1.0)
+    assert sum(ended for _, ended in completions) >= 4 and len({text for text, _ in completions}) > 1
+
+    demos = [f"Calculate {i} + {i}." for i in range(10)]
+    import random
+    random.seed(0)
+    written = write_instructions(model, tok, demos, 5, 3, 1.0, 1.0)
+    assert 0 < len(written) <= 5 and len(set(written)) == len(written) and not set(written) & set(demos)
+    assert all("\n\n" not in w and w == w.strip() for w in written)
+
+    settings = {"mode": "pairs", "blocks": 6, "length": 48, "temperature": 1.0, "top_p": 1.0, "prompts": None,
+                "seed": 3, "inputs": "x", "shots": 3}
+    state = PartialState()
+
+    def render(instruction):
+        return tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                       add_generation_prompt=True)
+
+    instructions, answers, seconds = load_or_generate_pairs(model, tok, tmp_path / "a", settings, state, demos, render)
+    assert seconds > 0 and 0 < len(answers) == len(instructions) <= 6 and all(a.strip() for a in answers)
+    assert all(len(tok(render(i) + a, add_special_tokens=False)["input_ids"]) < 48 for i, a in zip(instructions, answers))
+    again = load_or_generate_pairs(model, tok, tmp_path / "a", settings, state, demos, render)
+    assert again == (instructions, answers, 0.0)  # reused from the cache
+    assert (tmp_path / "a" / CACHE_FILE).exists()
+    fresh = load_or_generate_pairs(model, tok, tmp_path / "b", settings, state, demos, render)
+    assert fresh[:2] == (instructions, answers)  # seeded
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("say hello\nname a colour\n")
+    given, _, _ = load_or_generate_pairs(model, tok, tmp_path / "c", dict(settings, prompts=str(prompts)), state, demos,
+                                         render)
+    assert set(given) <= {"say hello", "name a colour"}
+
+
+def test_self_replay_pairs_train_as_chat_rows_on_the_answers(tiny_llama, tmp_path, monkeypatch):
+    """In a run, the pairs become SFT-like rows (prompt masked, the answer and its end of turn trained); the
+    in-context demonstrations are the run's training prompts less what budget holds out."""
+    import forgetless.self_replay as self_replay
+
+    seen = {}
+
+    def fake_instructions(model, tokenizer, demos, count, shots, temperature, top_p, batch_size=16):
+        seen["demos"] = list(demos)
+        return [f"new question {i}" for i in range(count)]
+
+    def fake_completions(model, tokenizer, texts, max_new_tokens, temperature, top_p, batch_size=16):
+        return [(f"answer {i}", i % 3 != 2) for i in range(len(texts))]  # every third one is cut: dropped
+
+    monkeypatch.setattr(self_replay, "write_instructions", fake_instructions)
+    monkeypatch.setattr(self_replay, "sample_completions", fake_completions)
+    data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(12))
+    cfg = tiny_config(tiny_llama, data, tmp_path / "o", max_steps=2, batch_size=4)
+    cfg = with_method(cfg, replay={"data": "self", "self_blocks": 6, "max_length": 48, "ratio": 0.5})
+    summary = train(cfg, holdout=2).summary
+    assert summary["self_replay_rows"] == 4  # 6 answered, 2 cut
+    prompts = [row["prompt"] for row in map(json.loads, open(data))]
+    assert seen["demos"] == prompts[:-2]  # the held-out examples are never shown to the model
+    trainer = make_trainer(tiny_llama, tmp_path, "lora", [], replay={"data": "self", "self_blocks": 3, "max_length": 48})
+    examples = trainer.replay.examples
+    tok = load_tokenizer(tiny_llama)
+    for k, example in enumerate(examples):
+        trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+        assert tok.decode(trained) == f"answer {k}<eos>"  # the answer and its end of turn, nothing of the prompt
 
 def test_replay_source_errors_name_the_file_line_and_option(tiny_llama, tmp_path):
     bad = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "only a prompt"}])
@@ -86,16 +176,17 @@ def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, mem
     from transformers import AutoModelForCausalLM
 
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2, batch_size=4)
-    cfg = with_method(cfg, replay={"data": "self", "self_blocks": 6, "max_length": 16, "ratio": 0.5})
+    cfg = with_method(cfg, replay={"data": "self", "self_mode": "text", "self_blocks": 6, "max_length": 16,
+                                   "ratio": 0.5, "self_top_p": 0.95})
     summary = train(cfg).summary
-    assert summary["self_replay_blocks"] == 6 and summary["self_replay_generation_seconds"] > 0
+    assert summary["self_replay_rows"] == 6 and summary["self_replay_generation_seconds"] > 0
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert any(r.get("l_replay", 0) > 0 for r in rows)
 
     tok = load_tokenizer(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    settings = {"blocks": 6, "length": 16, "temperature": 1.0, "top_p": 0.95, "prompts": None, "seed": 42,
-                "inputs": digest(summary["inputs"])}  # keyed by the run's inputs, as the run keyed it
+    settings = {"mode": "text", "blocks": 6, "length": 16, "temperature": 1.0, "top_p": 0.95, "prompts": None,
+                "seed": 42, "inputs": digest(summary["inputs"])}  # keyed by the run's inputs, as the run keyed it
     state = PartialState()  # one process: it is the main one
     blocks, seconds = load_or_generate(model, tok, tmp_path / "o" / "checkpoints", settings, state)
     assert seconds == 0.0 and blocks.shape == (6, 16)  # the run's cache, reused
@@ -240,7 +331,8 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
     # The replay blocks either join the SFT forward (padded to one length: the blocks when shorter than
     # the SFT rows, the SFT rows when the blocks are longer) or run their own forward + backward before
     # it; the accumulated gradient must be that of the one loss the spec defines, computed here by autograd:
-    #   mean SFT NLL + coef * mean KL (SFT tokens) + weight * mean replay NLL + coef * mean KL (replay tokens)
+    #   mean SFT NLL + coef * mean KL (SFT tokens) + weight * (R / S) * mean replay NLL + coef * mean KL (replay
+    #   tokens), R / S the replay tokens per SFT token of the step (replay weighs as rows mixed into the batch)
 
     coef, weight = 0.5, 2.0
     drawn = []
@@ -276,12 +368,52 @@ def test_replay_pass_and_its_kl_give_the_gradient_of_the_whole_loss(tiny_llama, 
 
     sft_nll, sft_kl = nll_and_kl(model, initial, batch["input_ids"], batch["attention_mask"], batch["labels"])
     rep_nll, rep_kl = nll_and_kl(model, initial, blocks, torch.ones_like(blocks), blocks)
-    expected_loss = sft_nll + coef * sft_kl + weight * rep_nll + coef * rep_kl
+    share = blocks[:, 1:].numel() / int((batch["labels"][:, 1:] != -100).sum())
+    assert share != 1
+    expected_loss = sft_nll + coef * sft_kl + weight * share * rep_nll + coef * rep_kl
     expected_loss.backward()
     assert sft_kl.item() > 1e-6 and rep_kl.item() > 1e-6
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-9)
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-7, atol=1e-12, msg=n)
+
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_replay_term_follows_ratio_under_accumulation(tiny_llama, tmp_path, monkeypatch, ratio):
+    """Two micro-batches of one optimizer step (accumulation 2), replay in its own pass: the accumulated
+    gradient is that of (sum of SFT NLL + weight * sum of replay NLL) / (SFT tokens of the whole step), by
+    autograd in float64 — replay weighs as rows mixed into the batch, so doubling `ratio` doubles the replay
+    tokens and the term's share; `replay_token_ratio` logs R / S."""
+    weight = 0.5
+    drawn = []  # the blocks each micro-batch drew
+    draw = ReplaySource.draw
+    monkeypatch.setattr(ReplaySource, "draw", lambda self, *a: (rows := draw(self, *a)) and drawn.append(rows) or rows)
+    trainer = make_trainer(tiny_llama, tmp_path, "full", [], per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                           replay={"ratio": ratio, "max_length": 8, "weight": weight, "forward": "own"})
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(4))
+    halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]
+    sft_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    model = trainer.model
+    for half in halves:
+        trainer.training_step(model, dict(half), num_items_in_batch=sft_tokens)
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    blocks = torch.cat([rows.batch["input_ids"] for rows in drawn])
+    assert blocks.shape[0] == int(ratio * 4)
+
+    def nll_sum(ids, mask, labels):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        keep = labels[:, 1:] != -100
+        return F.cross_entropy(logits[keep], labels[:, 1:][keep], reduction="sum")
+
+    expected = (nll_sum(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                + weight * nll_sum(blocks, torch.ones_like(blocks), blocks)) / sft_tokens
+    expected.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-7, atol=1e-12, msg=n)
+    logged = trainer.pending_metrics()["replay_token_ratio"]
+    assert sum(logged) / len(logged) == pytest.approx(blocks[:, 1:].numel() / sft_tokens)
 
 
 def test_replay_auto_joins_the_sft_forward_only_when_padding_is_small(tiny_llama, tmp_path):

@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train and evaluate N runs at a time in worker processes (for small models on a GPU; "
                         "step times then include the contention)")
 
+    p = sub.add_parser("frontier", help="train each method across its strengths and map gain against forgetting",
+                       description="For each method of frontier.methods and each strength of its grid, train on the "
+                                   "training set less budget's validation examples and measure target gain, "
+                                   "general-text perplexity change and drift on the validation split (never the test "
+                                   "split); write OUTPUT_DIR/frontier.json (points, Pareto sets, each method's choices) "
+                                   "and frontier.png; with frontier.evaluate_chosen, compare the chosen points on the "
+                                   "test split in OUTPUT_DIR/chosen. Finished runs are reused unless --overwrite.")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="retrain every point even if a finished run exists")
+
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit",
                        description="Validate CONFIG with its overrides and print the full resolved config.")
     _add_config_args(p)
@@ -86,6 +96,39 @@ def run_eval(config, run_dir: str | None) -> int:
                 extra = f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
                 print(f"  {key:18s} {entry['value']:.4f}{extra}  (n={entry['n']})")
     print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
+def run_frontier_command(config, overwrite: bool) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line's choice: frontier.png is written with no display
+    from forgetless.frontier import run_frontier
+
+    use_cpu_allocator_settings()
+    report = run_frontier(config, overwrite=overwrite)
+    root = Path(config.output_dir)
+    rules = report["rules"]
+    bound = " and ".join(f"{k} <= {rules[k]:g}" for k in ("max_general_drop", "max_drift_kl") if rules[k] is not None)
+
+    def shown(point) -> str:
+        if point is None:
+            return "none"
+        strength = f"{point['option']}={point['value']:g}: " if point["value"] is not None else ""
+        return (f"{strength}gain {point['target_gain']:+.4f}, ppl {100 * point['general_drop']:+.2f}%, "
+                f"drift {point['drift_kl']:.4f}")
+
+    print(f"frontier on validation ({report['validation']['examples']} examples, {report['validation']['blocks']} "
+          f"blocks); runs trained now {report['runs']['trained_now']}, reused {report['runs']['reused']}")
+    print(f"  within bound ({bound or 'no bound'}) | matches SFT (target NLL <= {rules['sft_threshold']:.4f})")
+    for method, m in report["methods"].items():
+        print(f"  {method:12s} {shown(m['choices']['within_bound'])} | {shown(m['choices']['matches_sft'])}")
+    print(f"wrote {root / 'frontier.json'}, frontier.png")
+    chosen = report.get("chosen_evaluation")
+    if chosen:
+        out = Path(chosen["output_dir"])
+        print((out / "report.md").read_text().split("\n\nn:")[0])
+        print(f"\nwrote {out / 'report.md'}, report.json, tradeoff.png, measures.png")
     return 0
 
 
@@ -131,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             print((root / "report.md").read_text().split("\n\nn:")[0])
             print(f"\nwrote {root / 'report.md'}, report.json, tradeoff.png, measures.png")
             return 0
+        if args.command == "frontier":
+            return run_frontier_command(config, args.overwrite)
         use_cpu_allocator_settings()
         from forgetless.budget import budget_active, train_with_budget
         from forgetless.train import train

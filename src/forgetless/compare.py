@@ -500,6 +500,16 @@ def _tiny_domains_text(by_domain: dict, domains: list[str]) -> str:
     return f" Fewer than {2 * stats.BLOCK_GROUP} blocks in {listed}: df tiny (items - 1), its intervals are very wide."
 
 
+def _instructions_text(base: dict) -> list[str]:
+    """The base's instruction answers instr NLL scores, and those cut at the budget (not scored)."""
+    answers = base.get("instr_base_answers")
+    if not answers:
+        return []
+    return [f"instr NLL scores the base's {answers['scored']} answers to the instructions that ended within "
+            f"{answers['max_new_tokens']} new tokens, each with its end-of-sequence token; the {answers['cut']} still "
+            "running there (cut) are left out."]
+
+
 def render_markdown(report: dict) -> str:
     if "family" not in report.get("comparisons", {}):  # a report built before the Holm marks over one family
         report = mark_comparisons(copy.deepcopy(report))
@@ -539,6 +549,7 @@ def render_markdown(report: dict) -> str:
         f"groups of {stats.BLOCK_GROUP} blocks: consecutive blocks of a text are not independent; the pooled "
         f"figure's jackknife within each domain: the domains are fixed, not a sample), "
         f"MMLU {n.get('mc_acc_norm')} questions.",
+        *_instructions_text(base),
         "Peak memory is the process's (CPU: resident set size, including the Python runtime and libraries).",
     ]
     if s.get("runs_at_a_time", 1) > 1:

@@ -25,8 +25,8 @@ from forgetless.errors import ConfigError
 from forgetless.registry import METHODS, PRESETS, combination_problems, entry, parse_entries, strengths
 from forgetless.schema import check_problems, from_dict, out_of_range
 from forgetless.sections import (DEFAULT_MODEL, DEFAULT_TEMPLATES, GENERAL_DOMAINS, RUN_NAME, SEED_RANGE,  # noqa: F401
-                                 BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, LoraSettings,
-                                 ModelConfig, ReplayConfig, TrainingSettings, template_problem)
+                                 BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, FrontierConfig,
+                                 LoraSettings, ModelConfig, ReplayConfig, TrainingSettings, template_problem)
 
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class ForgetlessConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareSettings = field(default_factory=CompareSettings)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)  # `forgetless frontier` (forgetless.frontier)
 
     def __post_init__(self) -> None:
         resolve_method(self)  # built in code or parsed, a config is resolved alike
@@ -104,6 +105,25 @@ class ForgetlessConfig:
         else:
             found.update({f"budget.{key}": problem for key, problem in
                           out_of_range(self.budget, {"grid": knobs[self.budget.knob].range}).items()})
+        f = self.frontier
+        for i, name in enumerate(f.methods):
+            if name not in PRESETS:
+                found[f"frontier.methods[{i}]"] = f"unknown method '{name}' (presets: {', '.join(PRESETS)})"
+                break
+        from types import SimpleNamespace
+
+        for name, values in f.grids.items():  # the first bad grid is named
+            knob = preset_knob(name) if name in PRESETS else None
+            if name not in f.methods:
+                found[f"frontier.grids.{name}"] = f"'{name}' is not in frontier.methods ({', '.join(f.methods)})"
+            elif knob is None:
+                found[f"frontier.grids.{name}"] = (f"{name} has no strength option (none of its methods registers a "
+                                                   "Strength): it is trained once, at its preset; drop its grid")
+            else:
+                for key, problem in out_of_range(SimpleNamespace(grid=values), {"grid": knobs[knob].range}).items():
+                    found[f"frontier.grids.{name}{key[len('grid'):]}"] = f"{knob}.{knobs[knob].option} {problem}"
+            if any(key.startswith("frontier.grids.") for key in found):
+                break
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +174,14 @@ def with_strength(config: ForgetlessConfig, name: str, value: float) -> Forgetle
     if not at:
         cfg.regularizers.append(method.config(**change))
     return cfg
+
+
+def preset_knob(preset: str) -> str | None:
+    """The method whose registered Strength sets preset `preset`'s strength (`forgetless frontier`'s knob): the
+    first of its `regularizers` entries that has one, else its `replay` section; None when none has."""
+    spec = PRESETS[preset]
+    names = [next(iter(item)) for item in spec.get("regularizers", [])] + (["replay"] if "replay" in spec else [])
+    return next((name for name in names if METHODS[name].strength is not None), None)
 
 
 def without_method(config: ForgetlessConfig, name: str) -> ForgetlessConfig:

@@ -583,9 +583,14 @@ def collator(tokenizer):
 # ---------------------------------------------------------------- plain text corpora (replay, evaluation)
 
 
+# a line holding only a form feed (the plain-text page break) ends a document inside one .txt file
+DOCUMENT_BREAK = re.compile(r"\n?^\f[ \t]*$\n?", re.M)
+
+
 def load_texts(spec: str, text_field: str = "text") -> list[str]:
-    """Documents from a text corpus: .txt / .txt.gz (blank-line separated paragraphs), or the
-    `text_field` of .jsonl / .json / .csv / .parquet / a datasets folder."""
+    """Documents of a text corpus, as written (newlines and paragraph breaks kept): a .txt / .txt.gz file is
+    one document, or several separated by lines holding only a form feed; .jsonl / .json / .csv / .parquet / a
+    datasets folder: the `text_field` of each row."""
     import gzip
     import zlib
 
@@ -603,7 +608,8 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
         except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt gzip (BadGzipFile is an OSError)
             raise DataError(f"{path}: cannot read it ({type(exc).__name__}: {exc}); the file is truncated or "
                             "corrupt, fetch or compress it again") from None
-        texts = [doc.strip() for doc in raw.split("\n\n") if doc.strip()]
+        # only the blank lines around a document go: what is inside it stays as written
+        texts = [doc.strip("\n").rstrip() for doc in DOCUMENT_BREAK.split(raw) if doc.strip()]
     else:
         texts = []
         for where, row in read_rows(spec):
@@ -616,16 +622,52 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
     return texts
 
 
+def paragraphs(texts: list[str]) -> set[str]:
+    """The blank-line separated paragraphs of the documents, whitespace-normalised: what the check that
+    evaluation text is never replayed compares (a shared paragraph is shared text, whole documents or not)."""
+    return {" ".join(p.split()) for text in texts for p in re.split(r"\n\s*\n", text) if p.strip()}
+
+
+def document_separator(tokenizer) -> tuple[list[int], list[int], str]:
+    """What marks a document boundary in the stream of documents: (token ids before each document, after
+    each, text between two documents when there is no such token). The separator the model was pretrained
+    with, never the chat end-of-turn:
+      - `<|endoftext|>` when the vocabulary has it (GPT-2, SmolLM, Qwen, Phi, StarCoder: their
+        pretraining document separator, whatever the instruct model's eos became), after each document;
+      - else the BOS token when the tokenizer puts it before raw text (Llama, Mistral, Gemma), before each;
+      - else the EOS token when it is not the chat template's end of turn, after each;
+      - else none: documents are joined by a paragraph break."""
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return [], [vocab["<|endoftext|>"]], ""
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
+        return [bos], [], ""
+    eos, template = tokenizer.eos_token, getattr(tokenizer, "chat_template", None) or ""
+    if eos is not None and not (isinstance(template, str) and eos in template):
+        return [], [tokenizer.eos_token_id], ""
+    return [], [], "\n\n"
+
+
+def document_stream(texts: list[str], tokenizer) -> list[int]:
+    """The documents tokenised whole (no special tokens inside), joined with `document_separator`."""
+    before, after, between = document_separator(tokenizer)
+    gap = tokenizer(between, add_special_tokens=False)["input_ids"] if between else []
+    stream: list[int] = []
+    for i, text in enumerate(texts):
+        stream.extend(gap if i else [])
+        stream.extend(before)
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        stream.extend(after)
+    return stream
+
+
 def pack_blocks(texts: list[str], tokenizer, block_len: int) -> "torch.Tensor":
-    """Tokenise documents, join them with eos, cut the stream into [n_blocks, block_len] (rest dropped)."""
+    """The document stream (document_stream) cut into [n_blocks, block_len] (the rest dropped): blocks cross
+    document boundaries only where a document ends, at its separator, as pretraining packs text."""
     import torch
 
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+    stream = document_stream(texts, tokenizer)
     n_blocks = len(stream) // block_len
     if n_blocks == 0:
         raise DataError(f"the text corpus has {len(stream)} tokens, fewer than one block of {block_len}")

@@ -20,16 +20,17 @@ import math
 import os
 import re
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from forgetless.data import (check_encodable, general_blocks, general_domains, load_records, load_texts, read_rows,
-                             render_prompt, task_pairs, uses_chat_template)
+from forgetless.data import (check_encodable, general_blocks, general_domains, load_records, load_texts, paragraphs,
+                             read_rows, render_prompt, task_pairs, uses_chat_template)
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
 from forgetless.replay import replay_documents
-from forgetless.sections import ReplayConfig
+from forgetless.sections import SELF, ReplayConfig
 from forgetless.errors import ConfigError, DataError
 from forgetless.losses import forward_rows, token_kl, upcast
 from forgetless import stats
@@ -80,15 +81,18 @@ def is_correct(generated: str, reference: str, extractor: str) -> bool:
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str,
-                   ended: list[bool] | None = None) -> list[str]:
+                   ended: list[bool] | None = None, tokens: list[list[int]] | None = None) -> list[str]:
     """Greedy completions of already-rendered prompt texts (left-padded batches). `ended`, when given, is
-    filled with whether each answer stopped at end-of-sequence within max_new_tokens."""
+    filled with whether each answer stopped at end-of-sequence within max_new_tokens; `tokens` with each
+    answer's generated token ids, up to and including the end-of-sequence token that ended it (a cut
+    answer: all max_new_tokens of them), the decoded text losing that special token."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     # batches of similar length waste little on padding; answers are put back in input order
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     stopped = [False] * len(prompts)
+    generated: list[list[int]] = [[] for _ in prompts]
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             chunk = order[start:start + batch_size]
@@ -99,22 +103,33 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             new_tokens = gen[:, enc["input_ids"].shape[1]:]
             for i, text, ids in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), new_tokens):
                 out[i] = text
-                stopped[i] = bool((ids == tokenizer.eos_token_id).any())
+                ids = ids.tolist()
+                stopped[i] = tokenizer.eos_token_id in ids
+                # what follows the end-of-sequence token is padding
+                generated[i] = ids[:ids.index(tokenizer.eos_token_id) + 1] if stopped[i] else ids
     finally:
         tokenizer.padding_side = side
     if ended is not None:
         ended[:] = stopped
+    if tokens is not None:
+        tokens[:] = generated
     return out
 
 
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, desc: str) -> list[float]:
     """Sum of log p(continuation | context) for each (context, continuation) pair."""
-    rows = []
-    for context, continuation in pairs:
-        ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        cont_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        rows.append((ctx_ids + cont_ids, len(ctx_ids)))
+    return token_logprobs(model, tokenizer, [(tokenizer(context, add_special_tokens=False)["input_ids"],
+                                              tokenizer(continuation, add_special_tokens=False)["input_ids"])
+                                             for context, continuation in pairs], batch_size, desc)
+
+
+@torch.no_grad()
+def token_logprobs(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int,
+                   desc: str) -> list[float]:
+    """Sum of log p(continuation | context) for each (context, continuation) pair of token ids (a
+    continuation may end with a special token, e.g. end-of-sequence, that a decoded text would lose)."""
+    rows = [(list(ctx_ids) + list(cont_ids), len(ctx_ids)) for ctx_ids, cont_ids in pairs]
     scores: list[float] = [0.0] * len(rows)
     pad = tokenizer.pad_token_id
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch together
@@ -189,22 +204,37 @@ def load_mc(spec: str, limit: int) -> list[dict]:
 
 
 def check_disjoint(cfg: EvalConfig, data_cfg: DataConfig, train_specs: list[str], replays: list[ReplayConfig]) -> None:
-    """Never evaluate on what was trained on: task prompts vs training prompts, general text vs replay text."""
+    """Never evaluate on what was trained on: task prompts vs training prompts, general text vs replay text,
+    self-replay prompts (`self_prompts`, answered by the model and trained on) vs the task's test prompts and
+    the everyday instructions whose answers instruction retention scores."""
+    test = {r.messages[-2]["content"] for r in load_records(cfg.task, data_cfg)} if cfg.task else set()
+    asked = {" ".join(row["instruction"].split()) for _, row in read_rows(cfg.instructions)
+             if isinstance(row, dict) and isinstance(row.get("instruction"), str)} if cfg.instructions else set()
+    for replay in replays:
+        if replay.data == SELF and replay.self_prompts:
+            prompts = {" ".join(line.split()) for line in Path(replay.self_prompts).read_text(encoding="utf-8").splitlines()
+                       if line.strip()}
+            shared = prompts & ({" ".join(t.split()) for t in test} | asked)
+            if shared:
+                raise DataError(f"replay.self_prompts ({replay.self_prompts}): {len(shared)} prompts are also asked by "
+                                f"the evaluation (e.g. {next(iter(shared))!r:.80}); the model would rehearse its own "
+                                "answers to them; remove them")
     if cfg.task:
-        test = {r.messages[-2]["content"] for r in load_records(cfg.task, data_cfg)}
         for spec in train_specs:
             seen = {r.messages[-2]["content"] for r in load_records(spec, data_cfg)}
             overlap = test & seen
             if overlap:
                 raise DataError(f"eval.task: {len(overlap)} test prompts also appear in the training data {spec} "
                                 f"(e.g. {next(iter(overlap))!r}); evaluate on held-out data")
-    replayed = [(replay, set(replay_documents(replay, data_cfg))) for replay in replays]  # each source read once
+    replayed = [(replay, paragraphs(replay_documents(replay, data_cfg))) for replay in replays]  # each read once
     for domain, general_spec in general_domains(cfg.general_text).items():
-        general = set(load_texts(general_spec))
-        for replay, documents in replayed:
-            if general & documents:
-                raise DataError(f"evaluation.general_text ({domain}: {general_spec}) shares documents with the replay "
-                                f"corpus {replay.data}; use another source")
+        general = paragraphs(load_texts(general_spec))
+        for replay, replayed_paragraphs in replayed:
+            shared = general & replayed_paragraphs
+            if shared:
+                raise DataError(f"evaluation.general_text ({domain}: {general_spec}) shares {len(shared)} paragraphs "
+                                f"with the replay corpus {replay.data} (e.g. {next(iter(shared))[:60]!r}); use another "
+                                "source")
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None, name: str = "model") -> dict[str, Any]:
@@ -316,17 +346,25 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
             for task, metrics in out["results"].items()}
 
 
-# the base model's greedy answers to the instructions, per base model (dropped with it) and (instructions,
-# budget): generated once however many tuned models are compared with it
+# the base model's greedy answers to the instructions (token ids, each up to and including the end-of-sequence
+# token that ended it, and whether it ended), per base model (dropped with it) and (instructions, budget,
+# prompts, end-of-sequence id): generated once however many tuned models are compared with it
 _BASE_ANSWERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base, name: str,
                           items: dict) -> dict[str, Any]:
-    """How much of the base model's own behaviour on everyday instructions the model kept: the NLL per answer
-    token of the base's greedy answers under this model, averaged over answers (`instr_nll`, nats; the
-    base's own is the reference), and the share of this model's own greedy answers that end at
-    end-of-sequence within the budget (`instr_clean_end`)."""
+    """How much of the base model's own behaviour on everyday instructions the model kept.
+
+    `instr_nll` (nats; the base's own value is the reference): the NLL per token of the base's greedy answers
+    under this model, averaged over answers, each answer's tokens as the base generated them plus the
+    end-of-sequence token that ended it. A rise means the model finds the base's own complete answers,
+    their ending included, less likely: it drifted from the base's behaviour on everyday instructions.
+    Cut answers, the base's still running at `instructions_max_new_tokens` (mostly loops that never end),
+    have no ending to score: left out of `instr_nll` (a model more peaked on truncated text would look as
+    if it kept them) and counted in `instr_base_answers` (`scored`: instr_nll's n; `cut`).
+    `instr_clean_end`: the share of this model's own greedy answers that end at end-of-sequence within the
+    budget."""
     rows = [row for _, row in read_rows(cfg.instructions)]
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
@@ -334,25 +372,31 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     chat = uses_chat_template(tokenizer, data_cfg)
     prompts = [render_prompt([{"role": "user", "content": row["instruction"]}], tokenizer, chat) for row in rows]
     own_ended: list[bool] = []
-    own = greedy_answers(model, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
-                         f"{name}: instructions", ended=own_ended)
+    own_tokens: list[list[int]] = []
+    greedy_answers(model, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
+                   f"{name}: instructions", ended=own_ended, tokens=own_tokens)
     known = _BASE_ANSWERS.setdefault(base if base is not None else model, {})
-    key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts))
+    key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts), tokenizer.eos_token_id)
     if base is None:
-        known[key] = own
+        known[key] = own_tokens, own_ended
     if key not in known:
-        known[key] = greedy_answers(base, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
-                                    f"{name}: base answers")
-    reference = known[key]
-    pairs = [(p, a) for p, a in zip(prompts, reference) if a.strip()]
-    scores = continuation_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: base answers' NLL")
-    lengths = [max(len(tokenizer(a, add_special_tokens=False)["input_ids"]), 1) for _, a in pairs]
-    items["instr_nll"] = [-s / n for s, n in zip(scores, lengths)]  # per answer: its mean token NLL
+        base_ended: list[bool] = []
+        base_tokens: list[list[int]] = []
+        greedy_answers(base, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
+                       f"{name}: base answers", ended=base_ended, tokens=base_tokens)
+        known[key] = base_tokens, base_ended
+    answers, ended = known[key]
+    scored = [i for i, e in enumerate(ended) if e]  # answers that ended on their own, with their ending
+    pairs = [(tokenizer(prompts[i], add_special_tokens=False)["input_ids"], answers[i]) for i in scored]
+    scores = token_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: base answers' NLL")
+    items["instr_nll"] = [-s / len(a) for s, (_, a) in zip(scores, pairs)]  # per answer: its mean token NLL
     items["instr_clean_end"] = [float(e) for e in own_ended]
     return {
-        # no answer to score (the base answered nothing but special tokens): NaN, not a figure
-        "instr_nll": measure(items, "instr_nll", len(pairs)),
+        "instr_nll": measure(items, "instr_nll", len(pairs)),  # no answer that ended to score: NaN, not a figure
         "instr_clean_end": measure(items, "instr_clean_end", len(own_ended)),
+        # the base's answers, alike for every model compared with it (a record, not a measure of this model)
+        "instr_base_answers": {"scored": len(pairs), "cut": len(prompts) - len(pairs),
+                               "max_new_tokens": cfg.instructions_max_new_tokens},
     }
 
 

@@ -60,7 +60,11 @@ def method_of(options: Any) -> Method:
     for method in METHODS.values():
         if type(options) is method.config:
             return method
-    raise TypeError(f"{type(options).__name__} is not the options of a registered method")
+    if isinstance(options, dict):  # a YAML-form entry put into a config in code, never parsed
+        raise ConfigError(f"regularizers: the entry {options!r:.80} is not parsed; after changing a config in code, "
+                          "call forgetless.config.validate(config) (load_config does it) before train()")
+    raise ConfigError(f"regularizers: {type(options).__name__} is not the options of a registered method "
+                      f"(known: {', '.join(sorted(n for n, m in METHODS.items() if m.build is not None))})")
 
 
 def entry(options: Any) -> dict[str, dict[str, Any]]:
@@ -112,6 +116,9 @@ def combination_problems(entries: list[Any], replay: bool) -> dict[str, str]:
 def build(options: Any) -> Any:
     """The Regularizer of one typed entry (its values checked again: it may have been built in code)."""
     method = method_of(options)
+    if method.build is None:
+        raise ConfigError(f"regularizers: {method.name} is not a training term but a section of its own; set "
+                          f"config.{method.name} instead of a regularizers entry")
     check_problems(options, prefix=f"regularizers.{method.name}.")
     return method.build(options)
 

@@ -10,16 +10,27 @@ examples seen to guess). Draw j of the run (across processes: slot j * world + r
 slot mod N of a permutation reshuffled every cycle through the source, seeded by the run's seed.
 
 What a row is (`format`):
-- text (the shipped KJV excerpt, a user's .txt/.jsonl `text_field`, or `data: self`, text the initial
-  model writes before training: forgetless.self_replay): the documents are packed into blocks of
-  `max_length` tokens, every token but the first a target, no chat template;
+- text (the shipped KJV excerpt, a user's .txt/.jsonl `text_field`): the documents, as written, are
+  packed into blocks of `max_length` tokens (forgetless.data.pack_blocks), every token but the first a
+  target, no chat template;
 - chat (prompt/response, messages, alpaca, ... as data.train reads them): rendered and masked like
-  SFT rows (only assistant turns trained), cut at `max_length`.
+  SFT rows (only assistant turns trained), cut at `max_length`;
+- `data: self` (forgetless.self_replay): rows the initial model writes before training: SSR's
+  instruction-answer pairs, chat rows (`self_mode: pairs`, the default), or free-running text blocks
+  (`self_mode: text`).
 
-The replay term is `weight * mean next-token NLL over the replay tokens of the optimizer step`,
-normalised like l_sft under gradient accumulation and across processes (an epoch's last, shorter
-step: the mean over the rows it has). Replay never changes the number of optimizer steps or the LR
-schedule: each step simply carries ratio x more rows. Whether the rows join the SFT rows' forward or
+The replay term weighs the rows as if they were mixed into the batch (the spec's "interleave"; data
+mixing as LLaMA-Factory and axolotl do it): with S the SFT tokens and R the replay tokens trained in the
+optimizer step (across accumulation and processes),
+    loss = l_sft + weight * (sum of replay-token NLL) / S = l_sft + weight * (R / S) * mean replay NLL,
+the same relative weights as one mean over all S + R tokens, divided by S instead of S + R so that l_sft
+(and what the learning rate means) does not change with the ratio. So `ratio` sets the strength: the term
+grows with the replay tokens' share of the step, and `weight` multiplies it. Mind what a row holds: a text
+block trains all its max_length - 1 tokens, an SFT row only its response, so with short answers a
+small ratio already gives replay most of the step's tokens (`replay_token_ratio`, R / S, is logged).
+Replay never changes the number of optimizer steps or the LR schedule: each step simply carries ratio x
+more rows. Penalties that cover the replay rows (KL's `on: replay`) normalise over the replay tokens
+(Rows.scale: their mean). Whether the rows join the SFT rows' forward or
 get their own is the training step's choice (`forward`, see forgetless.trainer).
 """
 
@@ -37,7 +48,7 @@ from forgetless.registry import Strength, register
 from forgetless.regularizers.base import RunInfo
 from forgetless.rows import REPLAY, Rows
 from forgetless.sections import SELF, DataConfig, ReplayConfig  # noqa: F401  (ReplayConfig: re-exported)
-from forgetless.self_replay import load_or_generate
+from forgetless.self_replay import load_or_generate, load_or_generate_pairs
 
 class ReplaySource:
     """The replay rows of a run; `setup` loads (or generates) them, `draw` hands each micro-batch its share."""
@@ -66,18 +77,21 @@ class ReplaySource:
         self.accum, self.batch_size = run.grad_accum, run.batch_size
         if c.ratio == 0:
             return
+        # chat rows are rendered as data.train is (template, train_on, system prompt), their format detected per row
+        render = replace(self.data_cfg or DataConfig(), format="auto", max_length=c.max_length, limit=None)
         if c.data == SELF:
-            settings = {"blocks": c.self_blocks, "length": c.max_length, "temperature": c.self_temperature,
-                        "top_p": c.self_top_p, "prompts": c.self_prompts, "seed": run.seed,
-                        "inputs": run.inputs_key}
+            settings = {"mode": c.self_mode, "blocks": c.self_blocks, "length": c.max_length,
+                        "temperature": c.self_temperature, "top_p": c.self_top_p, "prompts": c.self_prompts,
+                        "seed": run.seed, "inputs": run.inputs_key}
             # before the first update the model is the initial one (on resume the cache already exists)
-            self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir, settings,
-                                                                    run.accelerator)
+            if c.self_mode == "text":
+                self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir,
+                                                                        settings, run.accelerator)
+            else:
+                self._self_pairs(run, render, dict(settings, shots=c.self_shots))
         elif row_format(c) == "text":
             self.blocks = data_mod.pack_blocks(data_mod.load_texts(c.data, c.text_field), run.tokenizer, c.max_length)
         else:
-            # rendered as data.train is (template, train_on, system prompt); its rows' format detected per row
-            render = replace(self.data_cfg or DataConfig(), format="auto", max_length=c.max_length, limit=None)
             self.examples, _ = data_mod.tokenize_records(data_mod.load_records(c.data, render), run.tokenizer, render)
             self.collate = data_mod.collator(run.tokenizer)  # chat rows of unequal length: padded per draw
         if self.blocks is not None:
@@ -85,12 +99,31 @@ class ReplaySource:
         else:
             self.trained = [sum(label != -100 for label in ex["labels"][1:]) for ex in self.examples]
 
+    def _self_pairs(self, run: RunInfo, render: DataConfig, settings: dict) -> None:
+        """SSR's rows: instructions (self_prompts, or written in context from the run's training prompts),
+        answered by the initial model, rendered and masked as SFT rows (forgetless.self_replay)."""
+        demos = []
+        if self.data_cfg is not None and settings["prompts"] is None:
+            # the run's training examples: its mixture less what budget holds out (the dataset's first rows)
+            records = [record for record, _ in data_mod.training_records(self.data_cfg, run.seed)]
+            if run.train_dataset is not None:
+                records = records[:len(run.train_dataset)]
+            demos = [record.messages[-2]["content"] for record in records]
+        chat = data_mod.uses_chat_template(run.tokenizer, render)
+        instructions, answers, self.generation_seconds = load_or_generate_pairs(
+            run.model, run.tokenizer, run.output_dir, settings, run.accelerator, demos,
+            lambda instruction: data_mod.render_prompt([{"role": "user", "content": instruction}], run.tokenizer, chat))
+        records = [data_mod.Record([{"role": "user", "content": i}, {"role": "assistant", "content": a}],
+                                   f"self-replay pair {k + 1}") for k, (i, a) in enumerate(zip(instructions, answers))]
+        self.examples, _ = data_mod.tokenize_records(records, run.tokenizer, render)
+        self.collate = data_mod.collator(run.tokenizer)
+
     def summary(self) -> dict[str, float]:
         """What train_summary.json records of the source (self-replay's generation cost)."""
         if self.generation_seconds is None:
             return {}
         return {"self_replay_generation_seconds": round(self.generation_seconds, 2),
-                "self_replay_blocks": int(self.blocks.shape[0])}
+                "self_replay_rows": len(self)}
 
     def row_indices(self, first: int, count: int, rank: int | None = None) -> list[int]:
         """Rows for process `rank`'s draws first..first+count-1 (disjoint across processes)."""
@@ -165,8 +198,8 @@ def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
 
 
 # replay's presets and strength (its options are the `replay:` section, forgetless.sections.ReplayConfig)
-register("replay", ReplayConfig, None, strength=Strength("ratio", (0.25, 0.5, 1.0)), presets={
+register("replay", ReplayConfig, None, strength=Strength("ratio", (0.03, 0.1, 0.3, 1.0)), presets={
     "replay": {"replay": {}},
-    # replay of text the initial model writes itself (forgetless.self_replay)
+    # replay of rows the initial model writes itself: SSR instruction-answer pairs (forgetless.self_replay)
     "replay-self": {"replay": {"data": SELF}},
 })

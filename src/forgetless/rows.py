@@ -4,7 +4,9 @@ Every micro-batch is made of rows tagged by where they come from: the SFT mixtur
 replay, the replay source (`replay`). Each source is trained on its own labels (-100 = not trained)
 and normalised on its own: a sum over a source's trained tokens times its `scale` is the mean over
 that source's tokens in the whole optimizer step (across accumulation and processes), so adding a
-source never reweights another. A loss term that covers some sources reads `ctx.rows[source]`.
+source never reweights another. A loss term that covers some sources reads `ctx.rows[source]` (KL's
+`on: replay` is a mean over the replay tokens); replay's own NLL term is the exception, normalised by the
+SFT tokens so that it weighs by its share of the step's tokens (forgetless.trainer._replay_loss).
 """
 
 from __future__ import annotations

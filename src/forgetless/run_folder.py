@@ -37,7 +37,7 @@ CHECKPOINTS = "checkpoints"
 # memory-only settings, not what it trains
 RESUMABLE = ("output_dir", "merge", "train.progress_bar", "train.logging_steps", "train.report_to", "train.save_steps",
              "train.save_total_limit", "train.max_nonfinite_steps", "train.gradient_checkpointing", "evaluation",
-             "compare", "budget")
+             "compare", "budget", "frontier")
 
 # What a run folder holds (top level) when forgetless wrote it: its own files, Trainer's and peft's saves,
 # the tokenizer, compare's and eval's results, budget's trials. `--overwrite` deletes a run only when
@@ -268,7 +268,7 @@ def save_aside(output_dir: Path, save: Callable[[Path], None], is_main: bool = T
 
 def reusable_summary(config, holdout: int = 0) -> dict | None:
     """The summary of a finished run in config.output_dir trained with the same config (what it trains:
-    evaluation, compare and budget aside) and the same inputs by content (data files, model, resolved
+    evaluation, compare, budget and frontier aside) and the same inputs by content (data files, model, resolved
     dtype, device kind, forgetless version, examples held out: `holdout`), else None."""
     from forgetless.identity import changed_inputs, run_inputs
 
@@ -277,7 +277,7 @@ def reusable_summary(config, holdout: int = 0) -> dict | None:
         return None
 
     def training_part(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in ("evaluation", "compare", "budget")}
+        return {k: v for k, v in d.items() if k not in ("evaluation", "compare", "budget", "frontier")}
 
     saved = yaml.safe_load((out / CONFIG).read_text(encoding="utf-8")) or {}
     if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):

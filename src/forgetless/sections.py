@@ -185,7 +185,10 @@ class EvalConfig:
     block_length: int = 128
     # instruction-following retention: {"instruction": ...} rows; the base model's greedy answers are the reference
     instructions: str | None = "builtin:instructions/general.jsonl"
-    instructions_max_new_tokens: int = 64
+    # smollm2-135m-instruct's greedy answers to the 40 shipped ones, tokens with the end-of-sequence: 18 end
+    # within 64, 30 within 256, 32 within 512; 7 of the 8 left loop a phrase and never end (answers cut at the
+    # budget are not scored: forgetless.evaluate.instruction_retention)
+    instructions_max_new_tokens: int = 256
     mc: str | None = "builtin:mmlu/mmlu_sample.jsonl"  # {"question", "choices", "answer"} rows
     mc_limit: int = 120
     batch_size: int = 16
@@ -299,6 +302,37 @@ class BudgetConfig:
         return found
 
 
+@dataclass
+class FrontierConfig:
+    """`forgetless frontier` (see forgetless.frontier): each method's strength grid measured on budget's
+    validation split (budget.validation_examples, budget.validation_blocks, budget.general_text)."""
+
+    # method presets (forgetless.registry.PRESETS); sft is always trained once, as the reference
+    methods: list[str] = field(default_factory=lambda: ["sft", "kl", "ewc", "l2sp", "lfu-fast", "wise-ft"])
+    # {preset: [strengths]}; default: the registered grid of the preset's knob (checked by the run: config.py)
+    grids: dict[str, list[float]] = field(default_factory=dict)
+    # the choice rule's forgetting bound on validation (either or both; both null: the best target wins)
+    max_general_drop: float | None = 0.01  # relative rise of general-text perplexity (0.01 = +1%)
+    max_drift_kl: float | None = None  # mean token KL(base || tuned)
+    # "matches SFT": validation target NLL <= SFT's + sft_tolerance x SFT's target gain
+    sft_tolerance: float = 0.02
+    # then train the chosen points on the whole training set and compare them on the test split
+    evaluate_chosen: bool = True
+    evaluate_rule: Literal["within_bound", "matches_sft"] = "within_bound"
+
+    def problems(self) -> dict[str, str]:
+        found = out_of_range(self, {"max_general_drop": ">= 0", "max_drift_kl": ">= 0", "sft_tolerance": ">= 0"})
+        if not self.methods:
+            found["methods"] = "give at least one method preset, e.g. [sft, kl, wise-ft]"
+        elif len(set(self.methods)) != len(self.methods):
+            found["methods"] = f"repeated methods {self.methods}"
+        for name, values in self.grids.items():
+            if not values or len(set(values)) != len(values):
+                found[f"grids.{name}"] = (f"give distinct values, or drop the key for the registered grid; got {values!r}")
+                break
+        return found
+
+
 # `replay:` (forgetless.replay): rows of general text trained on beside the SFT rows
 DEFAULT_CORPUS = "builtin:replay/kjv.txt.gz"
 SELF = "self"
@@ -317,19 +351,24 @@ class ReplayConfig:
     text_field: str = "text"
     # auto | with_sft (join the SFT forward: fastest) | own (own forward + backward: lowest peak memory)
     forward: Literal["auto", "with_sft", "own"] = "auto"
-    # data: self only: how many blocks the initial model writes, how it samples, from what prompts
-    self_blocks: int = 128
+    # data: self only (forgetless.self_replay): pairs = SSR's instruction-answer rows (loss on the answers),
+    # text = free-running text blocks; how many rows the initial model writes, how it samples, from what prompts
+    self_mode: Literal["pairs", "text"] = "pairs"
+    self_blocks: int = 128  # rows written: pairs (fewer when answers do not end within max_length), or blocks
     self_temperature: float = 1.0
-    self_top_p: float = 0.95
-    self_prompts: str | None = None  # a text file, one prompt per line (default: from the BOS token)
+    self_top_p: float = 1.0  # 1: the model's own distribution, unbiased
+    # a text file, one prompt per line (default: pairs: instructions the model writes in context from
+    # self_shots training prompts; text: from the BOS token)
+    self_prompts: str | None = None
+    self_shots: int = 3
 
     def problems(self) -> dict[str, str]:
         found = out_of_range(self, {"ratio": ">= 0", "max_length": ">= 2", "weight": ">= 0", "self_blocks": ">= 1",
-                                    "self_temperature": "> 0", "self_top_p": "(0, 1]"})
+                                    "self_temperature": "> 0", "self_top_p": "(0, 1]", "self_shots": ">= 1"})
         if not self.data:
             found["data"] = f"give a replay corpus (a file, folder or Hub dataset), or {SELF}"
-        if self.data == SELF and self.format == "chat":
-            found["format"] = "data: self writes plain text; use format: auto or text"
+        if self.data == SELF and self.format != "auto":
+            found["format"] = "data: self sets its rows' format with self_mode (pairs: chat rows, text: blocks); use format: auto"
         return found
 
     def data_sources(self) -> list[str]:

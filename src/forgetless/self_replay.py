@@ -1,18 +1,30 @@
-"""Replay from the model itself (the idea of Self-Synthesized Rehearsal, arXiv 2403.01244): when no
-pretraining-like corpus is at hand, the initial model writes the replay text.
+"""Replay from the model itself, as Self-Synthesized Rehearsal (SSR, arXiv 2403.01244) does it: when no
+pretraining-like corpus is at hand, the initial model writes the replay rows before the first update.
 
-Before the first update, the model samples `self_blocks` continuations of `max_length` tokens each
-(temperature / top-p sampling, no early end: every block is full length) from its BOS token, or from
-the prompts of `self_prompts` (one per line, rendered with its chat template) in turn. The blocks are
-stored with the run (CHECKPOINTS/self_replay.safetensors, atomically, with the settings that made
-them) and reused on resume, so a resumed run replays exactly the same text. Generation time is
-returned for the run summary.
+`self_mode: pairs` (the default), SSR's recipe for one stage of fine-tuning:
+  1. instructions: the lines of `self_prompts` (a text file, one per line), cycled; or, without one,
+     written by the model in context: a plain-text list of `self_shots` real training prompts
+     ("Instruction: ...", a blank line between two), seeded sample each time, which the model continues
+     with one more instruction (cut at the first blank line; empty ones, copies of a training prompt and
+     duplicates are drawn again, up to 4x the count);
+  2. answers: the initial model answers each instruction, rendered as data.train is (chat template),
+     sampled at `self_temperature` / `self_top_p` (default 1 / 1: the model's own distribution, unbiased),
+     end-of-sequence allowed; answers that do not end within the row's `max_length` are dropped (a chat row
+     ends with an end of turn, which a cut answer never had);
+  3. rows: each (instruction, answer) is rendered and masked as an SFT row (loss on the answer only).
+`self_mode: text`: free-running text as before 0.2: `self_blocks` blocks of `max_length` tokens sampled
+from the BOS token (or from the `self_prompts` prompts in turn), no early end, every token trained.
+
+What the model wrote is stored with the run (CHECKPOINTS/self_replay.safetensors, atomically, with the
+settings and the run's inputs that made it: cache.build_once) and reused on resume, so a resumed run
+replays exactly the same rows. Generation time is returned for the run summary.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -33,12 +45,7 @@ def _prompts(tokenizer, prompts_file: str | None) -> list[list[int]]:
             raise ConfigError("replay.self_prompts: the tokenizer has no BOS/EOS token to start from; "
                               "give a file of prompts")
         return [[bos]]
-    path = Path(prompts_file)
-    if not path.is_file():
-        raise DataError(f"replay.self_prompts: {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise DataError(f"{path}: no prompts (one per line)")
+    lines = _prompt_lines(prompts_file)
     chat = bool(getattr(tokenizer, "chat_template", None))
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              if chat else p for p in lines]
@@ -74,6 +81,141 @@ def generate_blocks(model, tokenizer, n_blocks: int, length: int, temperature: f
     finally:
         model.train(was_training)
     return blocks
+
+
+def _strings_to_tensors(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strings as one uint8 tensor of their UTF-8 bytes and the [n + 1] offsets (what safetensors can store)."""
+    data = [t.encode("utf-8") for t in texts]
+    offsets = torch.tensor([0] + [len(b) for b in data], dtype=torch.long).cumsum(0)
+    return torch.tensor(list(b"".join(data)), dtype=torch.uint8), offsets
+
+
+def _tensors_to_strings(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
+    raw, cut = bytes(data.tolist()), offsets.tolist()
+    return [raw[a:b].decode("utf-8") for a, b in zip(cut, cut[1:])]
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                       batch_size: int = 16) -> list[tuple[str, bool]]:
+    """(completion, ended at end-of-sequence) of each already-rendered text, sampled (left-padded batches).
+    Seeded by the caller's torch RNG."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[tuple[str, bool]] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for ids in gen[:, enc["input_ids"].shape[1]:].tolist():
+                ended = tokenizer.eos_token_id in ids
+                ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
+                out.append((tokenizer.decode(ids, skip_special_tokens=True), ended))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def write_instructions(model, tokenizer, demos: list[str], count: int, shots: int, temperature: float, top_p: float,
+                       batch_size: int = 16) -> list[str]:
+    """SSR's first step: `count` new instructions the model writes in context from `shots` real ones each
+    (the demonstrations a seeded sample of `demos`: the caller seeds `random` and torch)."""
+    demos = [" ".join(d.split("\n\n")).strip() for d in demos if d.strip()]  # one blank line ends an instruction
+    if not demos:
+        raise DataError("replay: data: self writes instructions from the training prompts, and there are none; "
+                        "give replay.self_prompts (a file, one prompt per line)")
+    known, written = set(demos), []
+    for _ in range(4):  # empty, copied and repeated instructions are drawn again
+        need = count - len(written)
+        contexts = ["".join(f"Instruction: {d}\n\n" for d in random.sample(demos, min(shots, len(demos))))
+                    + "Instruction:" for _ in range(need)]
+        for text, _ in sample_completions(model, tokenizer, contexts, 64, temperature, top_p, batch_size):
+            instruction = text.split("\n\n")[0].split("Instruction:")[0].strip()
+            if instruction and instruction not in known:
+                known.add(instruction)
+                written.append(instruction)
+        if len(written) >= count:
+            break
+    if not written:
+        raise DataError("replay: data: self: the model wrote no usable instruction from the training prompts; "
+                        "give replay.self_prompts (a file, one prompt per line)")
+    return written[:count]
+
+
+@torch.no_grad()
+def generate_pairs(model, tokenizer, settings: dict, demos: list[str], render) -> tuple[list[str], list[str]]:
+    """(instructions, answers): SSR's rows, written by the initial model (see the module docstring).
+    `render(instruction) -> prompt text` renders an instruction as data.train's rows are."""
+    count, length = settings["blocks"], settings["length"]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(settings["seed"])
+            state = random.getstate()
+            random.seed(settings["seed"])
+            try:
+                if settings["prompts"] is not None:
+                    lines = _prompt_lines(settings["prompts"])
+                    instructions = [lines[i % len(lines)] for i in range(count)]
+                else:
+                    instructions = write_instructions(model, tokenizer, demos, count, settings["shots"],
+                                                      settings["temperature"], settings["top_p"])
+            finally:
+                random.setstate(state)
+            prompts = [render(i) for i in instructions]
+            room = [length - len(tokenizer(p, add_special_tokens=False)["input_ids"]) - 1 for p in prompts]
+            if max(room) < 1:
+                raise ConfigError(f"replay.max_length: {length} tokens leave no room for an answer after the "
+                                  "self-replay prompts; raise it")
+            answers = sample_completions(model, tokenizer, prompts, max(room), settings["temperature"],
+                                         settings["top_p"])
+    finally:
+        model.train(was_training)
+    kept = [(i, a) for i, (a, ended), r in zip(instructions, answers, room)
+            if ended and a.strip() and len(tokenizer(a, add_special_tokens=False)["input_ids"]) <= r]
+    logger.info("self-replay: %d of %d answers ended within max_length=%d; the others are dropped",
+                len(kept), len(answers), length)
+    if not kept:
+        raise DataError(f"replay: data: self: none of the initial model's {len(answers)} answers ended within "
+                        f"replay.max_length={length} tokens; raise it")
+    return [i for i, _ in kept], [a for _, a in kept]
+
+
+def _prompt_lines(prompts_file: str) -> list[str]:
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise DataError(f"replay.self_prompts: {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: no prompts (one per line)")
+    return lines
+
+
+def load_or_generate_pairs(model, tokenizer, folder: Path, settings: dict, accelerator, demos: list[str],
+                           render) -> tuple[list[str], list[str], float]:
+    """The run's self-replay (instruction, answer) pairs: from the cache when it holds these settings, else
+    written (on the main process; the others read them). Returns (instructions, answers, seconds; 0 when reused)."""
+    seconds = 0.0
+
+    def generate() -> dict[str, torch.Tensor]:
+        nonlocal seconds
+        started = time.perf_counter()
+        instructions, answers = generate_pairs(model, tokenizer, settings, demos, render)
+        seconds = time.perf_counter() - started
+        logger.info("self-replay: wrote %d instruction-answer pairs in %.1f s", len(answers), seconds)
+        (i_data, i_cut), (a_data, a_cut) = _strings_to_tensors(instructions), _strings_to_tensors(answers)
+        return {"instructions": i_data, "instruction_offsets": i_cut, "answers": a_data, "answer_offsets": a_cut}
+
+    meta = {"settings": json.dumps(settings, sort_keys=True)}
+    kept = build_once(folder / CACHE_FILE, meta, generate, accelerator, "self-replay")
+    return (_tensors_to_strings(kept["instructions"], kept["instruction_offsets"]),
+            _tensors_to_strings(kept["answers"], kept["answer_offsets"]), seconds)
 
 
 def load_or_generate(model, tokenizer, folder: Path, settings: dict, accelerator) -> tuple[torch.Tensor, float]:

@@ -11,8 +11,9 @@ A run's step is one of two plain paths, chosen once when the trainer is built:
   2. clean forward on the (remaining) rows, all sources in one; each source gets its rows' logits;
   3. l_sft = sum of response-token NLL * token_scale, where token_scale = world_size / (response
      tokens in the whole optimizer step, across accumulation and processes): the mean over the
-     step's tokens, exactly as transformers normalises with `num_items_in_batch`; joined replay rows
-     add weight * their NLL sum * their own scale (forgetless.rows);
+     step's tokens, exactly as transformers normalises with `num_items_in_batch`; replay rows (joined
+     or in their own pass) add weight * their NLL sum * the same token_scale: they weigh as if mixed
+     into the batch, by their share of the step's tokens (forgetless.replay);
   4. + each penalty's term;  5. one backward.
 
 `_perturbing_step` (a run with a perturbing regularizer, LfU; the config allows one). A micro-batch it
@@ -125,7 +126,7 @@ class ForgetlessTrainer(Trainer):
             split_outputs(parts, token_nll(logits, torch.cat([p.targets() for p in parts])), logits)
             sft_loss = sft.nll.sum() * sft.scale
             ctx = self._context(model, parts, outputs, sft_loss, micro)
-            extra = self._add_penalties(ctx, None if joined is None else self._replay_loss(joined))
+            extra = self._add_penalties(ctx, None if joined is None else self._replay_loss(joined, sft.scale))
         total = sft_loss if extra is None else sft_loss + extra
         if not self.all_finite(total):
             # a finite replay pass has already added its gradient: kept, unless this micro-batch was
@@ -194,7 +195,7 @@ class ForgetlessTrainer(Trainer):
             return rows, None
         # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time)
         with self.accelerator.no_sync(model), self.compute_loss_context_manager():
-            return None, self._replay_pass(model, rows, micro)
+            return None, self._replay_pass(model, rows, sft.scale, micro)
 
     def _replay_joins(self, sft: Rows, replay: Rows) -> bool:
         """The step option: replay rows join the SFT forward, or get their own pass (lower peak memory)."""
@@ -204,17 +205,22 @@ class ForgetlessTrainer(Trainer):
         # joining pads both to one length: worth it unless that adds more than 10% tokens
         return (b + r) * max(t, length) <= 1.1 * (b * t + r * length)
 
-    def _replay_loss(self, rows: Rows) -> torch.Tensor:
-        """weight * the replay rows' NLL, normalised over the step's replay tokens."""
-        self._record({"l_replay": rows.nll.detach().mean().item()})
-        return self.replay.weight * rows.nll.sum() * rows.scale
+    def _replay_loss(self, rows: Rows, sft_scale: float) -> torch.Tensor:
+        """weight * the replay rows' NLL sum, normalised by the step's SFT tokens (`sft_scale`, l_sft's own
+        scale): replay rows weigh as rows mixed into the batch would, so the term grows with the replay
+        tokens' share of the step (R / S) and `ratio` sets its strength. Dividing by S rather than S + R keeps
+        l_sft, and what the learning rate means, the same at every ratio."""
+        self._record({"l_replay": rows.nll.detach().mean().item(),
+                      # replay tokens per SFT token of the step: rows.scale = world / R, sft_scale = world / S
+                      "replay_token_ratio": sft_scale / rows.scale if rows.scale else 0.0})
+        return self.replay.weight * rows.nll.sum() * sft_scale
 
-    def _replay_pass(self, model, rows: Rows, micro: int) -> torch.Tensor | None:
+    def _replay_pass(self, model, rows: Rows, sft_scale: float, micro: int) -> torch.Tensor | None:
         """Replay rows' own forward + loss (with the penalties' terms on them) + backward; the detached
         term, or None when it was not finite (skipped like a non-finite SFT loss; the SFT pass still runs)."""
         _, rows.logits = forward_rows(model, rows.batch["input_ids"], rows.batch["attention_mask"], rows.keep)
         rows.nll = token_nll(rows.logits, rows.targets())
-        term = self._replay_loss(rows)
+        term = self._replay_loss(rows, sft_scale)
         term = self._add_penalties(self._context(model, [rows], None, None, micro), term)
         if not self.all_finite(term):
             self._record({"replay_nonfinite_skipped": 1.0})

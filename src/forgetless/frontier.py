@@ -1,0 +1,431 @@
+"""`forgetless frontier CONFIG`: what each method keeps and breaks across its strengths, on a validation split.
+
+    forgetless frontier default                                    # sft, kl, ewc, l2sp, lfu-fast, wise-ft
+    forgetless frontier default frontier.methods=[sft,kl,wise-ft] 'frontier.grids={kl: [0.1, 1.0]}'
+
+For each method of `frontier.methods` (a preset), each strength of its grid: the preset with that strength
+(config.with_strength on the preset's knob, config.preset_knob: the first of its methods that registers a
+Strength), trained on data.train less budget's validation examples (train(holdout=...)) into
+OUTPUT_DIR/frontier/<method>/<value>, then measured on budget's validation split (budget.Validator: the last
+`budget.validation_examples` training examples, and general-text blocks the evaluation never reports on).
+Never the test split: the points train without data.eval and without the forgetting curve (both read test data).
+  - the grid: `frontier.grids.<method>`, else the knob's registered Strength grid, weakest first (a retraining
+    knob: ascending; a mix applied after training, WiSE-FT's alpha: descending from 1 = the plain fine-tune);
+  - sft: one point, the reference; a preset without a knob (dft, neftune, ...): one point, at its preset;
+  - a knob that does not retrain (WiSE-FT): one fine-tune, each alpha a mix W0 + alpha (W - W0) of it
+    (regularizers.wise_ft.WeightMixer, as budget does); that fine-tune is sft's own run when the preset
+    less its mix trains like sft (wise-ft: it does), so it costs no run.
+Cost: training runs = 1 (sft) + the grid sizes of the retraining methods (+1 for a WiSE-FT preset whose
+fine-tune is not sft's); default: 1 + kl 4 + ewc 3 + l2sp 3 + lfu-fast 3 = 14 runs, and 1 + 18 validation
+passes (the base, then each point). Finished runs are reused (run_folder.reusable_summary, as compare and
+`budget --resume` do: same config and inputs by content), an unfinished one resumed from its last checkpoint
+(train.continue_run); a rerun trains nothing that finished. --overwrite trains every point again.
+
+Writes OUTPUT_DIR/frontier.json (every point, both Pareto sets, each method's choices, the rules) and
+OUTPUT_DIR/frontier.png. The axes (validation, against the base model):
+  target gain   = base target NLL - the point's target NLL (nats per answer token; higher: learned more)
+  general_drop  = general-text perplexity / the base's - 1 (plotted as the NLL change, log(1 + general_drop))
+  drift_kl      = mean token KL(base || point) on that text
+Pareto sets, over every point of every method, one per forgetting axis: a point is in the set when no other
+point has a target gain >= its own and a forgetting <= its own, with one of the two strictly (equal points
+are all kept). Each method's choices:
+  within_bound  the point inside `frontier.max_general_drop` and/or `frontier.max_drift_kl` (each bound as
+                stated, on the validation figures; none set: every point passes) with the lowest target NLL;
+                ties: the least forgetting, then the weakest strength. None when no point is inside.
+  matches_sft   the point whose target NLL <= SFT's + sft_tolerance x |SFT's target gain| with the least
+                forgetting; ties: the lower target NLL, then the weakest strength.
+"Forgetting" orders by general_drop then drift_kl, or drift_kl first when only max_drift_kl is set.
+
+With `frontier.evaluate_chosen`, each method's `frontier.evaluate_rule` choice is then trained on the whole
+training set and compared with sft on the test split by `forgetless compare` itself (compare.run_compare,
+with compare.runs set to the chosen points): OUTPUT_DIR/chosen/ holds its runs, report.md, report.json (the
+suite's figures with their paired 95% intervals) and plots; one training run and one suite evaluation per
+method, reused like compare's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from forgetless.cache import write_json_atomic
+from forgetless.config import (ForgetlessConfig, as_preset, preset_knob, validate, with_strength,
+                               without_method)
+from forgetless.errors import ConfigError
+from forgetless.registry import METHODS, Strength, entry
+from forgetless.run_folder import reusable_summary
+from forgetless.sections import RUN_NAME, FrontierConfig
+
+logger = logging.getLogger(__name__)
+
+FORGETTING = ("general_drop", "drift_kl")
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def weakest_first(strength: Strength, values) -> list[float]:
+    """`values` weakest first: a retraining knob's ascending (0: no pull), a mix's descending (1: no mix)."""
+    return sorted({float(v) for v in values}, reverse=not strength.retrains)
+
+
+def grid(config: ForgetlessConfig) -> dict[str, tuple[str | None, list[float | None]]]:
+    """method -> (its knob, the strengths it is trained at, weakest first); sft first, once (the reference);
+    a method without a knob: [None], its preset as it is."""
+    out: dict[str, tuple[str | None, list[float | None]]] = {"sft": (None, [None])}
+    for method in config.frontier.methods:
+        knob = preset_knob(method)
+        if method == "sft" or knob is None:
+            out[method] = (None, [None])
+            continue
+        strength = METHODS[knob].strength
+        out[method] = (knob, weakest_first(strength, config.frontier.grids.get(method) or strength.grid))
+    return out
+
+
+def _folder(value: float | None) -> str:
+    return "default" if value is None else repr(float(value))
+
+
+def point_config(config: ForgetlessConfig, root: Path, method: str, knob: str | None, value: float | None,
+                 folder: str | None = None) -> ForgetlessConfig:
+    """One point's run: preset `method` with its knob at `value`, in OUTPUT_DIR/frontier/<method>/<value>, trained
+    without anything that reads the test split (data.eval, the forgetting curve). Its frontier section is the
+    default one, so that changing the frontier's settings never makes a finished point look different."""
+    cfg = as_preset(config, method)
+    if value is not None:
+        cfg = with_strength(cfg, knob, value)
+    cfg.output_dir = str(root / "frontier" / method / (folder or _folder(value)))
+    cfg.data.eval = None
+    cfg.evaluation.every_steps = 0
+    cfg.frontier = FrontierConfig()
+    return cfg
+
+
+# ---------------------------------------------------------------- selection (pure: the numbers alone)
+
+
+def _finite(p: dict) -> bool:
+    return all(isinstance(p.get(k), (int, float)) and math.isfinite(p[k]) for k in ("target_nll", *FORGETTING))
+
+
+def pareto(points: list[dict], forgetting: str) -> list[int]:
+    """Indices of the points no other point dominates on (target_gain up, `forgetting` down): a dominating point
+    is at least as good on both and strictly better on one, so equal points are all kept. Non-finite: left out."""
+    ok = [i for i, p in enumerate(points) if _finite(p)]
+
+    def dominates(a: dict, b: dict) -> bool:
+        return (a["target_gain"] >= b["target_gain"] and a[forgetting] <= b[forgetting]
+                and (a["target_gain"] > b["target_gain"] or a[forgetting] < b[forgetting]))
+
+    return [i for i in ok if not any(dominates(points[j], points[i]) for j in ok if j != i)]
+
+
+def forgetting_order(max_general_drop: float | None, max_drift_kl: float | None) -> tuple[str, str]:
+    """The forgetting axes in the order "least forgetting" compares them: general_drop first, unless only the
+    drift is bounded."""
+    return ("drift_kl", "general_drop") if max_general_drop is None and max_drift_kl is not None else FORGETTING
+
+
+def inside(p: dict, max_general_drop: float | None, max_drift_kl: float | None) -> bool:
+    """Whether a point's validation figures are within the stated bound(s) (NaN: never)."""
+    return _finite(p) and ((max_general_drop is None or p["general_drop"] <= max_general_drop)
+                           and (max_drift_kl is None or p["drift_kl"] <= max_drift_kl))
+
+
+def within_bound(points: list[dict], max_general_drop: float | None, max_drift_kl: float | None) -> dict | None:
+    """Rule (a): among the points within the bound(s), the lowest target NLL; ties: the least forgetting, then the
+    first (the weakest strength: points come weakest first). None when no point is within."""
+    order = forgetting_order(max_general_drop, max_drift_kl)
+    passing = [p for p in points if inside(p, max_general_drop, max_drift_kl)]
+    return min(passing, key=lambda p: (p["target_nll"], p[order[0]], p[order[1]]), default=None)
+
+
+def sft_threshold(sft: dict, tolerance: float) -> float:
+    """The target NLL a point must reach to match SFT: SFT's + tolerance x |SFT's target gain|."""
+    return sft["target_nll"] + tolerance * abs(sft["target_gain"])
+
+
+def matches_sft(points: list[dict], sft: dict, tolerance: float, order: tuple[str, str] = FORGETTING) -> dict | None:
+    """Rule (b): among the points whose target NLL is within sft_threshold, the least forgetting (`order`); ties:
+    the lower target NLL, then the first (the weakest strength). None when none reaches SFT's target."""
+    limit = sft_threshold(sft, tolerance)
+    matching = [p for p in points if _finite(p) and p["target_nll"] <= limit]
+    return min(matching, key=lambda p: (p[order[0]], p[order[1]], p["target_nll"]), default=None)
+
+
+def choose(methods: dict[str, dict], sft: dict, f: FrontierConfig) -> dict[str, Any]:
+    """Both Pareto sets over every method's points, and each method's choices (in place: methods[m]["choices"]).
+    Returns {"pareto": {axis: [[method, value], ...]}, "overall": {rule: point}}."""
+    every = [p for m in methods.values() for p in m["points"]]
+    order = forgetting_order(f.max_general_drop, f.max_drift_kl)
+    for m in methods.values():
+        m["choices"] = {"within_bound": within_bound(m["points"], f.max_general_drop, f.max_drift_kl),
+                        "matches_sft": matches_sft(m["points"], sft, f.sft_tolerance, order)}
+    sets = {axis: pareto(every, axis) for axis in FORGETTING}
+    for axis, indices in sets.items():
+        for i, p in enumerate(every):
+            p[f"pareto_{axis}"] = i in indices
+    return {"pareto": {axis: [[every[i]["method"], every[i]["value"]] for i in indices] for axis, indices in sets.items()},
+            "overall": {"within_bound": within_bound(every, f.max_general_drop, f.max_drift_kl),
+                        "matches_sft": matches_sft(every, sft, f.sft_tolerance, order)}}
+
+
+# ---------------------------------------------------------------- the search
+
+
+def validation_records(config: ForgetlessConfig) -> list:
+    """The validation examples: data.train's mixture's last budget.validation_examples (what the points do not
+    train on: train(holdout=...) drops the same ones)."""
+    from forgetless.data import split_holdout, training_records
+
+    held = split_holdout(training_records(config.data, config.train.seed), config.budget.validation_examples)[1]
+    return [record for record, _ in held]
+
+
+def make_validator(config: ForgetlessConfig):
+    """The base model, on its device, and budget's Validator over the validation split."""
+    from forgetless.budget import Validator
+    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(config.model.name_or_path, config.model.revision)
+    tokenizer = load_tokenizer(path)
+    base = load_model(config.model, path, device=default_device()).eval()
+    return Validator(config, validation_records(config), tokenizer, base)
+
+
+def _train_or_reuse(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label: str) -> tuple[dict, bool]:
+    """(the run's summary, whether it trained now): a finished run of the same config and inputs is reused,
+    an unfinished one resumed (train.continue_run); --overwrite trains it again."""
+    from forgetless.train import continue_run, train
+
+    if not overwrite:
+        summary = reusable_summary(cfg, holdout)
+        if summary is not None:
+            logger.info("frontier: %s: reusing the finished run in %s", label, cfg.output_dir)
+            return summary, False
+    logger.info("frontier: %s: training -> %s", label, cfg.output_dir)
+    if overwrite:
+        return train(cfg, overwrite=True, holdout=holdout).summary, True
+    return continue_run(cfg, holdout=holdout), True
+
+
+def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Train and measure every point, choose, write frontier.json / frontier.png, and (evaluate_chosen) compare
+    the chosen points on the test split. Returns frontier.json's content."""
+    from accelerate import PartialState
+
+    from forgetless.model import load_trained
+    from forgetless.regularizers.wise_ft import WeightMixer
+
+    if PartialState().num_processes > 1:
+        raise ConfigError("forgetless frontier runs as one process (each point trains on the machine's devices "
+                          "as `forgetless train` does); run it without `accelerate launch`")
+    f = config.frontier
+    root = Path(config.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    n_val = config.budget.validation_examples
+    validator = make_validator(config)
+    base, device = validator.base, validator.base.device
+    logger.info("frontier: base validation ppl %.3f, target NLL %.4f (%d examples, %d blocks)", validator.base_ppl,
+                validator.base_nll, len(validator.pairs), len(validator.blocks))
+    plan = grid(config)
+    total = sum(len(values) for _, values in plan.values())
+    done: dict[str, tuple[dict, bool]] = {}  # run folder -> (summary, trained now): a run shared is trained once
+    counted: list[dict] = []  # the points measured so far (the progress count)
+
+    def run(cfg: ForgetlessConfig, label: str) -> tuple[dict, bool]:
+        if cfg.output_dir not in done:
+            done[cfg.output_dir] = _train_or_reuse(cfg, n_val, overwrite, label)
+        return done[cfg.output_dir]
+
+    def measured(model, method: str, knob: str | None, value: float | None, run_dir: str, summary: dict,
+                 trained: bool) -> dict:
+        m = validator.measure(model)
+        point = {"method": method, "knob": knob, "option": METHODS[knob].strength.option if knob else None,
+                 "value": value, "run": run_dir, "trained_now": trained,
+                 "train_seconds": summary.get("train_seconds"), **m,
+                 "target_gain": validator.base_nll - m["target_nll"], "general_nll_change": math.log1p(m["general_drop"])}
+        counted.append(point)
+        shown = method if value is None else f"{method} {point['option']}={value:g}"
+        logger.info("frontier: [%d/%d] %s -> ppl %+.2f%%, drift %.4f, target NLL %.4f (gain %+.4f)", len(counted),
+                    total, shown, 100 * m["general_drop"], m["drift_kl"], m["target_nll"], point["target_gain"])
+        return point
+
+    def load(run_dir: str):  # on the base's device, in its precision (as budget loads its candidates)
+        return load_trained(run_dir, dtype=base.dtype, device=device)[0].eval()
+
+    methods: dict[str, dict] = {}
+    sft_cfg = point_config(config, root, "sft", None, None)
+    for method, (knob, values) in plan.items():
+        points: list[dict] = []
+        if knob is not None and not METHODS[knob].strength.retrains:  # a mix of one fine-tune per value
+            tuned = without_method(point_config(config, root, method, None, None, folder="tuned"), knob)
+            shares = (tuned.regularizers, tuned.replay) == (sft_cfg.regularizers, sft_cfg.replay)
+            tuned = sft_cfg if shares else tuned
+            summary, trained = run(tuned, f"{method} (the fine-tune its {knob} mixes)")
+            model = load(tuned.output_dir)
+            # a full fine-tune mixes with the base's weights, on the CPU beside the mixer's copy of the tuned ones
+            initial = None if (Path(tuned.output_dir) / "adapter_config.json").exists() else {
+                name: w.detach().to("cpu") for name, w in base.state_dict().items()}
+            mixer = WeightMixer(model, initial)
+            for value in values:
+                mixer.set(value)
+                points.append(measured(model, method, knob, value, tuned.output_dir, summary, trained))
+            del model, mixer
+        else:
+            for value in values:
+                cfg = sft_cfg if method == "sft" else point_config(config, root, method, knob, value)
+                shown = method if value is None else f"{method} {METHODS[knob].strength.option}={value:g}"
+                summary, trained = run(cfg, shown)
+                model = load(cfg.output_dir)
+                points.append(measured(model, method, knob, value, cfg.output_dir, summary, trained))
+                del model
+        methods[method] = {"knob": knob, "option": points[0]["option"], "points": points}
+    sft = methods["sft"]["points"][0]
+    chosen = choose(methods, sft, f)
+    report = {
+        "validation": {"examples": len(validator.pairs), "blocks": len(validator.blocks),
+                       "base": {"general_ppl": validator.base_ppl, "target_nll": validator.base_nll}},
+        "axes": {"target_gain": "base target NLL - the point's target NLL on the validation examples (nats per "
+                                "answer token; higher: learned more)",
+                 "general_drop": "validation general-text perplexity / the base's - 1 (lower: forgot less); "
+                                 "general_nll_change = log(1 + general_drop)",
+                 "drift_kl": "mean token KL(base || point) on the validation general text (lower: drifted less)"},
+        "rules": {"max_general_drop": f.max_general_drop, "max_drift_kl": f.max_drift_kl,
+                  "sft_tolerance": f.sft_tolerance, "sft_threshold": sft_threshold(sft, f.sft_tolerance),
+                  "forgetting_order": list(forgetting_order(f.max_general_drop, f.max_drift_kl)),
+                  "within_bound": "inside the bound(s) on validation, lowest target NLL; ties: least forgetting, "
+                                  "then the weakest strength",
+                  "matches_sft": "target NLL <= SFT's + sft_tolerance x |SFT's target gain|, least forgetting; "
+                                 "ties: lower target NLL, then the weakest strength",
+                  "pareto": "no other point has target_gain >= and forgetting <= with one strict; one set per "
+                            "forgetting axis, over every method's points"},
+        "sft": sft,
+        "methods": methods,
+        **chosen,
+        "runs": {"trained_now": sum(t for _, t in done.values()), "reused": sum(not t for _, t in done.values())},
+        "chosen_evaluation": None,
+    }
+    write_json_atomic(root / "frontier.json", report, indent=2)
+    plot(report, root / "frontier.png")
+    logger.info("frontier: wrote %s and frontier.png (%d runs trained now, %d reused)", root / "frontier.json",
+                report["runs"]["trained_now"], report["runs"]["reused"])
+    if f.evaluate_chosen:
+        report["chosen_evaluation"] = evaluate_chosen(config, report, overwrite)
+        write_json_atomic(root / "frontier.json", report, indent=2)
+    return report
+
+
+# ---------------------------------------------------------------- the chosen points on the test split
+
+
+def run_name(method: str, value: float | None) -> str:
+    """A compare.runs name for a chosen point: e.g. kl-0.1, wise-ft-0.5 (characters a folder name may not
+    carry become '_')."""
+    name = method if value is None else f"{method}-{value:g}"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    assert RUN_NAME.fullmatch(name)
+    return name
+
+
+def chosen_compare_config(config: ForgetlessConfig, report: dict) -> tuple[ForgetlessConfig, dict[str, Any]]:
+    """The compare config of the chosen points: sft (compare.methods) beside each other method's
+    `evaluate_rule` choice (compare.runs: its preset's regularizers / replay at the chosen strength), paired
+    with sft, in OUTPUT_DIR/chosen; and name -> {method, value} of what it compares."""
+    rule = config.frontier.evaluate_rule
+    cmp = copy.deepcopy(config)
+    cmp.output_dir = str(Path(config.output_dir) / "chosen")
+    cmp.frontier = FrontierConfig()  # as the points: the frontier's settings are not what a run trains
+    runs: dict[str, Any] = {}
+    compared: dict[str, Any] = {"sft": {"method": "sft", "value": None}}
+    for method, m in report["methods"].items():
+        point = m["choices"][rule]
+        if method == "sft":
+            continue
+        if point is None:
+            logger.warning("frontier: %s has no point by the %s rule: not evaluated on the test split", method, rule)
+            continue
+        cfg = as_preset(config, method)
+        if m["knob"] is not None:
+            cfg = with_strength(cfg, m["knob"], point["value"])
+        name = run_name(method, point["value"])
+        runs[name] = {"method": name, "regularizers": [entry(o) for o in cfg.regularizers],
+                      "replay": dataclasses.asdict(cfg.replay) if cfg.replay is not None else None}
+        compared[name] = {"method": method, "value": point["value"]}
+    cmp.compare = dataclasses.replace(cmp.compare, methods=["sft"], runs=runs, paired_with=["sft"])
+    validate(cmp)
+    return cmp, compared
+
+
+def evaluate_chosen(config: ForgetlessConfig, report: dict, overwrite: bool = False) -> dict[str, Any]:
+    """The chosen points, trained on the whole training set and compared with sft on the test split by
+    compare.run_compare (its report.json / report.md / plots, in OUTPUT_DIR/chosen)."""
+    from forgetless.compare import run_compare
+
+    cmp, compared = chosen_compare_config(config, report)
+    logger.info("frontier: evaluating the chosen points (%s rule) on the test split: %s", config.frontier.evaluate_rule,
+                ", ".join(compared))
+    run_compare(cmp, overwrite=overwrite)
+    return {"rule": config.frontier.evaluate_rule, "output_dir": cmp.output_dir, "runs": compared,
+            "report": str(Path(cmp.output_dir) / "report.json")}
+
+
+# ---------------------------------------------------------------- the plot
+
+
+def plot(report: dict, path: Path) -> None:
+    """Two panels, target gain (y) against the general-text NLL change and against the drift KL (x): each
+    method's points joined weakest first and labelled with their strength, the Pareto set ringed, SFT starred,
+    the bound dashed. Drawn on a Figure of its own (no pyplot state; the CLI picks the Agg backend)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5))
+    axes = fig.subplots(1, 2)
+    rules = report["rules"]
+    bounds = {"general_nll_change": None if rules["max_general_drop"] is None else math.log1p(rules["max_general_drop"]),
+              "drift_kl": rules["max_drift_kl"]}
+    said = {"general_nll_change": f"bound: ppl +{100 * (rules['max_general_drop'] or 0):g}%",
+            "drift_kl": f"bound: drift {rules['max_drift_kl'] or 0:g}"}
+    panels = [("general_nll_change", "pareto_general_drop", "general-text NLL change vs base (nats/token)  → forgot more"),
+              ("drift_kl", "pareto_drift_kl", "drift KL(base‖model) on general text (nats/token)  → drifted more")]
+    for ax, (x, ring, label) in zip(axes, panels):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.scatter([0], [0], color="black", marker="s", s=30, zorder=3)
+        ax.annotate("base", (0, 0), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        for i, (method, m) in enumerate(report["methods"].items()):
+            pts = [p for p in m["points"] if _finite(p)]
+            if not pts:
+                continue
+            ax.plot([p[x] for p in pts], [p["target_gain"] for p in pts], "-o", ms=4, color=f"C{i}", label=method)
+            for p in pts:
+                if p["value"] is not None:
+                    ax.annotate(f"{p['value']:g}", (p[x], p["target_gain"]), textcoords="offset points",
+                                xytext=(4, 3), fontsize=7, color=f"C{i}")
+        ringed = [p for m in report["methods"].values() for p in m["points"] if p.get(ring)]
+        ax.scatter([p[x] for p in ringed], [p["target_gain"] for p in ringed], s=140, facecolors="none",
+                   edgecolors="black", lw=1.2, label="Pareto set", zorder=4)
+        sft = report["sft"]
+        if _finite(sft):
+            ax.scatter([sft[x]], [sft["target_gain"]], marker="*", s=220, color="gold", edgecolors="black",
+                       label="SFT", zorder=5)
+        shown_x = [p[x] for m in report["methods"].values() for p in m["points"] if _finite(p)]
+        if bounds[x] is not None and bounds[x] <= 1.5 * max(shown_x + [0]):
+            ax.axvline(bounds[x], color="red", ls="--", lw=1, label=said[x])
+        elif bounds[x] is not None:  # far beyond every point: said, not drawn (it would squash them)
+            ax.plot([], [], color="red", ls="--", lw=1, label=f"{said[x]} (off the plot)")
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("target gain: base NLL - NLL (nats/token)  ↑ learned more", fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=7)
+    v = report["validation"]
+    fig.suptitle(f"Forgetting frontier on the validation split ({v['examples']} held-out training examples, "
+                 f"{v['blocks']} held-out general-text blocks)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,245 @@
+"""`forgetless frontier`: the choice rules and Pareto sets on made-up numbers, the validation split kept apart
+from training and from what the evaluation reports, every registered grid valid, and a short run of the
+command that writes frontier.json / frontier.png and, run again, trains nothing."""
+
+import json
+
+import pytest
+import torch
+
+from forgetless.errors import ConfigError
+from forgetless.frontier import (choose, matches_sft, pareto, sft_threshold, weakest_first, within_bound)
+from forgetless.sections import FrontierConfig
+
+from conftest import budget_args, write_jsonl
+
+BASE_NLL = 2.0
+
+
+def point(name, nll, drop, drift, value=None):
+    return {"method": name, "value": value, "target_nll": nll, "target_gain": BASE_NLL - nll,
+            "general_drop": drop, "drift_kl": drift}
+
+
+# ---------------------------------------------------------------- (a) the rules on a hand-made frontier
+
+
+def test_within_bound_picks_the_best_target_inside_the_bound_ties_to_less_forgetting_then_weakest():
+    pts = [point("kl", 1.0, 0.05, 0.10, 0.01),   # best target, over the bound
+           point("kl", 1.2, 0.008, 0.05, 0.1),   # inside, ties on target with the next ...
+           point("kl", 1.2, 0.005, 0.04, 1.0),   # ... which forgets less: chosen
+           point("kl", 1.5, 0.001, 0.01, 10.0)]  # inside, worse target
+    assert within_bound(pts, 0.01, None) is pts[2]
+    assert within_bound(pts, 0.005, None) is pts[2]  # the bound is inclusive: 0.005 <= 0.005
+    assert within_bound(pts, 0.0049, None) is pts[3]
+    assert within_bound(pts, None, None) is pts[0]  # no bound: the best target
+    assert within_bound(pts, None, 0.02) is pts[3]  # drift alone
+    assert within_bound(pts, 0.01, 0.045) is pts[2]  # both bounds at once
+    assert within_bound(pts, 0.0001, None) is None  # nothing passes
+    assert within_bound([], 0.01, None) is None
+    twins = [point("a", 1.3, 0.002, 0.02, 1.0), point("a", 1.3, 0.002, 0.02, 2.0)]  # a full tie: the weakest
+    assert within_bound(twins, 0.01, None) is twins[0]
+    nan = [point("a", float("nan"), 0.0, 0.0, 1.0), point("a", 1.9, 0.0, 0.0, 2.0)]  # NaN never passes
+    assert within_bound(nan, 0.01, None) is nan[1]
+
+
+def test_matches_sft_picks_the_least_forgetting_within_the_tolerance_of_sfts_target():
+    sft = point("sft", 1.0, 0.06, 0.12)  # gain 1.0: threshold 1.0 + 0.02 x 1.0
+    assert sft_threshold(sft, 0.02) == pytest.approx(1.02)
+    pts = [point("kl", 1.0, 0.05, 0.10, 0.01),
+           point("kl", 1.02, 0.03, 0.20, 0.1),   # exactly at the threshold, forgets least on general text
+           point("kl", 1.021, 0.001, 0.01, 1.0)]  # just above: not a match
+    assert matches_sft(pts, sft, 0.02) is pts[1]
+    assert matches_sft(pts, sft, 0.02, ("drift_kl", "general_drop")) is pts[0]  # least drift instead
+    assert matches_sft(pts, sft, 0.05) is pts[2]  # a wider tolerance lets the strongest in
+    assert matches_sft(pts[2:], sft, 0.0) is None  # nothing reaches SFT's target
+    ties = [point("kl", 1.01, 0.03, 0.05, 0.1), point("kl", 1.0, 0.03, 0.05, 1.0), point("kl", 1.0, 0.03, 0.05, 2.0)]
+    assert matches_sft(ties, sft, 0.02) is ties[1]  # equal forgetting: the lower NLL, then the weakest
+    worse = point("sft", 2.5, 0.0, 0.0)  # SFT lost target (gain -0.5): |gain| sets the tolerance
+    assert sft_threshold(worse, 0.1) == pytest.approx(2.55)
+
+
+def test_pareto_sets_and_choices_over_every_method():
+    sft = point("sft", 1.0, 0.06, 0.12)
+    methods = {
+        "sft": {"points": [sft]},
+        "kl": {"points": [point("kl", 1.05, 0.02, 0.15, 0.1), point("kl", 1.4, 0.004, 0.02, 1.0)]},
+        "l2sp": {"points": [point("l2sp", 1.05, 0.02, 0.09, 1.0),  # equal to kl 0.1 on general_drop: both kept
+                            point("l2sp", 1.6, 0.01, 0.01, 10.0)]},  # dominated on general_drop, not on drift
+    }
+    every = [p for m in methods.values() for p in m["points"]]
+    assert pareto(every, "general_drop") == [0, 1, 2, 3]
+    assert pareto(every, "drift_kl") == [0, 2, 3, 4]  # kl 0.1 (0.15) loses to l2sp 1.0 (0.09) on drift
+    f = FrontierConfig(max_general_drop=0.01, sft_tolerance=0.1)
+    out = choose(methods, sft, f)
+    assert out["pareto"]["general_drop"] == [["sft", None], ["kl", 0.1], ["kl", 1.0], ["l2sp", 1.0]]
+    assert out["pareto"]["drift_kl"] == [["sft", None], ["kl", 1.0], ["l2sp", 1.0], ["l2sp", 10.0]]
+    assert methods["kl"]["choices"]["within_bound"]["value"] == 1.0
+    assert methods["l2sp"]["choices"]["within_bound"]["value"] == 10.0  # 0.01 <= 0.01
+    assert methods["sft"]["choices"]["within_bound"] is None and methods["sft"]["choices"]["matches_sft"] is sft
+    assert methods["kl"]["choices"]["matches_sft"]["value"] == 0.1  # 1.05 <= 1.1
+    assert methods["l2sp"]["choices"]["matches_sft"]["value"] == 1.0
+    assert out["overall"]["within_bound"]["method"] == "kl"  # 1.4 beats l2sp's 1.6
+    assert methods["l2sp"]["points"][1]["pareto_drift_kl"] and not methods["l2sp"]["points"][1]["pareto_general_drop"]
+    assert pareto([point("a", 1.0, 0.01, 0.01), point("a", 1.0, 0.01, 0.01)], "general_drop") == [0, 1]  # tie
+
+
+# ---------------------------------------------------------------- (d) every registered grid
+
+
+def test_every_registered_strength_grid_is_in_its_range_and_weakest_first():
+    from types import SimpleNamespace
+
+    from forgetless.registry import strengths
+    from forgetless.schema import out_of_range
+
+    assert strengths()
+    for name, strength in strengths().items():
+        grid = list(strength.grid)
+        assert grid, name
+        assert out_of_range(SimpleNamespace(grid=grid), {"grid": strength.range}) == {}, name
+        assert grid == weakest_first(strength, grid), (name, grid)  # distinct, and in the search's order
+    assert weakest_first(strengths()["wise_ft"], [0.5, 1.0]) == [1.0, 0.5]  # alpha 1: the fine-tune, no mix
+
+
+def test_frontier_settings_are_checked_naming_the_key():
+    from forgetless.config import load_config
+
+    for override, key in [("frontier.methods=[sft, nope]", "frontier.methods[1]"),
+                          ("frontier.grids={sft: [1.0]}", "frontier.grids.sft: sft has no strength option"),
+                          ("frontier.grids={kl: [0.1, -1.0]}", "frontier.grids.kl[1]: kl.coef must be >= 0"),
+                          ("frontier.grids={wise-ft: [1.5]}", "frontier.grids.wise-ft[0]: wise_ft.alpha must be in"),
+                          ("frontier.grids={replay: [0.5]}", "frontier.grids.replay: 'replay' is not in frontier.methods"),
+                          ("frontier.grids={kl: [0.1, 0.1]}", "frontier.grids.kl: give distinct values"),
+                          ("frontier.methods=[]", "frontier.methods: give at least one"),
+                          ("frontier.max_drift_kl=-0.1", "frontier.max_drift_kl: must be >= 0")]:
+        with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            load_config(None, [override])
+    cfg = load_config(None, ["frontier.methods=[kl+replay, dft, wise-ft]", "frontier.grids={kl+replay: [0.1]}"])
+    from forgetless.frontier import grid
+
+    assert grid(cfg) == {"sft": (None, [None]), "kl+replay": ("kl", [0.1]), "dft": (None, [None]),
+                         "wise-ft": ("wise_ft", [1.0, 0.75, 0.5, 0.25])}
+
+
+# ---------------------------------------------------------------- (b) the validation split is apart
+
+
+def test_validation_split_is_disjoint_from_training_and_from_the_reported_test_items_and_blocks(pretrained, tmp_path):
+    from forgetless.config import load_config
+    from forgetless.data import build_training_dataset, general_blocks, load_records
+    from forgetless.frontier import make_validator, point_config, validation_records
+
+    # general text of distinct sentences, so that equal blocks would be the same text, not a coincidence
+    (tmp_path / "general.txt").write_text(" ".join(f"line {i} says {i * 7 % 1000} and {i * 13 % 997}."
+                                                   for i in range(300)))
+    test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Calculate 9 + {i}.", "response": f"{9 + i}"}
+                                                  for i in range(6)])
+    args = budget_args(pretrained, tmp_path / "out", f"evaluation.general_text={tmp_path / 'general.txt'}",
+                       "evaluation.general_blocks=6", "budget.validation_blocks=8", f"evaluation.task={test}")
+    cfg = load_config(None, args[2:])
+    validator = make_validator(cfg)
+    tokenizer = validator.tokenizer
+
+    # target: the validation questions are the ones scored, and none is trained on or reported
+    val = [r.messages[-2]["content"] for r in validation_records(cfg)]
+    assert len(set(val)) == len(val) == len(validator.pairs)
+    assert all(prompt in rendered for prompt, (rendered, _) in zip(val, validator.pairs))
+    point = point_config(cfg, tmp_path / "out", "kl", "kl", 0.1)
+    trained = build_training_dataset(point.data, tokenizer, point.train.seed, cfg.budget.validation_examples)
+    texts = [tokenizer.decode(ids) for ids in trained["input_ids"]]
+    assert all(prompt not in text for prompt in val for text in texts)
+    assert sum(any(f"Calculate {i} + {j}." in t for t in texts) for i in range(8) for j in range(8)) == 64 - len(val)
+    reported = {r.messages[-2]["content"] for r in load_records(cfg.evaluation.task, cfg.data)}
+    assert reported and not reported & set(val)
+    # the points never read test data while training
+    assert point.data.eval is None and point.evaluation.every_steps == 0
+
+    # general text: every validation block is a held-out block, none a reported one
+    (reported_blocks, held), = general_blocks(cfg.evaluation.general_text, tokenizer, 32, 6).values()
+    assert len({tuple(b.tolist()) for b in reported_blocks}) == len(reported_blocks)  # distinct: the test means it
+    for block in validator.blocks:
+        assert not any(torch.equal(block, r) for r in reported_blocks)
+        assert any(torch.equal(block, h) for h in held)
+
+
+# ---------------------------------------------------------------- (c) the command, then again
+
+
+def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, tmp_path, monkeypatch, capsys):
+    import forgetless.compare as compare_mod
+    import forgetless.train as train_mod
+    from forgetless.cli import main
+
+    out = tmp_path / "f"
+    test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Calculate 9 + {i}.", "response": f"{9 + i}"}
+                                                  for i in range(4)])
+    args = ["frontier", *budget_args(pretrained, out, "train.max_steps=6", "frontier.methods=[l2sp, wise-ft]",
+                                     "frontier.grids={l2sp: [1000.0, 0.0], wise-ft: [0.5, 1.0]}",
+                                     "frontier.max_general_drop=1000", f"evaluation.task={test}",
+                                     "evaluation.task_limit=4", "evaluation.templates=['{prompt}']",
+                                     "evaluation.max_new_tokens=3", "evaluation.instructions=null")[1:]]
+    assert main(args) == 0
+    report = json.loads((out / "frontier.json").read_text())
+    assert list(report["methods"]) == ["sft", "l2sp", "wise-ft"]
+    values = {m: [p["value"] for p in report["methods"][m]["points"]] for m in report["methods"]}
+    assert values == {"sft": [None], "l2sp": [0.0, 1000.0], "wise-ft": [1.0, 0.5]}  # weakest first
+    sft = report["sft"]
+    wise = report["methods"]["wise-ft"]["points"]
+    assert all(p["run"] == sft["run"] for p in wise)  # WiSE-FT mixes sft's own run: no run of its own
+    assert wise[0]["target_nll"] == pytest.approx(sft["target_nll"], rel=1e-5)  # alpha 1 is that run
+    assert report["runs"] == {"trained_now": 3, "reused": 0}
+    for p in [sft, *report["methods"]["l2sp"]["points"]]:
+        summary = json.loads((tmp_path / p["run"] / "train_summary.json").read_text())
+        assert summary["inputs"]["holdout"] == 16 and summary["train_examples"] == 64 - 16
+    assert report["validation"]["examples"] == 16
+    assert report["pareto"]["general_drop"] and report["pareto"]["drift_kl"]
+    chosen = report["methods"]["l2sp"]["choices"]["within_bound"]
+    assert chosen is not None and chosen["target_nll"] == min(p["target_nll"] for p in report["methods"]["l2sp"]["points"])
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    # the chosen points, trained on the whole training set and compared on the test split by compare
+    evaluated = report["chosen_evaluation"]
+    cmp = json.loads((out / "chosen" / "report.json").read_text())
+    assert cmp["methods"] == list(evaluated["runs"]) and cmp["methods"][0] == "sft" and len(cmp["methods"]) == 3
+    assert "vs_sft" in cmp["paired"][cmp["methods"][1]]["target_nll"]
+    assert "frontier on validation" in capsys.readouterr().out
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_mod, "train", must_not_train)
+    monkeypatch.setattr(compare_mod, "train", must_not_train)
+    summaries = sorted(out.rglob("train_summary.json"))
+    assert len(summaries) == 6  # 3 frontier points + sft and the 2 chosen runs of the comparison
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    # a frontier setting that changes no run (the choice's tolerance) keeps every run reusable
+    assert main(args + ["frontier.sft_tolerance=0.5"]) == 0
+    again = json.loads((out / "frontier.json").read_text())
+    assert again["runs"] == {"trained_now": 0, "reused": 3}
+    assert [p.stat().st_mtime_ns for p in summaries] == stamps
+    assert again["sft"]["target_nll"] == pytest.approx(sft["target_nll"], rel=1e-6)
+
+
+def test_wise_ft_points_are_mixes_of_sfts_own_run_with_full_finetuning(pretrained, tmp_path):
+    """A full fine-tune's alpha point measures W0 + alpha (W - W0) of sft's run, computed here by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from forgetless.config import load_config
+    from forgetless.frontier import make_validator, run_frontier
+
+    args = budget_args(pretrained, tmp_path / "w", "model.finetune=full", "train.learning_rate=1e-3",
+                       "train.max_steps=4", "frontier.methods=[wise-ft]", "frontier.grids={wise-ft: [0.5]}",
+                       "frontier.evaluate_chosen=false")
+    cfg = load_config(None, args[2:])
+    report = run_frontier(cfg)
+    (point,) = report["methods"]["wise-ft"]["points"]
+    assert point["run"] == report["sft"]["run"] and report["runs"] == {"trained_now": 1, "reused": 0}
+    base = dict(AutoModelForCausalLM.from_pretrained(pretrained / "model").named_parameters())
+    mixed = AutoModelForCausalLM.from_pretrained(point["run"])
+    with torch.no_grad():
+        for name, w in mixed.named_parameters():
+            w.copy_(base[name] + 0.5 * (w - base[name]))
+    by_hand = make_validator(cfg).measure(mixed)
+    for key in ("target_nll", "general_drop", "drift_kl"):
+        assert point[key] == pytest.approx(by_hand[key], rel=1e-4, abs=1e-6), key
+    assert point["drift_kl"] < report["sft"]["drift_kl"]
