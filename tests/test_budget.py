@@ -148,3 +148,16 @@ def test_the_chosen_run_is_written_only_by_the_run_folder_writer(pretrained, tmp
     assert report["chosen"]["coef"] == 0.0
     assert calls == [out / "budget" / "l2sp-0", out]  # one write of each finished folder
     assert sorted(p.name for p in out.iterdir()) == sorted([run_folder.MARKER, "budget"])
+
+
+def test_budget_never_validates_on_the_reported_text_or_the_replay_corpus():
+    from forgetless.budget import check_validation_text
+    from forgetless.config import load_config
+    from forgetless.errors import DataError
+
+    with pytest.raises(DataError, match=r"budget.general_text .*shares \d+ paragraphs with evaluation.general_text "
+                                        r"\(fiction"):
+        check_validation_text(load_config(None, ["budget.general_text=builtin:general/verne_2889.txt"]))
+    with pytest.raises(DataError, match=r"shares \d+ paragraphs with the replay corpus builtin:replay/kjv.txt.gz"):
+        check_validation_text(load_config(None, ["budget.general_text=builtin:replay/kjv.txt.gz", "method=kl+replay"]))
+    check_validation_text(load_config(None, ["budget.general_text=builtin:replay/kjv.txt.gz"]))  # no replay: fine

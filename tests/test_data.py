@@ -323,3 +323,27 @@ def test_shipped_corpora_are_scored_as_written(tmp_path):
     chapters = load_texts(DEFAULT_CORPUS)
     assert len(chapters) == 278 and chapters[0].startswith("In the beginning God created")
     assert chapters[1].startswith("Thus the heavens and the earth were finished")  # Genesis 2
+
+
+def test_an_answer_ends_at_the_models_end_of_turn_too(tiny_llama):
+    """Chat models whose turn ends with another token than the tokenizer's EOS (Gemma's <end_of_turn>,
+    Phi-3's <|end|>) list it in their generation config: generation stops at either, and the answer is cut there."""
+    from transformers import AutoModelForCausalLM
+
+    from forgetless.data import end_of_sequence_ids, first_end
+
+    tok, model = load_tokenizer(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama)
+    turn_end = tok.convert_tokens_to_ids("<|user|>")
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    assert end_of_sequence_ids(model, tok) == [tok.eos_token_id, turn_end]
+    model.generation_config.eos_token_id = tok.eos_token_id
+    assert end_of_sequence_ids(model, tok) == [tok.eos_token_id]
+    assert first_end([5, 7, turn_end, 9, tok.eos_token_id], [tok.eos_token_id, turn_end]) == 2
+    assert first_end([5, 7], [tok.eos_token_id]) is None
+
+
+def test_short_common_paragraphs_are_not_shared_text():
+    from forgetless.data import paragraphs
+
+    text = "Amen.\n\nSee also\n\nA paragraph long enough to be somebody's own writing, not a stock phrase."
+    assert paragraphs([text]) == {"A paragraph long enough to be somebody's own writing, not a stock phrase."}

@@ -102,7 +102,7 @@ def test_self_replay_pairs_are_written_in_context_answered_and_cached(tiny_llama
     assert all("\n\n" not in w and w == w.strip() for w in written)
 
     settings = {"mode": "pairs", "blocks": 6, "length": 48, "temperature": 1.0, "top_p": 1.0, "prompts": None,
-                "seed": 3, "inputs": "x", "shots": 3}
+                "seed": 3, "inputs": "x", "shots": 3, "system": None}
     state = PartialState()
 
     def render(instruction):
@@ -153,6 +153,17 @@ def test_self_replay_pairs_train_as_chat_rows_on_the_answers(tiny_llama, tmp_pat
     for k, example in enumerate(examples):
         trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
         assert tok.decode(trained) == f"answer {k}<eos>"  # the answer and its end of turn, nothing of the prompt
+    # data.system_prompt: in what the model answers and in the rows trained, as in every SFT row
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    source = ReplaySource(ReplayConfig(data="self", self_blocks=3, max_length=64),
+                          replace(DataConfig(train=str(data)), system_prompt="Be brief."))
+    run = SimpleNamespace(seed=1, accelerator=trainer.accelerator, grad_accum=1, batch_size=4, tokenizer=tok,
+                          model=trainer.model, output_dir=tmp_path / "sys", inputs_key="k", train_dataset=None)
+    source.setup(run)
+    assert source.examples and all(tok.decode(ex["input_ids"]).startswith("<|system|>Be brief.<eos><|user|>new question")
+                                   for ex in source.examples)
 
 def test_replay_source_errors_name_the_file_line_and_option(tiny_llama, tmp_path):
     bad = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "hi", "response": "there"}, {"prompt": "only a prompt"}])

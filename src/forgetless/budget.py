@@ -43,11 +43,13 @@ from typing import Any
 
 from forgetless.config import ForgetlessConfig, with_strength, without_method
 from forgetless.registry import METHODS
-from forgetless.data import (general_blocks, general_domains, held_out_blocks, load_texts, pack_blocks, split_holdout,
-                             task_pairs, training_records)
+from forgetless.data import (general_blocks, general_domains, held_out_blocks, load_texts, pack_blocks, paragraphs,
+                             split_holdout, task_pairs, training_records)
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
+from forgetless.replay import row_format
 from forgetless.run_folder import METRICS, copy_run_files, write_run
+from forgetless.sections import SELF
 from forgetless.model import load_trained
 from forgetless.train import SUMMARY, check_output_dir, continue_run, prepare_output_dir, train, training_arguments
 
@@ -60,6 +62,22 @@ def budget_active(config: ForgetlessConfig) -> bool:
     return b.max_general_drop is not None or b.max_drift_kl is not None
 
 
+def check_validation_text(config: ForgetlessConfig) -> None:
+    """budget.general_text is never the text the evaluation reports on (a choice made on it would be made on
+    the test split) nor the run's replay corpus (replay would be validated on what it trained on)."""
+    own = paragraphs(load_texts(config.budget.general_text))
+    others = {f"evaluation.general_text ({domain}: {spec})": spec
+              for domain, spec in general_domains(config.evaluation.general_text).items()}
+    if config.replay is not None and config.replay.data != SELF and row_format(config.replay) == "text":
+        others[f"the replay corpus {config.replay.data}"] = config.replay.data
+    for what, spec in others.items():
+        shared = own & paragraphs(load_texts(spec))
+        if shared:
+            raise DataError(f"budget.general_text ({config.budget.general_text}) shares {len(shared)} paragraphs with "
+                            f"{what} (e.g. {next(iter(shared))[:60]!r}); validate on other text, or leave "
+                            "budget.general_text unset (the evaluation's held-out blocks)")
+
+
 class Validator:
     """Validation measures of a model: general-text perplexity and drift, target NLL."""
 
@@ -68,6 +86,7 @@ class Validator:
         self.batch_size = ev.batch_size
         self.tokenizer, self.base = tokenizer, base
         if b.general_text:
+            check_validation_text(config)
             self.blocks = pack_blocks(load_texts(b.general_text), tokenizer, ev.block_length)[: b.validation_blocks]
             where = b.general_text
         elif ev.general_text:

@@ -584,7 +584,7 @@ def collator(tokenizer):
 
 
 # a line holding only a form feed (the plain-text page break) ends a document inside one .txt file
-DOCUMENT_BREAK = re.compile(r"\n?^\f[ \t]*$\n?", re.M)
+DOCUMENT_BREAK = re.compile(r"\n?^[ \t]*\f[ \t\f]*$\n?", re.M)
 
 
 def load_texts(spec: str, text_field: str = "text") -> list[str]:
@@ -622,16 +622,18 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
     return texts
 
 
-def paragraphs(texts: list[str]) -> set[str]:
+def paragraphs(texts: list[str], shortest: int = 40) -> set[str]:
     """The blank-line separated paragraphs of the documents, whitespace-normalised: what the check that
-    evaluation text is never replayed compares (a shared paragraph is shared text, whole documents or not)."""
-    return {" ".join(p.split()) for text in texts for p in re.split(r"\n\s*\n", text) if p.strip()}
+    evaluation text is never replayed compares (a shared paragraph is shared text, whole documents or not).
+    Paragraphs under `shortest` characters ("Amen.", "See also") are common to unrelated texts: left out."""
+    found = (" ".join(p.split()) for text in texts for p in re.split(r"\n\s*\n", text))
+    return {p for p in found if len(p) >= shortest}
 
 
 def document_separator(tokenizer) -> tuple[list[int], list[int], str]:
     """What marks a document boundary in the stream of documents: (token ids before each document, after
     each, text between two documents when there is no such token). The separator the model was pretrained
-    with, never the chat end-of-turn:
+    with, not the chat end-of-turn (unless the two are one token, as in OLMo-2's instruct models):
       - `<|endoftext|>` when the vocabulary has it (GPT-2, SmolLM, Qwen, Phi, StarCoder: their
         pretraining document separator, whatever the instruct model's eos became), after each document;
       - else the BOS token when the tokenizer puts it before raw text (Llama, Mistral, Gemma), before each;
@@ -644,9 +646,26 @@ def document_separator(tokenizer) -> tuple[list[int], list[int], str]:
     if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
         return [bos], [], ""
     eos, template = tokenizer.eos_token, getattr(tokenizer, "chat_template", None) or ""
-    if eos is not None and not (isinstance(template, str) and eos in template):
+    template = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
+    if eos is not None and eos not in template and "eos_token" not in template:
         return [], [tokenizer.eos_token_id], ""
     return [], [], "\n\n"
+
+
+def end_of_sequence_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a generated answer: the tokenizer's EOS and the model's generation config's
+    (Gemma's <end_of_turn>, Phi-3's <|end|>: chat models whose turn ends with another token than the EOS)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in config if isinstance(config, (list, tuple)) else [config]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids
+
+
+def first_end(ids: list[int], ends: list[int]) -> int | None:
+    """Index of the first end-of-sequence token in `ids`, or None when the answer did not end."""
+    return next((k for k, t in enumerate(ids) if t in ends), None)
 
 
 def document_stream(texts: list[str], tokenizer) -> list[int]:

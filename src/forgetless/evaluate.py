@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from forgetless.data import (check_encodable, general_blocks, general_domains, load_records, load_texts, paragraphs,
-                             read_rows, render_prompt, task_pairs, uses_chat_template)
+from forgetless.data import (check_encodable, end_of_sequence_ids, first_end, general_blocks, general_domains,
+                             load_records, load_texts, paragraphs, read_rows, render_prompt, task_pairs,
+                             uses_chat_template)
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
 from forgetless.replay import replay_documents
 from forgetless.sections import SELF, ReplayConfig
@@ -86,6 +87,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     filled with whether each answer stopped at end-of-sequence within max_new_tokens; `tokens` with each
     answer's generated token ids, up to and including the end-of-sequence token that ended it (a cut
     answer: all max_new_tokens of them), the decoded text losing that special token."""
+    ends = end_of_sequence_ids(model, tokenizer)  # the EOS, and a chat model's end-of-turn token
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     # batches of similar length waste little on padding; answers are put back in input order
@@ -99,14 +101,14 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ends)
             new_tokens = gen[:, enc["input_ids"].shape[1]:]
-            for i, text, ids in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), new_tokens):
-                out[i] = text
-                ids = ids.tolist()
-                stopped[i] = tokenizer.eos_token_id in ids
+            for i, ids in zip(chunk, new_tokens.tolist()):
+                end = first_end(ids, ends)
+                stopped[i] = end is not None
                 # what follows the end-of-sequence token is padding
-                generated[i] = ids[:ids.index(tokenizer.eos_token_id) + 1] if stopped[i] else ids
+                generated[i] = ids[:end + 1] if stopped[i] else ids
+                out[i] = tokenizer.decode(ids[:end] if stopped[i] else ids, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     if ended is not None:
@@ -376,7 +378,7 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     greedy_answers(model, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
                    f"{name}: instructions", ended=own_ended, tokens=own_tokens)
     known = _BASE_ANSWERS.setdefault(base if base is not None else model, {})
-    key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts), tokenizer.eos_token_id)
+    key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts), tuple(end_of_sequence_ids(model, tokenizer)))
     if base is None:
         known[key] = own_tokens, own_ended
     if key not in known:

@@ -56,7 +56,9 @@ from typing import Any
 from forgetless.cache import write_json_atomic
 from forgetless.config import (ForgetlessConfig, as_preset, preset_knob, validate, with_strength,
                                without_method)
+from forgetless.data import source_spec, train_sources
 from forgetless.errors import ConfigError
+from forgetless.evaluate import check_disjoint
 from forgetless.registry import METHODS, Strength, entry
 from forgetless.run_folder import reusable_summary
 from forgetless.sections import RUN_NAME, FrontierConfig
@@ -228,13 +230,18 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
                           "as `forgetless train` does); run it without `accelerate launch`")
     f = config.frontier
     root = Path(config.output_dir)
+    plan = grid(config)
+    # never select on what the evaluation asks or replay trains on: stop before any point trains
+    replays = {cfg.replay.data: cfg.replay for cfg in (as_preset(config, method) for method in plan)
+               if cfg.replay is not None}
+    check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)],
+                   list(replays.values()))
     root.mkdir(parents=True, exist_ok=True)
     n_val = config.budget.validation_examples
     validator = make_validator(config)
     base, device = validator.base, validator.base.device
     logger.info("frontier: base validation ppl %.3f, target NLL %.4f (%d examples, %d blocks)", validator.base_ppl,
                 validator.base_nll, len(validator.pairs), len(validator.blocks))
-    plan = grid(config)
     total = sum(len(values) for _, values in plan.values())
     done: dict[str, tuple[dict, bool]] = {}  # run folder -> (summary, trained now): a run shared is trained once
     counted: list[dict] = []  # the points measured so far (the progress count)

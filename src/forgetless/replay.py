@@ -88,7 +88,7 @@ class ReplaySource:
                 self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir,
                                                                         settings, run.accelerator)
             else:
-                self._self_pairs(run, render, dict(settings, shots=c.self_shots))
+                self._self_pairs(run, render, dict(settings, shots=c.self_shots, system=render.system_prompt))
         elif row_format(c) == "text":
             self.blocks = data_mod.pack_blocks(data_mod.load_texts(c.data, c.text_field), run.tokenizer, c.max_length)
         else:
@@ -108,12 +108,15 @@ class ReplaySource:
             records = [record for record, _ in data_mod.training_records(self.data_cfg, run.seed)]
             if run.train_dataset is not None:
                 records = records[:len(run.train_dataset)]
-            demos = [record.messages[-2]["content"] for record in records]
+            demos = [record.messages[-2]["content"] for record in records if record.messages[-2]["role"] == "user"]
         chat = data_mod.uses_chat_template(run.tokenizer, render)
+        # data.system_prompt, as every SFT row has it: in the prompt the model answers and in the rows trained
+        system = [{"role": "system", "content": render.system_prompt}] if render.system_prompt else []
         instructions, answers, self.generation_seconds = load_or_generate_pairs(
             run.model, run.tokenizer, run.output_dir, settings, run.accelerator, demos,
-            lambda instruction: data_mod.render_prompt([{"role": "user", "content": instruction}], run.tokenizer, chat))
-        records = [data_mod.Record([{"role": "user", "content": i}, {"role": "assistant", "content": a}],
+            lambda instruction: data_mod.render_prompt([*system, {"role": "user", "content": instruction}],
+                                                       run.tokenizer, chat))
+        records = [data_mod.Record([*system, {"role": "user", "content": i}, {"role": "assistant", "content": a}],
                                    f"self-replay pair {k + 1}") for k, (i, a) in enumerate(zip(instructions, answers))]
         self.examples, _ = data_mod.tokenize_records(records, run.tokenizer, render)
         self.collate = data_mod.collator(run.tokenizer)
@@ -145,6 +148,15 @@ class ReplaySource:
         first = math.floor(per_micro * micro)
         return first, math.floor(per_micro * (micro + 1)) - first
 
+    def step_tokens(self, micro: int, micro_batches_in_step: int) -> int:
+        """Trained replay tokens of the optimizer step that micro-batch `micro` is in, over every process."""
+        if not len(self):
+            return 0
+        start = (micro // self.accum) * self.accum
+        step_first, _ = self.draws(start)
+        step_count = self.draws(start + micro_batches_in_step)[0] - step_first
+        return sum(self.trained[i] for rank in range(self.world) for i in self.row_indices(step_first, step_count, rank))
+
     def draw(self, micro: int, micro_batches_in_step: int, device: torch.device) -> Rows | None:
         """This process's rows for micro-batch `micro` of the run, with the scale that makes their NLL sum
         the mean over all replay tokens of the optimizer step (every process's draws are known: no sync)."""
@@ -152,11 +164,7 @@ class ReplaySource:
         if count == 0 or not len(self):
             return None
         indices = self.row_indices(first, count)
-        start = (micro // self.accum) * self.accum
-        step_first, _ = self.draws(start)
-        step_count = self.draws(start + micro_batches_in_step)[0] - step_first
-        step_tokens = sum(self.trained[i] for rank in range(self.world)
-                          for i in self.row_indices(step_first, step_count, rank))
+        step_tokens = self.step_tokens(micro, micro_batches_in_step)
         these = sum(self.trained[i] for i in indices)
         scale = self.world / max(step_tokens, these, 1)  # `these` only counts when in_step is off (bench)
         if self.blocks is not None:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from forgetless.cache import build_once
+from forgetless.data import end_of_sequence_ids, first_end
 from forgetless.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def sample_completions(model, tokenizer, texts: list[str], max_new_tokens: int, 
     """(completion, ended at end-of-sequence) of each already-rendered text, sampled (left-padded batches).
     Seeded by the caller's torch RNG."""
     device = next(model.parameters()).device
+    ends = end_of_sequence_ids(model, tokenizer)  # the EOS, and a chat model's end-of-turn token
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[tuple[str, bool]] = []
@@ -110,11 +112,11 @@ def sample_completions(model, tokenizer, texts: list[str], max_new_tokens: int, 
                             add_special_tokens=False).to(device)
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=ends)
             for ids in gen[:, enc["input_ids"].shape[1]:].tolist():
-                ended = tokenizer.eos_token_id in ids
-                ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else ids
-                out.append((tokenizer.decode(ids, skip_special_tokens=True), ended))
+                end = first_end(ids, ends)
+                out.append((tokenizer.decode(ids if end is None else ids[:end], skip_special_tokens=True),
+                            end is not None))
     finally:
         tokenizer.padding_side = side
     return out
@@ -129,11 +131,16 @@ def write_instructions(model, tokenizer, demos: list[str], count: int, shots: in
         raise DataError("replay: data: self writes instructions from the training prompts, and there are none; "
                         "give replay.self_prompts (a file, one prompt per line)")
     known, written = set(demos), []
-    for _ in range(4):  # empty, copied and repeated instructions are drawn again
+    demos = sorted(set(demos))  # a mixture weight > 1 repeats records: one context never shows one twice
+    # raw text, no chat template: with the BOS a tokenizer puts before raw text (Llama, Gemma), as in pretraining
+    bos = tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else ""
+    for _ in range(4):  # empty, copied, repeated and unfinished instructions are drawn again
         need = count - len(written)
-        contexts = ["".join(f"Instruction: {d}\n\n" for d in random.sample(demos, min(shots, len(demos))))
+        contexts = [bos + "".join(f"Instruction: {d}\n\n" for d in random.sample(demos, min(shots, len(demos))))
                     + "Instruction:" for _ in range(need)]
-        for text, _ in sample_completions(model, tokenizer, contexts, 64, temperature, top_p, batch_size):
+        for text, ended in sample_completions(model, tokenizer, contexts, 64, temperature, top_p, batch_size):
+            if "\n\n" not in text and not ended:
+                continue  # cut at 64 tokens mid-instruction
             instruction = text.split("\n\n")[0].split("Instruction:")[0].strip()
             if instruction and instruction not in known:
                 known.add(instruction)
@@ -169,7 +176,8 @@ def generate_pairs(model, tokenizer, settings: dict, demos: list[str], render) -
             finally:
                 random.setstate(state)
             prompts = [render(i) for i in instructions]
-            room = [length - len(tokenizer(p, add_special_tokens=False)["input_ids"]) - 1 for p in prompts]
+            # what follows an answer in its row: the end of turn and what the template writes after it
+            room = [length - len(tokenizer(p, add_special_tokens=False)["input_ids"]) - 4 for p in prompts]
             if max(room) < 1:
                 raise ConfigError(f"replay.max_length: {length} tokens leave no room for an answer after the "
                                   "self-replay prompts; raise it")

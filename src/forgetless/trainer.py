@@ -188,9 +188,12 @@ class ForgetlessTrainer(Trainer):
         of their own pass, run here); (None, None) without replay rows or when their pass was skipped."""
         if self.replay is None:
             return None, None
-        labels = sft.batch["labels"]
-        self._record({"replay_fraction": self.replay.fraction(micro, labels.shape[0])})
-        rows = self.replay.draw(micro, self._micro_batches_in_step(), labels.device)
+        labels, in_step = sft.batch["labels"], self._micro_batches_in_step()
+        # replay tokens per SFT token of this optimizer step, R / S (sft.scale = world / S), on every micro-batch
+        self._record({"replay_fraction": self.replay.fraction(micro, labels.shape[0]),
+                      "replay_token_ratio": self.replay.step_tokens(micro, in_step) * sft.scale
+                      / self.accelerator.num_processes})
+        rows = self.replay.draw(micro, in_step, labels.device)
         if rows is None or self._replay_joins(sft, rows):
             return rows, None
         # Only the micro-step's last backward may sync gradients (DDP decides at *forward* time)
@@ -210,9 +213,7 @@ class ForgetlessTrainer(Trainer):
         scale): replay rows weigh as rows mixed into the batch would, so the term grows with the replay
         tokens' share of the step (R / S) and `ratio` sets its strength. Dividing by S rather than S + R keeps
         l_sft, and what the learning rate means, the same at every ratio."""
-        self._record({"l_replay": rows.nll.detach().mean().item(),
-                      # replay tokens per SFT token of the step: rows.scale = world / R, sft_scale = world / S
-                      "replay_token_ratio": sft_scale / rows.scale if rows.scale else 0.0})
+        self._record({"l_replay": rows.nll.detach().mean().item()})
         return self.replay.weight * rows.nll.sum() * sft_scale
 
     def _replay_pass(self, model, rows: Rows, sft_scale: float, micro: int) -> torch.Tensor | None:
