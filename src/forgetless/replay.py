@@ -206,7 +206,7 @@ def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
 
 
 # replay's presets and strength (its options are the `replay:` section, forgetless.sections.ReplayConfig)
-register("replay", ReplayConfig, None, strength=Strength("ratio", (0.03, 0.1, 0.3, 1.0)), presets={
+register("replay", ReplayConfig, None, strength=Strength("ratio", (0.01, 0.03, 0.1, 0.3)), presets={
     "replay": {"replay": {}},
     # replay of rows the initial model writes itself: SSR instruction-answer pairs (forgetless.self_replay)
     "replay-self": {"replay": {"data": SELF}},

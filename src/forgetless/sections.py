@@ -343,7 +343,9 @@ class ReplayConfig:
     # .txt/.txt.gz, or .jsonl/.json/.csv/.parquet/datasets folder/Hub dataset; or "self": text the
     # initial model writes before training (forgetless.self_replay)
     data: str = DEFAULT_CORPUS
-    ratio: float = 0.25  # replay rows per SFT example
+    # replay rows per SFT example; the term weighs by the replay tokens' share (R / S, logged as
+    # replay_token_ratio): on the embedded default (4-token answers, 128-token blocks) 0.03 is R / S ~ 1
+    ratio: float = 0.03
     max_length: int = 128  # tokens per replay row (a text block's length; chat rows are cut there)
     weight: float = 1.0  # weight of the replay NLL term
     # auto: text for .txt files and rows with `text_field`, else chat rows (the formats data.train reads)

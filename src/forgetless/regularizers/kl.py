@@ -235,7 +235,9 @@ register("kl", KLConfig, KL, strength=Strength("coef", (0.01, 0.1, 1.0, 10.0)), 
     "arr": {"regularizers": [{"kl": {}}], "replay": {}},
     # distillation replay: the replay rows are inputs only, on which the model keeps the initial model's
     # next-token distribution (KL on them, no NLL: the corpus's own style is not trained on)
-    "replay-kl": {"regularizers": [{"kl": {"coef": 1.0, "on": "replay"}}], "replay": {"weight": 0.0}},
+    # (ratio 0.25: with no NLL on them the rows only set how many inputs the KL sees, a mean over their tokens)
+    "replay-kl": {"regularizers": [{"kl": {"coef": 1.0, "on": "replay"}}], "replay": {"weight": 0.0, "ratio": 0.25}},
     # and the KL anchor on the SFT rows too (each with its own coef)
-    "kl+replay-kl": {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}], "replay": {"weight": 0.0}},
+    "kl+replay-kl": {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}],
+                     "replay": {"weight": 0.0, "ratio": 0.25}},
 })
