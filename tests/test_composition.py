@@ -47,8 +47,10 @@ def test_presets_train_and_log(tiny_gpt2, memo_data, tmp_path, method):
     cfg = load_config(None, [f"method={method}", f"model.name_or_path={cfg.model.name_or_path}",
                              f"data.train={cfg.data.train}", f"output_dir={cfg.output_dir}", "train.max_steps=3",
                              "train.logging_steps=1", "train.progress_bar=false", "model.lora.target_modules=all-linear",
-                             "regularizers=[]"] + (["regularizers=[{kl: {on: both}}]", "replay={max_length: 16}"]
-                                                   if method == "arr" else []))
+                             "regularizers=[]"]
+                      # the default ratio (0.03) draws no replay row in 3 steps of 4 examples: half a row each
+                      + (["regularizers=[{kl: {on: both}}]"] if method == "arr" else [])
+                      + (["replay={max_length: 16, ratio: 0.5}"] if method in ("arr", "replay") else []))
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     keys = set().union(*rows)

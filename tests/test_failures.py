@@ -107,7 +107,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_llama, tmp_path, me
               "train.batch_size=4", "train.save_steps=4", "train.save_total_limit=3", "train.learning_rate=1e-3",
               "train.progress_bar=false", "model.lora.target_modules=all-linear", "train.logging_steps=100"]
     if method == "arr":
-        common += ["regularizers=[{kl: {coef: 0.1}}]", f"replay={{data: {corpus}, max_length: 16}}"]
+        common += ["regularizers=[{kl: {coef: 0.1}}]", f"replay={{data: {corpus}, max_length: 16, ratio: 0.5}}"]
     ref = subprocess.run(_cli("default", f"output_dir={tmp_path / 'ref'}", *common), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
 

@@ -107,7 +107,7 @@ def test_report_to_tensorboard_holds_our_metrics(tiny_llama, memo_data, tmp_path
     corpus.write_text(CORPUS)
     cfg = tiny_config(tiny_llama, memo_data, tmp_path / "o", max_steps=2, batch_size=2)
     cfg.train.report_to = "tensorboard"
-    cfg = with_method(cfg, [{"kl": {}}, {"lfu": {}}], replay={"data": str(corpus), "max_length": 16})
+    cfg = with_method(cfg, [{"kl": {}}, {"lfu": {}}], replay={"data": str(corpus), "max_length": 16, "ratio": 0.5})
     train(cfg)
     (events,) = (tmp_path / "o" / "tensorboard").glob("events.out.tfevents.*")
     tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
