@@ -630,6 +630,12 @@ def paragraphs(texts: list[str], shortest: int = 40) -> set[str]:
     return {p for p in found if len(p) >= shortest}
 
 
+def bos_before_raw_text(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token before raw text (Llama, Mistral, Gemma), as in pretraining."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def document_separator(tokenizer) -> tuple[list[int], list[int], str]:
     """What marks a document boundary in the stream of documents: (token ids before each document, after
     each, text between two documents when there is no such token). The separator the model was pretrained
@@ -642,9 +648,8 @@ def document_separator(tokenizer) -> tuple[list[int], list[int], str]:
     vocab = tokenizer.get_vocab()
     if "<|endoftext|>" in vocab:
         return [], [vocab["<|endoftext|>"]], ""
-    bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
-        return [bos], [], ""
+    if bos_before_raw_text(tokenizer):
+        return [tokenizer.bos_token_id], [], ""
     eos, template = tokenizer.eos_token, getattr(tokenizer, "chat_template", None) or ""
     template = template if isinstance(template, str) else " ".join(map(str, dict(template).values()))
     if eos is not None and eos not in template and "eos_token" not in template:

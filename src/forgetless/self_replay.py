@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from forgetless.cache import build_once
-from forgetless.data import end_of_sequence_ids, first_end
+from forgetless.data import bos_before_raw_text, end_of_sequence_ids, first_end
 from forgetless.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def write_instructions(model, tokenizer, demos: list[str], count: int, shots: in
     known, written = set(demos), []
     demos = sorted(set(demos))  # a mixture weight > 1 repeats records: one context never shows one twice
     # raw text, no chat template: with the BOS a tokenizer puts before raw text (Llama, Gemma), as in pretraining
-    bos = tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else ""
+    bos = tokenizer.bos_token if bos_before_raw_text(tokenizer) else ""
     for _ in range(4):  # empty, copied, repeated and unfinished instructions are drawn again
         need = count - len(written)
         contexts = [bos + "".join(f"Instruction: {d}\n\n" for d in random.sample(demos, min(shots, len(demos))))
