@@ -112,7 +112,11 @@ def test_frontier_settings_are_checked_naming_the_key():
                           ("frontier.grids={replay: [0.5]}", "frontier.grids.replay: 'replay' is not in frontier.methods"),
                           ("frontier.grids={kl: [0.1, 0.1]}", "frontier.grids.kl: give distinct values"),
                           ("frontier.methods=[]", "frontier.methods: give at least one"),
-                          ("frontier.max_drift_kl=-0.1", "frontier.max_drift_kl: must be >= 0")]:
+                          ("frontier.max_drift_kl=-0.1", "frontier.max_drift_kl: must be >= 0"),
+                          ("frontier.knobs={kl: lfu.alpha}", "frontier.knobs.kl: kl's knobs are kl \\(its"),
+                          ("frontier.knobs={replay: replay.weight}", "frontier.knobs.replay: 'replay' is not in"),
+                          ("budget.knob=lfu.alpha", "budget.knob: lfu.alpha is a knob to tune"),
+                          ("budget.knob=neftune", "budget.knob: neftune is a knob to tune")]:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_config(None, [override])
     cfg = load_config(None, ["frontier.methods=[kl+replay, dft, wise-ft]", "frontier.grids={kl+replay: [0.1]}"])
@@ -120,6 +124,16 @@ def test_frontier_settings_are_checked_naming_the_key():
 
     assert grid(cfg) == {"sft": (None, [None]), "kl+replay": ("kl", [0.1]), "dft": (None, [None]),
                          "wise-ft": ("wise_ft", [1.0, 0.75, 0.5, 0.25])}
+    # a second knob of a preset's method, by frontier.knobs; its main one by either name
+    cfg = load_config(None, ["frontier.methods=[lfu-fast, kl+replay]", "frontier.knobs={lfu-fast: lfu.alpha, "
+                             "kl+replay: replay.weight}", "frontier.grids={lfu-fast: [0.3, 0.01]}"])
+    assert grid(cfg) == {"sft": (None, [None]), "lfu-fast": ("lfu.alpha", [0.01, 0.3]),
+                         "kl+replay": ("replay.weight", [0.3, 1.0, 3.0])}
+    cfg = load_config(None, ["frontier.methods=[lfu-fast]", "frontier.knobs={lfu-fast: lfu.lam}"])
+    assert grid(cfg)["lfu-fast"] == ("lfu", [1.0, 5.0, 20.0])
+    from forgetless.config import as_preset, with_strength
+    (lfu,) = with_strength(as_preset(cfg, "lfu-fast"), "lfu.alpha", 0.03).regularizers
+    assert (lfu.alpha, lfu.lam, lfu.every) == (0.03, 5.0, 4)  # only that option changes; the preset's others stay
 
 
 # ---------------------------------------------------------------- (b) the validation split is apart
@@ -243,3 +257,57 @@ def test_wise_ft_points_are_mixes_of_sfts_own_run_with_full_finetuning(pretraine
     for key in ("target_nll", "general_drop", "drift_kl"):
         assert point[key] == pytest.approx(by_hand[key], rel=1e-4, abs=1e-6), key
     assert point["drift_kl"] < report["sft"]["drift_kl"]
+
+
+# ---------------------------------------------------------------- (e) every claim of a strength, on a model
+
+
+def claimed_knobs() -> dict[str, tuple[str, object]]:
+    """knob -> (a preset that varies it, its Strength), for every registered strength that claims to hold the
+    model (`holds`), each once under its own name."""
+    from forgetless.config import preset_knobs
+    from forgetless.registry import PRESETS, main_knob, strengths
+
+    out = {}
+    for name, strength in strengths().items():
+        if strength.holds is None or main_knob(name) != name:
+            continue
+        out[name] = (next(p for p in PRESETS if p != "sft" and name in preset_knobs(p)), strength)
+    return out
+
+
+@pytest.mark.slow
+def test_every_strength_that_claims_to_hold_the_model_does_so_from_its_weakest_to_its_strongest(
+        pretrained, tmp_path, monkeypatch):
+    """A short run per grid end on a tiny pretrained model: the strongest value of each registered grid keeps
+    what its Strength claims (`holds`: drift KL or general-text NLL on validation) closer to the initial
+    model than the weakest. Replay replays text of the same kind as the validation text, not the text itself."""
+    import random
+
+    from forgetless.config import load_config
+    from forgetless.frontier import run_frontier
+    from forgetless.registry import PRESETS
+
+    knobs = claimed_knobs()
+    assert {"kl", "ewc", "l2sp", "lfu", "replay", "replay.weight", "wise_ft"} <= set(knobs)
+    rng = random.Random(1)
+    sentences = sorted(set((pretrained / "general.txt").read_text().split(". ")))
+    replay_text = tmp_path / "replay.txt"
+    replay_text.write_text(" ".join(rng.choice(sentences) + "." for _ in range(400)))
+    for preset in {p for p, _ in knobs.values()}:  # the replay presets replay that text
+        if "replay" in PRESETS[preset]:
+            monkeypatch.setitem(PRESETS, preset, {**PRESETS[preset], "replay": {
+                **PRESETS[preset]["replay"], "data": str(replay_text), "max_length": 32}})
+    failures = []
+    for name, (preset, strength) in knobs.items():
+        ends = [strength.grid[0], strength.grid[-1]]
+        args = budget_args(pretrained, tmp_path / "f", "train.learning_rate=1e-2", f"frontier.methods=[{preset}]",
+                           f"frontier.knobs={{{preset}: {name}}}", f"frontier.grids={{{preset}: {ends}}}",
+                           "frontier.evaluate_chosen=false")
+        weakest, strongest = run_frontier(load_config(None, args[2:]))["methods"][preset]["points"]
+        measure = {"drift_kl": "drift_kl", "general_nll": "general_nll_change"}[strength.holds]
+        shown = f"{name}: {measure} {weakest[measure]:.5f} at {weakest['value']:g} -> {strongest[measure]:.5f} at {strongest['value']:g}"
+        print(shown)
+        if not strongest[measure] < weakest[measure]:
+            failures.append(shown)
+    assert not failures, failures

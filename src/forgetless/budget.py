@@ -18,9 +18,11 @@ Knobs:
   wise_ft (default, cheapest): train once, then mix W_0 + alpha (W_tuned - W_0) (WiSE-FT) for alpha in
     `grid` (default 1, .75, .5, .25) and `refine` bisection steps between the best passing alpha and the
     next failing one. Cost: one training run + (len(grid) + refine) validation passes.
-  lfu (lam), kl (coef), replay (ratio), l2sp (coef), ewc (coef): retrain with each strength of `grid`,
-    weakest first, stopping at the first that passes (stronger = less forgetting and less gain, so the
-    first passing strength keeps the most gain). Cost: up to len(grid) training runs.
+  lfu (lam), kl (coef), replay (ratio), l2sp (coef), ewc (coef), replay.weight (any knob of
+  forgetless.registry.strengths whose Strength claims to hold the model, `holds`): retrain with each
+    strength of `grid`, weakest first, stopping at the first that passes (stronger = less forgetting and
+    less gain, so the first passing strength keeps the most gain). Cost: up to len(grid) training runs.
+    Knobs without that claim (lfu.alpha, neftune) are refused: map them with `forgetless frontier`.
 Finally the chosen model is measured on the held-out test blocks the evaluation uses, and everything
 (every candidate, the choice, the held-out check) goes to OUTPUT_DIR/budget.json and the run summary.
 
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import ForgetlessConfig, with_strength, without_method
-from forgetless.registry import METHODS
+from forgetless.registry import knob as registry_knob
 from forgetless.data import (general_blocks, general_domains, held_out_blocks, load_texts, pack_blocks, paragraphs,
                              split_holdout, task_pairs, training_records)
 from forgetless.errors import ConfigError, DataError, TrainingError
@@ -188,7 +190,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
 
     trials: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
-    strength = METHODS[b.knob].strength  # the knob is a method with a strength (checked with the config)
+    strength = registry_knob(b.knob)[1]  # a registered knob with a monotone claim (checked with the config)
     if not strength.retrains:  # WiSE-FT: one training run, then each alpha is a mix of its weights
         cfg = trial_config("tuned", without_method(config, "wise_ft"))
         continue_run(cfg, holdout=n_val) if resume else train(cfg, overwrite=True, holdout=n_val)

@@ -23,6 +23,7 @@ import yaml
 import forgetless.methods  # noqa: F401  (every method module registers itself)
 from forgetless.errors import ConfigError
 from forgetless.registry import METHODS, PRESETS, combination_problems, entry, parse_entries, strengths
+from forgetless.registry import knob as registry_knob, main_knob
 from forgetless.schema import check_problems, from_dict, out_of_range
 from forgetless.sections import (DEFAULT_MODEL, DEFAULT_TEMPLATES, GENERAL_DOMAINS, RUN_NAME, SEED_RANGE,  # noqa: F401
                                  BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, FrontierConfig,
@@ -102,6 +103,10 @@ class ForgetlessConfig:
             close = difflib.get_close_matches(self.budget.knob, sorted(knobs), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             found["budget.knob"] = f"must be one of {', '.join(sorted(knobs))}, got {self.budget.knob!r}{hint}"
+        elif knobs[self.budget.knob].holds is None:
+            found["budget.knob"] = (f"{self.budget.knob} is a knob to tune, not a hold on the initial model (no "
+                                    "stronger-forgets-less claim), so budget's first passing value need not be the best; "
+                                    f"map it with `forgetless frontier` and frontier.knobs instead")
         else:
             found.update({f"budget.{key}": problem for key, problem in
                           out_of_range(self.budget, {"grid": knobs[self.budget.knob].range}).items()})
@@ -112,16 +117,26 @@ class ForgetlessConfig:
                 break
         from types import SimpleNamespace
 
+        for name, chosen in f.knobs.items():
+            if name not in f.methods:
+                found[f"frontier.knobs.{name}"] = f"'{name}' is not in frontier.methods ({', '.join(f.methods)})"
+                break
+            options = preset_knobs(name)
+            if main_knob(chosen) not in options:
+                found[f"frontier.knobs.{name}"] = (f"{name}'s knobs are {', '.join(options) or 'none'} "
+                                                   f"(its methods' registered strengths), got {chosen!r}")
+                break
         for name, values in f.grids.items():  # the first bad grid is named
-            knob = preset_knob(name) if name in PRESETS else None
+            knob = (f.knobs.get(name) or preset_knob(name)) if name in PRESETS else None
             if name not in f.methods:
                 found[f"frontier.grids.{name}"] = f"'{name}' is not in frontier.methods ({', '.join(f.methods)})"
             elif knob is None:
                 found[f"frontier.grids.{name}"] = (f"{name} has no strength option (none of its methods registers a "
                                                    "Strength): it is trained once, at its preset; drop its grid")
             else:
+                shown = f"{knob.split('.')[0]}.{knobs[knob].option}"
                 for key, problem in out_of_range(SimpleNamespace(grid=values), {"grid": knobs[knob].range}).items():
-                    found[f"frontier.grids.{name}{key[len('grid'):]}"] = f"{knob}.{knobs[knob].option} {problem}"
+                    found[f"frontier.grids.{name}{key[len('grid'):]}"] = f"{shown} {problem}"
             if any(key.startswith("frontier.grids.") for key in found):
                 break
         return found
@@ -159,12 +174,14 @@ def _given_differs(config: ForgetlessConfig) -> bool:
     return (expanded.regularizers, expanded.replay) != (config.regularizers, config.replay)
 
 
-def with_strength(config: ForgetlessConfig, name: str, value: float) -> ForgetlessConfig:
-    """A copy of `config` whose method `name` has strength `value` (the option its registry Strength names),
-    the method added with its defaults otherwise. Replay is the run's `replay` section, not an entry."""
+def with_strength(config: ForgetlessConfig, knob: str, value: float) -> ForgetlessConfig:
+    """A copy of `config` whose knob (`METHOD` or `METHOD.OPTION`, forgetless.registry.strengths) is `value` in
+    every entry of the method, the method added with its defaults otherwise. Replay is the run's `replay`
+    section, not an entry."""
+    name, strength = registry_knob(knob)
     method = METHODS[name]
     cfg = copy.deepcopy(config)
-    change = {method.strength.option: value}
+    change = {strength.option: value}
     if method.build is None:  # a section of its own
         setattr(cfg, name, dataclasses.replace(getattr(cfg, name) or method.config(), **change))
         return cfg
@@ -176,12 +193,22 @@ def with_strength(config: ForgetlessConfig, name: str, value: float) -> Forgetle
     return cfg
 
 
-def preset_knob(preset: str) -> str | None:
-    """The method whose registered Strength sets preset `preset`'s strength (`forgetless frontier`'s knob): the
-    first of its `regularizers` entries that has one, else its `replay` section; None when none has."""
+def preset_knobs(preset: str) -> list[str]:
+    """Every knob (forgetless.registry.strengths) of preset `preset`'s methods: its `regularizers` entries in
+    order, then its `replay` section; each method's main knob `METHOD` first, then its `METHOD.OPTION` ones."""
     spec = PRESETS[preset]
     names = [next(iter(item)) for item in spec.get("regularizers", [])] + (["replay"] if "replay" in spec else [])
-    return next((name for name in names if METHODS[name].strength is not None), None)
+    out: list[str] = []
+    for name in dict.fromkeys(names):
+        strengths_of = METHODS[name].strengths
+        out += [name] * bool(strengths_of) + [f"{name}.{s.option}" for s in strengths_of[1:]]
+    return out
+
+
+def preset_knob(preset: str, chosen: str | None = None) -> str | None:
+    """The knob that sets preset `preset`'s strength (`forgetless frontier`'s): `chosen` (frontier.knobs, one of
+    preset_knobs), else the main strength of the first of its methods that has one; None when none has."""
+    return main_knob(chosen) if chosen else next(iter(preset_knobs(preset)), None)
 
 
 def without_method(config: ForgetlessConfig, name: str) -> ForgetlessConfig:

@@ -2,11 +2,12 @@
 
     forgetless frontier default                                    # sft, kl, ewc, l2sp, lfu-fast, wise-ft
     forgetless frontier default frontier.methods=[sft,kl,wise-ft] 'frontier.grids={kl: [0.1, 1.0]}'
+    forgetless frontier default frontier.methods=[lfu-fast] 'frontier.knobs={lfu-fast: lfu.alpha}'
 
 For each method of `frontier.methods` (a preset), each strength of its grid: the preset with that strength
-(config.with_strength on the preset's knob, config.preset_knob: the first of its methods that registers a
-Strength), trained on data.train less budget's validation examples (train(holdout=...)) into
-OUTPUT_DIR/frontier/<method>/<value>, then measured on budget's validation split (budget.Validator: the last
+(config.with_strength on the preset's knob: `frontier.knobs.<method>` if given, one of config.preset_knobs,
+else config.preset_knob: the main strength of the first of its methods that registers one), trained on data.train less budget's validation examples (train(holdout=...)) into
+OUTPUT_DIR/frontier/<method>/<value> (<option>-<value> for a knob that is not its method's main one), then measured on budget's validation split (budget.Validator: the last
 `budget.validation_examples` training examples, and general-text blocks the evaluation never reports on).
 Never the test split: the points train without data.eval and without the forgetting curve (both read test data).
   - the grid: `frontier.grids.<method>`, else the knob's registered Strength grid, weakest first (a retraining
@@ -59,7 +60,8 @@ from forgetless.config import (ForgetlessConfig, as_preset, preset_knob, validat
 from forgetless.data import source_spec, train_sources
 from forgetless.errors import ConfigError
 from forgetless.evaluate import check_disjoint
-from forgetless.registry import METHODS, Strength, entry
+from forgetless.registry import Strength, entry
+from forgetless.registry import knob as registry_knob
 from forgetless.run_folder import reusable_summary
 from forgetless.sections import RUN_NAME, FrontierConfig
 
@@ -81,17 +83,20 @@ def grid(config: ForgetlessConfig) -> dict[str, tuple[str | None, list[float | N
     a method without a knob: [None], its preset as it is."""
     out: dict[str, tuple[str | None, list[float | None]]] = {"sft": (None, [None])}
     for method in config.frontier.methods:
-        knob = preset_knob(method)
+        knob = preset_knob(method, config.frontier.knobs.get(method))
         if method == "sft" or knob is None:
             out[method] = (None, [None])
             continue
-        strength = METHODS[knob].strength
+        strength = registry_knob(knob)[1]
         out[method] = (knob, weakest_first(strength, config.frontier.grids.get(method) or strength.grid))
     return out
 
 
-def _folder(value: float | None) -> str:
-    return "default" if value is None else repr(float(value))
+def _folder(knob: str | None, value: float | None) -> str:
+    """A point's folder: its value, prefixed by the option when the knob is not its method's main one."""
+    if value is None:
+        return "default"
+    return repr(float(value)) if "." not in knob else f"{registry_knob(knob)[1].option}-{float(value)!r}"
 
 
 def point_config(config: ForgetlessConfig, root: Path, method: str, knob: str | None, value: float | None,
@@ -102,7 +107,7 @@ def point_config(config: ForgetlessConfig, root: Path, method: str, knob: str | 
     cfg = as_preset(config, method)
     if value is not None:
         cfg = with_strength(cfg, knob, value)
-    cfg.output_dir = str(root / "frontier" / method / (folder or _folder(value)))
+    cfg.output_dir = str(root / "frontier" / method / (folder or _folder(knob, value)))
     cfg.data.eval = None
     cfg.evaluation.every_steps = 0
     cfg.frontier = FrontierConfig()
@@ -254,7 +259,7 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
     def measured(model, method: str, knob: str | None, value: float | None, run_dir: str, summary: dict,
                  trained: bool) -> dict:
         m = validator.measure(model)
-        point = {"method": method, "knob": knob, "option": METHODS[knob].strength.option if knob else None,
+        point = {"method": method, "knob": knob, "option": registry_knob(knob)[1].option if knob else None,
                  "value": value, "run": run_dir, "trained_now": trained,
                  "train_seconds": summary.get("train_seconds"), **m,
                  "target_gain": validator.base_nll - m["target_nll"], "general_nll_change": math.log1p(m["general_drop"])}
@@ -271,8 +276,9 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
     sft_cfg = point_config(config, root, "sft", None, None)
     for method, (knob, values) in plan.items():
         points: list[dict] = []
-        if knob is not None and not METHODS[knob].strength.retrains:  # a mix of one fine-tune per value
-            tuned = without_method(point_config(config, root, method, None, None, folder="tuned"), knob)
+        if knob is not None and not registry_knob(knob)[1].retrains:  # a mix of one fine-tune per value
+            tuned = without_method(point_config(config, root, method, None, None, folder="tuned"),
+                                   registry_knob(knob)[0])
             shares = (tuned.regularizers, tuned.replay) == (sft_cfg.regularizers, sft_cfg.replay)
             tuned = sft_cfg if shares else tuned
             summary, trained = run(tuned, f"{method} (the fine-tune its {knob} mixes)")
@@ -288,7 +294,7 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
         else:
             for value in values:
                 cfg = sft_cfg if method == "sft" else point_config(config, root, method, knob, value)
-                shown = method if value is None else f"{method} {METHODS[knob].strength.option}={value:g}"
+                shown = method if value is None else f"{method} {registry_knob(knob)[1].option}={value:g}"
                 summary, trained = run(cfg, shown)
                 model = load(cfg.output_dir)
                 points.append(measured(model, method, knob, value, cfg.output_dir, summary, trained))

@@ -2,8 +2,8 @@
 
 One `register(...)` call per method module says everything the rest of forgetless needs of it: its
 name (the key of a `regularizers:` entry), the dataclass of its options, how its training term is
-built, the presets it brings (`method: NAME`) and the option that sets its strength (what `budget`
-searches). config, compare and budget read them from here; nothing else lists methods. Adding a
+built, the presets it brings (`method: NAME`) and the options that set its strength (what `budget` and
+`frontier` search: a knob named `METHOD` for the first, `METHOD.OPTION` for any). config, compare and budget read them from here; nothing else lists methods. Adding a
 penalty = its module + one import line in forgetless/methods.py.
 
 A leaf: it imports schema and errors only. The method modules import it; forgetless.methods imports
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from forgetless.errors import ConfigError
 from forgetless.schema import check_problems, from_dict
@@ -29,6 +29,10 @@ class Strength:
     range: str = ">= 0"  # a valid value (forgetless.schema.out_of_range's rule)
     # False: applied after training (WiSE-FT's mix), so one training run serves every value
     retrains: bool = True
+    # what a stronger value (later in `grid`) claims to keep closer to the initial model on general text:
+    # "drift_kl" (mean token KL(base || tuned)), "general_nll" (the text's NLL), or None: a knob to tune with no
+    # monotone claim. tests/test_frontier.py checks each claim on a tiny pretrained model.
+    holds: Literal["drift_kl", "general_nll"] | None = "drift_kl"
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,12 @@ class Method:
     config: type  # the dataclass of its options
     # options -> its Regularizer; None for a method that is not a training term (replay: its own section)
     build: Callable[[Any], Any] | None
-    strength: Strength | None = None
+    strengths: tuple[Strength, ...] = ()  # the first is the method's knob; the others are `METHOD.OPTION` knobs
+
+    @property
+    def strength(self) -> Strength | None:
+        """The method's main strength (its knob `METHOD`), None if it has none."""
+        return self.strengths[0] if self.strengths else None
 
 
 METHODS: dict[str, Method] = {}
@@ -46,11 +55,18 @@ PRESETS: dict[str, dict[str, Any]] = {"sft": {}}
 
 
 def register(name: str, config: type, build: Callable[[Any], Any] | None, *,
-             presets: dict[str, dict[str, Any]] | None = None, strength: Strength | None = None) -> Method:
-    """Declare a method (called once, at the bottom of its module)."""
+             presets: dict[str, dict[str, Any]] | None = None,
+             strength: Strength | tuple[Strength, ...] | None = None) -> Method:
+    """Declare a method (called once, at the bottom of its module); `strength`: its strength option, or several,
+    the main one first."""
     if name in METHODS or any(p in PRESETS for p in presets or {}):
         raise ValueError(f"forgetless.registry: '{name}' or one of its presets is registered twice")
-    METHODS[name] = method = Method(name, config, build, strength)
+    declared = () if strength is None else (strength,) if isinstance(strength, Strength) else tuple(strength)
+    fields = {f.name for f in dataclasses.fields(config)}
+    for s in declared:
+        if s.option not in fields:
+            raise ValueError(f"forgetless.registry: {name}'s strength '{s.option}' is not an option of {config.__name__}")
+    METHODS[name] = method = Method(name, config, build, declared)
     PRESETS.update(presets or {})
     return method
 
@@ -124,5 +140,26 @@ def build(options: Any) -> Any:
 
 
 def strengths() -> dict[str, Strength]:
-    """name -> Strength of every method that declares one (budget's knobs)."""
-    return {name: m.strength for name, m in METHODS.items() if m.strength is not None}
+    """knob -> Strength: `METHOD` for each method's main strength, `METHOD.OPTION` for each of its strengths
+    (budget.knob, frontier.knobs)."""
+    out: dict[str, Strength] = {}
+    for name, method in METHODS.items():
+        if method.strength is not None:
+            out[name] = method.strength
+        out.update({f"{name}.{s.option}": s for s in method.strengths})
+    return out
+
+
+def main_knob(name: str) -> str:
+    """`METHOD.OPTION` of a method's main strength -> `METHOD` (one name per knob); any other name as it is."""
+    method, _, option = name.partition(".")
+    main = METHODS[method].strength if method in METHODS else None
+    return method if main is not None and option == main.option else name
+
+
+def knob(name: str) -> tuple[str, Strength]:
+    """A knob (`METHOD` or `METHOD.OPTION`, see strengths()) -> (its method's name, its Strength)."""
+    known = strengths()
+    if name not in known:
+        raise ConfigError(f"unknown strength knob '{name}' (known: {', '.join(sorted(known))})")
+    return name.split(".")[0], known[name]

@@ -206,7 +206,11 @@ def replay_documents(cfg: ReplayConfig, data_cfg: Any = None) -> list[str]:
 
 
 # replay's presets and strength (its options are the `replay:` section, forgetless.sections.ReplayConfig)
-register("replay", ReplayConfig, None, strength=Strength("ratio", (0.01, 0.03, 0.1, 0.3)), presets={
+register("replay", ReplayConfig, None, strength=(
+    # more replay keeps the NLL of text *like the replay corpus*; on other text it can rise (KJV replay on the
+    # embedded default: ratio 0.1 -> validation perplexity +28%, bench/RESULTS.md)
+    Strength("ratio", (0.01, 0.03, 0.1, 0.3), holds="general_nll"),
+    Strength("weight", (0.3, 1.0, 3.0), holds="general_nll")), presets={
     "replay": {"replay": {}},
     # replay of rows the initial model writes itself: SSR instruction-answer pairs (forgetless.self_replay)
     "replay-self": {"replay": {"data": SELF}},

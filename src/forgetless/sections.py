@@ -309,6 +309,9 @@ class FrontierConfig:
 
     # method presets (forgetless.registry.PRESETS); sft is always trained once, as the reference
     methods: list[str] = field(default_factory=lambda: ["sft", "kl", "ewc", "l2sp", "lfu-fast", "wise-ft"])
+    # {preset: knob}: which strength to vary, e.g. {lfu-fast: lfu.alpha}; default: the preset's first method's
+    # main strength (config.preset_knob; the knobs: forgetless.registry.strengths)
+    knobs: dict[str, str] = field(default_factory=dict)
     # {preset: [strengths]}; default: the registered grid of the preset's knob (checked by the run: config.py)
     grids: dict[str, list[float]] = field(default_factory=dict)
     # the choice rule's forgetting bound on validation (either or both; both null: the best target wins)

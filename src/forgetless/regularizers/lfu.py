@@ -352,7 +352,11 @@ class LfU(Regularizer):
         return {"lfu_applied_norm": norm_applied, "lfu_applied_cosine": cosine}
 
 
-register("lfu", LfUConfig, LfU, strength=Strength("lam", (1.0, 5.0, 20.0)), presets={
+register("lfu", LfUConfig, LfU, strength=(
+    Strength("lam", (1.0, 5.0, 20.0)),
+    # the undesirable step's size: no monotone claim (too small and the consistency target is the clean model,
+    # too large and the paper's model collapsed at 0.5)
+    Strength("alpha", (0.01, 0.03, 0.1, 0.3), range="> 0", holds=None)), presets={
     "lfu": {"regularizers": [{"lfu": {"variant": "lora"}}]},
     "lfu-reps": {"regularizers": [{"lfu": {"variant": "reps"}}]},
     # the cheap approximation (issue #18, bench/lfu_frontier.py): the perturbed pass on half the rows of every

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from forgetless.regularizers.base import Regularizer, RunInfo
-from forgetless.registry import register
+from forgetless.registry import Strength, register
 from forgetless.schema import out_of_range
 
 
@@ -45,4 +45,6 @@ class NEFTune(Regularizer):
         return {}
 
 
-register("neftune", NEFTuneConfig, NEFTune, presets={"neftune": {"regularizers": [{"neftune": {}}]}})
+# the noise's scale: a knob to tune (the paper's 5, 10, 15 and a weaker 1), not a hold on the initial model
+register("neftune", NEFTuneConfig, NEFTune, strength=Strength("alpha", (1.0, 5.0, 15.0), range="> 0", holds=None),
+         presets={"neftune": {"regularizers": [{"neftune": {}}]}})
