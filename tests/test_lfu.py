@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from forgetless.config import ModelConfig
+from forgetless.errors import ConfigError
 from forgetless.model import apply_finetune
 from forgetless.registry import build, parse_entries
 from forgetless.regularizers.lfu import find_decoder_layers, select_layers
@@ -134,6 +135,55 @@ def test_one_step_matches_the_hand_computation(model_fixture, variant, finetune,
     # the perturbation is discarded: weights are untouched by the step (no optimizer here)
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("alpha_scale, consistency", [("weights", "absolute"), ("absolute", "relative"),
+                                                      ("weights", "relative")])
+def test_scale_free_options_match_the_hand_computation(alpha_scale, consistency, tiny_llama, tmp_path):
+    """||phi|| = alpha ||theta|| ("weights") and the consistency over the clean states' mean squared norm
+    ("relative"), by hand in float64; and lfu_rel_shift = mean over layers of ||h' - h||_F / ||h||_F."""
+    batch = make_batch(tiny_llama, tmp_path, memorisation_rows(3))
+    model = make_model(tiny_llama, "lora")
+    hand = copy.deepcopy(model)
+    params = {n: p for n, p in hand.named_parameters() if p.requires_grad}
+    indices = select_layers("all", len(find_decoder_layers(hand)))
+    logits, clean = layer_outputs(hand, batch, indices)
+    l_sft = mean_nll(logits, batch["labels"])
+    g = torch.autograd.grad(l_sft, list(params.values()))
+    size = ALPHA * torch.sqrt(sum((p.detach() ** 2).sum() for p in params.values())) if alpha_scale == "weights" else ALPHA
+    norm = torch.sqrt(sum((x ** 2).sum() for x in g))
+    with torch.no_grad():
+        for p, gi in zip(params.values(), g):
+            p.add_(size * gi / norm)  # hand is now the perturbed model (theta + phi)
+    _, pert = layer_outputs(hand, batch, indices)
+    if consistency == "relative":  # per layer: mean_t ||dh||^2 / mean_t ||h||^2
+        per_layer = [((c.detach() - h) ** 2).sum(-1).mean() / (c.detach() ** 2).sum(-1).mean() for c, h in zip(clean, pert)]
+    else:
+        per_layer = [((c.detach() - h) ** 2).mean() for c, h in zip(clean, pert)]
+    l_cons = sum(per_layer) / len(indices)
+    cons_grads = torch.autograd.grad(l_cons, list(params.values()), allow_unused=True)
+    expected = {n: gi + LAM * (0 if ci is None else ci) for n, gi, ci in zip(params, g, cons_grads)}
+    shift = sum(((c - h).norm() / c.norm()).item() for c, h in zip(clean, pert)) / len(indices)
+
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True)
+    regs = [build(o) for o in parse_entries([{"lfu": {"lam": LAM, "alpha": ALPHA, "alpha_scale": alpha_scale,
+                                                      "consistency": consistency}}])]
+    trainer = ForgetlessTrainer(model=model, args=args, regularizers=regs)
+    loss = trainer.training_step(model, dict(batch)).item()
+    metrics = {k: v[-1] for k, v in trainer.pending_metrics().items()}
+    assert loss == pytest.approx((l_sft + LAM * l_cons).item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.grad - expected[name]).norm() / expected[name].norm() < 1e-6, name
+    assert metrics["lfu_perturb_norm"] == pytest.approx(float(size), rel=1e-5)
+    assert metrics["lfu_rel_shift"] == pytest.approx(shift, rel=1e-4)
+    if alpha_scale == "weights":
+        assert float(size) != pytest.approx(ALPHA, rel=0.1)  # the option did change phi's size
+
+
+def test_weights_scaled_alpha_is_refused_for_reps():
+    with pytest.raises(ConfigError, match="alpha_scale: 'weights' scales phi"):
+        parse_entries([{"lfu": {"variant": "reps", "alpha_scale": "weights"}}])
 
 
 def test_ascent_gradient_never_leaks_into_the_accumulated_gradient(tiny_llama, tmp_path):

@@ -27,6 +27,19 @@ Cheaper approximations of the same term (issue #18), composable with both varian
         term scaled by k; the others take the trainer's additive step (no capture, no isolated backward).
         Averaged over the k phases this is the exact term; it trades cost for gradient variance.
 rows = 1.0 and every = 1 are the exact method, bit for bit.
+
+Scale-free options (not in the paper or the spec; issue #29): the paper's alpha and lam were set for
+Llama-3.1-8B, and both act in absolute units (a weight-space step of norm alpha; a squared hidden-state
+difference per dimension), which mean different things on another model.
+  alpha_scale = "weights": ||phi|| = alpha * ||theta|| (the norm of the trainable weights, the LoRA
+        matrices in a LoRA run) instead of alpha: alpha is a fraction of the weights. lora variant only.
+  consistency = "relative": each layer's term divided by the clean states' mean squared norm per token
+        m_l = mean_t ||h_l,t||^2 (detached) instead of by the hidden size d:
+        l_cons = mean_{layers, response tokens} ||h_l(theta) - h_l(theta, phi)||^2 / m_l,
+        the shift as a fraction of the representation's own magnitude (the "absolute" form is the same with
+        d for m_l).
+Logged with every perturbed pass: `lfu_rel_shift` = mean over layers of ||h' - h||_F / ||h||_F over the
+pass's response tokens, the perturbation's relative effect on the representations (comparable across sizes).
 """
 
 from __future__ import annotations
@@ -59,9 +72,16 @@ class LfUConfig:
     layers: str | list[int] = "all"
     rows: float = 1.0  # fraction of each micro-batch's rows the perturbed pass runs on (term scaled by B/k)
     every: int = 1  # run the perturbed pass on every k-th micro-batch only (term scaled by k)
+    # scale-free forms (module docstring): alpha as a fraction of the trainable weights' norm ("weights"), and
+    # the consistency relative to the clean states' magnitude ("relative"); "absolute": the paper's units
+    alpha_scale: Literal["absolute", "weights"] = "absolute"
+    consistency: Literal["absolute", "relative"] = "absolute"
 
     def problems(self) -> dict[str, str]:
         found = out_of_range(self, {"lam": ">= 0", "alpha": ">= 0"})
+        if self.alpha_scale == "weights" and self.variant == "reps":
+            found["alpha_scale"] = ("'weights' scales phi by the trainable weights' norm: the lora variant's; RepS "
+                                    "steers hidden states (use alpha_scale: absolute, or variant: lora)")
         if isinstance(self.layers, str) and self.layers not in ("all", "early", "middle", "late"):
             found["layers"] = f"expected all, early, middle, late or a list of layer indices, got {self.layers!r}"
         elif isinstance(self.layers, list) and not self.layers:
@@ -232,7 +252,11 @@ class LfU(Regularizer):
         grads = [g.detach() for g in ctx.sft_grads]
         norm_dtype = torch.promote_types(grads[0].dtype, torch.float32)  # half-precision norms in fp32
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=norm_dtype)))
-        scale = cfg.alpha / (grad_norm + EPS)
+        size = cfg.alpha  # the norm phi is given
+        if cfg.alpha_scale == "weights":
+            weights = [p.detach() for p in self.params]
+            size = cfg.alpha * torch.linalg.vector_norm(torch.stack(torch._foreach_norm(weights, 2, dtype=norm_dtype)))
+        scale = size / (grad_norm + EPS)
         phi = torch._foreach_mul(grads, scale.to(grads[0].dtype))
         perturb_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(phi, 2, dtype=norm_dtype)))
 
@@ -245,7 +269,8 @@ class LfU(Regularizer):
         n_tokens = len(self.positions)
         positions = self.positions
         last = max(self.selected)
-        sq_sum = []
+        sq_sum = []  # per selected layer: sum over the pass's response tokens of ||h' - h||^2 (in the graph)
+        clean_sq = []  # and of ||h||^2 (detached)
 
         def hook(index):
             def fn(module, args, output):
@@ -256,6 +281,7 @@ class LfU(Regularizer):
                 if index in self.clean_hidden:
                     picked = h.flatten(0, 1).index_select(0, positions)
                     sq_sum.append(((picked - self.clean_hidden[index]).float() ** 2).sum())
+                    clean_sq.append((self.clean_hidden[index].float() ** 2).sum())
                 if index == last and self.early_stop:
                     raise _StopForward
                 return output
@@ -288,8 +314,15 @@ class LfU(Regularizer):
                 for handle in handles:
                     handle.remove()
             hidden_size = self.clean_hidden[last].shape[-1]
-            # mean over layers x dims, and over the step's tokens through token_scale (as l_sft is)
-            cons_sum = torch.stack(sq_sum).sum() / (len(self.selected) * hidden_size)
+            shifts, cleans = torch.stack(sq_sum), torch.stack(clean_sq)
+            # mean over layers x dims (relative: over layers, per unit of m_l), and over the step's tokens
+            # through token_scale (as l_sft is)
+            if cfg.consistency == "relative":
+                mean_clean_sq = (cleans / max(n_tokens, 1)).clamp_min(EPS)  # m_l, detached
+                cons_sum = (shifts / mean_clean_sq).sum() / len(self.selected)
+            else:
+                cons_sum = shifts.sum() / (len(self.selected) * hidden_size)
+            rel_shift = (shifts.detach().sqrt() / cleans.sqrt().clamp_min(EPS)).mean()
             term = cfg.lam * cons_sum * ctx.token_scale * estimate_scale
             if outputs is not None:
                 # Several processes: every parameter must receive a gradient for DDP to sync; a zero one does.
@@ -312,10 +345,14 @@ class LfU(Regularizer):
         mean_nll_scale = ctx.token_scale * max(int(ctx.batch["labels"].ne(IGNORE_INDEX).sum()), 1)  # g: whole batch
         if skipped:
             return torch.zeros((), device=cons_sum.device), {"lfu_nonfinite_skipped": 1.0}
+        # one read-back for every figure (each .item() is a device sync)
+        cons, ascent, perturb, shift = torch.stack([cons_sum.detach().float(), grad_norm.float(),
+                                                    perturb_norm.float(), rel_shift.float()]).tolist()
         metrics = {
-            "l_cons": cons_sum.item() / max(n_tokens, 1),
-            "lfu_ascent_grad_norm": grad_norm.item() / mean_nll_scale if mean_nll_scale else math.nan,
-            "lfu_perturb_norm": perturb_norm.item(),
+            "l_cons": cons / max(n_tokens, 1),
+            "lfu_ascent_grad_norm": ascent / mean_nll_scale if mean_nll_scale else math.nan,
+            "lfu_perturb_norm": perturb,
+            "lfu_rel_shift": shift,
             **applied_metrics,
         }
         return term.detach(), metrics
