@@ -106,7 +106,7 @@ def test_frontier_settings_are_checked_naming_the_key():
     from forgetless.config import load_config
 
     for override, key in [("frontier.methods=[sft, nope]", "frontier.methods[1]"),
-                          ("frontier.grids={sft: [1.0]}", "frontier.grids.sft: sft has no strength option"),
+                          ("frontier.grids={sft: [1.0]}", "frontier.grids.sft: sft has no strength that holds"),
                           ("frontier.grids={kl: [0.1, -1.0]}", "frontier.grids.kl[1]: kl.coef must be >= 0"),
                           ("frontier.grids={wise-ft: [1.5]}", "frontier.grids.wise-ft[0]: wise_ft.alpha must be in"),
                           ("frontier.grids={replay: [0.5]}", "frontier.grids.replay: 'replay' is not in frontier.methods"),
@@ -116,9 +116,16 @@ def test_frontier_settings_are_checked_naming_the_key():
                           ("frontier.knobs={kl: lfu.alpha}", "frontier.knobs.kl: kl's knobs are kl \\(its"),
                           ("frontier.knobs={replay: replay.weight}", "frontier.knobs.replay: 'replay' is not in"),
                           ("budget.knob=lfu.alpha", "budget.knob: lfu.alpha is a knob to tune"),
-                          ("budget.knob=neftune", "budget.knob: neftune is a knob to tune")]:
+                          ("budget.knob=neftune", "budget.knob: neftune is a knob to tune"),
+                          ("budget.knob=replay.weight && budget.max_drift_kl=0.1",
+                           "budget.knob: replay.weight claims to hold the general-text NLL"),
+                          ("frontier.methods=[sft, lfx] && frontier.knobs={lfx: kl}", "frontier.methods[1]: unknown method 'lfx'"),
+                          ("frontier.methods=[lfu-fast] && frontier.knobs={lfu-fast: lfu.bogus} && frontier.grids={lfu-fast: [1.0]}",
+                           "frontier.knobs.lfu-fast: lfu-fast's knobs are lfu, lfu.alpha"),
+                          ("frontier.methods=[neftune] && frontier.grids={neftune: [1.0]}",
+                           "frontier.grids.neftune: neftune has no strength that holds the model")]:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
-            load_config(None, [override])
+            load_config(None, override.split(" && "))  # several overrides: joined by &&
     cfg = load_config(None, ["frontier.methods=[kl+replay, dft, wise-ft]", "frontier.grids={kl+replay: [0.1]}"])
     from forgetless.frontier import grid
 
@@ -131,6 +138,18 @@ def test_frontier_settings_are_checked_naming_the_key():
                          "kl+replay": ("replay.weight", [0.3, 1.0, 3.0])}
     cfg = load_config(None, ["frontier.methods=[lfu-fast]", "frontier.knobs={lfu-fast: lfu.lam}"])
     assert grid(cfg)["lfu-fast"] == ("lfu", [1.0, 5.0, 20.0])
+    # a knob to tune (NEFTune's alpha) is varied only when frontier.knobs asks for it
+    assert grid(load_config(None, ["frontier.methods=[neftune]"]))["neftune"] == (None, [None])
+    assert grid(load_config(None, ["frontier.methods=[neftune]", "frontier.knobs={neftune: neftune}"]))["neftune"] == (
+        "neftune", [1.0, 5.0, 15.0])
+    # two knobs of one preset never share a run folder (a run trained for one would be overwritten by the other)
+    from pathlib import Path
+
+    from forgetless.frontier import point_config
+    folders = {point_config(cfg, Path("r"), "kl+replay", knob, 0.1).output_dir
+               for knob in ("kl", "replay", "replay.weight")}
+    assert folders == {"r/frontier/kl+replay/0.1", "r/frontier/kl+replay/replay-0.1",
+                       "r/frontier/kl+replay/replay.weight-0.1"}
     from forgetless.config import as_preset, with_strength
     (lfu,) = with_strength(as_preset(cfg, "lfu-fast"), "lfu.alpha", 0.03).regularizers
     assert (lfu.alpha, lfu.lam, lfu.every) == (0.03, 5.0, 4)  # only that option changes; the preset's others stay
@@ -281,7 +300,10 @@ def test_every_strength_that_claims_to_hold_the_model_does_so_from_its_weakest_t
         pretrained, tmp_path, monkeypatch):
     """A short run per grid end on a tiny pretrained model: the strongest value of each registered grid keeps
     what its Strength claims (`holds`: drift KL or general-text NLL on validation) closer to the initial
-    model than the weakest. Replay replays text of the same kind as the validation text, not the text itself."""
+    model than the weakest. What it shows: the direction of each claim at the grid's ends, on one seed, with a
+    learning rate (1e-2) that makes plain fine-tuning forget a lot in 12 steps; not that every step of the grid
+    is monotone. Replay's corpus is drawn from the sentences the validation text is made of (the claim is about
+    text like the corpus), as another document: its paragraphs are not the validation text's."""
     import random
 
     from forgetless.config import load_config

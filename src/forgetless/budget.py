@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.config import ForgetlessConfig, with_strength, without_method
-from forgetless.registry import knob as registry_knob
+from forgetless.registry import knob as registry_knob, main_knob
 from forgetless.data import (general_blocks, general_domains, held_out_blocks, load_texts, pack_blocks, paragraphs,
                              split_holdout, task_pairs, training_records)
 from forgetless.errors import ConfigError, DataError, TrainingError
@@ -190,9 +190,10 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
 
     trials: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
-    strength = registry_knob(b.knob)[1]  # a registered knob with a monotone claim (checked with the config)
+    knob = main_knob(b.knob)  # one spelling per knob: trial folders and the report do not depend on it
+    method_name, strength = registry_knob(knob)  # a registered knob with a monotone claim (checked with the config)
     if not strength.retrains:  # WiSE-FT: one training run, then each alpha is a mix of its weights
-        cfg = trial_config("tuned", without_method(config, "wise_ft"))
+        cfg = trial_config("tuned", without_method(config, method_name))
         continue_run(cfg, holdout=n_val) if resume else train(cfg, overwrite=True, holdout=n_val)
         model = load_candidate(cfg.output_dir)
         initial = None if (Path(cfg.output_dir) / "adapter_config.json").exists() else dict(base.state_dict())
@@ -219,7 +220,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             trials.append(chosen)
         mixer.set(chosen["alpha"])
         chosen_model = model
-        final = with_strength(without_method(config, "wise_ft"), "wise_ft", chosen["alpha"])
+        final = with_strength(without_method(config, method_name), knob, chosen["alpha"])
         tuned_dir = Path(cfg.output_dir)
 
         def save_mixed(folder: Path) -> None:  # the mix in memory; its metrics are the fine-tune's
@@ -231,8 +232,8 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     else:
         option = strength.option
         for value in sorted(b.grid or strength.grid):
-            trial = with_strength(config, b.knob, value)
-            cfg = trial_config(f"{b.knob}-{value:g}", trial)
+            trial = with_strength(config, knob, value)
+            cfg = trial_config(f"{knob}-{value:g}", trial)
             continue_run(cfg, holdout=n_val) if resume else train(cfg, overwrite=True, holdout=n_val)
             model = load_candidate(cfg.output_dir)
             row = judge(validator, config, model, **{option: value, "run": cfg.output_dir})
@@ -245,7 +246,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             if writer:
                 (out / "budget.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
             raise TrainingError(
-                f"budget: no {b.knob}.{option} in {sorted(b.grid or strength.grid)} met the bound on validation "
+                f"budget: no {method_name}.{option} in {sorted(b.grid or strength.grid)} met the bound on validation "
                 f"(closest: {min(trials, key=lambda t: t['general_drop'])}); widen budget.grid or use budget.knob=wise_ft. "
                 f"Trial runs are kept in {work}"
             )
@@ -269,7 +270,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
                     "within_bound": bool((b.max_general_drop is None or drop <= b.max_general_drop)
                                          and (b.max_drift_kl is None or mean_drift <= b.max_drift_kl))}
     report = {
-        "knob": b.knob, "max_general_drop": b.max_general_drop, "max_drift_kl": b.max_drift_kl, "margin": b.margin,
+        "knob": knob, "max_general_drop": b.max_general_drop, "max_drift_kl": b.max_drift_kl, "margin": b.margin,
         "base": {"general_ppl": validator.base_ppl, "target_nll": validator.base_nll},
         "validation_blocks": len(validator.blocks), "validation_examples": len(val_records),
         "trials": trials, "chosen": chosen, "held_out": held_out,

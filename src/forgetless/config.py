@@ -107,6 +107,11 @@ class ForgetlessConfig:
             found["budget.knob"] = (f"{self.budget.knob} is a knob to tune, not a hold on the initial model (no "
                                     "stronger-forgets-less claim), so budget's first passing value need not be the best; "
                                     f"map it with `forgetless frontier` and frontier.knobs instead")
+        elif (knobs[self.budget.knob].holds == "general_nll" and self.budget.max_general_drop is None
+              and self.budget.max_drift_kl is not None):
+            found["budget.knob"] = (f"{self.budget.knob} claims to hold the general-text NLL (of text like its "
+                                    "corpus), not the drift KL that budget.max_drift_kl bounds: set "
+                                    "budget.max_general_drop, or search a knob that holds the drift (kl, ewc, wise_ft)")
         else:
             found.update({f"budget.{key}": problem for key, problem in
                           out_of_range(self.budget, {"grid": knobs[self.budget.knob].range}).items()})
@@ -118,6 +123,8 @@ class ForgetlessConfig:
         from types import SimpleNamespace
 
         for name, chosen in f.knobs.items():
+            if name not in PRESETS:
+                continue  # an unknown method is named by frontier.methods' check
             if name not in f.methods:
                 found[f"frontier.knobs.{name}"] = f"'{name}' is not in frontier.methods ({', '.join(f.methods)})"
                 break
@@ -127,12 +134,15 @@ class ForgetlessConfig:
                                                    f"(its methods' registered strengths), got {chosen!r}")
                 break
         for name, values in f.grids.items():  # the first bad grid is named
-            knob = (f.knobs.get(name) or preset_knob(name)) if name in PRESETS else None
+            knob = preset_knob(name, f.knobs.get(name)) if name in PRESETS else None
+            if knob is not None and knob not in knobs:
+                continue  # an unknown knob is named by frontier.knobs' check
             if name not in f.methods:
                 found[f"frontier.grids.{name}"] = f"'{name}' is not in frontier.methods ({', '.join(f.methods)})"
             elif knob is None:
-                found[f"frontier.grids.{name}"] = (f"{name} has no strength option (none of its methods registers a "
-                                                   "Strength): it is trained once, at its preset; drop its grid")
+                found[f"frontier.grids.{name}"] = (f"{name} has no strength that holds the model (none of its methods "
+                                                   "registers one): it is trained once, at its preset; drop its grid, "
+                                                   "or name a knob to tune with frontier.knobs")
             else:
                 shown = f"{knob.split('.')[0]}.{knobs[knob].option}"
                 for key, problem in out_of_range(SimpleNamespace(grid=values), {"grid": knobs[knob].range}).items():
@@ -207,8 +217,11 @@ def preset_knobs(preset: str) -> list[str]:
 
 def preset_knob(preset: str, chosen: str | None = None) -> str | None:
     """The knob that sets preset `preset`'s strength (`forgetless frontier`'s): `chosen` (frontier.knobs, one of
-    preset_knobs), else the main strength of the first of its methods that has one; None when none has."""
-    return main_knob(chosen) if chosen else next(iter(preset_knobs(preset)), None)
+    preset_knobs), else the first of its knobs that claims to hold the model (Strength.holds; a knob to tune,
+    like NEFTune's alpha, is varied only when asked for); None when it has none."""
+    if chosen:
+        return main_knob(chosen)
+    return next((k for k in preset_knobs(preset) if registry_knob(k)[1].holds is not None), None)
 
 
 def without_method(config: ForgetlessConfig, name: str) -> ForgetlessConfig:

@@ -7,7 +7,7 @@
 For each method of `frontier.methods` (a preset), each strength of its grid: the preset with that strength
 (config.with_strength on the preset's knob: `frontier.knobs.<method>` if given, one of config.preset_knobs,
 else config.preset_knob: the main strength of the first of its methods that registers one), trained on data.train less budget's validation examples (train(holdout=...)) into
-OUTPUT_DIR/frontier/<method>/<value> (<option>-<value> for a knob that is not its method's main one), then measured on budget's validation split (budget.Validator: the last
+OUTPUT_DIR/frontier/<method>/<value> (<knob>-<value> for a knob that is not the preset's default), then measured on budget's validation split (budget.Validator: the last
 `budget.validation_examples` training examples, and general-text blocks the evaluation never reports on).
 Never the test split: the points train without data.eval and without the forgetting curve (both read test data).
   - the grid: `frontier.grids.<method>`, else the knob's registered Strength grid, weakest first (a retraining
@@ -92,11 +92,12 @@ def grid(config: ForgetlessConfig) -> dict[str, tuple[str | None, list[float | N
     return out
 
 
-def _folder(knob: str | None, value: float | None) -> str:
-    """A point's folder: its value, prefixed by the option when the knob is not its method's main one."""
+def _folder(method: str, knob: str | None, value: float | None) -> str:
+    """A point's folder: its value, prefixed by the knob when it is not the preset's default one (so the
+    points of two knobs of one preset never share a folder)."""
     if value is None:
         return "default"
-    return repr(float(value)) if "." not in knob else f"{registry_knob(knob)[1].option}-{float(value)!r}"
+    return repr(float(value)) if knob == preset_knob(method) else f"{knob}-{float(value)!r}"
 
 
 def point_config(config: ForgetlessConfig, root: Path, method: str, knob: str | None, value: float | None,
@@ -107,7 +108,7 @@ def point_config(config: ForgetlessConfig, root: Path, method: str, knob: str | 
     cfg = as_preset(config, method)
     if value is not None:
         cfg = with_strength(cfg, knob, value)
-    cfg.output_dir = str(root / "frontier" / method / (folder or _folder(knob, value)))
+    cfg.output_dir = str(root / "frontier" / method / (folder or _folder(method, knob, value)))
     cfg.data.eval = None
     cfg.evaluation.every_steps = 0
     cfg.frontier = FrontierConfig()

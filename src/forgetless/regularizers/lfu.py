@@ -31,13 +31,17 @@ rows = 1.0 and every = 1 are the exact method, bit for bit.
 Scale-free options (not in the paper or the spec; issue #29): the paper's alpha and lam were set for
 Llama-3.1-8B, and both act in absolute units (a weight-space step of norm alpha; a squared hidden-state
 difference per dimension), which mean different things on another model.
-  alpha_scale = "weights": ||phi|| = alpha * ||theta|| (the norm of the trainable weights, the LoRA
-        matrices in a LoRA run) instead of alpha: alpha is a fraction of the weights. lora variant only.
+  alpha_scale = "weights": ||phi|| = alpha * ||theta|| (the norm of the trainable weights) instead of alpha:
+        alpha is a fraction of the weights. lora variant only. In a LoRA run theta is the adapter matrices,
+        whose norm follows the rank, the number of adapted modules and the adapters' initialisation (B = 0,
+        A random), not the model's size: scale-free in a full fine-tune, a convention in a LoRA one.
   consistency = "relative": each layer's term divided by the clean states' mean squared norm per token
         m_l = mean_t ||h_l,t||^2 (detached) instead of by the hidden size d:
         l_cons = mean_{layers, response tokens} ||h_l(theta) - h_l(theta, phi)||^2 / m_l,
         the shift as a fraction of the representation's own magnitude (the "absolute" form is the same with
-        d for m_l).
+        d for m_l). m_l is measured on the pass's own rows: with rows < 1 the term is a ratio estimate (the
+        sampled rows' m_l), no longer the unbiased estimate the absolute form is, and under gradient
+        accumulation or several processes each micro-batch uses its own m_l.
 Logged with every perturbed pass: `lfu_rel_shift` = mean over layers of ||h' - h||_F / ||h||_F over the
 pass's response tokens, the perturbation's relative effect on the representations (comparable across sizes).
 """
@@ -352,7 +356,7 @@ class LfU(Regularizer):
             "l_cons": cons / max(n_tokens, 1),
             "lfu_ascent_grad_norm": ascent / mean_nll_scale if mean_nll_scale else math.nan,
             "lfu_perturb_norm": perturb,
-            "lfu_rel_shift": shift,
+            **({"lfu_rel_shift": shift} if n_tokens else {}),  # no response token: nothing moved or measured
             **applied_metrics,
         }
         return term.detach(), metrics
