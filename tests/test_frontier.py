@@ -122,6 +122,8 @@ def test_frontier_settings_are_checked_naming_the_key():
                           ("frontier.methods=[sft, lfx] && frontier.knobs={lfx: kl}", "frontier.methods[1]: unknown method 'lfx'"),
                           ("frontier.methods=[lfu-fast] && frontier.knobs={lfu-fast: lfu.bogus} && frontier.grids={lfu-fast: [1.0]}",
                            "frontier.knobs.lfu-fast: lfu-fast's knobs are lfu, lfu.alpha"),
+                          ("frontier.methods=[kl] && compare.runs={kl: {train: {learning_rate: 1.0e-4}}}",
+                           "frontier.methods[0]: 'kl' is both a preset and a compare.runs entry"),
                           ("frontier.methods=[neftune] && frontier.grids={neftune: [1.0]}",
                            "frontier.grids.neftune: neftune has no strength that holds the model")]:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
@@ -153,6 +155,34 @@ def test_frontier_settings_are_checked_naming_the_key():
     from forgetless.config import as_preset, with_strength
     (lfu,) = with_strength(as_preset(cfg, "lfu-fast"), "lfu.alpha", 0.03).regularizers
     assert (lfu.alpha, lfu.lam, lfu.every) == (0.03, 5.0, 4)  # only that option changes; the preset's others stay
+
+
+def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp_path):
+    """frontier.methods may name a compare.runs entry: its own replay corpus, options and settings (a preset
+    would reset them), its knobs from its own entries; its chosen point keeps its other overrides."""
+    from pathlib import Path
+
+    from forgetless.config import load_config
+    from forgetless.frontier import chosen_compare_config, grid, point_config
+
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text("my own general text, a paragraph of it.\n")
+    runs = (f"compare.runs={{mine: {{train: {{learning_rate: 5.0e-4}}, replay: {{data: {corpus}, weight: 0.0}}, "
+            "regularizers: [{lfu: {consistency: relative}}, {kl: {on: replay}}]}}")
+    cfg = load_config(None, ["frontier.methods=[mine, kl]", runs, "frontier.knobs={mine: replay.ratio}"])
+    assert grid(cfg) == {"sft": (None, [None]), "mine": ("replay", [0.01, 0.03, 0.1, 0.3]),
+                         "kl": ("kl", [0.01, 0.1, 1.0, 10.0])}
+    point = point_config(cfg, Path("r"), "mine", "replay", 0.1)
+    assert point.output_dir == "r/frontier/mine/replay-0.1"  # its default knob is lfu's lam
+    assert (point.replay.data, point.replay.ratio, point.replay.weight) == (str(corpus), 0.1, 0.0)
+    assert point.train.learning_rate == 5e-4 and point.regularizers[0].consistency == "relative"
+    assert grid(load_config(None, ["frontier.methods=[mine]", runs]))["mine"] == ("lfu", [1.0, 5.0, 20.0])
+    report = {"methods": {"sft": {"knob": None, "choices": {"within_bound": {"value": None}}},
+                          "mine": {"knob": "replay", "choices": {"within_bound": {"value": 0.1}}}}}
+    cmp, compared = chosen_compare_config(cfg, report)
+    assert compared["mine-0.1"] == {"method": "mine", "value": 0.1}
+    run = cmp.compare.runs["mine-0.1"]
+    assert run["train"] == {"learning_rate": 5e-4} and run["replay"]["ratio"] == 0.1 and run["replay"]["data"] == str(corpus)
 
 
 # ---------------------------------------------------------------- (b) the validation split is apart

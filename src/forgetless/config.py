@@ -23,7 +23,7 @@ import yaml
 import forgetless.methods  # noqa: F401  (every method module registers itself)
 from forgetless.errors import ConfigError
 from forgetless.registry import METHODS, PRESETS, combination_problems, entry, parse_entries, strengths
-from forgetless.registry import knob as registry_knob, main_knob
+from forgetless.registry import knob as registry_knob, main_knob, method_of
 from forgetless.schema import check_problems, from_dict, out_of_range
 from forgetless.sections import (DEFAULT_MODEL, DEFAULT_TEMPLATES, GENERAL_DOMAINS, RUN_NAME, SEED_RANGE,  # noqa: F401
                                  BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, FrontierConfig,
@@ -117,24 +117,30 @@ class ForgetlessConfig:
                           out_of_range(self.budget, {"grid": knobs[self.budget.knob].range}).items()})
         f = self.frontier
         for i, name in enumerate(f.methods):
-            if name not in PRESETS:
-                found[f"frontier.methods[{i}]"] = f"unknown method '{name}' (presets: {', '.join(PRESETS)})"
+            if name in PRESETS and name in c.runs:
+                found[f"frontier.methods[{i}]"] = (f"'{name}' is both a preset and a compare.runs entry: rename the "
+                                                   "run")
+                break
+            if name not in PRESETS and name not in c.runs:
+                found[f"frontier.methods[{i}]"] = (f"unknown method '{name}' (presets: {', '.join(PRESETS)}; or the "
+                                                   "name of a compare.runs entry)")
                 break
         from types import SimpleNamespace
 
+        known = set(PRESETS) | set(c.runs)
         for name, chosen in f.knobs.items():
-            if name not in PRESETS:
+            if name not in known:
                 continue  # an unknown method is named by frontier.methods' check
             if name not in f.methods:
                 found[f"frontier.knobs.{name}"] = f"'{name}' is not in frontier.methods ({', '.join(f.methods)})"
                 break
-            options = preset_knobs(name)
+            options = preset_knobs(name, self)
             if main_knob(chosen) not in options:
                 found[f"frontier.knobs.{name}"] = (f"{name}'s knobs are {', '.join(options) or 'none'} "
                                                    f"(its methods' registered strengths), got {chosen!r}")
                 break
         for name, values in f.grids.items():  # the first bad grid is named
-            knob = preset_knob(name, f.knobs.get(name)) if name in PRESETS else None
+            knob = preset_knob(name, f.knobs.get(name), self) if name in known else None
             if knob is not None and knob not in knobs:
                 continue  # an unknown knob is named by frontier.knobs' check
             if name not in f.methods:
@@ -203,11 +209,31 @@ def with_strength(config: ForgetlessConfig, knob: str, value: float) -> Forgetle
     return cfg
 
 
-def preset_knobs(preset: str) -> list[str]:
-    """Every knob (forgetless.registry.strengths) of preset `preset`'s methods: its `regularizers` entries in
-    order, then its `replay` section; each method's main knob `METHOD` first, then its `METHOD.OPTION` ones."""
-    spec = PRESETS[preset]
-    names = [next(iter(item)) for item in spec.get("regularizers", [])] + (["replay"] if "replay" in spec else [])
+def _method_spec(name: str, config: ForgetlessConfig | None = None) -> dict[str, Any]:
+    """What a frontier method trains with ({regularizers, replay}): the `compare.runs` entry of that name in
+    `config` (its own entries, or the preset its `method:` names), else the preset `name`."""
+    run = config.compare.runs.get(name) if config is not None else None
+    if isinstance(run, dict):
+        if run.get("regularizers") or run.get("replay") is not None:
+            return run
+        return PRESETS.get(run.get("method", "sft"), {})
+    return PRESETS[name]
+
+
+def method_config(config: ForgetlessConfig, name: str) -> ForgetlessConfig:
+    """A frontier method's config: `compare.runs.<name>` laid over `config` (run_config), else preset `name`."""
+    if name in config.compare.runs:
+        return run_config(config, name, config.compare.runs[name])
+    return as_preset(config, name)
+
+
+def preset_knobs(preset: str, config: ForgetlessConfig | None = None) -> list[str]:
+    """Every knob (forgetless.registry.strengths) of preset `preset`'s methods (or of `config`'s compare.runs
+    entry of that name): its `regularizers` entries in order, then its `replay` section; each method's main
+    knob `METHOD` first, then its `METHOD.OPTION` ones."""
+    spec = _method_spec(preset, config)
+    names = [next(iter(item)) if isinstance(item, dict) else method_of(item).name
+             for item in spec.get("regularizers") or []] + (["replay"] if spec.get("replay") is not None else [])
     out: list[str] = []
     for name in dict.fromkeys(names):
         strengths_of = METHODS[name].strengths
@@ -215,13 +241,13 @@ def preset_knobs(preset: str) -> list[str]:
     return out
 
 
-def preset_knob(preset: str, chosen: str | None = None) -> str | None:
+def preset_knob(preset: str, chosen: str | None = None, config: ForgetlessConfig | None = None) -> str | None:
     """The knob that sets preset `preset`'s strength (`forgetless frontier`'s): `chosen` (frontier.knobs, one of
     preset_knobs), else the first of its knobs that claims to hold the model (Strength.holds; a knob to tune,
     like NEFTune's alpha, is varied only when asked for); None when it has none."""
     if chosen:
         return main_knob(chosen)
-    return next((k for k in preset_knobs(preset) if registry_knob(k)[1].holds is not None), None)
+    return next((k for k in preset_knobs(preset, config) if registry_knob(k)[1].holds is not None), None)
 
 
 def without_method(config: ForgetlessConfig, name: str) -> ForgetlessConfig:
@@ -376,7 +402,8 @@ def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str =
         raise ConfigError(f"{at}expected a mapping of config overrides, e.g. {{regularizers: [{{kl: {{coef: 0.1}}}}]}}")
     if "compare" in overrides or "budget" in overrides or "evaluation" in overrides:
         raise ConfigError(f"{at}a run may change how it trains, not the comparison, budget or evaluation")
-    base = {k: v for k, v in config.to_dict().items() if k not in ("compare", "budget")}
+    # a run trains: it carries neither the comparison, the budget nor the frontier (which may name this run)
+    base = {k: v for k, v in config.to_dict().items() if k not in ("compare", "budget", "frontier")}
     base["regularizers"], base["replay"] = [], None
     base["method"] = name if overrides.get("regularizers") or overrides.get("replay") else "sft"
     run = from_dict(ForgetlessConfig, _merged(base, overrides), where=at)

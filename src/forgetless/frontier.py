@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.cache import write_json_atomic
-from forgetless.config import (ForgetlessConfig, as_preset, preset_knob, validate, with_strength,
+from forgetless.config import (ForgetlessConfig, method_config, preset_knob, validate, with_strength,
                                without_method)
 from forgetless.data import source_spec, train_sources
 from forgetless.errors import ConfigError
@@ -80,10 +80,10 @@ def weakest_first(strength: Strength, values) -> list[float]:
 
 def grid(config: ForgetlessConfig) -> dict[str, tuple[str | None, list[float | None]]]:
     """method -> (its knob, the strengths it is trained at, weakest first); sft first, once (the reference);
-    a method without a knob: [None], its preset as it is."""
+    a method without a knob: [None], as it is (a preset, or a compare.runs entry of that name)."""
     out: dict[str, tuple[str | None, list[float | None]]] = {"sft": (None, [None])}
     for method in config.frontier.methods:
-        knob = preset_knob(method, config.frontier.knobs.get(method))
+        knob = preset_knob(method, config.frontier.knobs.get(method), config)
         if method == "sft" or knob is None:
             out[method] = (None, [None])
             continue
@@ -92,23 +92,25 @@ def grid(config: ForgetlessConfig) -> dict[str, tuple[str | None, list[float | N
     return out
 
 
-def _folder(method: str, knob: str | None, value: float | None) -> str:
-    """A point's folder: its value, prefixed by the knob when it is not the preset's default one (so the
-    points of two knobs of one preset never share a folder)."""
+def _folder(default_knob: str | None, knob: str | None, value: float | None) -> str:
+    """A point's folder: its value, prefixed by the knob when it is not the method's default one (so the
+    points of two knobs of one method never share a folder)."""
     if value is None:
         return "default"
-    return repr(float(value)) if knob == preset_knob(method) else f"{knob}-{float(value)!r}"
+    return repr(float(value)) if knob == default_knob else f"{knob}-{float(value)!r}"
 
 
 def point_config(config: ForgetlessConfig, root: Path, method: str, knob: str | None, value: float | None,
                  folder: str | None = None) -> ForgetlessConfig:
-    """One point's run: preset `method` with its knob at `value`, in OUTPUT_DIR/frontier/<method>/<value>, trained
-    without anything that reads the test split (data.eval, the forgetting curve). Its frontier section is the
-    default one, so that changing the frontier's settings never makes a finished point look different."""
-    cfg = as_preset(config, method)
+    """One point's run: method `method` (a preset or a compare.runs entry) with its knob at `value`, in
+    OUTPUT_DIR/frontier/<method>/<value>, trained without anything that reads the test split (data.eval, the
+    forgetting curve). Its frontier section is the default one, so that changing the frontier's settings never
+    makes a finished point look different."""
+    cfg = method_config(config, method)
     if value is not None:
         cfg = with_strength(cfg, knob, value)
-    cfg.output_dir = str(root / "frontier" / method / (folder or _folder(method, knob, value)))
+    folder = folder or _folder(preset_knob(method, None, config), knob, value)
+    cfg.output_dir = str(root / "frontier" / method / folder)
     cfg.data.eval = None
     cfg.evaluation.every_steps = 0
     cfg.frontier = FrontierConfig()
@@ -238,7 +240,7 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
     root = Path(config.output_dir)
     plan = grid(config)
     # never select on what the evaluation asks or replay trains on: stop before any point trains
-    replays = {cfg.replay.data: cfg.replay for cfg in (as_preset(config, method) for method in plan)
+    replays = {cfg.replay.data: cfg.replay for cfg in (method_config(config, method) for method in plan)
                if cfg.replay is not None}
     check_disjoint(config.evaluation, config.data, [source_spec(s) for s in train_sources(config.data)],
                    list(replays.values()))
@@ -365,11 +367,13 @@ def chosen_compare_config(config: ForgetlessConfig, report: dict) -> tuple[Forge
         if point is None:
             logger.warning("frontier: %s has no point by the %s rule: not evaluated on the test split", method, rule)
             continue
-        cfg = as_preset(config, method)
+        cfg = method_config(config, method)
         if m["knob"] is not None:
             cfg = with_strength(cfg, m["knob"], point["value"])
         name = run_name(method, point["value"])
-        runs[name] = {"method": name, "regularizers": [entry(o) for o in cfg.regularizers],
+        # a compare.runs method keeps its other overrides (e.g. its own learning rate)
+        runs[name] = {**copy.deepcopy(config.compare.runs.get(method, {})), "method": name,
+                      "regularizers": [entry(o) for o in cfg.regularizers],
                       "replay": dataclasses.asdict(cfg.replay) if cfg.replay is not None else None}
         compared[name] = {"method": method, "value": point["value"]}
     cmp.compare = dataclasses.replace(cmp.compare, methods=["sft"], runs=runs, paired_with=["sft"])
