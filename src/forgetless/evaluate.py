@@ -26,13 +26,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from forgetless.data import (check_encodable, end_of_sequence_ids, first_end, general_blocks, general_domains,
+from forgetless.data import (check_encodable, end_of_sequence_ids, general_blocks, general_domains,
                              load_records, load_texts, paragraphs, read_rows, render_prompt, task_pairs,
                              uses_chat_template)
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
 from forgetless.replay import replay_documents
 from forgetless.sections import SELF, ReplayConfig
 from forgetless.errors import ConfigError, DataError
+from forgetless.generation import complete
 from forgetless.losses import forward_rows, token_kl, upcast
 from forgetless import stats
 
@@ -87,35 +88,12 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     filled with whether each answer stopped at end-of-sequence within max_new_tokens; `tokens` with each
     answer's generated token ids, up to and including the end-of-sequence token that ended it (a cut
     answer: all max_new_tokens of them), the decoded text losing that special token."""
-    ends = end_of_sequence_ids(model, tokenizer)  # the EOS, and a chat model's end-of-turn token
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    # batches of similar length waste little on padding; answers are put back in input order
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    stopped = [False] * len(prompts)
-    generated: list[list[int]] = [[] for _ in prompts]
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-            chunk = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=ends)
-            new_tokens = gen[:, enc["input_ids"].shape[1]:]
-            for i, ids in zip(chunk, new_tokens.tolist()):
-                end = first_end(ids, ends)
-                stopped[i] = end is not None
-                # what follows the end-of-sequence token is padding
-                generated[i] = ids[:end + 1] if stopped[i] else ids
-                out[i] = tokenizer.decode(ids[:end] if stopped[i] else ids, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    done = complete(model, tokenizer, prompts, max_new_tokens, batch_size, desc=desc)
     if ended is not None:
-        ended[:] = stopped
+        ended[:] = [c.ended for c in done]
     if tokens is not None:
-        tokens[:] = generated
-    return out
+        tokens[:] = [c.ids for c in done]
+    return [c.text for c in done]
 
 
 @torch.no_grad()

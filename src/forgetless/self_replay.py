@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from forgetless.cache import build_once
-from forgetless.data import bos_before_raw_text, end_of_sequence_ids, first_end
+from forgetless.data import bos_before_raw_text
 from forgetless.errors import ConfigError, DataError
+from forgetless.generation import complete
 
 logger = logging.getLogger(__name__)
 
@@ -101,25 +102,8 @@ def sample_completions(model, tokenizer, texts: list[str], max_new_tokens: int, 
                        batch_size: int = 16) -> list[tuple[str, bool]]:
     """(completion, ended at end-of-sequence) of each already-rendered text, sampled (left-padded batches).
     Seeded by the caller's torch RNG."""
-    device = next(model.parameters()).device
-    ends = end_of_sequence_ids(model, tokenizer)  # the EOS, and a chat model's end-of-turn token
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out: list[tuple[str, bool]] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=ends)
-            for ids in gen[:, enc["input_ids"].shape[1]:].tolist():
-                end = first_end(ids, ends)
-                out.append((tokenizer.decode(ids if end is None else ids[:end], skip_special_tokens=True),
-                            end is not None))
-    finally:
-        tokenizer.padding_side = side
-    return out
+    return [(c.text, c.ended) for c in complete(model, tokenizer, texts, max_new_tokens, batch_size,
+                                                 sample=(temperature, top_p))]
 
 
 def write_instructions(model, tokenizer, demos: list[str], count: int, shots: int, temperature: float, top_p: float,
