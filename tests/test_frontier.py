@@ -283,6 +283,31 @@ def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, 
     assert again["sft"]["target_nll"] == pytest.approx(sft["target_nll"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_jobs_train_the_points_side_by_side_with_the_figures_of_one_at_a_time(pretrained, tmp_path):
+    """--jobs 2: the points train in two worker processes, then are measured here; the figures are those of
+    the one-at-a-time frontier (to float rounding: a worker computes with its own thread count), and a rerun
+    reuses every run."""
+    from forgetless.cli import main
+
+    def args(out, *extra):
+        return ["frontier", *budget_args(pretrained, out, "train.max_steps=4", "frontier.methods=[l2sp, wise-ft]",
+                                         "frontier.grids={l2sp: [0.0, 1000.0], wise-ft: [0.5]}",
+                                         "frontier.evaluate_chosen=false")[1:], *extra]
+
+    assert main(args(tmp_path / "one")) == 0
+    assert main(args(tmp_path / "two", "--jobs", "2")) == 0
+    one, two = (json.loads((tmp_path / d / "frontier.json").read_text()) for d in ("one", "two"))
+    assert two["runs"] == one["runs"] == {"trained_now": 3, "reused": 0}
+    for method in one["methods"]:
+        for a, b in zip(one["methods"][method]["points"], two["methods"][method]["points"]):
+            assert (a["value"], a["run"].replace("/one/", "/two/")) == (b["value"], b["run"])
+            for key in ("target_nll", "general_drop", "drift_kl"):
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (method, key)
+    assert main(args(tmp_path / "two", "--jobs", "2")) == 0
+    assert json.loads((tmp_path / "two" / "frontier.json").read_text())["runs"] == {"trained_now": 0, "reused": 3}
+
+
 def test_wise_ft_points_are_mixes_of_sfts_own_run_with_full_finetuning(pretrained, tmp_path):
     """A full fine-tune's alpha point measures W0 + alpha (W - W0) of sft's run, computed here by hand."""
     from transformers import AutoModelForCausalLM

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "test split in OUTPUT_DIR/chosen. Finished runs are reused unless --overwrite.")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="retrain every point even if a finished run exists")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N points at a time in worker processes, then measure them (for small models on a "
+                        "GPU; each run's step time then includes the contention)")
 
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit",
                        description="Validate CONFIG with its overrides and print the full resolved config.")
@@ -99,14 +102,14 @@ def run_eval(config, run_dir: str | None) -> int:
     return 0
 
 
-def run_frontier_command(config, overwrite: bool) -> int:
+def run_frontier_command(config, overwrite: bool, jobs: int = 1) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command line's choice: frontier.png is written with no display
     from forgetless.frontier import run_frontier
 
     use_cpu_allocator_settings()
-    report = run_frontier(config, overwrite=overwrite)
+    report = run_frontier(config, overwrite=overwrite, jobs=jobs)
     root = Path(config.output_dir)
     rules = report["rules"]
     bound = " and ".join(f"{k} <= {rules[k]:g}" for k in ("max_general_drop", "max_drift_kl") if rules[k] is not None)
@@ -175,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nwrote {root / 'report.md'}, report.json, tradeoff.png, measures.png")
             return 0
         if args.command == "frontier":
-            return run_frontier_command(config, args.overwrite)
+            if args.jobs < 1:
+                parser.error(f"--jobs: a number of worker processes >= 1, got {args.jobs}")
+            return run_frontier_command(config, args.overwrite, args.jobs)
         use_cpu_allocator_settings()
         from forgetless.budget import budget_active, train_with_budget
         from forgetless.train import train

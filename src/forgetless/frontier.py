@@ -3,6 +3,7 @@
     forgetless frontier default                                    # sft, kl, ewc, l2sp, lfu-fast, wise-ft
     forgetless frontier default frontier.methods=[sft,kl,wise-ft] 'frontier.grids={kl: [0.1, 1.0]}'
     forgetless frontier default frontier.methods=[lfu-fast] 'frontier.knobs={lfu-fast: lfu.alpha}'
+    forgetless frontier default --jobs 4                           # 4 points train at a time (a GPU)
 
 For each method of `frontier.methods` (a preset), each strength of its grid: the preset with that strength
 (config.with_strength on the preset's knob: `frontier.knobs.<method>` if given, one of config.preset_knobs,
@@ -50,7 +51,10 @@ import copy
 import dataclasses
 import logging
 import math
+import multiprocessing
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +213,13 @@ def make_validator(config: ForgetlessConfig):
     return Validator(config, validation_records(config), tokenizer, base)
 
 
+def _label(method: str, knob: str | None, value: float | None, cfg: ForgetlessConfig) -> str:
+    """How the progress log names a run."""
+    if knob is not None and not registry_knob(knob)[1].retrains:
+        return f"{method} (the fine-tune its {knob} mixes)" if cfg.output_dir.endswith("tuned") else "sft"
+    return method if value is None else f"{method} {registry_knob(knob)[1].option}={value:g}"
+
+
 def _train_or_reuse(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label: str) -> tuple[dict, bool]:
     """(the run's summary, whether it trained now): a finished run of the same config and inputs is reused,
     an unfinished one resumed (train.continue_run); --overwrite trains it again."""
@@ -225,9 +236,65 @@ def _train_or_reuse(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label:
     return continue_run(cfg, holdout=holdout), True
 
 
-def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str, Any]:
+def _train_in_worker(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label: str,
+                     threads: int) -> tuple[dict, bool]:
+    """One point's run in a worker process of run_frontier's pool (--jobs)."""
+    import torch
+
+    torch.set_num_threads(threads)  # this worker's own process: the pool shares the machine's cores
+    return _train_or_reuse(cfg, holdout, overwrite, label)
+
+
+def point_runs(config: ForgetlessConfig, root: Path,
+               plan: dict[str, tuple[str | None, list[float | None]]]) -> dict[str, list[tuple[Any, ForgetlessConfig]]]:
+    """method -> [(value, the run its point measures)]: sft's own run for sft, one run per point of a retraining
+    knob, and for a mixing knob (WiSE-FT) one fine-tune every value mixes (sft's run when it trains like sft)."""
+    sft_cfg = point_config(config, root, "sft", None, None)
+    out: dict[str, list[tuple[Any, ForgetlessConfig]]] = {}
+    for method, (knob, values) in plan.items():
+        if knob is not None and not registry_knob(knob)[1].retrains:
+            tuned = without_method(point_config(config, root, method, None, None, folder="tuned"),
+                                   registry_knob(knob)[0])
+            shares = (tuned.regularizers, tuned.replay) == (sft_cfg.regularizers, sft_cfg.replay)
+            out[method] = [(value, sft_cfg if shares else tuned) for value in values]
+        else:
+            out[method] = [(value, sft_cfg if method == "sft" else point_config(config, root, method, knob, value))
+                           for value in values]
+    return out
+
+
+def train_side_by_side(runs: dict[str, tuple[ForgetlessConfig, str]], holdout: int, overwrite: bool,
+                       jobs: int) -> dict[str, tuple[dict, bool]]:
+    """Train (or reuse) every run, `jobs` at a time in spawned worker processes: run folder -> (summary, trained
+    now). A failed run does not stop the others (what finishes is reused next time); the first error is raised
+    once all are done."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    logger.info("frontier: %d runs, %d at a time (worker processes, %d threads each)", len(runs), jobs, threads)
+    done: dict[str, tuple[dict, bool]] = {}
+    failed: list[tuple[str, BaseException]] = []
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_in_worker, cfg, holdout, overwrite, label, threads): folder
+                   for folder, (cfg, label) in runs.items()}
+        for count, future in enumerate(as_completed(futures), start=1):
+            folder = futures[future]
+            try:
+                done[folder] = future.result()
+            except Exception as exc:
+                logger.error("frontier: [%d/%d] %s failed: %s", count, len(runs), runs[folder][1], exc)
+                failed.append((folder, exc))
+                continue
+            logger.info("frontier: [%d/%d] %s %s", count, len(runs), runs[folder][1],
+                        "trained" if done[folder][1] else "reused")
+    if failed:
+        raise failed[0][1]
+    return done
+
+
+def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Train and measure every point, choose, write frontier.json / frontier.png, and (evaluate_chosen) compare
-    the chosen points on the test split. Returns frontier.json's content."""
+    the chosen points on the test split. Returns frontier.json's content. `jobs` > 1 trains that many points
+    at a time in worker processes first (for small models on a GPU, which one run leaves mostly idle), then
+    measures them one by one here; with 1, each point is measured as soon as it has trained."""
     from accelerate import PartialState
 
     from forgetless.model import load_trained
@@ -251,8 +318,13 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
     logger.info("frontier: base validation ppl %.3f, target NLL %.4f (%d examples, %d blocks)", validator.base_ppl,
                 validator.base_nll, len(validator.pairs), len(validator.blocks))
     total = sum(len(values) for _, values in plan.values())
+    runs = point_runs(config, root, plan)
     done: dict[str, tuple[dict, bool]] = {}  # run folder -> (summary, trained now): a run shared is trained once
     counted: list[dict] = []  # the points measured so far (the progress count)
+    if jobs > 1:
+        labels = {cfg.output_dir: (cfg, _label(method, plan[method][0], value, cfg))
+                  for method, items in runs.items() for value, cfg in items}
+        done.update(train_side_by_side(labels, n_val, overwrite, jobs))
 
     def run(cfg: ForgetlessConfig, label: str) -> tuple[dict, bool]:
         if cfg.output_dir not in done:
@@ -276,15 +348,11 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
         return load_trained(run_dir, dtype=base.dtype, device=device)[0].eval()
 
     methods: dict[str, dict] = {}
-    sft_cfg = point_config(config, root, "sft", None, None)
     for method, (knob, values) in plan.items():
         points: list[dict] = []
         if knob is not None and not registry_knob(knob)[1].retrains:  # a mix of one fine-tune per value
-            tuned = without_method(point_config(config, root, method, None, None, folder="tuned"),
-                                   registry_knob(knob)[0])
-            shares = (tuned.regularizers, tuned.replay) == (sft_cfg.regularizers, sft_cfg.replay)
-            tuned = sft_cfg if shares else tuned
-            summary, trained = run(tuned, f"{method} (the fine-tune its {knob} mixes)")
+            tuned = runs[method][0][1]
+            summary, trained = run(tuned, _label(method, knob, None, tuned))
             model = load(tuned.output_dir)
             # a full fine-tune mixes with the base's weights, on the CPU beside the mixer's copy of the tuned ones
             initial = None if (Path(tuned.output_dir) / "adapter_config.json").exists() else {
@@ -295,10 +363,8 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False) -> dict[str,
                 points.append(measured(model, method, knob, value, tuned.output_dir, summary, trained))
             del model, mixer
         else:
-            for value in values:
-                cfg = sft_cfg if method == "sft" else point_config(config, root, method, knob, value)
-                shown = method if value is None else f"{method} {registry_knob(knob)[1].option}={value:g}"
-                summary, trained = run(cfg, shown)
+            for value, cfg in runs[method]:
+                summary, trained = run(cfg, _label(method, knob, value, cfg))
                 model = load(cfg.output_dir)
                 points.append(measured(model, method, knob, value, cfg.output_dir, summary, trained))
                 del model
