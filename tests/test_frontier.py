@@ -184,6 +184,22 @@ def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp
     run = cmp.compare.runs["mine-0.1"]
     assert run["train"] == {"learning_rate": 5e-4} and run["replay"]["ratio"] == 0.1 and run["replay"]["data"] == str(corpus)
 
+    # a run with only other settings: one point, compared as plain SFT with them
+    fast = "compare.runs={fastlr: {train: {learning_rate: 1.0e-3}}, mywise: {train: {learning_rate: 1.0e-3}, regularizers: [{wise_ft: {}}]}, sft: {train: {learning_rate: 1.0e-3}}}"
+    cfg = load_config(None, ["frontier.methods=[fastlr, mywise]", "compare.methods=[kl]", fast])
+    assert grid(cfg)["fastlr"] == (None, [None])
+    cmp, _ = chosen_compare_config(cfg, {"methods": {"fastlr": {"knob": None, "choices": {"within_bound": {"value": None}}}}})
+    assert cmp.compare.runs["fastlr"]["method"] == "sft" and cmp.compare.runs["fastlr"]["train"] == {"learning_rate": 1e-3}
+    # a WiSE-FT run that trains unlike sft mixes its own fine-tune, not sft's run
+    from forgetless.frontier import point_runs
+    runs = point_runs(cfg, Path("r"), grid(cfg))
+    assert {c.output_dir for _, c in runs["mywise"]} == {"r/frontier/mywise/tuned"}
+    assert runs["sft"][0][1].train.learning_rate == 1e-4  # the reference is the preset, never a run named sft
+    # a frontier method trains on the frontier's data, model and seed (its validation examples are held out of those)
+    for bad, key in [("{data: {limit: 10}}", "data"), ("{model: {finetune: full}}", "model"), ("{train: {seed: 3}}", "train.seed")]:
+        with pytest.raises(ConfigError, match=f"compare.runs.odd.{key}: a frontier method trains on the frontier's own"):
+            load_config(None, ["frontier.methods=[odd]", f"compare.runs={{odd: {bad}}}"])
+
 
 # ---------------------------------------------------------------- (b) the validation split is apart
 
@@ -251,7 +267,7 @@ def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, 
     wise = report["methods"]["wise-ft"]["points"]
     assert all(p["run"] == sft["run"] for p in wise)  # WiSE-FT mixes sft's own run: no run of its own
     assert wise[0]["target_nll"] == pytest.approx(sft["target_nll"], rel=1e-5)  # alpha 1 is that run
-    assert report["runs"] == {"trained_now": 3, "reused": 0}
+    assert report["runs"] == {"trained_now": 3, "reused": 0, "at_a_time": 1}
     for p in [sft, *report["methods"]["l2sp"]["points"]]:
         summary = json.loads((tmp_path / p["run"] / "train_summary.json").read_text())
         assert summary["inputs"]["holdout"] == 16 and summary["train_examples"] == 64 - 16
@@ -278,7 +294,7 @@ def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, 
     # a frontier setting that changes no run (the choice's tolerance) keeps every run reusable
     assert main(args + ["frontier.sft_tolerance=0.5"]) == 0
     again = json.loads((out / "frontier.json").read_text())
-    assert again["runs"] == {"trained_now": 0, "reused": 3}
+    assert again["runs"] == {"trained_now": 0, "reused": 3, "at_a_time": 1}
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert again["sft"]["target_nll"] == pytest.approx(sft["target_nll"], rel=1e-6)
 
@@ -298,14 +314,15 @@ def test_jobs_train_the_points_side_by_side_with_the_figures_of_one_at_a_time(pr
     assert main(args(tmp_path / "one")) == 0
     assert main(args(tmp_path / "two", "--jobs", "2")) == 0
     one, two = (json.loads((tmp_path / d / "frontier.json").read_text()) for d in ("one", "two"))
-    assert two["runs"] == one["runs"] == {"trained_now": 3, "reused": 0}
+    assert one["runs"] == {"trained_now": 3, "reused": 0, "at_a_time": 1}
+    assert two["runs"] == {"trained_now": 3, "reused": 0, "at_a_time": 2}
     for method in one["methods"]:
         for a, b in zip(one["methods"][method]["points"], two["methods"][method]["points"]):
             assert (a["value"], a["run"].replace("/one/", "/two/")) == (b["value"], b["run"])
             for key in ("target_nll", "general_drop", "drift_kl"):
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (method, key)
     assert main(args(tmp_path / "two", "--jobs", "2")) == 0
-    assert json.loads((tmp_path / "two" / "frontier.json").read_text())["runs"] == {"trained_now": 0, "reused": 3}
+    assert json.loads((tmp_path / "two" / "frontier.json").read_text())["runs"] == {"trained_now": 0, "reused": 3, "at_a_time": 2}
 
 
 def test_wise_ft_points_are_mixes_of_sfts_own_run_with_full_finetuning(pretrained, tmp_path):
@@ -321,7 +338,7 @@ def test_wise_ft_points_are_mixes_of_sfts_own_run_with_full_finetuning(pretraine
     cfg = load_config(None, args[2:])
     report = run_frontier(cfg)
     (point,) = report["methods"]["wise-ft"]["points"]
-    assert point["run"] == report["sft"]["run"] and report["runs"] == {"trained_now": 1, "reused": 0}
+    assert point["run"] == report["sft"]["run"] and report["runs"] == {"trained_now": 1, "reused": 0, "at_a_time": 1}
     base = dict(AutoModelForCausalLM.from_pretrained(pretrained / "model").named_parameters())
     mixed = AutoModelForCausalLM.from_pretrained(point["run"])
     with torch.no_grad():

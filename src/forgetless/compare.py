@@ -112,7 +112,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
                     len(jobs_list), jobs, threads)
         started = time.perf_counter()
         failed: list[tuple[str, int, BaseException]] = []
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=log_like_parent,
+                                 initargs=parent_logging()) as pool:
             futures = {pool.submit(_job_in_worker, config, name, seed, cfg, overwrite, threads, jobs): (name, seed)
                        for name, seed, cfg in jobs_list}
             for done, future in enumerate(as_completed(futures), start=1):
@@ -219,6 +220,21 @@ class Suite:
 
 
 _WORKER_SUITE: Suite | None = None  # in a worker process: the suite, base model loaded once
+
+
+def parent_logging() -> tuple[int, str | None]:
+    """What a spawned worker needs to log as this process does: the root logger's level and its first
+    handler's format (None: this process configured no logging, and the workers configure none either)."""
+    root = logging.getLogger()
+    fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
+    return root.level, fmt
+
+
+def log_like_parent(level: int, fmt: str | None) -> None:
+    """A worker process's initializer (compare's and frontier's pools): its log lines reach the console as the
+    parent's do. Only when the parent configured logging (the CLI does; a library caller's choice is theirs)."""
+    if fmt is not None:
+        logging.basicConfig(level=level, format=fmt)
 
 
 def _job_in_worker(config: ForgetlessConfig, name: str, seed: int, cfg: ForgetlessConfig, overwrite: bool,

@@ -125,6 +125,14 @@ class ForgetlessConfig:
                 found[f"frontier.methods[{i}]"] = (f"unknown method '{name}' (presets: {', '.join(PRESETS)}; or the "
                                                    "name of a compare.runs entry)")
                 break
+            run = c.runs.get(name)
+            fixed = [key for key in ("data", "model") if isinstance(run, dict) and key in run]
+            fixed += ["train.seed"] * (isinstance(run, dict) and isinstance(run.get("train"), dict) and "seed" in run["train"])
+            if fixed:
+                found[f"compare.runs.{name}.{fixed[0]}"] = (
+                    f"a frontier method trains on the frontier's own data, model and seed (its validation examples "
+                    f"are held out of those); drop {fixed[0]} from this run, or map it in a frontier of its own config")
+                break
         from types import SimpleNamespace
 
         known = set(PRESETS) | set(c.runs)
@@ -212,7 +220,7 @@ def with_strength(config: ForgetlessConfig, knob: str, value: float) -> Forgetle
 def _method_spec(name: str, config: ForgetlessConfig | None = None) -> dict[str, Any]:
     """What a frontier method trains with ({regularizers, replay}): the `compare.runs` entry of that name in
     `config` (its own entries, or the preset its `method:` names), else the preset `name`."""
-    run = config.compare.runs.get(name) if config is not None else None
+    run = config.compare.runs.get(name) if config is not None and name not in PRESETS else None
     if isinstance(run, dict):
         if run.get("regularizers") or run.get("replay") is not None:
             return run
@@ -221,8 +229,8 @@ def _method_spec(name: str, config: ForgetlessConfig | None = None) -> dict[str,
 
 
 def method_config(config: ForgetlessConfig, name: str) -> ForgetlessConfig:
-    """A frontier method's config: `compare.runs.<name>` laid over `config` (run_config), else preset `name`."""
-    if name in config.compare.runs:
+    """A frontier method's config: preset `name`, else `compare.runs.<name>` laid over `config` (run_config)."""
+    if name not in PRESETS and name in config.compare.runs:
         return run_config(config, name, config.compare.runs[name])
     return as_preset(config, name)
 
@@ -400,8 +408,8 @@ def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str =
     at = f"{where}compare.runs.{name}: "
     if not isinstance(overrides, dict):
         raise ConfigError(f"{at}expected a mapping of config overrides, e.g. {{regularizers: [{{kl: {{coef: 0.1}}}}]}}")
-    if "compare" in overrides or "budget" in overrides or "evaluation" in overrides:
-        raise ConfigError(f"{at}a run may change how it trains, not the comparison, budget or evaluation")
+    if any(key in overrides for key in ("compare", "budget", "evaluation", "frontier")):
+        raise ConfigError(f"{at}a run may change how it trains, not the comparison, budget, evaluation or frontier")
     # a run trains: it carries neither the comparison, the budget nor the frontier (which may name this run)
     base = {k: v for k, v in config.to_dict().items() if k not in ("compare", "budget", "frontier")}
     base["regularizers"], base["replay"] = [], None

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetless.cache import write_json_atomic
+from forgetless.compare import log_like_parent, parent_logging
 from forgetless.config import (ForgetlessConfig, method_config, preset_knob, validate, with_strength,
                                without_method)
 from forgetless.data import source_spec, train_sources
@@ -245,6 +246,10 @@ def _train_in_worker(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label
     return _train_or_reuse(cfg, holdout, overwrite, label)
 
 
+def _trains_as(cfg: ForgetlessConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "method")}
+
+
 def point_runs(config: ForgetlessConfig, root: Path,
                plan: dict[str, tuple[str | None, list[float | None]]]) -> dict[str, list[tuple[Any, ForgetlessConfig]]]:
     """method -> [(value, the run its point measures)]: sft's own run for sft, one run per point of a retraining
@@ -255,7 +260,7 @@ def point_runs(config: ForgetlessConfig, root: Path,
         if knob is not None and not registry_knob(knob)[1].retrains:
             tuned = without_method(point_config(config, root, method, None, None, folder="tuned"),
                                    registry_knob(knob)[0])
-            shares = (tuned.regularizers, tuned.replay) == (sft_cfg.regularizers, sft_cfg.replay)
+            shares = _trains_as(tuned) == _trains_as(sft_cfg)  # everything but the folder and the label
             out[method] = [(value, sft_cfg if shares else tuned) for value in values]
         else:
             out[method] = [(value, sft_cfg if method == "sft" else point_config(config, root, method, knob, value))
@@ -272,7 +277,8 @@ def train_side_by_side(runs: dict[str, tuple[ForgetlessConfig, str]], holdout: i
     logger.info("frontier: %d runs, %d at a time (worker processes, %d threads each)", len(runs), jobs, threads)
     done: dict[str, tuple[dict, bool]] = {}
     failed: list[tuple[str, BaseException]] = []
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=log_like_parent,
+                             initargs=parent_logging()) as pool:
         futures = {pool.submit(_train_in_worker, cfg, holdout, overwrite, label, threads): folder
                    for folder, (cfg, label) in runs.items()}
         for count, future in enumerate(as_completed(futures), start=1):
@@ -313,18 +319,18 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
                    list(replays.values()))
     root.mkdir(parents=True, exist_ok=True)
     n_val = config.budget.validation_examples
-    validator = make_validator(config)
-    base, device = validator.base, validator.base.device
-    logger.info("frontier: base validation ppl %.3f, target NLL %.4f (%d examples, %d blocks)", validator.base_ppl,
-                validator.base_nll, len(validator.pairs), len(validator.blocks))
     total = sum(len(values) for _, values in plan.values())
     runs = point_runs(config, root, plan)
     done: dict[str, tuple[dict, bool]] = {}  # run folder -> (summary, trained now): a run shared is trained once
     counted: list[dict] = []  # the points measured so far (the progress count)
-    if jobs > 1:
+    if jobs > 1:  # before the base model loads here: the workers have the device to themselves
         labels = {cfg.output_dir: (cfg, _label(method, plan[method][0], value, cfg))
                   for method, items in runs.items() for value, cfg in items}
         done.update(train_side_by_side(labels, n_val, overwrite, jobs))
+    validator = make_validator(config)
+    base, device = validator.base, validator.base.device
+    logger.info("frontier: base validation ppl %.3f, target NLL %.4f (%d examples, %d blocks)", validator.base_ppl,
+                validator.base_nll, len(validator.pairs), len(validator.blocks))
 
     def run(cfg: ForgetlessConfig, label: str) -> tuple[dict, bool]:
         if cfg.output_dir not in done:
@@ -391,7 +397,9 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
         "sft": sft,
         "methods": methods,
         **chosen,
-        "runs": {"trained_now": sum(t for _, t in done.values()), "reused": sum(not t for _, t in done.values())},
+        "runs": {"trained_now": sum(t for _, t in done.values()), "reused": sum(not t for _, t in done.values()),
+                 # > 1: the runs trained now shared the machine (--jobs), their train_seconds include that
+                 "at_a_time": jobs},
         "chosen_evaluation": None,
     }
     write_json_atomic(root / "frontier.json", report, indent=2)
@@ -437,8 +445,13 @@ def chosen_compare_config(config: ForgetlessConfig, report: dict) -> tuple[Forge
         if m["knob"] is not None:
             cfg = with_strength(cfg, m["knob"], point["value"])
         name = run_name(method, point["value"])
-        # a compare.runs method keeps its other overrides (e.g. its own learning rate)
-        runs[name] = {**copy.deepcopy(config.compare.runs.get(method, {})), "method": name,
+        if name in runs:
+            raise ConfigError(f"frontier: two chosen points would both be compared as '{name}'; rename the "
+                              f"compare.runs entry '{method}'")
+        # a compare.runs method keeps its other overrides (e.g. its own learning rate); one with no regularizer
+        # and no replay trains as plain SFT (compare's label rule)
+        label = name if cfg.regularizers or cfg.replay is not None else "sft"
+        runs[name] = {**copy.deepcopy(config.compare.runs.get(method, {})), "method": label,
                       "regularizers": [entry(o) for o in cfg.regularizers],
                       "replay": dataclasses.asdict(cfg.replay) if cfg.replay is not None else None}
         compared[name] = {"method": method, "value": point["value"]}
