@@ -83,6 +83,21 @@ def test_pareto_sets_and_choices_over_every_method():
     assert methods["l2sp"]["points"][1]["pareto_drift_kl"] and not methods["l2sp"]["points"][1]["pareto_general_drop"]
     assert pareto([point("a", 1.0, 0.01, 0.01), point("a", 1.0, 0.01, 0.01)], "general_drop") == [0, 1]  # tie
 
+    # frontier.md: one row per point, with its Pareto marks and the rules' choices
+    from forgetless.frontier import render_markdown, sft_threshold
+    for m in methods.values():
+        for p in m["points"]:
+            p["option"] = "coef" if p["value"] is not None else None
+    report = {"validation": {"examples": 8, "blocks": 4, "base": {"target_nll": BASE_NLL, "general_ppl": 9.0}},
+              "rules": {"max_general_drop": 0.01, "max_drift_kl": None, "sft_threshold": sft_threshold(sft, 0.1)},
+              "methods": methods, "runs": {"trained_now": 5, "reused": 0}}
+    rows = [line for line in render_markdown(report).splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| sft |  | 1.0000 | +1.0000 | +6.00% | 0.1200 | PP | S |",
+                    "| kl | coef=0.1 | 1.0500 | +0.9500 | +2.00% | 0.1500 | P- | S |",
+                    "| kl | coef=1 | 1.4000 | +0.6000 | +0.40% | 0.0200 | PP | B |",
+                    "| l2sp | coef=1 | 1.0500 | +0.9500 | +2.00% | 0.0900 | PP | S |",
+                    "| l2sp | coef=10 | 1.6000 | +0.4000 | +1.00% | 0.0100 | -P | B |"]
+
 
 # ---------------------------------------------------------------- (d) every registered grid
 
@@ -276,6 +291,7 @@ def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, 
     chosen = report["methods"]["l2sp"]["choices"]["within_bound"]
     assert chosen is not None and chosen["target_nll"] == min(p["target_nll"] for p in report["methods"]["l2sp"]["points"])
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "frontier.md").read_text().count("\n| l2sp |") == 2
     # the chosen points, trained on the whole training set and compared on the test split by compare
     evaluated = report["chosen_evaluation"]
     cmp = json.loads((out / "chosen" / "report.json").read_text())

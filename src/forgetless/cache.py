@@ -23,13 +23,18 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` at `path`, written to a temporary name and renamed into place (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: workers may write side by side
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     """`data` as JSON at `path`, written to a temporary name and renamed into place."""
     import json
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: workers may write side by side
-    tmp.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
 def load_matching(path: Path, metadata: dict[str, str]) -> dict[str, torch.Tensor] | None:

@@ -126,7 +126,7 @@ def run_frontier_command(config, overwrite: bool, jobs: int = 1) -> int:
     print(f"  within bound ({bound or 'no bound'}) | matches SFT (target NLL <= {rules['sft_threshold']:.4f})")
     for method, m in report["methods"].items():
         print(f"  {method:12s} {shown(m['choices']['within_bound'])} | {shown(m['choices']['matches_sft'])}")
-    print(f"wrote {root / 'frontier.json'}, frontier.png")
+    print(f"wrote {root / 'frontier.json'}, frontier.md, frontier.png")
     chosen = report.get("chosen_evaluation")
     if chosen:
         out = Path(chosen["output_dir"])

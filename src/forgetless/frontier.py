@@ -58,7 +58,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from forgetless.cache import write_json_atomic
+from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.compare import log_like_parent, parent_logging
 from forgetless.config import (ForgetlessConfig, method_config, preset_knob, validate, with_strength,
                                without_method)
@@ -403,13 +403,45 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
         "chosen_evaluation": None,
     }
     write_json_atomic(root / "frontier.json", report, indent=2)
+    write_text_atomic(root / "frontier.md", render_markdown(report))
     plot(report, root / "frontier.png")
-    logger.info("frontier: wrote %s and frontier.png (%d runs trained now, %d reused)", root / "frontier.json",
-                report["runs"]["trained_now"], report["runs"]["reused"])
+    logger.info("frontier: wrote %s, frontier.md and frontier.png (%d runs trained now, %d reused)",
+                root / "frontier.json", report["runs"]["trained_now"], report["runs"]["reused"])
     if f.evaluate_chosen:
         report["chosen_evaluation"] = evaluate_chosen(config, report, overwrite)
         write_json_atomic(root / "frontier.json", report, indent=2)
     return report
+
+
+def render_markdown(report: dict) -> str:
+    """frontier.md: every point as a table row (method, strength, the validation figures, Pareto marks, the
+    rules' choices), then what each rule chose per method. One seed and the validation split: no intervals."""
+    v, rules = report["validation"], report["rules"]
+    bound = " and ".join(f"{k} <= {rules[k]:g}" for k in ("max_general_drop", "max_drift_kl") if rules[k] is not None)
+    lines = [f"# Frontier on validation ({v['examples']} held-out examples, {v['blocks']} held-out general-text blocks)",
+             "",
+             f"Base: target NLL {v['base']['target_nll']:.4f}, general-text perplexity {v['base']['general_ppl']:.3f}. "
+             "One training run per point (one seed): these figures carry no interval; compare the chosen points "
+             "over seeds on the test split (`frontier.evaluate_chosen`, or `forgetless compare` with "
+             "`compare.seeds`) before acting on a small difference.",
+             "",
+             "P: on the Pareto set of target gain against general-text NLL change (first) or drift KL (second). "
+             f"B: the method's choice within the bound ({bound or 'no bound'}); "
+             f"S: its choice matching SFT's target (target NLL <= {rules['sft_threshold']:.4f}).",
+             "",
+             "| method | strength | target NLL | target gain | general ppl | drift KL | Pareto | chosen |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, m in report["methods"].items():
+        chosen = {rule: p["value"] for rule, p in m.get("choices", {}).items() if p is not None}
+        for p in m["points"]:
+            strength = "" if p["value"] is None else f"{p['option']}={p['value']:g}"
+            pareto_marks = ("P" if p.get("pareto_general_drop") else "-") + ("P" if p.get("pareto_drift_kl") else "-")
+            marks = ("B" if chosen.get("within_bound", object()) == p["value"] else "") + (
+                "S" if chosen.get("matches_sft", object()) == p["value"] else "")
+            lines.append(f"| {method} | {strength} | {p['target_nll']:.4f} | {p['target_gain']:+.4f} | "
+                         f"{100 * p['general_drop']:+.2f}% | {p['drift_kl']:.4f} | {pareto_marks} | {marks} |")
+    lines += ["", f"Runs trained now: {report['runs']['trained_now']}, reused: {report['runs']['reused']}.", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the chosen points on the test split
