@@ -44,8 +44,10 @@ from pathlib import Path
 import torch
 
 from forgetless.config import ForgetlessConfig, ModelConfig
+from forgetless.flops import model_shape, peak_tflops, step_flops
 from forgetless.memory import keep_freed_cpu_memory, peak_memory
 from forgetless.model import DTYPES, apply_finetune, load_model, load_tokenizer, resolve_model_path
+from forgetless.regularizers.lfu import find_decoder_layers
 from forgetless.train import build_method
 from forgetless.trainer import ForgetlessTrainer
 
@@ -232,7 +234,16 @@ def one_step(trainer: ForgetlessTrainer, batch) -> float:
 
 
 def load(args):
-    cfg = ModelConfig(name_or_path=args.model, finetune=args.finetune, dtype="bfloat16" if args.bf16 else "float32")
+    model, tokenizer = _load(args)
+    if args.compile:  # each decoder layer compiled in place: the modules (and the hooks methods attach) stay
+        for layer in find_decoder_layers(model):
+            layer.compile()
+    return model, tokenizer
+
+
+def _load(args):
+    cfg = ModelConfig(name_or_path=args.model, finetune=args.finetune, dtype="bfloat16" if args.bf16 else "float32",
+                      attn_implementation=args.attn or "auto")
     cfg.lora.r, cfg.lora.alpha = 16, 32
     if args.model_config:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -242,7 +253,8 @@ def load(args):
         config = AutoConfig.for_model(**spec)
         torch.manual_seed(0)
         with torch.device(device()):
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype],
+                                                     **({"attn_implementation": args.attn} if args.attn else {}))
         tokenizer = synthetic_tokenizer(config.vocab_size, config.bos_token_id, config.eos_token_id)
         return apply_finetune(model, cfg), tokenizer
     path = resolve_model_path(args.model)
@@ -300,6 +312,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="the attention implementation (default: transformers' choice for the model)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (for sft-only timings: hooks that change per step recompile)")
     p.add_argument("--system-malloc", action="store_true",
                    help="time with glibc's default allocator settings instead of forgetless's CPU ones")
     p.add_argument("--out", help="default: bench/results.json, bench/results_gpu.json on a GPU")
@@ -346,6 +362,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--memory-probe", m, "--model", args.model, "--finetune", args.finetune,
                    "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--memory-steps", str(args.memory_steps)]
             cmd += (["--model-config", args.model_config] if args.model_config else []) + (["--bf16"] if args.bf16 else [])
+            cmd += (["--attn", args.attn] if args.attn else []) + (["--compile"] if args.compile else [])
             # glibc keeps freed heap pages, so RSS would add up phases that never coexist; serving
             # every allocation >= 64 KiB by mmap returns freed tensors at once, so RSS tracks live memory.
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -357,13 +374,22 @@ def main() -> None:
     base_time = step_time("sft", times["sft"])
     results = {}  # every ratio in the file comes from this one run
     label = f"random init of {Path(args.model_config).name}" if args.model_config else args.model
+    # plain SFT's model FLOPs (flops.py): the useful work of a step, the same for every method, so a method's
+    # extra passes lower its MFU; the logits are the response positions' (the first half of each row is prompt)
+    flops = step_flops(model_shape(model), args.batch, args.seq_len, int((batch["labels"][:, 1:] != -100).sum()))
+    peak = peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
     setting = {"model": label, "finetune": args.finetune, "batch": args.batch, "seq_len": args.seq_len,
                "steps": args.steps, "dtype": "bfloat16" if args.bf16 else "float32", "machine": machine(),
+               "attn": getattr(model.config, "_attn_implementation", None), "compiled": args.compile,
+               "model_flops_per_step": flops, "peak_tflops": peak,
                "versions": versions(), "date": time.strftime("%Y-%m-%d")}
-    print(f"\n{'method':10s} {'step s':>8s} {'time x':>7s} {'mem x':>7s}  ({setting['machine']})")
+    print(f"\n{'method':10s} {'step s':>8s} {'time x':>7s} {'mem x':>7s} {'TFLOP/s':>8s} {'MFU':>6s}  "
+          f"({setting['machine']}, attention {setting['attn']}{', compiled' if args.compile else ''})")
     for m in args.methods:
         median = step_time(m, times[m])
-        row = {"step_time_s": round(median, 4), "step_time_ratio": round(median / base_time, 3), **setting}
+        achieved = flops / median / 1e12
+        row = {"step_time_s": round(median, 4), "step_time_ratio": round(median / base_time, 3), **setting,
+               "achieved_tflops": round(achieved, 3), "mfu": round(achieved / peak, 4) if peak else None}
         if m in REPLAY_RATIO:
             row["ratio"] = REPLAY_RATIO[m]
         if torch.cuda.is_available():
@@ -375,7 +401,8 @@ def main() -> None:
             row["peak_mem_delta_bytes"] = memory[m]["peak_mem_delta"]
             row["peak_mem_delta_ratio"] = round(memory[m]["peak_mem_delta"] / max(memory["sft"]["peak_mem_delta"], 1), 3)
         results[m] = row
-        print(f"{m:10s} {median:8.3f} {row['step_time_ratio']:7.2f} {row['peak_mem_ratio']:7.2f}")
+        mfu = f"{row['mfu']:6.1%}" if peak else "     -"
+        print(f"{m:10s} {median:8.3f} {row['step_time_ratio']:7.2f} {row['peak_mem_ratio']:7.2f} {achieved:8.3g} {mfu}")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

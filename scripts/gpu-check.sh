@@ -7,7 +7,10 @@
 #   b. bench/bench.py on a randomly initialised 1.2B Llama (bench/models/llama-1b.json) in bf16,
 #      batch 8 x 512, for sft, trl_sft (when TRL is there), lfu_lora, lfu_reps, the cheap LfU settings
 #      (lfu_rows50, lfu_every2, lfu_r50_e2), kl, kl_cached, replay, kl_replay -> bench/results_gpu.json (device name and versions included);
-#   c. an end-to-end train + evaluate of a tiny model that asserts nothing ran on the CPU (in a).
+#   c. an end-to-end train + evaluate of a tiny model that asserts nothing ran on the CPU (in a);
+#   d. plain SFT's step on the same shape with each decoder layer torch.compile'd, and with eager attention
+#      (b is SDPA, transformers' default) -> $OUT/sft_compiled.json, $OUT/sft_eager.json.
+# Every bench row has the step's model FLOPs (src/forgetless/flops.py), TFLOP/s and MFU against the device's peak.
 # What the image lacks travels as wheels: run `bash scripts/gpu-wheels.sh` first where PyPI is reachable
 # (it fills the git-ignored .whl/), and carry .whl along. Logs and results go to $OUT (default gpu-check-out/).
 set -uo pipefail
@@ -33,6 +36,14 @@ timeout 200 "$PY" bench/bench.py --model-config "${MODEL_CONFIG:-bench/models/ll
   --steps 12 --warmup 2 --methods sft trl_sft lfu_lora lfu_reps lfu_rows50 lfu_every2 lfu_r50_e2 kl kl_cached \
   replay kl_replay 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+echo "== d: plain SFT compiled, and with eager attention (MFU of each against b's)"
+for variant in compiled eager; do
+  flag=$([ $variant = compiled ] && echo --compile || echo "--attn eager")
+  timeout 150 "$PY" bench/bench.py --model-config "${MODEL_CONFIG:-bench/models/llama-1b.json}" --bf16 --batch 8 \
+    --seq-len "${SEQ_LEN:-512}" --out "$OUT/sft_$variant.json" --steps 12 --warmup 3 --methods sft $flag \
+    2>&1 | tee "$OUT/bench_sft_$variant.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
 # only a real GPU's figures become bench/results_gpu.json (a CPU dry run leaves it alone)
 if [ -f "$OUT/results_gpu.json" ] && "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   cp "$OUT/results_gpu.json" bench/results_gpu.json
