@@ -55,6 +55,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from forgetless.losses import IGNORE_INDEX
 from forgetless.errors import ConfigError, TrainingError
@@ -148,6 +149,17 @@ def _set_rng_state(state) -> None:
     torch.set_rng_state(cpu)
     for device, s in zip(_cuda_devices(), cuda):
         torch.cuda.set_rng_state(s, device)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A norm or sum of sharded weights (FSDP2's DTensors) as one plain tensor (a collective when sharded)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each process's own shard of sharded weights (the tensors themselves when not sharded): an offset added
+    to, or a value copied into, identically sharded tensors is local, and DTensor has no in-place foreach copy."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _hidden(output):
@@ -304,7 +316,7 @@ class LfU(Regularizer):
             # the exact originals are copied back afterwards (adding and subtracting phi would round).
             with torch.no_grad():
                 originals = [p.detach().clone() for p in self.params]
-                torch._foreach_add_(self.params, phi)
+                torch._foreach_add_(_local(self.params), _local(phi))
                 if self.half_precision:
                     applied_metrics = self._check_applied(originals, phi, perturb_norm)
         try:
@@ -342,7 +354,7 @@ class LfU(Regularizer):
         finally:
             if originals:
                 with torch.no_grad():
-                    torch._foreach_copy_(self.params, originals)
+                    torch._foreach_copy_(_local(self.params), _local(originals))
         self.clean_hidden = {}
         self.steering = []
 
@@ -350,8 +362,8 @@ class LfU(Regularizer):
         if skipped:
             return torch.zeros((), device=cons_sum.device), {"lfu_nonfinite_skipped": 1.0}
         # one read-back for every figure (each .item() is a device sync)
-        cons, ascent, perturb, shift = torch.stack([cons_sum.detach().float(), grad_norm.float(),
-                                                    perturb_norm.float(), rel_shift.float()]).tolist()
+        cons, ascent, perturb, shift = torch.stack([cons_sum.detach().float(), _whole(grad_norm).float(),
+                                                    _whole(perturb_norm).float(), rel_shift.float()]).tolist()
         metrics = {
             "l_cons": cons / max(n_tokens, 1),
             "lfu_ascent_grad_norm": ascent / mean_nll_scale if mean_nll_scale else math.nan,
@@ -367,13 +379,13 @@ class LfU(Regularizer):
         train on a perturbation that is not the spec's (with 12.8M bf16 weights, 86% of phi's entries
         rounded away and the applied step's cosine with phi was 0.90). One tensor at a time in float32
         (never a float32 copy of all the weights), read back once."""
-        dot = torch.zeros((), dtype=torch.float32, device=perturb_norm.device)
-        sq = torch.zeros_like(dot)
+        dots, squares = [], []
         for p, o, f in zip(self.params, originals, phi):
             applied = p.float() - o.float()
-            dot += (applied * f.float()).sum()
-            sq += applied.pow(2).sum()
-        dot, norm_applied, norm_phi = torch.stack([dot, sq.sqrt(), perturb_norm.float()]).tolist()
+            dots.append((applied * f.float()).sum())
+            squares.append(applied.pow(2).sum())
+        dot, sq = _whole(torch.stack(dots).sum()), _whole(torch.stack(squares).sum())  # whole when sharded
+        dot, norm_applied, norm_phi = torch.stack([dot, sq.sqrt(), _whole(perturb_norm).float()]).tolist()
         cosine = dot / max(norm_applied * norm_phi, EPS)
         failed = cosine < APPLIED_COSINE_MIN or not abs(norm_applied / max(norm_phi, EPS) - 1) <= APPLIED_NORM_TOLERANCE
         if self.accelerator is not None and self.accelerator.num_processes > 1:
