@@ -374,22 +374,27 @@ def main() -> None:
     base_time = step_time("sft", times["sft"])
     results = {}  # every ratio in the file comes from this one run
     label = f"random init of {Path(args.model_config).name}" if args.model_config else args.model
-    # plain SFT's model FLOPs (flops.py): the useful work of a step, the same for every method, so a method's
-    # extra passes lower its MFU; the logits are the response positions' (the first half of each row is prompt)
-    flops = step_flops(model_shape(model), args.batch, args.seq_len, int((batch["labels"][:, 1:] != -100).sum()))
-    peak = peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+    # Model FLOPs (flops.py) of plain SFT's work: our step's logits at the response positions (the first half of
+    # each row is prompt); TRL's SFTTrainer, given no completion mask here, trains on (and computes the head at)
+    # every position. A method's extra passes are not counted: its MFU is SFT's work per second of its step.
+    shape = model_shape(model)
+    response = int((batch["labels"][:, 1:] != -100).sum())
+    flops_of = {m: step_flops(shape, args.batch, args.seq_len, args.batch * args.seq_len if m == "trl_sft" else response)
+                for m in args.methods}
+    # the table's peaks are bf16 ones: no MFU for a float32 run
+    peak = peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() and args.bf16 else None
     setting = {"model": label, "finetune": args.finetune, "batch": args.batch, "seq_len": args.seq_len,
                "steps": args.steps, "dtype": "bfloat16" if args.bf16 else "float32", "machine": machine(),
                "attn": getattr(model.config, "_attn_implementation", None), "compiled": args.compile,
-               "model_flops_per_step": flops, "peak_tflops": peak,
+               "peak_tflops": peak,
                "versions": versions(), "date": time.strftime("%Y-%m-%d")}
     print(f"\n{'method':10s} {'step s':>8s} {'time x':>7s} {'mem x':>7s} {'TFLOP/s':>8s} {'MFU':>6s}  "
           f"({setting['machine']}, attention {setting['attn']}{', compiled' if args.compile else ''})")
     for m in args.methods:
         median = step_time(m, times[m])
-        achieved = flops / median / 1e12
+        achieved = flops_of[m] / median / 1e12
         row = {"step_time_s": round(median, 4), "step_time_ratio": round(median / base_time, 3), **setting,
-               "achieved_tflops": round(achieved, 3), "mfu": round(achieved / peak, 4) if peak else None}
+               "model_flops_per_step": flops_of[m], "achieved_tflops": round(achieved, 3), "mfu": round(achieved / peak, 4) if peak else None}
         if m in REPLAY_RATIO:
             row["ratio"] = REPLAY_RATIO[m]
         if torch.cuda.is_available():

@@ -20,6 +20,7 @@ MFU = model FLOPs per step / step time / the device's peak dense bf16 throughput
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -27,24 +28,30 @@ from torch import nn
 from forgetless.regularizers.lfu import find_decoder_layers
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets (their "with sparsity"
-# figure halved). Matched against torch.cuda.get_device_name() in order: the first key it contains wins.
+# figure halved). Matched as whole words of torch.cuda.get_device_name(), in order: the first key found wins.
 PEAK_TFLOPS: dict[str, float] = {
+    "GB200": 2500.0,  # per Blackwell GPU of a GB200 superchip
     "B200": 2250.0,  # HGX B200, per GPU
     "H200 NVL": 835.0,
+    "GH200": 989.0,  # the Hopper GPU of a GH200 superchip
     "H200": 989.0,  # H200 SXM
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
     "H100": 989.0,  # H100 SXM ("NVIDIA H100 80GB HBM3")
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
 }
 
 
 def peak_tflops(device_name: str) -> float | None:
-    """The device's dense bf16 peak (TFLOP/s), or None for a device not in the table (a CPU)."""
+    """The device's dense bf16 peak (TFLOP/s), or None for a device not in the table (a CPU) or a MIG slice
+    (a fraction of the GPU)."""
+    if "MIG" in device_name:
+        return None
     for key, tflops in PEAK_TFLOPS.items():
-        if key in device_name:
+        if re.search(rf"(?<![\w-]){re.escape(key)}(?![\w-])", device_name):
             return tflops
     return None
 

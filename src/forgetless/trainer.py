@@ -85,6 +85,13 @@ class ForgetlessTrainer(Trainer):
         if plugin is not None and plugin.zero_stage == 3 and sharded:
             raise ConfigError(f"regularizers: {', '.join(sharded)} read the weights' values, which DeepSpeed ZeRO-3 "
                               "partitions across processes; use ZeRO-2 (or DDP) with them")
+        zero = (plugin.deepspeed_config.get("zero_optimization") or {}) if plugin is not None else {}
+        if (plugin is not None and plugin.zero_stage == 3 and not getattr(self.model, "peft_config", None)
+                and zero.get("stage3_gather_16bit_weights_on_model_save") is not True):
+            # found before training: else the run ends as "done" with only DeepSpeed's partitioned checkpoint
+            raise ConfigError("full fine-tuning under DeepSpeed ZeRO-3 saves no loadable model unless the weights "
+                              "are gathered at the end: set `zero3_save_16bit_model: true` under deepspeed_config in "
+                              "the accelerate config (stage3_gather_16bit_weights_on_model_save in a DeepSpeed JSON)")
         # what a regularizer is told of the run (never the Trainer itself)
         self.run_info = RunInfo(
             model=self.model, accelerator=self.accelerator, tokenizer=self.processing_class,

@@ -14,6 +14,10 @@ inputs and attention mask:
   adapter-disabled network is not the initial model.
 - Full fine-tuning: a frozen copy made before the first update, optionally in bf16 / on the CPU
   (`reference_dtype`, `reference_device`): +1x the model's weights in memory (0.5x in bf16).
+  Under DeepSpeed ZeRO-3 the copy is partitioned like the trained model (its own inference-only
+  ZeRO-3 engine: each process keeps 1/N of it, gathered layer by layer in the reference forward),
+  not a whole copy per process. (Made from the whole model before training starts, so the setup
+  briefly holds one whole copy per process.)
 
 `cache: topk` removes the reference forward from the training step: before training, the
 reference's top-k log-probs (and the mass of the rest) at every response token of every training
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +44,8 @@ from forgetless.registry import Strength, register
 from forgetless.rows import REPLAY, SFT
 from forgetless.schema import out_of_range
 
+
+logger = logging.getLogger(__name__)
 
 # LoRA initialisations that leave the base weights untouched and start as a no-op.
 NO_OP_LORA_INITS = (True, "gaussian")
@@ -65,6 +72,44 @@ class KLConfig:
         if self.on in ("replay", "both") and "replay" not in others:
             return {"on": f"'{self.on}' needs replay rows: add a `replay:` section to the run"}
         return {}
+
+
+def zero_stage(accelerator) -> int | None:
+    """The run's DeepSpeed ZeRO stage, or None when DeepSpeed does not run it."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.zero_stage
+
+
+def zero3_partitioned(reference: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """The frozen reference wrapped in an inference-only DeepSpeed ZeRO-3 engine: its weights partitioned
+    across the processes as the trained model's are (calling it gathers each layer's for its forward)."""
+    import deepspeed  # an optional dependency, only under a DeepSpeed launch
+
+    run_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    hidden = getattr(getattr(reference, "config", None), "hidden_size", None) or 1024
+    zero = {"stage": 3, "offload_param": {"device": "none"},
+            # small tensors (norms, biases) stay whole on every process, as ZeRO-3 does for the trained model
+            "stage3_param_persistence_threshold": 10 * hidden}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+              # the reference computes in the trained model's precision
+              **{key: {"enabled": True} for key in ("bf16", "fp16")
+                 if (run_config.get(key) or {}).get("enabled") in (True, "auto")
+                 and next(reference.parameters()).dtype == DTYPES[{"bf16": "bfloat16", "fp16": "float16"}[key]]}}
+    engine, *_ = deepspeed.initialize(model=reference, config=config)
+    engine.eval()  # (DeepSpeedEngine.eval returns None)
+    return engine
+
+
+def reference_bytes(reference: torch.nn.Module) -> int:
+    """The bytes of the reference's weights this process holds (its partitions under ZeRO-3)."""
+    total = 0
+    for param in reference.parameters():
+        part = getattr(param, "ds_tensor", None)  # a ZeRO-3 partition: the parameter itself is empty between uses
+        if part is None:
+            total += param.numel() * param.element_size()
+        else:  # a small "persistent" one is also kept whole on every process
+            total += (part.numel() + (param.ds_numel if getattr(param, "ds_persist", False) else 0)) * part.element_size()
+    return total
 
 
 class KL(Regularizer):
@@ -102,7 +147,16 @@ class KL(Regularizer):
                 ref = ref.to(DTYPES[self.cfg.reference_dtype])
             if self.cfg.reference_device == "cpu":
                 ref = ref.to("cpu")
+            if zero_stage(run.accelerator) == 3:
+                if self.cfg.reference_device == "cpu":
+                    raise ConfigError("regularizers.kl: reference_device: cpu is not possible under DeepSpeed ZeRO-3 "
+                                      "(the reference is partitioned across the processes' devices); leave it 'same'")
+                ref = zero3_partitioned(ref, run.accelerator)
             self.reference = ref
+            held = reference_bytes(ref)
+            logger.info("kl: frozen reference: %.1f MiB (%d bytes) of weights held by this process (%s)",
+                        held / 2**20, held,
+                        "partitioned by ZeRO-3" if zero_stage(run.accelerator) == 3 else "a whole copy")
         if self.cfg.cache == "topk":
             was_training = model.training
             model.eval()  # no dropout in the reference

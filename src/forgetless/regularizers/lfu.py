@@ -314,6 +314,9 @@ class LfU(Regularizer):
         if cfg.variant == "lora":
             # theta + phi in place: the clean graph is already freed, so no saved tensor sees it;
             # the exact originals are copied back afterwards (adding and subtracting phi would round).
+            if any(isinstance(p, DTensor) and (f.device_mesh, f.placements) != (p.device_mesh, p.placements)
+                   for p, f in zip(self.params, phi)):  # a shard-local add is only right between equal layouts
+                raise TrainingError("lfu: the ascent gradient is not sharded like the weights it perturbs")
             with torch.no_grad():
                 originals = [p.detach().clone() for p in self.params]
                 torch._foreach_add_(_local(self.params), _local(phi))
