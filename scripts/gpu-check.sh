@@ -2,7 +2,8 @@
 # The prepared GPU check: on a CUDA machine that has torch, transformers, peft and accelerate and no
 # network, in under 7 minutes:
 #   a. the GPU tests (tests/test_gpu.py: every model and batch of train / eval / compare on the GPU,
-#      model.dtype auto = bfloat16, peak memory from torch.cuda.max_memory_allocated) and the precision
+#      model.dtype auto = bfloat16, peak memory from torch.cuda.max_memory_allocated; the shipped FSDP2 config
+#      launched as one process equals a plain run for SFT and KL+replay, LfU refused there) and the precision
 #      tests (tests/test_precision.py: bf16 evaluation, QLoRA 4-/8-bit when bitsandbytes is there);
 #   b. bench/bench.py on a randomly initialised 1.2B Llama (bench/models/llama-1b.json) in bf16,
 #      batch 8 x 512, for sft, trl_sft (when TRL is there), lfu_lora, lfu_reps, the cheap LfU settings
@@ -27,7 +28,7 @@ for name in ("torch", "transformers", "peft", "accelerate", "datasets", "bitsand
 PY
 status=0
 echo "== a/c: GPU and precision tests"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_precision.py 2>&1 | tee "$OUT/tests.log"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_precision.py 2>&1 | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== b: bench, random-init 1.2B Llama, bf16, batch 8 x 512"
 # MODEL_CONFIG / SEQ_LEN only to dry-run this script on a CPU with a small shape

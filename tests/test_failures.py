@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,29 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_llama, tmp_path, me
     b = dict(load_trained(run)[0].named_parameters())
     for name, p in a.items():
         torch.testing.assert_close(b[name], p, rtol=0, atol=1e-6)
+
+
+def test_a_sharded_full_fine_tune_that_would_save_no_model_is_named_before_training():
+    """ZeRO-3 without the end-of-run gather, or FSDP with a sharded state dict, would end as "done" with only the
+    engine's own partitioned checkpoint; LoRA adapters are saved either way (accelerate's plugin state, faked)."""
+    from types import SimpleNamespace
+
+    from forgetless.trainer import unsaved_model_problem
+
+    def zero3(gather):
+        config = {"zero_optimization": {"stage": 3, **({} if gather is None else
+                                                       {"stage3_gather_16bit_weights_on_model_save": gather})}}
+        return SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3, deepspeed_config=config))
+
+    assert "zero3_save_16bit_model: true" in unsaved_model_problem(zero3(None), lora=False)
+    assert "zero3_save_16bit_model: true" in unsaved_model_problem(zero3(False), lora=False)
+    assert unsaved_model_problem(zero3(True), lora=False) is None
+    assert unsaved_model_problem(zero3(False), lora=True) is None
+    zero2 = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2, deepspeed_config={}))
+    assert unsaved_model_problem(zero2, lora=False) is None
+    fsdp = lambda kind: SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=SimpleNamespace(state_dict_type=kind))
+    assert "FULL_STATE_DICT" in unsaved_model_problem(fsdp("StateDictType.SHARDED_STATE_DICT"), lora=False)
+    assert unsaved_model_problem(fsdp("StateDictType.FULL_STATE_DICT"), lora=False) is None
+    assert unsaved_model_problem(SimpleNamespace(), lora=False) is None  # one process, DDP
+    shipped = Path(__file__).resolve().parent.parent / "examples" / "accelerate"
+    assert "fsdp_state_dict_type: FULL_STATE_DICT" in (shipped / "fsdp.yaml").read_text()

@@ -54,6 +54,26 @@ from forgetless.rows import SFT, Rows, joined_inputs, split_outputs
 logger = logging.getLogger(__name__)
 
 
+def unsaved_model_problem(state, lora: bool) -> str | None:
+    """Why the end of this run would save no model `forgetless eval` can load (None: it will save one).
+    Sharded engines keep only their own partitioned checkpoint unless told to gather the weights; LoRA
+    adapters are saved either way."""
+    if lora:
+        return None
+    deepspeed = getattr(state, "deepspeed_plugin", None)
+    if deepspeed is not None and deepspeed.zero_stage == 3:
+        zero = deepspeed.deepspeed_config.get("zero_optimization") or {}
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+            return ("full fine-tuning under DeepSpeed ZeRO-3 saves no loadable model unless the weights are gathered "
+                    "at the end: set `zero3_save_16bit_model: true` under deepspeed_config in the accelerate config "
+                    "(stage3_gather_16bit_weights_on_model_save in a DeepSpeed JSON)")
+    fsdp = getattr(state, "fsdp_plugin", None)
+    if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
+        return (f"full fine-tuning under FSDP with state dict type {fsdp.state_dict_type} saves no loadable model: "
+                "set `fsdp_state_dict_type: FULL_STATE_DICT` under fsdp_config in the accelerate config")
+    return None
+
+
 class ForgetlessTrainer(Trainer):
     # training_step normalises by the step's token count itself; Trainer must not divide again.
     loss_is_scaled_for_ga = True
@@ -85,13 +105,9 @@ class ForgetlessTrainer(Trainer):
         if plugin is not None and plugin.zero_stage == 3 and sharded:
             raise ConfigError(f"regularizers: {', '.join(sharded)} read the weights' values, which DeepSpeed ZeRO-3 "
                               "partitions across processes; use ZeRO-2 (or DDP) with them")
-        zero = (plugin.deepspeed_config.get("zero_optimization") or {}) if plugin is not None else {}
-        if (plugin is not None and plugin.zero_stage == 3 and not getattr(self.model, "peft_config", None)
-                and zero.get("stage3_gather_16bit_weights_on_model_save") is not True):
-            # found before training: else the run ends as "done" with only DeepSpeed's partitioned checkpoint
-            raise ConfigError("full fine-tuning under DeepSpeed ZeRO-3 saves no loadable model unless the weights "
-                              "are gathered at the end: set `zero3_save_16bit_model: true` under deepspeed_config in "
-                              "the accelerate config (stage3_gather_16bit_weights_on_model_save in a DeepSpeed JSON)")
+        problem = unsaved_model_problem(self.accelerator.state, lora=bool(getattr(self.model, "peft_config", None)))
+        if problem:  # found before training: else the run would end as "done" with no model to load
+            raise ConfigError(problem)
         # what a regularizer is told of the run (never the Trainer itself)
         self.run_info = RunInfo(
             model=self.model, accelerator=self.accelerator, tokenizer=self.processing_class,
