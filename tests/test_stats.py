@@ -551,3 +551,19 @@ if __name__ == "__main__":  # the coverage table (stats.py's docstring quotes it
     for case in CASES:
         counts = [1, 3] if case.startswith(("0/1", "robust std,")) else [1, 3, 5]
         print(f"{case:55s} " + "  ".join(f"{s} seeds {coverage(case, s):.3f}" for s in counts), flush=True)
+
+
+def test_subset_items_are_paired_by_identity_not_position():
+    """instr_nll scores only the base answers that ended; two processes that regenerated them may keep other
+    subsets. The paired difference then uses the instructions both scored, each against itself."""
+    measure = stats.MEASURES["instr_nll"]
+    run = {"instr_nll": [1.0, 2.0, 4.0, 8.0], "instr_nll_ids": [0, 2, 3, 5]}
+    ref = {"instr_nll": [0.5, 1.5, 3.0, 7.5], "instr_nll_ids": [0, 1, 3, 5]}
+    got = stats.item_difference([run], [ref], measure)
+    # by hand: ids 0, 3, 5 -> differences 1.0 - 0.5, 4.0 - 3.0, 8.0 - 7.5
+    assert got["mean"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    assert got["n"] == 3
+    by_position = stats.item_difference([{"instr_nll": run["instr_nll"]}], [{"instr_nll": ref["instr_nll"]}], measure)
+    assert by_position["mean"] == pytest.approx((0.5 + 0.5 + 1.0 + 0.5) / 4)  # no ids: as before, by position
+    same = stats.item_difference([run], [dict(run)], measure)
+    assert same["mean"] == pytest.approx(0.0) and same["n"] == 4

@@ -370,6 +370,8 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     pairs = [(tokenizer(prompts[i], add_special_tokens=False)["input_ids"], answers[i]) for i in scored]
     scores = token_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: base answers' NLL")
     items["instr_nll"] = [-s / len(a) for s, (_, a) in zip(scores, pairs)]  # per answer: its mean token NLL
+    # which instructions they are: paired by these when models' base answers were generated apart (stats.aligned)
+    items["instr_nll_ids"] = scored
     items["instr_clean_end"] = [float(e) for e in own_ended]
     return {
         "instr_nll": measure(items, "instr_nll", len(pairs)),  # no answer that ended to score: NaN, not a figure

@@ -590,11 +590,29 @@ def item_strata(items: dict, measure: Measure) -> list[int] | None:
     return [h for h, size in enumerate(sizes) for _ in range(size)]
 
 
+def aligned(dicts: Sequence[dict], measure: Measure) -> list[dict]:
+    """The per-item dicts with the measure's items paired by identity: a measure whose items are a per-model
+    subset (instr_nll: the base answers that ended, which a process regenerating them may find otherwise) has
+    their ids under `<items>_ids`; every dict then keeps the ids all of them have, in one order. Dicts without
+    ids are returned as they are (their items are the same list for every model by construction)."""
+    key = f"{measure.items}_ids"
+    ids = [one.get(key) for one in dicts]
+    if all(i is None for i in ids) or any(i is None for i in ids) or all(i == ids[0] for i in ids):
+        return list(dicts)
+    common = sorted(set(ids[0]).intersection(*map(set, ids[1:])))
+    out = []
+    for one, own in zip(dicts, ids):
+        where = {item: n for n, item in enumerate(own)}
+        out.append({**one, measure.items: [one[measure.items][where[c]] for c in common], key: common})
+    return out
+
+
 def stack(items: Sequence[Sequence[dict]], measure: Measure) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """evaluate's per-item dicts [R][S] (R experiments of S seeds each) -> the measure's items
     x [R, S, n, k] and their strata (item_strata; None: one), or None when one lacks the measure's items
-    or their shapes differ."""
-    rows = [item_tensor(one, measure) for seeds in items for one in seeds]
+    or their shapes differ. Items with ids are paired by them (aligned)."""
+    flat = aligned([one for seeds in items for one in seeds], measure)
+    rows = [item_tensor(one, measure) for one in flat]
     if any(r is None for r in rows) or len({r.shape for r in rows}) != 1:
         return None
     strata = item_strata(items[0][0], measure)
@@ -652,6 +670,8 @@ def item_difference(runs: list[dict], refs: list[dict], measure: Measure) -> dic
     runs one per seed, refs the same seeds in the same order, or one seed for every seed (the base). Its mean
     in its unit, 95% interval, two-sided p-value and df; None when either lacks the items or their counts
     differ."""
+    both = aligned([*runs, *refs], measure)  # the run and its reference paired item by item
+    runs, refs = both[:len(runs)], both[len(runs):]
     x, y = stack([runs], measure), stack([refs], measure)
     if x is None or y is None or x[0].shape[-2] != y[0].shape[-2]:
         return None
