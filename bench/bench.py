@@ -77,11 +77,14 @@ METHODS = {
     # hook is attached by Trainer.train(), which this bench bypasses (its cost: one uniform_ per step)
     "l2sp": {"regularizers": [{"l2sp": {}}]},
     "ewc": {"regularizers": [{"ewc": {}}]},
+    # plain SFT with train.loss_chunk: the NLL from the LM head LOSS_CHUNK rows at a time, never the whole logits
+    "sft_chunked": {},
     "trl_sft": None,  # plain SFT in TRL's SFTTrainer: the peer anchor (needs `pip install trl`)
     "decoder_pass": None,  # not a method: the floor of LfU's extra pass (see DecoderPass)
     "sft_plus_rows": None,  # not a method: the floor of replay at 0.25 (see SFTPlusTrainedRows)
 }
 REPLAY_RATIO = {"replay": 0.25, "replay_own": 0.25, "kl_replay": 0.25}
+LOSS_CHUNK = {"sft_chunked": 256}
 # timed on request (--methods ...), e.g. the LfU cost/retention frontier of bench/lfu_frontier.md
 CHEAP_LFU = ["lfu_lora_early", "lfu_rows50", "lfu_rows25", "lfu_every2", "lfu_every4", "lfu_r50_e2", "lfu_r25_e2",
              "lfu_r50_e4"]
@@ -205,12 +208,12 @@ def build(args, model, method: str, tokenizer, batch, shared: bool = True):
                              train_dataset=bench_dataset(batch).remove_columns(["example_id", "labels"]),
                              processing_class=tokenizer)
     else:
-        config = ForgetlessConfig(method=method, **METHODS[method])  # the YAML form, parsed by the config
+        config = ForgetlessConfig(method="sft" if method in LOSS_CHUNK else method, **METHODS[method])  # YAML form
         if config.replay is not None:  # replay blocks as long as the benchmark's rows: a replay row costs an SFT row's
             config.replay = dataclasses.replace(config.replay, max_length=args.seq_len)
         regularizers, replay = build_method(config)
         trainer = ForgetlessTrainer(model=model, args=TrainingArguments(**common, per_device_train_batch_size=args.batch),
-                                    regularizers=regularizers, replay=replay,
+                                    regularizers=regularizers, replay=replay, loss_chunk=LOSS_CHUNK.get(method, 0),
                                     train_dataset=bench_dataset(batch),
                                     processing_class=tokenizer)
     trainer.create_optimizer()

@@ -6,7 +6,7 @@
 #      launched as one process equals a plain run for SFT and KL+replay, LfU refused there) and the precision
 #      tests (tests/test_precision.py: bf16 evaluation, QLoRA 4-/8-bit when bitsandbytes is there);
 #   b. bench/bench.py on a randomly initialised 1.2B Llama (bench/models/llama-1b.json) in bf16,
-#      batch 8 x 512, for sft, trl_sft (when TRL is there), lfu_lora, lfu_reps, the cheap LfU settings
+#      batch 8 x 512, for sft, sft_chunked (train.loss_chunk 256), trl_sft (when TRL is there), lfu_lora, lfu_reps, the cheap LfU settings
 #      (lfu_rows50, lfu_every2, lfu_r50_e2), kl, kl_cached, replay, kl_replay -> bench/results_gpu.json (device name and versions included);
 #   c. an end-to-end train + evaluate of a tiny model that asserts nothing ran on the CPU (in a);
 #   d. plain SFT's step on the same shape with each decoder layer torch.compile'd, and with eager attention
@@ -34,7 +34,7 @@ echo "== b: bench, random-init 1.2B Llama, bf16, batch 8 x 512"
 # MODEL_CONFIG / SEQ_LEN only to dry-run this script on a CPU with a small shape
 timeout 200 "$PY" bench/bench.py --model-config "${MODEL_CONFIG:-bench/models/llama-1b.json}" --bf16 --batch 8 \
   --seq-len "${SEQ_LEN:-512}" --out "$OUT/results_gpu.json" \
-  --steps 12 --warmup 2 --methods sft trl_sft lfu_lora lfu_reps lfu_rows50 lfu_every2 lfu_r50_e2 kl kl_cached \
+  --steps 12 --warmup 2 --methods sft sft_chunked trl_sft lfu_lora lfu_reps lfu_rows50 lfu_every2 lfu_r50_e2 kl kl_cached \
   replay kl_replay 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "== d: plain SFT compiled, and with eager attention (MFU of each against b's)"

@@ -155,7 +155,7 @@ def make_batch(model_dir, tmp_path, rows):
     return collator(tok)(examples)
 
 
-def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, replay=None, **args_kwargs):
+def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, replay=None, loss_chunk=0, **args_kwargs):
     """A trainer with these `regularizers:` entries and `replay:` section (YAML form), checked as a config's are."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -172,7 +172,7 @@ def make_trainer(model_dir, tmp_path, finetune, regs, dtype=torch.float64, repla
     args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, learning_rate=0.5,
                              optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", **args_kwargs)
     trainer = ForgetlessTrainer(model=model, args=args, regularizers=regularizers, replay=replay_source,
-                                processing_class=load_tokenizer(model_dir))
+                                processing_class=load_tokenizer(model_dir), loss_chunk=loss_chunk)
     trainer.create_optimizer()
     return trainer
 

@@ -147,3 +147,48 @@ def token_kl(
         logr_k, idx = logr.topk(min(topk, logr.shape[-1]), dim=-1)
         return topk_kl(logp, idx, logr_k, rest_logprob(logr_k), direction)
     return _ExactKL.apply(logits, ref_logits.detach(), direction == "reverse")
+
+
+class _ChunkedHeadNLL(torch.autograd.Function):
+    """nll_i = logsumexp(h_i W^T) - (h_i W^T)[y_i], with the logits made `chunk` rows at a time in the forward
+    and again in the backward: never more than [chunk, V] logits alive (the whole [N, V] logits, their fp32
+    copy and log-softmax are what the plain head + cross-entropy keeps for its backward). Saved: the hidden
+    states and one logsumexp per row."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        lse, picked = [], []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = upcast(hidden[start:start + chunk] @ weight.T)
+            lse.append(torch.logsumexp(logits, -1))
+            picked.append(logits.gather(1, targets[start:start + chunk, None]).squeeze(1))
+        lse = torch.cat(lse) if lse else hidden.new_zeros(0, dtype=upcast(hidden[:0]).dtype)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return lse - (torch.cat(picked) if picked else lse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=upcast(weight[:0]).dtype) if want_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            h = hidden[start:end]
+            # d nll / d logits = softmax - onehot(y), times the incoming gradient of each row
+            g = torch.exp(upcast(h @ weight.T) - lse[start:end, None])
+            g[torch.arange(g.shape[0], device=g.device), targets[start:end]] -= 1
+            g = (g * grad[start:end, None]).to(hidden.dtype)
+            if want_hidden:
+                grad_hidden[start:end] = g @ weight
+            if want_weight:
+                grad_weight += upcast(g.T @ h)
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def chunked_head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per-row NLL [N] of the LM head `weight` [V, d] (no bias) on hidden states [N, d] against targets [N],
+    computed `chunk` rows at a time (forward and backward): token_nll(hidden @ weight.T, targets) without
+    ever holding the [N, V] logits. Gradients reach the hidden states and, when it is trained, the head."""
+    return _ChunkedHeadNLL.apply(hidden.to(weight.dtype), weight, targets, chunk)

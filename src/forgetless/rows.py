@@ -56,7 +56,7 @@ def joined_inputs(parts: list[Rows]) -> tuple[torch.Tensor, torch.Tensor, torch.
             stack(lambda p: p.keep, False))
 
 
-def split_outputs(parts: list[Rows], nll: torch.Tensor, logits: torch.Tensor) -> None:
+def split_outputs(parts: list[Rows], nll: torch.Tensor, logits: torch.Tensor | None) -> None:
     """Hand each part its rows of the joined forward's (nll, logits): rows come in row-major `keep` order.
 
     One split, not slices: its backward concatenates the parts' gradients into one [N, V] tensor, where
@@ -65,5 +65,6 @@ def split_outputs(parts: list[Rows], nll: torch.Tensor, logits: torch.Tensor) ->
         parts[0].nll, parts[0].logits = nll, logits
         return
     sizes = [p.tokens for p in parts]
-    for part, part_nll, part_logits in zip(parts, torch.split(nll, sizes), torch.split(logits, sizes)):
+    split_logits = [None] * len(parts) if logits is None else torch.split(logits, sizes)  # None: train.loss_chunk
+    for part, part_nll, part_logits in zip(parts, torch.split(nll, sizes), split_logits):
         part.nll, part.logits = part_nll, part_logits

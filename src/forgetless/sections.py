@@ -130,6 +130,9 @@ class TrainingSettings:
     save_steps: int = 0
     save_total_limit: int = 2  # checkpoints kept (0: every one)
     gradient_checkpointing: bool = False
+    # > 0: the SFT (and joined replay) NLL from the LM head `loss_chunk` rows at a time, forward and backward,
+    # never the whole [tokens, vocab] logits (losses.chunked_head_nll); 0: the plain head + cross-entropy
+    loss_chunk: int = 0
     progress_bar: bool = True
     # micro-batches with a NaN/inf loss are skipped; this many in a row stop the run
     max_nonfinite_steps: int = 5
@@ -143,7 +146,7 @@ class TrainingSettings:
             "learning_rate": "> 0", "batch_size": ">= 1", "grad_accum": ">= 1",
             "warmup_ratio": "[0, 1)",  # a fraction of the steps (transformers reads a float >= 1 as a step count)
             "weight_decay": ">= 0", "max_grad_norm": ">= 0",  # 0 = no clipping, as in transformers
-            "seed": SEED_RANGE, "logging_steps": ">= 1", "save_steps": ">= 0", "save_total_limit": ">= 0",
+            "seed": SEED_RANGE, "logging_steps": ">= 1", "save_steps": ">= 0", "loss_chunk": ">= 0", "save_total_limit": ">= 0",
             "max_nonfinite_steps": ">= 1"})
         if self.max_steps <= 0 and not self.epochs > 0:
             found["epochs"] = f"must be > 0 when train.max_steps is not set, got {self.epochs}"

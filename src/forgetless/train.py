@@ -140,6 +140,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         processing_class=tokenizer,
         regularizers=regularizers,
         replay=replay,
+        loss_chunk=config.train.loss_chunk,
         max_nonfinite_steps=config.train.max_nonfinite_steps,
         inputs_key=inputs_key,
         callbacks=[MetricsFileCallback(output_dir / METRICS)] + ([curve] if curve else []),

@@ -45,13 +45,48 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 
 from forgetless.errors import ConfigError, TrainingError
-from forgetless.losses import IGNORE_INDEX, forward_rows, next_token_targets, prediction_mask, token_nll
+from forgetless.losses import (IGNORE_INDEX, chunked_head_nll, forward_rows, next_token_targets, prediction_mask,
+                               token_nll)
 from forgetless.regularizers import Regularizer, RunInfo, StepContext
 from forgetless.replay import ReplaySource
 from forgetless.rows import SFT, Rows, joined_inputs, split_outputs
 
 
 logger = logging.getLogger(__name__)
+
+
+def chunked_head_problem(model) -> str | None:
+    """Why the chunked loss (losses.chunked_head_nll) cannot stand for this model's LM head, or None: it needs
+    the logits to be exactly hidden @ W^T."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return f"the LM head is a {type(head).__name__}{' with a bias' if head is not None and getattr(head, 'bias', None) is not None else ''}, not a plain linear layer (an adapter on the head?)"
+    config = getattr(model, "config", None)
+    scaled = [key for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+              if getattr(config, key, None) not in (None, 1, 1.0)]
+    if scaled:
+        return f"the model transforms its logits ({', '.join(scaled)}), which the chunked loss does not"
+    return None
+
+
+@contextlib.contextmanager
+def head_skipped(model):
+    """Within: the LM head returns its input, so the model's `logits` are the head's input (the final hidden
+    states at the kept positions). Yields the head (its weight is the chunked loss's)."""
+    head = model.get_output_embeddings()
+    own = head.__dict__.get("forward")
+    head.forward = _identity
+    try:
+        yield head
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def unsaved_model_problem(state, lora: bool) -> str | None:
@@ -79,7 +114,7 @@ class ForgetlessTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, regularizers: list[Regularizer] | None = None, replay: ReplaySource | None = None,
-                 max_nonfinite_steps: int = 5, inputs_key: str = "", **kwargs: Any) -> None:
+                 max_nonfinite_steps: int = 5, inputs_key: str = "", loss_chunk: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # A micro-batch whose loss is NaN/inf is skipped (no backward); this many in a row abort the run.
         self.max_nonfinite_steps = max_nonfinite_steps
@@ -92,6 +127,13 @@ class ForgetlessTrainer(Trainer):
         if len(perturbers) > 1:  # a config never builds two; a trainer assembled in code (bench, tests) might
             raise ValueError("ForgetlessTrainer: at most one perturbing regularizer (lfu) per run")
         self.perturber = perturbers[0] if perturbers else None
+        self.loss_chunk = loss_chunk
+        if loss_chunk:
+            readers = [reg.name for reg in self.regularizers if reg.reads_logits]
+            problem = (f"{', '.join(readers)} reads the model's logits, which the chunked loss never makes whole; "
+                       "set train.loss_chunk: 0 with it") if readers else chunked_head_problem(self.model)
+            if problem:
+                raise ConfigError(f"train.loss_chunk: {problem}")
         self._step = self._additive_step if self.perturber is None else self._perturbing_step
         self._micro_of_step = (-1, 0)  # (optimizer step, micro-batches run in it): see micro_step()
         # Makes Trainer count the response tokens of each optimizer step (over accumulation and
@@ -144,9 +186,10 @@ class ForgetlessTrainer(Trainer):
                 for reg in self.penalties:
                     hooks.enter_context(reg.clean_forward(model, sft.batch, micro))
                 # logits only where a token is trained: the LM head skips prompt and padding
-                outputs, logits = forward_rows(model, *joined_inputs(parts))
+                outputs, logits, nll = self._forward_nll(model, *joined_inputs(parts),
+                                                         torch.cat([p.targets() for p in parts]))
             # one cross-entropy over every row, then each source's share
-            split_outputs(parts, token_nll(logits, torch.cat([p.targets() for p in parts])), logits)
+            split_outputs(parts, nll, logits)
             sft_loss = sft.nll.sum() * sft.scale
             ctx = self._context(model, parts, outputs, sft_loss, micro)
             extra = self._add_penalties(ctx, None if joined is None else self._replay_loss(joined, sft.scale))
@@ -172,9 +215,9 @@ class ForgetlessTrainer(Trainer):
                 with contextlib.ExitStack() as hooks:
                     for reg in self.regularizers:  # the perturber's too: it captures what it perturbs
                         hooks.enter_context(reg.clean_forward(model, sft.batch, micro))
-                    outputs, logits = forward_rows(model, sft.batch["input_ids"], sft.batch["attention_mask"],
-                                                   sft.keep)
-                sft.logits, sft.nll = logits, token_nll(logits, sft.targets())
+                    outputs, logits, sft.nll = self._forward_nll(model, sft.batch["input_ids"],
+                                                                 sft.batch["attention_mask"], sft.keep, sft.targets())
+                sft.logits = logits
                 sft_loss = sft.nll.sum() * sft.scale
                 ctx = self._context(model, [sft], outputs, sft_loss, micro)
                 extra = self._add_penalties(ctx, None)
@@ -196,6 +239,19 @@ class ForgetlessTrainer(Trainer):
         return self._finish(sft, nll, total + term, replay_term)
 
     # ------------------------------------------------------------------ the pieces both steps share
+
+    def _forward_nll(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
+                     targets: torch.Tensor) -> tuple[Any, torch.Tensor | None, torch.Tensor]:
+        """The training forward of these rows: (outputs, logits at `keep` or None, per-token NLL). With
+        train.loss_chunk the model stops before its head and the NLL comes from the head `loss_chunk` rows at a
+        time (no logits then; no regularizer of the run reads them, checked at start)."""
+        if not self.loss_chunk:
+            outputs, logits = forward_rows(model, input_ids, attention_mask, keep)
+            return outputs, logits, token_nll(logits, targets)
+        with head_skipped(self.accelerator.unwrap_model(model)) as head:
+            outputs, hidden = forward_rows(model, input_ids, attention_mask, keep)
+        outputs.logits = None  # they were the hidden states
+        return outputs, None, chunked_head_nll(hidden, head.weight, targets, self.loss_chunk)
 
     def _replay_forward(self) -> str:
         """How the run's replay rows meet the SFT rows, decided once: "with_sft" (joined), "own" (a pass of

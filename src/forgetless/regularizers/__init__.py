@@ -25,7 +25,7 @@ nothing in it.
 A penalty's whole interface is four optional hooks and two class flags (Regularizer's docstring):
 `setup(run)`, `clean_forward(model, batch, micro_step)` (a context manager around the clean forward of
 the SFT rows, for a term that hooks into it: capture hidden states, add steering vectors; `micro_step`
-is the micro-batch's index in the run), `loss(ctx)` and `finalize(model)`; `name` and `reads_weights`.
+is the micro-batch's index in the run), `loss(ctx)` and `finalize(model)`; `name`, `reads_weights` and `reads_logits`.
 
 A regularizer that simulates an update (LfU) sets `perturbs = True` (one per run) and makes the run's
 step the perturbing one, with a contract of its own in place of `loss` (never called on it):

@@ -83,7 +83,7 @@ class Regularizer:
       clean_forward(model, batch, micro_step)  context manager around the clean forward of the SFT rows
       loss(ctx) -> (term | None, metrics)      its weighted term on ctx's rows (every forward, replay's own too)
       finalize(model) -> metrics         after the last step, before the weights are saved; may change them
-    and two class flags: `name`, `reads_weights`.
+    and three class flags: `name`, `reads_weights`, `reads_logits`.
 
     A perturbing regularizer (`perturbs = True`: LfU; one per run, checked when the config is parsed)
     makes the run's step the perturbing one, and has a contract of its own instead of `loss` (never
@@ -102,6 +102,9 @@ class Regularizer:
     # reads or writes the trainable weights' values (a penalty on them, a mix): impossible where an engine
     # keeps only a shard of each weight on every process (DeepSpeed ZeRO-3)
     reads_weights: bool = False
+    # its term reads the current model's logits (ctx.logits / rows.logits): a run with it keeps the plain LM
+    # head + cross-entropy (train.loss_chunk, which never makes the whole logits, is refused beside it)
+    reads_logits: bool = False
 
     def setup(self, run: RunInfo) -> None:
         """Called once before training (e.g. to snapshot initial weights)."""

@@ -114,6 +114,7 @@ def reference_bytes(reference: torch.nn.Module) -> int:
 
 class KL(Regularizer):
     name = "kl"
+    reads_logits = True
 
     def __init__(self, cfg: KLConfig) -> None:
         self.cfg = cfg
