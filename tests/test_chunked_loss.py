@@ -67,3 +67,21 @@ def test_chunked_loss_is_refused_beside_a_term_that_reads_the_logits(tiny_llama,
         make_trainer(tiny_llama, tmp_path, "lora", [{"kl": {}}], loss_chunk=4)
     with pytest.raises(ConfigError, match="train.loss_chunk"):
         load_config(None, ["train.loss_chunk=-1"])
+
+
+def test_a_head_the_chunked_loss_cannot_stand_for_is_named():
+    """Gemma 2 soft-caps its logits after the head (the chunked loss would silently drop the cap); a PEFT adapter on
+    the head makes its weight not the head's function. A plain bias-free head passes."""
+    import peft
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from forgetless.trainer import chunked_head_problem
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=30.0))
+    assert "final_logit_softcapping" in chunked_head_problem(gemma)
+    llama = LlamaForCausalLM(LlamaConfig(**small, tie_word_embeddings=False))
+    assert chunked_head_problem(llama) is None
+    adapted = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert "not a plain linear layer" in chunked_head_problem(adapted)

@@ -153,6 +153,10 @@ def test_a_sharded_full_fine_tune_that_would_save_no_model_is_named_before_train
     assert unsaved_model_problem(zero2, lora=False) is None
     fsdp = lambda kind: SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=SimpleNamespace(state_dict_type=kind))
     assert "FULL_STATE_DICT" in unsaved_model_problem(fsdp("StateDictType.SHARDED_STATE_DICT"), lora=False)
+    assert "FULL_STATE_DICT" in unsaved_model_problem(fsdp("StateDictType.SHARDED_STATE_DICT"), lora=True)
+    old_name = zero3(None)
+    old_name.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage3_gather_fp16_weights_on_model_save"] = True
+    assert unsaved_model_problem(old_name, lora=False) is None
     assert unsaved_model_problem(fsdp("StateDictType.FULL_STATE_DICT"), lora=False) is None
     assert unsaved_model_problem(SimpleNamespace(), lora=False) is None  # one process, DDP
     shipped = Path(__file__).resolve().parent.parent / "examples" / "accelerate"

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import zlib
 import weakref
 from pathlib import Path
 from typing import Any
@@ -370,8 +371,9 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     pairs = [(tokenizer(prompts[i], add_special_tokens=False)["input_ids"], answers[i]) for i in scored]
     scores = token_logprobs(model, tokenizer, pairs, cfg.batch_size, f"{name}: base answers' NLL")
     items["instr_nll"] = [-s / len(a) for s, (_, a) in zip(scores, pairs)]  # per answer: its mean token NLL
-    # which instructions they are: paired by these when models' base answers were generated apart (stats.aligned)
-    items["instr_nll_ids"] = scored
+    # which answers they are (the instruction and a digest of the base answer's tokens): models whose base answers
+    # were generated apart (compare --jobs) are paired on the answers they share, never one text with another
+    items["instr_nll_ids"] = [f"{i}:{zlib.crc32(str(answers[i]).encode()):08x}" for i in scored]
     items["instr_clean_end"] = [float(e) for e in own_ended]
     return {
         "instr_nll": measure(items, "instr_nll", len(pairs)),  # no answer that ended to score: NaN, not a figure

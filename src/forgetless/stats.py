@@ -599,7 +599,8 @@ def aligned(dicts: Sequence[dict], measure: Measure) -> list[dict]:
     ids = [one.get(key) for one in dicts]
     if all(i is None for i in ids) or any(i is None for i in ids) or all(i == ids[0] for i in ids):
         return list(dicts)
-    common = sorted(set(ids[0]).intersection(*map(set, ids[1:])))
+    shared = set(ids[0]).intersection(*map(set, ids[1:]))
+    common = [item for item in ids[0] if item in shared]  # in the first one's order
     out = []
     for one, own in zip(dicts, ids):
         where = {item: n for n, item in enumerate(own)}

@@ -62,8 +62,9 @@ def chunked_head_problem(model) -> str | None:
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return f"the LM head is a {type(head).__name__}{' with a bias' if head is not None and getattr(head, 'bias', None) is not None else ''}, not a plain linear layer (an adapter on the head?)"
     config = getattr(model, "config", None)
-    scaled = [key for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-              if getattr(config, key, None) not in (None, 1, 1.0)]
+    configs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
+    scaled = sorted({key for c in configs for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                     if getattr(c, key, None) not in (None, 1, 1.0)})
     if scaled:
         return f"the model transforms its logits ({', '.join(scaled)}), which the chunked loss does not"
     return None
@@ -91,20 +92,19 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 def unsaved_model_problem(state, lora: bool) -> str | None:
     """Why the end of this run would save no model `forgetless eval` can load (None: it will save one).
-    Sharded engines keep only their own partitioned checkpoint unless told to gather the weights; LoRA
-    adapters are saved either way."""
-    if lora:
-        return None
+    Sharded engines keep only their own partitioned checkpoint unless told to gather the weights (ZeRO-3
+    gathers LoRA adapters either way; FSDP saves nothing at all from a sharded state dict)."""
     deepspeed = getattr(state, "deepspeed_plugin", None)
-    if deepspeed is not None and deepspeed.zero_stage == 3:
+    if deepspeed is not None and deepspeed.zero_stage == 3 and not lora:  # (PEFT adapters are gathered anyway)
         zero = deepspeed.deepspeed_config.get("zero_optimization") or {}
-        if zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        if True not in (zero.get("stage3_gather_16bit_weights_on_model_save"),
+                        zero.get("stage3_gather_fp16_weights_on_model_save")):  # (the older name)
             return ("full fine-tuning under DeepSpeed ZeRO-3 saves no loadable model unless the weights are gathered "
                     "at the end: set `zero3_save_16bit_model: true` under deepspeed_config in the accelerate config "
                     "(stage3_gather_16bit_weights_on_model_save in a DeepSpeed JSON)")
     fsdp = getattr(state, "fsdp_plugin", None)
-    if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
-        return (f"full fine-tuning under FSDP with state dict type {fsdp.state_dict_type} saves no loadable model: "
+    if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):  # LoRA adapters too
+        return (f"training under FSDP with state dict type {fsdp.state_dict_type} saves no loadable model: "
                 "set `fsdp_state_dict_type: FULL_STATE_DICT` under fsdp_config in the accelerate config")
     return None
 
@@ -132,6 +132,13 @@ class ForgetlessTrainer(Trainer):
             readers = [reg.name for reg in self.regularizers if reg.reads_logits]
             problem = (f"{', '.join(readers)} reads the model's logits, which the chunked loss never makes whole; "
                        "set train.loss_chunk: 0 with it") if readers else chunked_head_problem(self.model)
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            if not problem and ((plugin is not None and plugin.zero_stage == 3)
+                                or self.accelerator.distributed_type == DistributedType.FSDP):
+                problem = "the LM head's weight is sharded under ZeRO-3 / FSDP; use it with DDP or one process"
+            if not problem and self._head_marked_unused():
+                problem = ("with several processes, DDP's find_unused_parameters would count the trained LM head "
+                           "twice; set train.extra: {ddp_find_unused_parameters: false}")
             if problem:
                 raise ConfigError(f"train.loss_chunk: {problem}")
         self._step = self._additive_step if self.perturber is None else self._perturbing_step
@@ -240,6 +247,18 @@ class ForgetlessTrainer(Trainer):
 
     # ------------------------------------------------------------------ the pieces both steps share
 
+    def _head_marked_unused(self) -> bool:
+        """Whether DDP would find the trained, untied LM head unused in the forward the chunked loss skips it in
+        (and then see its gradient arrive after all: an error)."""
+        if self.accelerator.num_processes < 2:
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if not head.weight.requires_grad or head.weight is embeddings.weight:
+            return False
+        find = self.args.ddp_find_unused_parameters
+        return bool(find) or (find is None and not self.args.gradient_checkpointing)  # transformers' default
+
     def _forward_nll(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
                      targets: torch.Tensor) -> tuple[Any, torch.Tensor | None, torch.Tensor]:
         """The training forward of these rows: (outputs, logits at `keep` or None, per-token NLL). With
@@ -250,7 +269,7 @@ class ForgetlessTrainer(Trainer):
             return outputs, logits, token_nll(logits, targets)
         with head_skipped(self.accelerator.unwrap_model(model)) as head:
             outputs, hidden = forward_rows(model, input_ids, attention_mask, keep)
-        outputs.logits = None  # they were the hidden states
+        outputs["logits"] = None  # they were the hidden states (the key, so to_tuple() drops them too)
         return outputs, None, chunked_head_nll(hidden, head.weight, targets, self.loss_chunk)
 
     def _replay_forward(self) -> str:

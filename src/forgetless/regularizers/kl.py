@@ -148,6 +148,10 @@ class KL(Regularizer):
                 ref = ref.to(DTYPES[self.cfg.reference_dtype])
             if self.cfg.reference_device == "cpu":
                 ref = ref.to("cpu")
+            elif zero_stage(run.accelerator) != 3:
+                # on the run's device: under DeepSpeed or FSDP the model is still on the CPU here (the engine
+                # moves it later), and a reference left there would run every forward on the CPU
+                ref = ref.to(run.accelerator.device)
             if zero_stage(run.accelerator) == 3:
                 if self.cfg.reference_device == "cpu":
                     raise ConfigError("regularizers.kl: reference_device: cpu is not possible under DeepSpeed ZeRO-3 "
