@@ -508,10 +508,15 @@ def evaluate_chosen(config: ForgetlessConfig, report: dict, overwrite: bool = Fa
 # ---------------------------------------------------------------- the plot
 
 
+def _shown(point: dict) -> bool:
+    """Drawn on the frontier's plot: finite, and it learned something (target gain > 0)."""
+    return _finite(point) and point["target_gain"] > 0
+
+
 def plot(report: dict, path: Path) -> None:
     """Two panels, target gain (y) against the general-text NLL change and against the drift KL (x): each
     method's points joined weakest first and labelled with their strength, the Pareto set ringed, SFT starred,
-    the bound dashed. Drawn on a Figure of its own (no pyplot state; the CLI picks the Agg backend)."""
+    the bound dashed; a point with no target gain is named in the legend, not drawn. Drawn on a Figure of its own (no pyplot state; the CLI picks the Agg backend)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 5))
@@ -529,7 +534,12 @@ def plot(report: dict, path: Path) -> None:
         ax.scatter([0], [0], color="black", marker="s", s=30, zorder=3)
         ax.annotate("base", (0, 0), textcoords="offset points", xytext=(4, -10), fontsize=7)
         for i, (method, m) in enumerate(report["methods"].items()):
-            pts = [p for p in m["points"] if _finite(p)]
+            pts = [p for p in m["points"] if _shown(p)]
+            off = [p for p in m["points"] if _finite(p) and not _shown(p)]
+            if off:  # no target gain: said in the legend, not drawn (it would squash the points that learned)
+                worst = min(off, key=lambda p: p["target_gain"])
+                ax.plot([], [], "x", color=f"C{i}", label=f"{method}: {len(off)} off the plot (target gain "
+                                                        f"{worst['target_gain']:+.2f}, {x.replace('_', ' ')} {worst[x]:+.3f})")
             if not pts:
                 continue
             ax.plot([p[x] for p in pts], [p["target_gain"] for p in pts], "-o", ms=4, color=f"C{i}", label=method)
@@ -537,14 +547,14 @@ def plot(report: dict, path: Path) -> None:
                 if p["value"] is not None:
                     ax.annotate(f"{p['value']:g}", (p[x], p["target_gain"]), textcoords="offset points",
                                 xytext=(4, 3), fontsize=7, color=f"C{i}")
-        ringed = [p for m in report["methods"].values() for p in m["points"] if p.get(ring)]
+        ringed = [p for m in report["methods"].values() for p in m["points"] if p.get(ring) and _shown(p)]
         ax.scatter([p[x] for p in ringed], [p["target_gain"] for p in ringed], s=140, facecolors="none",
                    edgecolors="black", lw=1.2, label="Pareto set", zorder=4)
         sft = report["sft"]
         if _finite(sft):
             ax.scatter([sft[x]], [sft["target_gain"]], marker="*", s=220, color="gold", edgecolors="black",
                        label="SFT", zorder=5)
-        shown_x = [p[x] for m in report["methods"].values() for p in m["points"] if _finite(p)]
+        shown_x = [p[x] for m in report["methods"].values() for p in m["points"] if _shown(p)]
         if bounds[x] is not None and bounds[x] <= 1.5 * max(shown_x + [0]):
             ax.axvline(bounds[x], color="red", ls="--", lw=1, label=said[x])
         elif bounds[x] is not None:  # far beyond every point: said, not drawn (it would squash them)
