@@ -597,7 +597,7 @@ def aligned(dicts: Sequence[dict], measure: Measure) -> list[dict]:
     ids are returned as they are (their items are the same list for every model by construction)."""
     key = f"{measure.items}_ids"
     ids = [one.get(key) for one in dicts]
-    if all(i is None for i in ids) or any(i is None for i in ids) or all(i == ids[0] for i in ids):
+    if any(i is None for i in ids) or all(i == ids[0] for i in ids):
         return list(dicts)
     shared = set(ids[0]).intersection(*map(set, ids[1:]))
     common = [item for item in ids[0] if item in shared]  # in the first one's order

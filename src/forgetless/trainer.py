@@ -48,6 +48,7 @@ from forgetless.errors import ConfigError, TrainingError
 from forgetless.losses import (IGNORE_INDEX, chunked_head_nll, forward_rows, next_token_targets, prediction_mask,
                                token_nll)
 from forgetless.regularizers import Regularizer, RunInfo, StepContext
+from forgetless.regularizers.base import zero_stage
 from forgetless.replay import ReplaySource
 from forgetless.rows import SFT, Rows, joined_inputs, split_outputs
 
@@ -59,8 +60,10 @@ def chunked_head_problem(model) -> str | None:
     """Why the chunked loss (losses.chunked_head_nll) cannot stand for this model's LM head, or None: it needs
     the logits to be exactly hidden @ W^T."""
     head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        return f"the LM head is a {type(head).__name__}{' with a bias' if head is not None and getattr(head, 'bias', None) is not None else ''}, not a plain linear layer (an adapter on the head?)"
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain linear layer (an adapter on the head?)"
+    if head.bias is not None:
+        return "the LM head has a bias"
     config = getattr(model, "config", None)
     configs = [config] + ([config.get_text_config()] if hasattr(config, "get_text_config") else [])
     scaled = sorted({key for c in configs for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -132,8 +135,7 @@ class ForgetlessTrainer(Trainer):
             readers = [reg.name for reg in self.regularizers if reg.reads_logits]
             problem = (f"{', '.join(readers)} reads the model's logits, which the chunked loss never makes whole; "
                        "set train.loss_chunk: 0 with it") if readers else chunked_head_problem(self.model)
-            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-            if not problem and ((plugin is not None and plugin.zero_stage == 3)
+            if not problem and (zero_stage(self.accelerator) == 3
                                 or self.accelerator.distributed_type == DistributedType.FSDP):
                 problem = "the LM head's weight is sharded under ZeRO-3 / FSDP; use it with DDP or one process"
             if not problem and self._head_marked_unused():
@@ -149,9 +151,8 @@ class ForgetlessTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._tokens_seen = 0
         self._last_log_time = time.perf_counter()
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         sharded = [reg.name for reg in self.regularizers if reg.reads_weights]
-        if plugin is not None and plugin.zero_stage == 3 and sharded:
+        if zero_stage(self.accelerator) == 3 and sharded:
             raise ConfigError(f"regularizers: {', '.join(sharded)} read the weights' values, which DeepSpeed ZeRO-3 "
                               "partitions across processes; use ZeRO-2 (or DDP) with them")
         problem = unsaved_model_problem(self.accelerator.state, lora=bool(getattr(self.model, "peft_config", None)))

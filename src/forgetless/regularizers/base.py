@@ -16,6 +16,12 @@ import torch
 from forgetless.rows import Rows
 
 
+def zero_stage(accelerator) -> int | None:
+    """The run's DeepSpeed ZeRO stage, or None when DeepSpeed does not run it."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.zero_stage
+
+
 @dataclass
 class RunInfo:
     """What a regularizer is told of its run when it is set up (instead of the whole Trainer)."""

@@ -39,7 +39,7 @@ from forgetless.cache import build_once
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.model import is_lora
-from forgetless.regularizers.base import Regularizer, RunInfo, StepContext
+from forgetless.regularizers.base import Regularizer, RunInfo, StepContext, zero_stage
 from forgetless.registry import Strength, register
 from forgetless.rows import REPLAY, SFT
 from forgetless.schema import out_of_range
@@ -72,12 +72,6 @@ class KLConfig:
         if self.on in ("replay", "both") and "replay" not in others:
             return {"on": f"'{self.on}' needs replay rows: add a `replay:` section to the run"}
         return {}
-
-
-def zero_stage(accelerator) -> int | None:
-    """The run's DeepSpeed ZeRO stage, or None when DeepSpeed does not run it."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else plugin.zero_stage
 
 
 def zero3_partitioned(reference: torch.nn.Module, accelerator) -> torch.nn.Module:
@@ -146,13 +140,14 @@ class KL(Regularizer):
             ref = copy.deepcopy(model).eval().requires_grad_(False)
             if self.cfg.reference_dtype != "same":
                 ref = ref.to(DTYPES[self.cfg.reference_dtype])
+            zero3 = zero_stage(run.accelerator) == 3
             if self.cfg.reference_device == "cpu":
                 ref = ref.to("cpu")
-            elif zero_stage(run.accelerator) != 3:
+            elif not zero3:
                 # on the run's device: under DeepSpeed or FSDP the model is still on the CPU here (the engine
                 # moves it later), and a reference left there would run every forward on the CPU
                 ref = ref.to(run.accelerator.device)
-            if zero_stage(run.accelerator) == 3:
+            if zero3:
                 if self.cfg.reference_device == "cpu":
                     raise ConfigError("regularizers.kl: reference_device: cpu is not possible under DeepSpeed ZeRO-3 "
                                       "(the reference is partitioned across the processes' devices); leave it 'same'")
@@ -161,7 +156,7 @@ class KL(Regularizer):
             held = reference_bytes(ref)
             logger.info("kl: frozen reference: %.1f MiB (%d bytes) of weights held by this process (%s)",
                         held / 2**20, held,
-                        "partitioned by ZeRO-3" if zero_stage(run.accelerator) == 3 else "a whole copy")
+                        "partitioned by ZeRO-3" if zero3 else "a whole copy")
         if self.cfg.cache == "topk":
             was_training = model.training
             model.eval()  # no dropout in the reference
