@@ -14,7 +14,7 @@ from forgetless.cache import build_once, load_matching, save_atomic
 from forgetless.cli import main
 from forgetless.errors import ConfigError
 from forgetless.run_folder import MARKER, check_same_base, reusable_summary, save_aside
-from forgetless.train import train
+from forgetless.train import continue_run, train
 
 from conftest import save_tiny, tiny_config, with_method, write_jsonl
 
@@ -206,6 +206,40 @@ def test_a_finished_run_is_reused_only_with_the_same_inputs(tiny_gpt2, tmp_path,
     next(iter(state.values())).add_(1.0)
     save_atomic(state, weights, metadata={"format": "pt"})  # new weights behind the same path
     assert reusable_summary(cfg) is None
+
+
+def test_a_run_written_before_an_option_existed_is_reused_and_resumed(tiny_gpt2, memo_data, tmp_path):
+    """A config.yaml without an option added since (here train.loss_chunk, added after the 0.2.0 frontier runs
+    were trained) reads with that option at its default: the run is reused and resumable, not retrained."""
+    import yaml
+
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=2, save_steps=1)
+    train(cfg)
+    saved = tmp_path / "run" / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["train"]["loss_chunk"]
+    saved.write_text(yaml.safe_dump(older))
+    assert reusable_summary(cfg) is not None
+    (tmp_path / "run" / "train_summary.json").unlink()  # as if killed after its last checkpoint
+    assert train(cfg, resume=True).summary["global_steps"] == 2
+    # an option set away from its default is still a different run
+    chunked = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=2, save_steps=1, loss_chunk=4)
+    assert reusable_summary(chunked) is None
+
+
+def test_a_finished_run_of_another_config_is_set_aside_not_trained_over(tiny_gpt2, memo_data, tmp_path):
+    """What frontier and budget --resume do with a point folder that holds a finished run of other settings."""
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "point", max_steps=1)
+    train(cfg)
+    (tmp_path / "point" / "notes.txt").write_text("kept with the run")
+    old_summary = (tmp_path / "point" / "train_summary.json").read_text()
+    changed = tiny_config(tiny_gpt2, memo_data, tmp_path / "point", max_steps=1, learning_rate=3e-3)
+    assert continue_run(changed)["global_steps"] == 1
+    aside = tmp_path / "point.replaced-1"
+    assert (aside / "train_summary.json").read_text() == old_summary
+    assert (aside / "notes.txt").read_text() == "kept with the run"
+    assert continue_run(changed) is not None and not (tmp_path / "point.replaced-2").exists()  # now reused
+    assert continue_run(cfg)["global_steps"] == 1 and (tmp_path / "point.replaced-2").is_dir()
 
 
 def test_eval_run_refuses_a_run_of_another_base(tiny_gpt2, tiny_llama, memo_data, tmp_path):

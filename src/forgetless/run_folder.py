@@ -193,6 +193,33 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
 
 
+def saved_config(output_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as this version reads it: an option added since the run was written takes its
+    default, so the run stays reusable and resumable across that addition. (A new option's default keeps what
+    the version before it did; a change of behaviour comes with a new version, which the run's recorded
+    inputs name.) A file this version cannot read (an option removed since) comes back as written: it then
+    differs from any current config."""
+    from forgetless.config import ForgetlessConfig
+    from forgetless.schema import from_dict
+
+    saved = yaml.safe_load((Path(output_dir) / CONFIG).read_text(encoding="utf-8")) or {}
+    try:
+        return yaml.safe_load(yaml.safe_dump(from_dict(ForgetlessConfig, saved).to_dict()))
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
+def set_aside(output_dir: Path) -> Path:
+    """Move a run folder out of the way, next to it (NAME.replaced-N, the first free N), and return where it
+    went: a run forgetless would otherwise train over is kept, never deleted."""
+    output_dir = Path(output_dir).expanduser()
+    n = 1
+    while (aside := output_dir.with_name(f"{output_dir.name}.replaced-{n}")).exists():
+        n += 1
+    output_dir.rename(aside)
+    return aside
+
+
 def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str, Any]) -> str:
     """The checkpoint to resume from, after checking the run is the same one; else a ConfigError."""
     from forgetless.identity import changed_inputs
@@ -202,7 +229,7 @@ def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {output_dir} has no {CONFIG} (the run stopped before it started training); "
                           "start again with --overwrite")
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    saved = saved_config(output_dir)
     current = yaml.safe_load(yaml.safe_dump(config_dict))  # as it reads back from the file
     differing = config_differences(saved, current)
     if differing:
@@ -279,8 +306,7 @@ def reusable_summary(config, holdout: int = 0) -> dict | None:
     def training_part(d: dict) -> dict:
         return {k: v for k, v in d.items() if k not in ("evaluation", "compare", "budget", "frontier")}
 
-    saved = yaml.safe_load((out / CONFIG).read_text(encoding="utf-8")) or {}
-    if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
+    if training_part(saved_config(out)) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
         return None
     summary = json.loads((out / SUMMARY).read_text())
     old, new = summary.get("inputs"), run_inputs(config, holdout)

@@ -32,7 +32,7 @@ from forgetless.regularizers import Regularizer
 from forgetless.replay import ReplaySource
 from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
                                    is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
-                                   save_aside, trim_metrics, write_run, write_summary)
+                                   save_aside, set_aside, trim_metrics, write_run, write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 logger = logging.getLogger(__name__)
@@ -200,14 +200,20 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 
 def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
     """The run in config.output_dir carried to its end, and its summary: reused when it finished with the
-    same config and inputs, resumed from its last checkpoint when it did not, else trained afresh (a
-    forgetless run there is replaced; anything else is refused). What `budget --resume` does per trial."""
+    same config and inputs, resumed from its last checkpoint when it did not, else trained afresh. A finished
+    run of another config or inputs there is moved aside (run_folder.set_aside), not trained over; an
+    unfinished one without a checkpoint holds no training to keep and is replaced; anything but a forgetless
+    run is refused. What `budget --resume` and `frontier` do per point."""
     summary = reusable_summary(config, kwargs.get("holdout", 0))
     if summary is not None:
         return summary
     out = Path(config.output_dir).expanduser()
     if is_run(out) and not is_finished(out) and latest_checkpoint(out / CHECKPOINTS):
         return train(config, resume=True, **kwargs).summary
+    if is_run(out) and is_finished(out):
+        aside = set_aside(out)
+        logger.warning("%s: a finished run of another config or inputs; moved to %s, training this one afresh",
+                       out, aside)
     return train(config, overwrite=True, **kwargs).summary
 
 
