@@ -225,6 +225,13 @@ def test_a_run_written_before_an_option_existed_is_reused_and_resumed(tiny_gpt2,
     # an option set away from its default is still a different run
     chunked = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=2, save_steps=1, loss_chunk=4)
     assert reusable_summary(chunked) is None
+    # sections reuse ignores may hold what this version no longer reads (a preset renamed since)
+    older = yaml.safe_load(saved.read_text())
+    del older["train"]["loss_chunk"]
+    older["compare"]["methods"] = ["a-preset-renamed-since"]
+    older["frontier"]["grids"] = {"a-preset-renamed-since": [1.0]}
+    saved.write_text(yaml.safe_dump(older))
+    assert reusable_summary(cfg) is not None
 
 
 def test_a_finished_run_of_another_config_is_set_aside_not_trained_over(tiny_gpt2, memo_data, tmp_path):
@@ -240,6 +247,20 @@ def test_a_finished_run_of_another_config_is_set_aside_not_trained_over(tiny_gpt
     assert (aside / "notes.txt").read_text() == "kept with the run"
     assert continue_run(changed) is not None and not (tmp_path / "point.replaced-2").exists()  # now reused
     assert continue_run(cfg)["global_steps"] == 1 and (tmp_path / "point.replaced-2").is_dir()
+
+
+def test_compare_sets_aside_a_finished_run_it_does_not_reuse(tiny_gpt2, memo_data, tmp_path):
+    """compare retrains a run of other settings (or one without its memory figure) in its folder: the old one is
+    moved aside; --overwrite (overwrite=True) replaces it as asked."""
+    from forgetless.compare import train_or_reuse
+
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "sft", max_steps=1)
+    train(cfg)  # a plain run: no peak_mem_bytes, so compare trains it again
+    assert "peak_mem_bytes" in train_or_reuse(cfg, overwrite=False, label="sft")
+    assert not (json.loads((tmp_path / "sft.replaced-1" / "train_summary.json").read_text())).get("peak_mem_bytes")
+    assert train_or_reuse(cfg, overwrite=False, label="sft") and not (tmp_path / "sft.replaced-2").exists()
+    train_or_reuse(cfg, overwrite=True, label="sft")
+    assert not (tmp_path / "sft.replaced-2").exists()
 
 
 def test_eval_run_refuses_a_run_of_another_base(tiny_gpt2, tiny_llama, memo_data, tmp_path):

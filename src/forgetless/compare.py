@@ -34,7 +34,7 @@ from forgetless.identity import evaluation_inputs
 from forgetless.model import resolve_model_path
 from forgetless.run_folder import reusable_summary
 from forgetless import stats
-from forgetless.train import train
+from forgetless.train import set_aside_finished, train
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +168,8 @@ def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int
         logger.info("%s: reusing the finished run in %s", label, cfg.output_dir)
         return reused
     logger.info("%s: training -> %s", label, cfg.output_dir)
+    if not overwrite:  # a finished run not reused (other settings, or no memory figure) is kept aside
+        set_aside_finished(Path(cfg.output_dir).expanduser())
     return train(cfg, overwrite=True, measure_memory=True, extra_summary={"runs_at_a_time": jobs}).summary
 
 

@@ -194,18 +194,23 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def saved_config(output_dir: Path) -> dict[str, Any]:
-    """The run's config.yaml as this version reads it: an option added since the run was written takes its
-    default, so the run stays reusable and resumable across that addition. (A new option's default keeps what
-    the version before it did; a change of behaviour comes with a new version, which the run's recorded
-    inputs name.) A file this version cannot read (an option removed since) comes back as written: it then
-    differs from any current config."""
+    """The run's config.yaml as this version reads it, for what reuse and resume compare (the training
+    sections; evaluation, compare, budget and frontier come back at their defaults): an option added since
+    the run was written takes its default, so the run stays reusable and resumable across that addition.
+    (A new option's default keeps what the version before it did; a change of behaviour comes with a new
+    version, which the run's recorded inputs name.) A file this version cannot read (an option removed
+    since) comes back as written: it then differs from any current config."""
     from forgetless.config import ForgetlessConfig
     from forgetless.schema import from_dict
 
     saved = yaml.safe_load((Path(output_dir) / CONFIG).read_text(encoding="utf-8")) or {}
+    # what reuse and resume compare: the sections they ignore are left out, so that a preset renamed under
+    # compare or a grid that no longer parses cannot make the run unreadable
+    trains = {k: v for k, v in saved.items() if k not in ("evaluation", "compare", "budget", "frontier")}
     try:
-        return yaml.safe_load(yaml.safe_dump(from_dict(ForgetlessConfig, saved).to_dict()))
-    except (ConfigError, TypeError, ValueError):
+        return yaml.safe_load(yaml.safe_dump(from_dict(ForgetlessConfig, trains).to_dict()))
+    except Exception as exc:  # anything this version cannot read is a difference, never a crash
+        logger.debug("%s: read as written (%s: %s)", output_dir, type(exc).__name__, exc)
         return saved
 
 

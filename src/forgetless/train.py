@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
 from forgetless import data as data_mod
@@ -210,11 +211,21 @@ def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
     out = Path(config.output_dir).expanduser()
     if is_run(out) and not is_finished(out) and latest_checkpoint(out / CHECKPOINTS):
         return train(config, resume=True, **kwargs).summary
-    if is_run(out) and is_finished(out):
-        aside = set_aside(out)
-        logger.warning("%s: a finished run of another config or inputs; moved to %s, training this one afresh",
-                       out, aside)
+    set_aside_finished(out)
     return train(config, overwrite=True, **kwargs).summary
+
+
+def set_aside_finished(out: Path) -> None:
+    """Before a run trains into `out` in place of what is there: a finished run there (of another config or
+    inputs, or one its caller will not reuse) is moved aside (run_folder.set_aside), never trained over.
+    Every process looks before the main one moves it, so all take the same path through the barriers."""
+    state = PartialState()
+    finished = is_run(out) and is_finished(out)
+    state.wait_for_everyone()
+    if finished and state.is_main_process:
+        logger.warning("%s: a finished run that is not reused here; moved to %s, training this one afresh",
+                       out, set_aside(out))
+    state.wait_for_everyone()
 
 
 def tensorboard_into(trainer: ForgetlessTrainer, folder: Path) -> None:
