@@ -3,6 +3,7 @@
     .venv/bin/python bench/lfu_knobs.py          # trains what is missing (about 14 runs, ~4 min each on 2 cores), then summarises
     .venv/bin/python bench/lfu_knobs.py --summary   # only the summary of what is trained
     .venv/bin/python bench/lfu_knobs.py --alphas 0.03,0.1,0.3   # a part of the grid
+    .venv/bin/python bench/lfu_knobs.py --jobs 2   # two points train at a time (as the default frontier did)
 
 It is a `forgetless frontier` run (forgetless.frontier.run_frontier) on the packaged default, in the same
 output folder as the default frontier (runs/frontier-default), so sft and the lfu-fast points at the
@@ -83,11 +84,12 @@ def main(argv: list[str]) -> int:
     global ALPHAS
     if "--alphas" in argv:  # a part of the study, e.g. --alphas 0.03,0.1,0.3
         ALPHAS = [float(a) for a in argv[argv.index("--alphas") + 1].split(",")]
+    jobs = int(argv[argv.index("--jobs") + 1]) if "--jobs" in argv else 1
     cfg = study_config()
     if "--summary" in argv:
         report = json.loads((OUT / "frontier.json").read_text())
     else:
-        report = run_frontier(cfg)
+        report = run_frontier(cfg, jobs=jobs)
     summary = summarise(report)
     (HERE / "lfu_knobs.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(report, OUT / "frontier.png")
