@@ -516,7 +516,9 @@ def _shown(point: dict) -> bool:
 def plot(report: dict, path: Path) -> None:
     """Two panels, target gain (y) against the general-text NLL change and against the drift KL (x): each
     method's points joined weakest first and labelled with their strength, the Pareto set ringed, SFT starred,
-    the bound dashed; a point with no target gain is named in the legend, not drawn. Drawn on a Figure of its own (no pyplot state; the CLI picks the Agg backend)."""
+    the bound dashed; a point with no target gain is named in the legend, not drawn; when every drawn point
+    gained at least half the best gain, the target axis zooms on them (said on the plot). Drawn on a Figure of
+    its own (no pyplot state; the CLI picks the Agg backend)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 5))
@@ -559,8 +561,14 @@ def plot(report: dict, path: Path) -> None:
             ax.axvline(bounds[x], color="red", ls="--", lw=1, label=said[x])
         elif bounds[x] is not None:  # far beyond every point: said, not drawn (it would squash them)
             ax.plot([], [], color="red", ls="--", lw=1, label=f"{said[x]} (off the plot)")
+        gains = [p["target_gain"] for m in report["methods"].values() for p in m["points"] if _shown(p)]
+        if gains and min(gains) > 0.5 * max(gains):  # every point learned most of what SFT did: zoom on them
+            low, high = min(gains), max(gains)
+            pad = max(0.15 * (high - low), 0.005 * high)
+            ax.set_ylim(low - pad, high + pad)
+        zoomed = "\n(zoomed: the base, gain 0, is below)" if ax.get_ylim()[0] > 0 else ""
         ax.set_xlabel(label, fontsize=8)
-        ax.set_ylabel("target gain: base NLL - NLL (nats/token)  ↑ learned more", fontsize=8)
+        ax.set_ylabel(f"target gain: base NLL - NLL (nats/token)  ↑ learned more{zoomed}", fontsize=8)
     for ax in axes:
         ax.legend(fontsize=7)
     v = report["validation"]
