@@ -45,14 +45,16 @@ FIGURES = {"target_nll": ("target NLL", 1.0, "{:+.3f}", ""),
            "drift_kl": ("drift KL", 1.0, "{:+.3f}", "")}
 
 
-def points_of(files: list[Path]) -> tuple[dict, dict]:
-    """(SFT's point, {(method, option, value): point}) of one seed's frontier files."""
-    sft, points = None, {}
+def points_of(files: list[Path]) -> tuple[dict, dict, float]:
+    """(SFT's point, {(method, option, value): point}, SFT's target bar) of one seed's frontier files (the bar
+    from the first)."""
+    sft, points, bar = None, {}, None
     for f in files:
         report = json.loads(f.read_text())
         if sft is not None and any(abs(sft[k] - report["sft"][k]) > 1e-9 for k in FIGURES):
             raise SystemExit(f"{f}: SFT's point differs from the seed's other frontier file")
         sft = report["sft"]
+        bar = report["rules"]["sft_threshold"] if bar is None else bar
         for name, method in report["methods"].items():
             for p in method["points"]:
                 key = (name, method["option"], p["value"])
@@ -61,7 +63,7 @@ def points_of(files: list[Path]) -> tuple[dict, dict]:
                 if key in points and any(abs(points[key][k] - p[k]) > 1e-9 for k in FIGURES):
                     raise SystemExit(f"{f}: point {key} differs from the same point in the seed's other file")
                 points[key] = p
-    return sft, points
+    return sft, points, bar
 
 
 def t_interval(d: list[float]) -> tuple[float, float, float, float]:
@@ -82,15 +84,14 @@ def main() -> int:
         if not files[0].exists():
             raise SystemExit(f"seed {s}: {files[0]} is missing (run its frontier; README has the commands)")
     seeds = {s: points_of([f for f in files if f.exists()]) for s, files in SEEDS.items()}
-    every = set.union(*(set(p) for _, p in seeds.values()))
-    keys = sorted(set.intersection(*(set(p) for _, p in seeds.values())), key=lambda k: (k[0], k[2] or 0))
-    threshold = {s: json.loads(files[0].read_text())["rules"]["sft_threshold"] for s, files in SEEDS.items()}
+    every = set.union(*(set(p) for _, p, _ in seeds.values()))
+    keys = sorted(set.intersection(*(set(p) for _, p, _ in seeds.values())), key=lambda k: (k[0], k[2] or 0))
     rows = []
     for key in [("sft", None, None)] + keys:
         row = {"method": key[0], "option": key[1], "value": key[2], "seeds": {}}
-        for s, (sft, points) in seeds.items():
+        for s, (sft, points, bar) in seeds.items():
             p = sft if key[0] == "sft" else points[key]
-            row["seeds"][s] = {k: p[k] for k in FIGURES} | {"matches_sft": p["target_nll"] <= threshold[s]}
+            row["seeds"][s] = {k: p[k] for k in FIGURES} | {"matches_sft": p["target_nll"] <= bar}
         if key[0] != "sft":
             row["vs_sft"] = {}
             for k in FIGURES:

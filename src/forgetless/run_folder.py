@@ -193,6 +193,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
 
 
+def training_part(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's YAML form less the sections that do not change what a run trains (what reuse compares)."""
+    return {k: v for k, v in config.items() if k not in ("evaluation", "compare", "budget", "frontier")}
+
+
 def saved_config(output_dir: Path) -> dict[str, Any]:
     """The run's config.yaml as this version reads it, for what reuse and resume compare (the training
     sections; evaluation, compare, budget and frontier come back at their defaults): an option added since
@@ -204,11 +209,10 @@ def saved_config(output_dir: Path) -> dict[str, Any]:
     from forgetless.schema import from_dict
 
     saved = yaml.safe_load((Path(output_dir) / CONFIG).read_text(encoding="utf-8")) or {}
-    # what reuse and resume compare: the sections they ignore are left out, so that a preset renamed under
-    # compare or a grid that no longer parses cannot make the run unreadable
-    trains = {k: v for k, v in saved.items() if k not in ("evaluation", "compare", "budget", "frontier")}
+    # the sections reuse and resume ignore are left out, so that a preset renamed under compare or a grid
+    # that no longer parses cannot make the run unreadable
     try:
-        return yaml.safe_load(yaml.safe_dump(from_dict(ForgetlessConfig, trains).to_dict()))
+        return yaml.safe_load(yaml.safe_dump(from_dict(ForgetlessConfig, training_part(saved)).to_dict()))
     except Exception as exc:  # anything this version cannot read is a difference, never a crash
         logger.debug("%s: read as written (%s: %s)", output_dir, type(exc).__name__, exc)
         return saved
@@ -307,10 +311,6 @@ def reusable_summary(config, holdout: int = 0) -> dict | None:
     out = Path(config.output_dir).expanduser()
     if not is_finished(out) or not (out / CONFIG).is_file():
         return None
-
-    def training_part(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in ("evaluation", "compare", "budget", "frontier")}
-
     if training_part(saved_config(out)) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
         return None
     summary = json.loads((out / SUMMARY).read_text())
