@@ -114,7 +114,7 @@ def test_replay_is_a_section_and_the_old_entry_names_it():
 
 
 def test_a_config_changed_in_code_is_resolved_by_validate(caplog):
-    from forgetless.config import resolve_runs, validate, with_strength, without_method
+    from forgetless.config import method_config, resolve_runs, validate, with_strength, without_method
     from forgetless.regularizers.kl import KLConfig
     from forgetless.sections import ReplayConfig
 
@@ -142,10 +142,13 @@ def test_a_config_changed_in_code_is_resolved_by_validate(caplog):
         build_method(unparsed)
     cfg.train.max_steps = 7  # the compared runs follow the config as it is when they are resolved
     assert resolve_runs(cfg)["x"].train.max_steps == 7
-    # a budget knob sets every entry of its method, and adds the method when absent
-    two = load_config(None, ["regularizers=[{kl: {coef: 0.1}}, {kl: {coef: 0.2, on: sft}}]"])
-    assert [o.coef for o in with_strength(two, "kl", 5.0).regularizers] == [5.0, 5.0]
+    # a knob sets the first entry of its method only (kl+replay-kl's replay KL keeps its coef), and adds the
+    # method when absent
+    two = load_config(None, ["regularizers=[{kl: {coef: 0.1}}, {kl: {coef: 0.2, on: replay}}]", "replay={}"])
+    assert [o.coef for o in with_strength(two, "kl", 5.0).regularizers] == [5.0, 0.2]
     assert [o.coef for o in two.regularizers] == [0.1, 0.2]  # a copy
+    preset = with_strength(method_config(load_config(None, ["method=kl+replay-kl"]), "kl+replay-kl"), "kl", 0.03)
+    assert [(o.coef, o.on) for o in preset.regularizers] == [(0.03, "sft"), (1.0, "replay")]
     assert with_strength(load_config(None, []), "replay", 0.5).replay == ReplayConfig(ratio=0.5)
     assert without_method(two, "kl").regularizers == []
     # a preset name beside the config's own method parts is only a label: said, not silently dropped

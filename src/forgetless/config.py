@@ -200,8 +200,10 @@ def _given_differs(config: ForgetlessConfig) -> bool:
 
 def with_strength(config: ForgetlessConfig, knob: str, value: float) -> ForgetlessConfig:
     """A copy of `config` whose knob (`METHOD` or `METHOD.OPTION`, forgetless.registry.strengths) is `value` in
-    every entry of the method, the method added with its defaults otherwise. Replay is the run's `replay`
-    section, not an entry."""
+    the method's first entry, the method added with its defaults otherwise. Later entries of the same method keep
+    their own options: `kl+replay-kl`'s knob is the KL on the SFT rows, its KL on the replay rows stays at its
+    preset's coef (setting every entry would turn the distillation term down with the anchor). Replay is the
+    run's `replay` section, not an entry."""
     name, strength = registry_knob(knob)
     method = METHODS[name]
     cfg = copy.deepcopy(config)
@@ -209,11 +211,11 @@ def with_strength(config: ForgetlessConfig, knob: str, value: float) -> Forgetle
     if method.build is None:  # a section of its own
         setattr(cfg, name, dataclasses.replace(getattr(cfg, name) or method.config(), **change))
         return cfg
-    at = [i for i, options in enumerate(cfg.regularizers) if type(options) is method.config]
-    for i in at:  # every entry of the method
-        cfg.regularizers[i] = dataclasses.replace(cfg.regularizers[i], **change)
-    if not at:
+    at = next((i for i, options in enumerate(cfg.regularizers) if type(options) is method.config), None)
+    if at is None:
         cfg.regularizers.append(method.config(**change))
+    else:
+        cfg.regularizers[at] = dataclasses.replace(cfg.regularizers[at], **change)
     return cfg
 
 
