@@ -208,6 +208,19 @@ def test_a_finished_run_is_reused_only_with_the_same_inputs(tiny_gpt2, tmp_path,
     assert reusable_summary(cfg) is None
 
 
+def test_a_run_folder_moved_elsewhere_is_still_reused(tiny_gpt2, memo_data, tmp_path):
+    """Where a run lives is not what it trained: a finished run moved (or copied) to another folder is reused there,
+    and only while the rest of its config and its inputs are the same."""
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=1)
+    train(cfg)
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    moved = tiny_config(tiny_gpt2, memo_data, tmp_path / "moved", max_steps=1)
+    assert reusable_summary(moved) is not None
+    assert continue_run(moved) == reusable_summary(moved)  # reused as it is, not trained again
+    assert not (tmp_path / "run").exists() and (tmp_path / "moved" / "train_summary.json").is_file()
+    assert reusable_summary(tiny_config(tiny_gpt2, memo_data, tmp_path / "moved", max_steps=2)) is None
+
+
 def test_a_run_written_before_an_option_existed_is_reused_and_resumed(tiny_gpt2, memo_data, tmp_path):
     """A config.yaml without an option added since (here train.loss_chunk, added after the 0.2.0 frontier runs
     were trained) reads with that option at its default: the run is reused and resumable, not retrained."""

@@ -194,8 +194,10 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 def training_part(config: dict[str, Any]) -> dict[str, Any]:
-    """A config's YAML form less the sections that do not change what a run trains (what reuse compares)."""
-    return {k: v for k, v in config.items() if k not in ("evaluation", "compare", "budget", "frontier")}
+    """A config's YAML form less what does not change what a run trains (what reuse compares): the sections that
+    evaluate, compare and search, and output_dir (where the run is, not what it is: a run folder moved or copied
+    is still that run)."""
+    return {k: v for k, v in config.items() if k not in ("output_dir", "evaluation", "compare", "budget", "frontier")}
 
 
 def saved_config(output_dir: Path) -> dict[str, Any]:
