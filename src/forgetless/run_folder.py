@@ -202,7 +202,7 @@ def training_part(config: dict[str, Any]) -> dict[str, Any]:
 
 def saved_config(output_dir: Path) -> dict[str, Any]:
     """The run's config.yaml as this version reads it, for what reuse and resume compare (the training
-    sections; evaluation, compare, budget and frontier come back at their defaults): an option added since
+    sections; output_dir, evaluation, compare, budget and frontier come back at their defaults): an option added since
     the run was written takes its default, so the run stays reusable and resumable across that addition.
     (A new option's default keeps what the version before it did; a change of behaviour comes with a new
     version, which the run's recorded inputs name.) A file this version cannot read (an option removed
@@ -316,6 +316,8 @@ def reusable_summary(config, holdout: int = 0) -> dict | None:
     if training_part(saved_config(out)) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
         return None
     summary = json.loads((out / SUMMARY).read_text())
+    if "merged_dir" in summary:  # where the run lies now (it may have been moved since it was written)
+        summary["merged_dir"] = str(out / "merged")
     old, new = summary.get("inputs"), run_inputs(config, holdout)
     if old is None or changed_inputs(old, new):
         logger.info("%s: its inputs changed (%s); training it again", out,
