@@ -33,11 +33,13 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
-# config keys that may differ on --resume: how the run is logged, saved, exported and evaluated, and
-# memory-only settings, not what it trains
-RESUMABLE = ("output_dir", "merge", "train.progress_bar", "train.logging_steps", "train.report_to", "train.save_steps",
-             "train.save_total_limit", "train.max_nonfinite_steps", "train.gradient_checkpointing", "evaluation",
-             "compare", "budget", "frontier")
+# top-level config keys that are not what a run trains: where it lies, and the sections that evaluate, compare and
+# search (reuse ignores these; run_folder.training_part)
+NOT_TRAINED = ("output_dir", "evaluation", "compare", "budget", "frontier")
+# config keys that may differ on --resume: those, and how the run is logged, saved and exported, and memory-only
+# settings
+RESUMABLE = NOT_TRAINED + ("merge", "train.progress_bar", "train.logging_steps", "train.report_to", "train.save_steps",
+                           "train.save_total_limit", "train.max_nonfinite_steps", "train.gradient_checkpointing")
 
 # What a run folder holds (top level) when forgetless wrote it: its own files, Trainer's and peft's saves,
 # the tokenizer, compare's and eval's results, budget's trials. `--overwrite` deletes a run only when
@@ -197,7 +199,7 @@ def training_part(config: dict[str, Any]) -> dict[str, Any]:
     """A config's YAML form less what does not change what a run trains (what reuse compares): the sections that
     evaluate, compare and search, and output_dir (where the run is, not what it is: a run folder moved or copied
     is still that run)."""
-    return {k: v for k, v in config.items() if k not in ("output_dir", "evaluation", "compare", "budget", "frontier")}
+    return {k: v for k, v in config.items() if k not in NOT_TRAINED}
 
 
 def saved_config(output_dir: Path) -> dict[str, Any]:
