@@ -121,7 +121,7 @@ def test_frontier_settings_are_checked_naming_the_key():
     from forgetless.config import load_config
 
     for override, key in [("frontier.methods=[sft, nope]", "frontier.methods[1]"),
-                          ("frontier.grids={sft: [1.0]}", "frontier.grids.sft: sft has no strength that holds"),
+                          ("frontier.grids={sft: [1.0]}", "frontier.grids.sft: sft has no strength \\(none"),
                           ("frontier.grids={kl: [0.1, -1.0]}", "frontier.grids.kl[1]: kl.coef must be >= 0"),
                           ("frontier.grids={wise-ft: [1.5]}", "frontier.grids.wise-ft[0]: wise_ft.alpha must be in"),
                           ("frontier.grids={replay: [0.5]}", "frontier.grids.replay: 'replay' is not in frontier.methods"),
@@ -139,8 +139,9 @@ def test_frontier_settings_are_checked_naming_the_key():
                            "frontier.knobs.lfu-fast: lfu-fast's knobs are lfu, lfu.alpha"),
                           ("frontier.methods=[kl] && compare.runs={kl: {train: {learning_rate: 1.0e-4}}}",
                            "frontier.methods[0]: 'kl' is both a preset and a compare.runs entry"),
-                          ("frontier.methods=[neftune] && frontier.grids={neftune: [1.0]}",
-                           "frontier.grids.neftune: neftune has no strength that holds the model")]:
+                          ("budget.knob=lfu", "budget.knob: lfu is a knob to tune"),
+                          ("frontier.methods=[dft] && frontier.grids={dft: [1.0]}",
+                           "frontier.grids.dft: dft has no strength \\(none of its methods registers one\\)")]:
         with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_config(None, override.split(" && "))  # several overrides: joined by &&
     cfg = load_config(None, ["frontier.methods=[kl+replay, dft, wise-ft]", "frontier.grids={kl+replay: [0.1]}"])
@@ -155,10 +156,12 @@ def test_frontier_settings_are_checked_naming_the_key():
                          "kl+replay": ("replay.weight", [0.3, 1.0, 3.0])}
     cfg = load_config(None, ["frontier.methods=[lfu-fast]", "frontier.knobs={lfu-fast: lfu.lam}"])
     assert grid(cfg)["lfu-fast"] == ("lfu", [1.0, 5.0, 20.0])
-    # a knob to tune (NEFTune's alpha) is varied only when frontier.knobs asks for it
-    assert grid(load_config(None, ["frontier.methods=[neftune]"]))["neftune"] == (None, [None])
-    assert grid(load_config(None, ["frontier.methods=[neftune]", "frontier.knobs={neftune: neftune}"]))["neftune"] == (
-        "neftune", [1.0, 5.0, 15.0])
+    # a knob to tune (NEFTune's alpha, LfU's lam: no stronger-keeps-more claim) is mapped all the same when it
+    # is the preset's only kind; a knob that claims to hold the model comes first
+    assert grid(load_config(None, ["frontier.methods=[neftune]"]))["neftune"] == ("neftune", [1.0, 5.0, 15.0])
+    assert grid(load_config(None, ["frontier.methods=[lfu-fast]"]))["lfu-fast"] == ("lfu", [1.0, 5.0, 20.0])
+    assert grid(load_config(None, ["frontier.methods=[lfu-kl]", "compare.runs={lfu-kl: {regularizers: "
+                                   "[{lfu: {}}, {kl: {coef: 0.1}}]}}"]))["lfu-kl"] == ("kl", [0.01, 0.1, 1.0, 10.0])
     # two knobs of one preset never share a run folder (a run trained for one would be overwritten by the other)
     from pathlib import Path
 
@@ -188,10 +191,10 @@ def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp
     assert grid(cfg) == {"sft": (None, [None]), "mine": ("replay", [0.01, 0.03, 0.1, 0.3]),
                          "kl": ("kl", [0.01, 0.1, 1.0, 10.0])}
     point = point_config(cfg, Path("r"), "mine", "replay", 0.1)
-    assert point.output_dir == "r/frontier/mine/replay-0.1"  # its default knob is lfu's lam
+    assert point.output_dir == "r/frontier/mine/replay-0.1"  # its default knob is kl's coef (it holds; lfu's lam does not claim to)
     assert (point.replay.data, point.replay.ratio, point.replay.weight) == (str(corpus), 0.1, 0.0)
     assert point.train.learning_rate == 5e-4 and point.regularizers[0].consistency == "relative"
-    assert grid(load_config(None, ["frontier.methods=[mine]", runs]))["mine"] == ("lfu", [1.0, 5.0, 20.0])
+    assert grid(load_config(None, ["frontier.methods=[mine]", runs]))["mine"] == ("kl", [0.01, 0.1, 1.0, 10.0])
     report = {"methods": {"sft": {"knob": None, "choices": {"within_bound": {"value": None}}},
                           "mine": {"knob": "replay", "choices": {"within_bound": {"value": 0.1}}}}}
     cmp, compared = chosen_compare_config(cfg, report)
@@ -399,7 +402,8 @@ def test_every_strength_that_claims_to_hold_the_model_does_so_from_its_weakest_t
     from forgetless.registry import PRESETS
 
     knobs = claimed_knobs()
-    assert {"kl", "ewc", "l2sp", "lfu", "replay", "replay.weight", "wise_ft"} <= set(knobs)
+    assert {"kl", "ewc", "l2sp", "replay", "replay.weight", "wise_ft"} <= set(knobs)
+    assert "lfu" not in knobs  # its lam claims nothing (forgetless.regularizers.lfu's registration)
     rng = random.Random(1)
     sentences = sorted(set((pretrained / "general.txt").read_text().split(". ")))
     replay_text = tmp_path / "replay.txt"

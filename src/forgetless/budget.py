@@ -18,11 +18,11 @@ Knobs:
   wise_ft (default, cheapest): train once, then mix W_0 + alpha (W_tuned - W_0) (WiSE-FT) for alpha in
     `grid` (default 1, .75, .5, .25) and `refine` bisection steps between the best passing alpha and the
     next failing one. Cost: one training run + (len(grid) + refine) validation passes.
-  lfu (lam), kl (coef), replay (ratio), l2sp (coef), ewc (coef), replay.weight (any knob of
+  kl (coef), replay (ratio), l2sp (coef), ewc (coef), replay.weight (any knob of
   forgetless.registry.strengths whose Strength claims to hold the model, `holds`): retrain with each
     strength of `grid`, weakest first, stopping at the first that passes (stronger = less forgetting and
     less gain, so the first passing strength keeps the most gain). Cost: up to len(grid) training runs.
-    Knobs without that claim (lfu.alpha, neftune) are refused: map them with `forgetless frontier`.
+    Knobs without that claim (lfu's lam and alpha, neftune) are refused: map them with `forgetless frontier`.
 Finally the chosen model is measured on the held-out test blocks the evaluation uses, and everything
 (every candidate, the choice, the held-out check) goes to OUTPUT_DIR/budget.json and the run summary.
 

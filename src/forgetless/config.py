@@ -154,9 +154,8 @@ class ForgetlessConfig:
             if name not in f.methods:
                 found[f"frontier.grids.{name}"] = f"'{name}' is not in frontier.methods ({', '.join(f.methods)})"
             elif knob is None:
-                found[f"frontier.grids.{name}"] = (f"{name} has no strength that holds the model (none of its methods "
-                                                   "registers one): it is trained once, at its preset; drop its grid, "
-                                                   "or name a knob to tune with frontier.knobs")
+                found[f"frontier.grids.{name}"] = (f"{name} has no strength (none of its methods registers one): it "
+                                                   "is trained once, at its preset; drop its grid")
             else:
                 shown = f"{knob.split('.')[0]}.{knobs[knob].option}"
                 for key, problem in out_of_range(SimpleNamespace(grid=values), {"grid": knobs[knob].range}).items():
@@ -253,11 +252,13 @@ def preset_knobs(preset: str, config: ForgetlessConfig | None = None) -> list[st
 
 def preset_knob(preset: str, chosen: str | None = None, config: ForgetlessConfig | None = None) -> str | None:
     """The knob that sets preset `preset`'s strength (`forgetless frontier`'s): `chosen` (frontier.knobs, one of
-    preset_knobs), else the first of its knobs that claims to hold the model (Strength.holds; a knob to tune,
-    like NEFTune's alpha, is varied only when asked for); None when it has none."""
+    preset_knobs), else the first of its knobs that claims to hold the model (Strength.holds), else its first
+    knob, one to tune (LfU's lam, NEFTune's alpha: the frontier maps it all the same, only `budget` needs the
+    claim); None when it has none."""
     if chosen:
         return main_knob(chosen)
-    return next((k for k in preset_knobs(preset, config) if registry_knob(k)[1].holds is not None), None)
+    knobs = preset_knobs(preset, config)
+    return next((k for k in knobs if registry_knob(k)[1].holds is not None), knobs[0] if knobs else None)
 
 
 def without_method(config: ForgetlessConfig, name: str) -> ForgetlessConfig:

@@ -7,13 +7,13 @@
 
 For each method of `frontier.methods` (a preset), each strength of its grid: the preset with that strength
 (config.with_strength on the preset's knob: `frontier.knobs.<method>` if given, one of config.preset_knobs,
-else config.preset_knob: the main strength of the first of its methods that registers one), trained on data.train less budget's validation examples (train(holdout=...)) into
+else config.preset_knob: its first knob that claims to hold the model, else its first: LfU's lam), trained on data.train less budget's validation examples (train(holdout=...)) into
 OUTPUT_DIR/frontier/<method>/<value> (<knob>-<value> for a knob that is not the preset's default), then measured on budget's validation split (budget.Validator: the last
 `budget.validation_examples` training examples, and general-text blocks the evaluation never reports on).
 Never the test split: the points train without data.eval and without the forgetting curve (both read test data).
   - the grid: `frontier.grids.<method>`, else the knob's registered Strength grid, weakest first (a retraining
     knob: ascending; a mix applied after training, WiSE-FT's alpha: descending from 1 = the plain fine-tune);
-  - sft: one point, the reference; a preset without a knob (dft, neftune, ...): one point, at its preset;
+  - sft: one point, the reference; a preset without a knob (dft, ...): one point, at its preset;
   - a knob that does not retrain (WiSE-FT): one fine-tune, each alpha a mix W0 + alpha (W - W0) of it
     (regularizers.wise_ft.WeightMixer, as budget does); that fine-tune is sft's own run when the preset
     less its mix trains like sft (wise-ft: it does), so it costs no run.

@@ -409,9 +409,12 @@ class LfU(Regularizer):
 
 
 register("lfu", LfUConfig, LfU, strength=(
-    Strength("lam", (1.0, 5.0, 20.0)),
-    # the undesirable step's size: no monotone claim (too small and the consistency target is the clean model,
-    # too large and the paper's model collapsed at 0.5)
+    # no claim to hold the initial model: the term keeps the model consistent with its own perturbed copy and
+    # never looks at the initial weights, and on the embedded default the drift rose from lam 0.5 to 20 at every
+    # alpha (docs/frontier/lfu-knobs, one seed). A knob to map (`forgetless frontier`), not one `budget` searches
+    Strength("lam", (1.0, 5.0, 20.0), holds=None),
+    # the undesirable step's size: no monotone claim either (too small and the consistency target is the clean
+    # model, too large and the paper's model collapsed at 0.5)
     Strength("alpha", (0.01, 0.03, 0.1, 0.3), range="> 0", holds=None)), presets={
     "lfu": {"regularizers": [{"lfu": {"variant": "lora"}}]},
     "lfu-reps": {"regularizers": [{"lfu": {"variant": "reps"}}]},
