@@ -29,6 +29,7 @@ replacing it: all ratios come from one run, and prints a table.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import platform
@@ -48,6 +49,7 @@ from forgetless.flops import model_shape, peak_tflops, step_flops
 from forgetless.memory import keep_freed_cpu_memory, peak_memory
 from forgetless.model import DTYPES, apply_finetune, load_model, load_tokenizer, resolve_model_path
 from forgetless.regularizers.lfu import find_decoder_layers
+from forgetless.registry import PRESETS
 from forgetless.train import build_method
 from forgetless.trainer import ForgetlessTrainer
 
@@ -73,6 +75,12 @@ METHODS = {
     "replay": {"replay": {"ratio": 0.25}},  # blocks join the SFT forward (forward: auto)
     "replay_own": {"replay": {"ratio": 0.25, "forward": "own"}},  # their own pass: lowest peak memory
     "kl_replay": {"regularizers": [{"kl": {}}], "replay": {"ratio": 0.25}},
+    # issue #28's presets, as registered: distillation replay (KL on the replay rows, no NLL) alone and with the
+    # KL anchor on the SFT rows; DFT (probability-weighted NLL) and ASFT (DFT + KL on the SFT rows)
+    "replay_kl": copy.deepcopy(PRESETS["replay-kl"]),
+    "kl_replay_kl": copy.deepcopy(PRESETS["kl+replay-kl"]),
+    "dft": copy.deepcopy(PRESETS["dft"]),
+    "asft": copy.deepcopy(PRESETS["asft"]),
     # the baselines (issue #8). WiSE-FT changes nothing during training (no step cost); NEFTune's
     # hook is attached by Trainer.train(), which this bench bypasses (its cost: one uniform_ per step)
     "l2sp": {"regularizers": [{"l2sp": {}}]},
@@ -83,7 +91,7 @@ METHODS = {
     "decoder_pass": None,  # not a method: the floor of LfU's extra pass (see DecoderPass)
     "sft_plus_rows": None,  # not a method: the floor of replay at 0.25 (see SFTPlusTrainedRows)
 }
-REPLAY_RATIO = {"replay": 0.25, "replay_own": 0.25, "kl_replay": 0.25}
+REPLAY_RATIO = {"replay": 0.25, "replay_own": 0.25, "kl_replay": 0.25, "replay_kl": 0.25, "kl_replay_kl": 0.25}
 LOSS_CHUNK = {"sft_chunked": 256}
 # timed on request (--methods ...), e.g. the LfU cost/retention frontier of bench/lfu_frontier.md
 CHEAP_LFU = ["lfu_lora_early", "lfu_rows50", "lfu_rows25", "lfu_every2", "lfu_every4", "lfu_r50_e2", "lfu_r25_e2",
@@ -199,8 +207,6 @@ def build(args, model, method: str, tokenizer, batch, shared: bool = True):
     if method == "decoder_pass":
         return DecoderPass(build(args, model, "sft", tokenizer, batch, shared))
     if method == "trl_sft":
-        import copy
-
         from trl import SFTConfig, SFTTrainer
 
         # TRL patches the model it is given (fused LM head): a copy when the model is shared with our methods
