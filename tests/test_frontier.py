@@ -175,7 +175,7 @@ def test_frontier_settings_are_checked_naming_the_key():
     assert (lfu.alpha, lfu.lam, lfu.every) == (0.03, 5.0, 4)  # only that option changes; the preset's others stay
 
 
-def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp_path):
+def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp_path, monkeypatch):
     """frontier.methods may name a compare.runs entry: its own replay corpus, options and settings (a preset
     would reset them), its knobs from its own entries; its chosen point keeps its other overrides."""
     from pathlib import Path
@@ -201,6 +201,18 @@ def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp
     assert compared["mine-0.1"] == {"method": "mine", "value": 0.1}
     run = cmp.compare.runs["mine-0.1"]
     assert run["train"] == {"learning_rate": 5e-4} and run["replay"]["ratio"] == 0.1 and run["replay"]["data"] == str(corpus)
+
+    # over seeds: compare.seeds carries into the chosen points' comparison (each trained once per seed), and
+    # --jobs into its run_compare
+    cfg = load_config(None, ["frontier.methods=[mine, kl]", runs, "compare.seeds=[1, 2]"])
+    cmp, _ = chosen_compare_config(cfg, report)
+    assert cmp.compare.seeds == [1, 2] and cmp.compare.methods == ["sft"] and cmp.output_dir.endswith("chosen")
+    import forgetless.compare
+    from forgetless.frontier import evaluate_chosen
+    calls = []
+    monkeypatch.setattr(forgetless.compare, "run_compare", lambda c, overwrite=False, jobs=1: calls.append((c.compare.seeds, jobs)))
+    assert evaluate_chosen(cfg, report, jobs=3)["runs"]["mine-0.1"] == {"method": "mine", "value": 0.1}
+    assert calls == [([1, 2], 3)]
 
     # a run with only other settings: one point, compared as plain SFT with them
     fast = "compare.runs={fastlr: {train: {learning_rate: 1.0e-3}}, mywise: {train: {learning_rate: 1.0e-3}, regularizers: [{wise_ft: {}}]}, sft: {train: {learning_rate: 1.0e-3}}}"

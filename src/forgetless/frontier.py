@@ -408,7 +408,7 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
     logger.info("frontier: wrote %s, frontier.md and frontier.png (%d runs trained now, %d reused)",
                 root / "frontier.json", report["runs"]["trained_now"], report["runs"]["reused"])
     if f.evaluate_chosen:
-        report["chosen_evaluation"] = evaluate_chosen(config, report, overwrite)
+        report["chosen_evaluation"] = evaluate_chosen(config, report, overwrite, jobs)
         write_json_atomic(root / "frontier.json", report, indent=2)
     return report
 
@@ -492,15 +492,17 @@ def chosen_compare_config(config: ForgetlessConfig, report: dict) -> tuple[Forge
     return cmp, compared
 
 
-def evaluate_chosen(config: ForgetlessConfig, report: dict, overwrite: bool = False) -> dict[str, Any]:
+def evaluate_chosen(config: ForgetlessConfig, report: dict, overwrite: bool = False, jobs: int = 1) -> dict[str, Any]:
     """The chosen points, trained on the whole training set and compared with sft on the test split by
-    compare.run_compare (its report.json / report.md / plots, in OUTPUT_DIR/chosen)."""
+    compare.run_compare (its report.json / report.md / plots, in OUTPUT_DIR/chosen): once per seed of
+    compare.seeds when it lists any (OUTPUT_DIR/chosen/<run>/seed-<n>; the points were chosen on train.seed),
+    `jobs` runs at a time."""
     from forgetless.compare import run_compare
 
     cmp, compared = chosen_compare_config(config, report)
     logger.info("frontier: evaluating the chosen points (%s rule) on the test split: %s", config.frontier.evaluate_rule,
                 ", ".join(compared))
-    run_compare(cmp, overwrite=overwrite)
+    run_compare(cmp, overwrite=overwrite, jobs=jobs)
     return {"rule": config.frontier.evaluate_rule, "output_dir": cmp.output_dir, "runs": compared,
             "report": str(Path(cmp.output_dir) / "report.json")}
 
