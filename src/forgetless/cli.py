@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="retrain every point even if a finished run exists")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train N points at a time in worker processes, then measure them (for small models on a "
-                        "GPU; each run's step time then includes the contention)")
+                   help="train N points at a time in worker processes, then measure them; the chosen points' "
+                        "comparison also runs N at a time (for small models on a GPU; each run's step time then "
+                        "includes the contention)")
 
     p = sub.add_parser("config", help="print the resolved config (after overrides) and exit",
                        description="Validate CONFIG with its overrides and print the full resolved config.")

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import logging
 import math
 import multiprocessing
@@ -57,6 +58,8 @@ import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.compare import log_like_parent, parent_logging
@@ -240,8 +243,6 @@ def _train_or_reuse(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label:
 def _train_in_worker(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label: str,
                      threads: int) -> tuple[dict, bool]:
     """One point's run in a worker process of run_frontier's pool (--jobs)."""
-    import torch
-
     torch.set_num_threads(threads)  # this worker's own process: the pool shares the machine's cores
     return _train_or_reuse(cfg, holdout, overwrite, label)
 
@@ -300,7 +301,8 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
     """Train and measure every point, choose, write frontier.json / frontier.png, and (evaluate_chosen) compare
     the chosen points on the test split. Returns frontier.json's content. `jobs` > 1 trains that many points
     at a time in worker processes first (for small models on a GPU, which one run leaves mostly idle), then
-    measures them one by one here; with 1, each point is measured as soon as it has trained."""
+    measures them one by one here; with 1, each point is measured as soon as it has trained. The chosen
+    points' comparison runs `jobs` runs at a time too."""
     from accelerate import PartialState
 
     from forgetless.model import load_trained
@@ -408,6 +410,12 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
     logger.info("frontier: wrote %s, frontier.md and frontier.png (%d runs trained now, %d reused)",
                 root / "frontier.json", report["runs"]["trained_now"], report["runs"]["reused"])
     if f.evaluate_chosen:
+        # the comparison loads its own base (and its workers theirs): this one would stay in memory beside them
+        # and count in the chosen runs' peak memory
+        validator = base = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         report["chosen_evaluation"] = evaluate_chosen(config, report, overwrite, jobs)
         write_json_atomic(root / "frontier.json", report, indent=2)
     return report

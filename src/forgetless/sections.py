@@ -287,7 +287,8 @@ class BudgetConfig:
     # accepted mean token KL(base || tuned) on that text
     max_drift_kl: float | None = None
     # what is searched: the WiSE-FT mixing weight (one training run), or a regularizer's strength (retrains)
-    # a method with a strength (forgetless.registry: wise_ft, lfu, kl, replay, l2sp, ewc); checked by the run
+    # a strength that claims to hold the model (forgetless.registry: wise_ft, kl, replay, replay.weight, l2sp, ewc;
+    # not lfu's lam or alpha, nor neftune); checked by the run
     knob: str = "wise_ft"
     grid: list[float] | None = None  # candidate values (default: the knob's own grid, forgetless.registry)
     refine: int = 3  # wise_ft: bisection steps after the grid
@@ -312,8 +313,8 @@ class FrontierConfig:
 
     # method presets (forgetless.registry.PRESETS); sft is always trained once, as the reference
     methods: list[str] = field(default_factory=lambda: ["sft", "kl", "ewc", "l2sp", "lfu-fast", "wise-ft"])
-    # {preset: knob}: which strength to vary, e.g. {lfu-fast: lfu.alpha}; default: the preset's first method's
-    # main strength (config.preset_knob; the knobs: forgetless.registry.strengths)
+    # {preset: knob}: which strength to vary, e.g. {lfu-fast: lfu.alpha}; default: the preset's first knob that
+    # claims to hold the model, else its first (config.preset_knob; the knobs: forgetless.registry.strengths)
     knobs: dict[str, str] = field(default_factory=dict)
     # {preset: [strengths]}; default: the registered grid of the preset's knob (checked by the run: config.py)
     grids: dict[str, list[float]] = field(default_factory=dict)
