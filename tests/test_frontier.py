@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from forgetless.errors import ConfigError
-from forgetless.frontier import (choose, matches_sft, pareto, sft_threshold, weakest_first, within_bound)
+from forgetless.frontier import (choose, keep_earlier, matches_sft, pareto, sft_threshold, weakest_first,
+                                 within_bound)
 from forgetless.sections import FrontierConfig
 
 from conftest import budget_args, write_jsonl
@@ -100,6 +101,36 @@ def test_pareto_sets_and_choices_over_every_method():
 
 
 # ---------------------------------------------------------------- (d) every registered grid
+
+
+def _report(points: dict[str, list[tuple]], base_ppl: float = 20.0) -> dict:
+    return {"validation": {"examples": 16, "blocks": 4, "base": {"general_ppl": base_ppl, "target_nll": 2.0}},
+            "methods": {m: {"points": [{"value": v, "run": f"f/{m}/{v}", "target_nll": t, "general_drop": g,
+                                        "drift_kl": 0.01} for v, t, g in pts]} for m, pts in points.items()}}
+
+
+def test_an_earlier_frontier_with_points_the_new_one_lacks_is_kept_aside_never_written_over(tmp_path):
+    earlier = _report({"sft": [(None, 1.0, 0.05)], "ewc": [(0.1, 1.1, 0.02), (1.0, 1.3, 0.01)]})
+
+    def write(report):
+        (tmp_path / "frontier.json").write_text(json.dumps(report))
+        (tmp_path / "frontier.png").write_bytes(b"png")
+
+    assert keep_earlier(tmp_path, earlier) is None  # nothing there yet
+    write(earlier)
+    # the same points measured again (float noise) and one more: written over
+    again = _report({"sft": [(None, 1.0 + 1e-7, 0.05)], "ewc": [(0.1, 1.1, 0.02), (1.0, 1.3, 0.01), (3.0, 1.5, 0.0)]})
+    assert keep_earlier(tmp_path, again) is None and not list(tmp_path.glob("*.replaced-*"))
+    # fewer points, or the same point measuring otherwise (another base, another run behind the folder): kept
+    for n, later in enumerate([_report({"sft": [(None, 1.0, 0.05)], "ewc": [(0.1, 1.1, 0.02)]}),
+                               _report({"sft": [(None, 1.0, 0.05)], "ewc": [(0.1, 1.2, 0.02), (1.0, 1.3, 0.01)]}),
+                               _report({"sft": [(None, 1.0, 0.05)], "ewc": [(0.1, 1.1, 0.02), (1.0, 1.3, 0.01)]},
+                                       base_ppl=21.0)], start=1):
+        write(earlier)
+        assert keep_earlier(tmp_path, later) == tmp_path / f"frontier.replaced-{n}.json"
+        assert json.loads((tmp_path / f"frontier.replaced-{n}.json").read_text()) == earlier
+        assert (tmp_path / f"frontier.replaced-{n}.png").read_bytes() == b"png"
+        assert not (tmp_path / "frontier.json").exists()
 
 
 def test_every_registered_strength_grid_is_in_its_range_and_weakest_first():
@@ -328,6 +359,13 @@ def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, 
     assert again["runs"] == {"trained_now": 0, "reused": 3, "at_a_time": 1}
     assert [p.stat().st_mtime_ns for p in summaries] == stamps
     assert again["sft"]["target_nll"] == pytest.approx(sft["target_nll"], rel=1e-6)
+    assert not list(out.glob("frontier.replaced-*"))  # the same points measured again: written over
+    # a call with fewer points keeps the earlier frontier beside the new one
+    assert main(args + ["frontier.methods=[l2sp]", "frontier.grids={l2sp: [0.0]}",
+                                     "frontier.evaluate_chosen=false"]) == 0
+    kept = json.loads((out / "frontier.replaced-1.json").read_text())
+    assert list(kept["methods"]) == ["sft", "l2sp", "wise-ft"] and (out / "frontier.replaced-1.png").exists()
+    assert list(json.loads((out / "frontier.json").read_text())["methods"]) == ["sft", "l2sp"]
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ passes (the base, then each point). Finished runs are reused (run_folder.reusabl
 (train.continue_run); a rerun trains nothing that finished. --overwrite trains every point again.
 
 Writes OUTPUT_DIR/frontier.json (every point, both Pareto sets, each method's choices, the rules) and
-OUTPUT_DIR/frontier.png. The axes (validation, against the base model):
+OUTPUT_DIR/frontier.png (an earlier frontier.json with a point this call lacks is kept: keep_earlier). The axes (validation, against the base model):
   target gain   = base target NLL - the point's target NLL (nats per answer token; higher: learned more)
   general_drop  = general-text perplexity / the base's - 1 (plotted as the NLL change, log(1 + general_drop))
   drift_kl      = mean token KL(base || point) on that text
@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import json
 import logging
 import math
 import multiprocessing
@@ -297,6 +298,52 @@ def train_side_by_side(runs: dict[str, tuple[ForgetlessConfig, str]], holdout: i
     return done
 
 
+FRONTIER_FILES = ("frontier.json", "frontier.md", "frontier.png")
+
+
+def _figures(report: dict) -> dict[tuple, tuple]:
+    """(method, value, run folder) -> the point's validation figures, with the base's under ("base",)."""
+    base = report.get("validation", {})
+    figures = {("base",): (base.get("examples"), base.get("blocks"), *base.get("base", {}).values())}
+    for method, m in report.get("methods", {}).items():
+        for p in m.get("points", []):
+            figures[(method, p["value"], p["run"])] = tuple(p.get(k) for k in ("target_nll", *FORGETTING))
+    return figures
+
+
+def _same(a: tuple, b: tuple) -> bool:  # measured again, the figures agree to float noise (threads, kernels)
+    return len(a) == len(b) and all(
+        x == y or (isinstance(x, float) and isinstance(y, float) and math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-6))
+        for x, y in zip(a, b))
+
+
+def keep_earlier(root: Path, report: dict) -> Path | None:
+    """Before `report` is written to root/frontier.json: an earlier frontier.json that holds a point `report`
+    does not (another method list or grid, or a point measured differently) is moved aside with its .md and .png
+    to frontier.replaced-N.* (the first free N), and where it went is returned. A rerun that only adds points,
+    or measures the same ones again, writes over it (nothing of it is lost)."""
+    earlier = root / "frontier.json"
+    if not earlier.is_file():
+        return None
+    try:
+        old = json.loads(earlier.read_text())
+    except (OSError, ValueError):
+        old = {}
+    before, now = _figures(old), _figures(report)
+    if old and all(key in now and _same(figures, now[key]) for key, figures in before.items()):
+        return None
+    n = 1
+    while any((root / f"frontier.replaced-{n}{Path(name).suffix}").exists() for name in FRONTIER_FILES):
+        n += 1
+    for name in FRONTIER_FILES:
+        if (root / name).exists():
+            (root / name).rename(root / f"frontier.replaced-{n}{Path(name).suffix}")
+    aside = root / f"frontier.replaced-{n}.json"
+    logger.warning("frontier: the earlier %s held points this call does not; kept as %s (and its .md, .png)",
+                   earlier, aside)
+    return aside
+
+
 def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Train and measure every point, choose, write frontier.json / frontier.png, and (evaluate_chosen) compare
     the chosen points on the test split. Returns frontier.json's content. `jobs` > 1 trains that many points
@@ -404,6 +451,7 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
                  "at_a_time": jobs},
         "chosen_evaluation": None,
     }
+    keep_earlier(root, report)
     write_json_atomic(root / "frontier.json", report, indent=2)
     write_text_atomic(root / "frontier.md", render_markdown(report))
     plot(report, root / "frontier.png")
