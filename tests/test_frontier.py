@@ -238,10 +238,10 @@ def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp
     cfg = load_config(None, ["frontier.methods=[mine, kl]", runs, "compare.seeds=[1, 2]"])
     cmp, _ = chosen_compare_config(cfg, report)
     assert cmp.compare.seeds == [1, 2] and cmp.compare.methods == ["sft"] and cmp.output_dir.endswith("chosen")
-    import forgetless.compare
+    import forgetless.frontier
     from forgetless.frontier import evaluate_chosen
     calls = []
-    monkeypatch.setattr(forgetless.compare, "run_compare", lambda c, overwrite=False, jobs=1: calls.append((c.compare.seeds, jobs)))
+    monkeypatch.setattr(forgetless.frontier, "run_compare", lambda c, overwrite=False, jobs=1: calls.append((c.compare.seeds, jobs)))
     assert evaluate_chosen(cfg, report, jobs=3)["runs"]["mine-0.1"] == {"method": "mine", "value": 0.1}
     assert calls == [([1, 2], 3)]
 
@@ -308,6 +308,7 @@ def test_validation_split_is_disjoint_from_training_and_from_the_reported_test_i
 
 def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, tmp_path, monkeypatch, capsys):
     import forgetless.compare as compare_mod
+    import forgetless.frontier as frontier_mod
     import forgetless.train as train_mod
     from forgetless.cli import main
 
@@ -348,8 +349,8 @@ def test_frontier_command_writes_the_frontier_then_reuses_every_run(pretrained, 
     def must_not_train(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(train_mod, "train", must_not_train)
-    monkeypatch.setattr(compare_mod, "train", must_not_train)
+    for module in (train_mod, compare_mod, frontier_mod):
+        monkeypatch.setattr(module, "train", must_not_train)
     summaries = sorted(out.rglob("train_summary.json"))
     assert len(summaries) == 6  # 3 frontier points + sft and the 2 chosen runs of the comparison
     stamps = [p.stat().st_mtime_ns for p in summaries]

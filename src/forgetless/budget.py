@@ -43,6 +43,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
 from forgetless.config import ForgetlessConfig, with_strength, without_method
 from forgetless.registry import knob as registry_knob, main_knob
 from forgetless.data import (general_blocks, general_domains, held_out_blocks, load_texts, pack_blocks, paragraphs,
@@ -52,7 +56,8 @@ from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
 from forgetless.replay import row_format
 from forgetless.run_folder import METRICS, copy_run_files, write_run
 from forgetless.sections import SELF
-from forgetless.model import load_trained
+from forgetless.model import default_device, load_model, load_tokenizer, load_trained, resolve_model_path
+from forgetless.regularizers.wise_ft import WeightMixer
 from forgetless.train import SUMMARY, check_output_dir, continue_run, prepare_output_dir, train, training_arguments
 
 logger = logging.getLogger(__name__)
@@ -122,9 +127,6 @@ def judge(validator: Validator, config: ForgetlessConfig, model, **fields) -> di
     """One candidate: its validation measures and whether it is inside the bound(s)."""
     row = {**fields, **validator.measure(model)}
     row["passes"] = passes(row, config)
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
     if PartialState().num_processes > 1:
         # the main process's figures everywhere: a pass/fail that differed in the last bit between the
         # processes' copies would send them on to different trials, each waiting for the others
@@ -148,9 +150,6 @@ def passes(m: dict[str, float], config: ForgetlessConfig) -> bool:
 
 def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train as `config` says, with the regularisation strength searched to meet `config.budget`."""
-    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
-    from forgetless.regularizers.wise_ft import WeightMixer
-
     b = config.budget  # knob, grid and bounds are validated with the config
     out = Path(config.output_dir)
     work = out / "budget"
@@ -258,8 +257,6 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
     held_out = None
     ev = config.evaluation
     if ev.general_text:
-        import torch
-
         domains = general_blocks(ev.general_text, tokenizer, ev.block_length, ev.general_blocks)
         blocks = torch.cat([reported for reported, _ in domains.values()])
         base_nll, _, _ = block_nll_and_drift(base, blocks, ev.batch_size)

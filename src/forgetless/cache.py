@@ -3,20 +3,21 @@ reference, self-replay text): written atomically, so a killed run never leaves h
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors file at `path`, written to a temporary name and renamed into place."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({name: t.contiguous().cpu() for name, t in tensors.items()}, str(tmp), metadata=metadata)
@@ -32,17 +33,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
     """`data` as JSON at `path`, written to a temporary name and renamed into place."""
-    import json
-
     write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
 
 
 def load_matching(path: Path, metadata: dict[str, str]) -> dict[str, torch.Tensor] | None:
     """The tensors at `path` when the file was written with exactly `metadata`; None when it is absent,
     built for other inputs, or unreadable (a corrupt or truncated file is rebuilt, never an error)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if not path.exists():
         return None
     try:
@@ -60,8 +56,6 @@ def build_once(path: Path, metadata: dict[str, str], build: Callable[[], dict[st
     """The tensors kept at `path` when they were built with the same `metadata` (and `fits` them), else
     `build()` on the main process, saved atomically; every other process then reads the main one's file
     (the main process goes first). So a resumed run, or a rerun in the same folder, never builds twice."""
-    from safetensors.torch import load_file
-
     with accelerator.main_process_first():
         if path.exists():
             tensors = load_matching(path, metadata)

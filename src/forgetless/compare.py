@@ -26,6 +26,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
@@ -243,8 +245,6 @@ def _job_in_worker(config: ForgetlessConfig, name: str, seed: int, cfg: Forgetle
                    threads: int, jobs: int) -> tuple[dict, dict]:
     """One compared run in a worker process of run_compare's pool: train (or reuse), then evaluate."""
     global _WORKER_SUITE
-    import torch
-
     torch.set_num_threads(threads)  # this worker's own process: the pool shares the machine's cores
     if _WORKER_SUITE is None:
         _WORKER_SUITE = Suite(config, Path(config.output_dir))

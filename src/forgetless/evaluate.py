@@ -36,6 +36,7 @@ from forgetless.sections import SELF, ReplayConfig
 from forgetless.errors import ConfigError, DataError
 from forgetless.generation import complete
 from forgetless.losses import forward_rows, token_kl, upcast
+from forgetless.model import default_device, load_model, load_tokenizer, load_trained, resolve_model_path
 from forgetless import stats
 
 logger = logging.getLogger(__name__)
@@ -386,8 +387,6 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
 
 def load_base(config):
     """The config's base model (eval mode, on the run's device) and its tokenizer."""
-    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
-
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
     base = load_model(config.model, path, device=default_device()).eval()
     return base, load_tokenizer(path)
@@ -395,9 +394,6 @@ def load_base(config):
 
 def evaluate_run(config, base, tokenizer, out_dir: str, name: str) -> dict[str, Any]:
     """The suite on one fine-tuned output folder, with drift measured against `base`."""
-    from forgetless.model import default_device
-    from forgetless.model import load_trained
-
     # in the base model's precision, so drift measures training, not a change of dtype
     model, _ = load_trained(out_dir, dtype=base.dtype, device=default_device())
     results = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name=name)

@@ -61,18 +61,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
+from forgetless.budget import Validator
 from forgetless.cache import write_json_atomic, write_text_atomic
-from forgetless.compare import log_like_parent, parent_logging
+from forgetless.compare import log_like_parent, parent_logging, run_compare
 from forgetless.config import (ForgetlessConfig, method_config, preset_knob, validate, with_strength,
                                without_method)
-from forgetless.data import source_spec, train_sources
+from forgetless.data import source_spec, split_holdout, train_sources, training_records
 from forgetless.errors import ConfigError
 from forgetless.evaluate import check_disjoint
+from forgetless.model import default_device, load_model, load_tokenizer, load_trained, resolve_model_path
 from forgetless.registry import Strength, entry
 from forgetless.registry import knob as registry_knob
+from forgetless.regularizers.wise_ft import WeightMixer
 from forgetless.run_folder import reusable_summary
 from forgetless.sections import RUN_NAME, FrontierConfig
+from forgetless.train import continue_run, train
 
 logger = logging.getLogger(__name__)
 
@@ -201,17 +206,12 @@ def choose(methods: dict[str, dict], sft: dict, f: FrontierConfig) -> dict[str, 
 def validation_records(config: ForgetlessConfig) -> list:
     """The validation examples: data.train's mixture's last budget.validation_examples (what the points do not
     train on: train(holdout=...) drops the same ones)."""
-    from forgetless.data import split_holdout, training_records
-
     held = split_holdout(training_records(config.data, config.train.seed), config.budget.validation_examples)[1]
     return [record for record, _ in held]
 
 
 def make_validator(config: ForgetlessConfig):
     """The base model, on its device, and budget's Validator over the validation split."""
-    from forgetless.budget import Validator
-    from forgetless.model import default_device, load_model, load_tokenizer, resolve_model_path
-
     path = resolve_model_path(config.model.name_or_path, config.model.revision)
     tokenizer = load_tokenizer(path)
     base = load_model(config.model, path, device=default_device()).eval()
@@ -228,8 +228,6 @@ def _label(method: str, knob: str | None, value: float | None, cfg: ForgetlessCo
 def _train_or_reuse(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label: str) -> tuple[dict, bool]:
     """(the run's summary, whether it trained now): a finished run of the same config and inputs is reused,
     an unfinished one resumed (train.continue_run); --overwrite trains it again."""
-    from forgetless.train import continue_run, train
-
     if not overwrite:
         summary = reusable_summary(cfg, holdout)
         if summary is not None:
@@ -350,11 +348,6 @@ def run_frontier(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 
     at a time in worker processes first (for small models on a GPU, which one run leaves mostly idle), then
     measures them one by one here; with 1, each point is measured as soon as it has trained. The chosen
     points' comparison runs `jobs` runs at a time too."""
-    from accelerate import PartialState
-
-    from forgetless.model import load_trained
-    from forgetless.regularizers.wise_ft import WeightMixer
-
     if PartialState().num_processes > 1:
         raise ConfigError("forgetless frontier runs as one process (each point trains on the machine's devices "
                           "as `forgetless train` does); run it without `accelerate launch`")
@@ -553,8 +546,6 @@ def evaluate_chosen(config: ForgetlessConfig, report: dict, overwrite: bool = Fa
     compare.run_compare (its report.json / report.md / plots, in OUTPUT_DIR/chosen): once per seed of
     compare.seeds when it lists any (OUTPUT_DIR/chosen/<run>/seed-<n>; the points were chosen on train.seed),
     `jobs` runs at a time."""
-    from forgetless.compare import run_compare
-
     cmp, compared = chosen_compare_config(config, report)
     logger.info("frontier: evaluating the chosen points (%s rule) on the test split: %s", config.frontier.evaluate_rule,
                 ", ".join(compared))
