@@ -84,7 +84,8 @@ def test_a_measure_added_to_the_table_is_shown_everywhere(monkeypatch, tmp_path)
         measure({"toy_items": [0.5, 0.5]}, "toy_score", 2)
 
 
-@pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen"])
+@pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen",
+                                    "docs/frontier/default/chosen-seeds"])
 def test_stored_reports_render_as_stored(folder):
     """The table reproduces the report's layout exactly: a stored report renders to its stored report.md."""
     root = Path(__file__).resolve().parents[1] / folder

@@ -459,7 +459,8 @@ def rerendered(folder: str) -> dict:
     return json.loads(json.dumps(module.rerender(json.loads((ROOT / folder / "report.json").read_text()))))
 
 
-@pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen"])
+@pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen",
+                                    "docs/frontier/default/chosen-seeds"])
 def test_stored_reports_rerendered_are_consistent(folder):
     """Every measure of the stored report, re-rendered from its items: each value lies in its own interval;
     each paired difference is the difference of the two values it pairs (perplexity % through the mean
