@@ -94,7 +94,7 @@ def test_the_walker_sees_function_level_relative_and_package_imports(tmp_path):
     modules = {"p", "p.top", "p.hidden", "p.shown", "p.sub", "p.sub.leaf", "p.lazy", "p.m"}
     # relative: `.sub` from p.m is p.sub; a package's __init__ runs before its module: p is an edge too
     assert imports_of(source, modules, this="p.m") == {"p.top", "p.shown", "p.sub", "p.sub.leaf", "p.lazy"}
-    # the real graph: function-level imports are edges (identity reads data inside a function)
+    # the real graph: function-level imports are edges (a loop hidden inside a function is still a loop)
     real = import_graph()
     assert "forgetless.data" in real["forgetless.identity"]
     assert "forgetless.regularizers.base" in real["forgetless.regularizers"]

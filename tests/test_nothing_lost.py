@@ -194,7 +194,7 @@ def test_a_finished_run_is_reused_only_with_the_same_inputs(tiny_gpt2, tmp_path,
     data.write_text(data.read_text().replace('"4"', '"3"'))
     assert reusable_summary(cfg) is not None
 
-    monkeypatch.setattr("forgetless.model.resolve_dtype", lambda *a, **k: torch.bfloat16)  # `auto` on a GPU
+    monkeypatch.setattr(identity, "resolve_dtype", lambda *a, **k: torch.bfloat16)  # `auto` on a GPU
     assert reusable_summary(cfg) is None
     monkeypatch.undo()
     monkeypatch.setattr(identity, "__version__", "9.9.9")

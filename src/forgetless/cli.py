@@ -1,4 +1,8 @@
-"""The `forgetless` command line: `forgetless train CONFIG [key=value ...]`."""
+"""The `forgetless` command line: `forgetless train CONFIG [key=value ...]`.
+
+Each subcommand imports what it runs when it runs (none of those imports avoids a loop): `forgetless
+--help` and an argument argparse refuses answer without loading torch; a config check loads torch, not
+transformers."""
 
 from __future__ import annotations
 
@@ -157,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Imported here so `--help` stays fast.
     from forgetless.config import load_config
 
     try:

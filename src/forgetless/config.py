@@ -16,6 +16,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -133,8 +134,6 @@ class ForgetlessConfig:
                     f"a frontier method trains on the frontier's own data, model and seed (its validation examples "
                     f"are held out of those); drop {fixed[0]} from this run, or map it in a frontier of its own config")
                 break
-        from types import SimpleNamespace
-
         known = set(PRESETS) | set(c.runs)
         for name, chosen in f.knobs.items():
             if name not in known:

@@ -2,18 +2,25 @@
 
 Every record becomes `{"input_ids", "labels"}` where the prompt's labels are -100, so the loss
 covers the response only. Errors name the file, the line (or row) and the field.
+
+datasets, transformers and huggingface_hub are imported in the functions that use them, for the
+reason model.py gives (a config check imports this module).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import json
 import logging
 import re
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 from forgetless.assets import resolve_builtin
 from forgetless.sections import DataConfig, DataSource
@@ -156,8 +163,6 @@ def training_records(cfg: DataConfig, seed: int) -> list[tuple[Record, int]]:
     """The training mixture: each source's records taken `weight` times (whole copies, then a seeded
     sample for the fraction), each with its source's index. Deterministic given the seed; the Trainer's
     sampler then shuffles the mixture and, on resume, skips exactly the batches it has drawn."""
-    import torch
-
     mixture: list[tuple[Record, int]] = []
     for index, source in enumerate(train_sources(cfg)):
         records = load_records(source_spec(source), replace(cfg, format=source.format or cfg.format))
@@ -564,7 +569,6 @@ ROW_TAGS = ("example_id", "source")  # per-row integers that ride along with a b
 def collator(tokenizer):
     """Right-pads input_ids with the pad token and labels with -100 (transformers' own collator);
     each row's tags (ROW_TAGS), when present, come along as 1-D tensors."""
-    import torch
     from transformers import DataCollatorForSeq2Seq
 
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
@@ -591,9 +595,6 @@ def load_texts(spec: str, text_field: str = "text") -> list[str]:
     """Documents of a text corpus, as written (newlines and paragraph breaks kept): a .txt / .txt.gz file is
     one document, or several separated by lines holding only a form feed; .jsonl / .json / .csv / .parquet / a
     datasets folder: the `text_field` of each row."""
-    import gzip
-    import zlib
-
     path = resolve_builtin(spec)
     if not path.exists():
         raise DataError(f"text corpus {path} does not exist")
@@ -689,8 +690,6 @@ def document_stream(texts: list[str], tokenizer) -> list[int]:
 def pack_blocks(texts: list[str], tokenizer, block_len: int) -> "torch.Tensor":
     """The document stream (document_stream) cut into [n_blocks, block_len] (the rest dropped): blocks cross
     document boundaries only where a document ends, at its separator, as pretraining packs text."""
-    import torch
-
     stream = document_stream(texts, tokenizer)
     n_blocks = len(stream) // block_len
     if n_blocks == 0:
@@ -736,8 +735,6 @@ def held_out_blocks(general_text, tokenizer, block_len: int, reported: int, limi
 
 def interleave_blocks(parts: list["torch.Tensor"], limit: int) -> "torch.Tensor":
     """Up to `limit` blocks taken from the parts in turn (a block of each domain, then the next of each)."""
-    import torch
-
     rows = [part[i] for i in range(max((len(p) for p in parts), default=0)) for part in parts if i < len(part)]
     width = parts[0].shape[1] if parts else 0
     return torch.stack(rows[:limit]) if rows and limit > 0 else torch.zeros((0, width), dtype=torch.long)

@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from forgetless import __version__
+from forgetless.assets import resolve_builtin
+from forgetless.data import (eval_source, general_domains, is_pattern, matching_paths, source_spec, split_source,
+                             train_sources)
+from forgetless.model import default_device, resolve_dtype, resolve_model_path
 
 _DIGESTS: dict[tuple, str] = {}
 _CHUNK = 1 << 20
@@ -73,8 +77,6 @@ def source_digest(spec: str | None) -> str | None:
     `self`, or a Hub dataset not cached yet) is keyed by its spec alone."""
     if spec is None:
         return None
-    from forgetless.assets import resolve_builtin
-    from forgetless.data import is_pattern, matching_paths, split_source
 
     base, split = split_source(spec)
     suffix = f"@{split}" if split else ""
@@ -103,8 +105,6 @@ def digest(value: Any) -> str:
 
 def model_identity(model_cfg) -> dict[str, Any]:
     """The base model a config names: its name, revision and the hash of its resolved folder."""
-    from forgetless.model import resolve_model_path
-
     path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
     return {"name_or_path": model_cfg.name_or_path, "revision": model_cfg.revision,
             "files": folder_digest(path, MODEL_FILES)}
@@ -112,15 +112,11 @@ def model_identity(model_cfg) -> dict[str, Any]:
 
 def machine_identity(model_cfg) -> dict[str, str]:
     """What the same config computes differently on another machine: the dtype `auto` resolves to, the device kind."""
-    from forgetless.model import default_device, resolve_dtype
-
     return {"dtype": str(resolve_dtype(model_cfg)).replace("torch.", ""), "device": default_device().type}
 
 
 def training_data_specs(config) -> list[str]:
     """Every data source a training run reads: data.train's sources, data.eval, a replay corpus."""
-    from forgetless.data import eval_source, source_spec, train_sources
-
     specs = [source_spec(s) for s in train_sources(config.data)]
     if config.data.eval:
         specs.append(eval_source(config.data))
@@ -134,8 +130,6 @@ def training_data_specs(config) -> list[str]:
 
 def evaluation_data_specs(ev) -> list[str]:
     """Every data source the evaluation suite reads."""
-    from forgetless.data import general_domains
-
     specs = [s for s in (ev.task, ev.instructions, ev.mc) if s]
     specs += list(general_domains(ev.general_text).values())
     return specs

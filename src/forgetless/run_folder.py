@@ -23,7 +23,11 @@ import yaml
 
 from forgetless import __version__
 from forgetless.cache import write_json_atomic
+from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.errors import ConfigError
+from forgetless.identity import changed_inputs, model_identity, run_inputs
+from forgetless.model import load_trained
+from forgetless.schema import from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +213,6 @@ def saved_config(output_dir: Path) -> dict[str, Any]:
     (A new option's default keeps what the version before it did; a change of behaviour comes with a new
     version, which the run's recorded inputs name.) A file this version cannot read (an option removed
     since) comes back as written: it then differs from any current config."""
-    from forgetless.config import ForgetlessConfig
-    from forgetless.schema import from_dict
-
     saved = yaml.safe_load((Path(output_dir) / CONFIG).read_text(encoding="utf-8")) or {}
     # the sections reuse and resume ignore are left out, so that a preset renamed under compare or a grid
     # that no longer parses cannot make the run unreadable
@@ -235,8 +236,6 @@ def set_aside(output_dir: Path) -> Path:
 
 def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str, Any]) -> str:
     """The checkpoint to resume from, after checking the run is the same one; else a ConfigError."""
-    from forgetless.identity import changed_inputs
-
     output_dir = Path(output_dir).expanduser()
     saved_path = output_dir / CONFIG
     if not saved_path.is_file():
@@ -310,8 +309,6 @@ def reusable_summary(config, holdout: int = 0) -> dict | None:
     """The summary of a finished run in config.output_dir trained with the same config (what it trains:
     evaluation, compare, budget and frontier aside) and the same inputs by content (data files, model, resolved
     dtype, device kind, forgetless version, examples held out: `holdout`), else None."""
-    from forgetless.identity import changed_inputs, run_inputs
-
     out = Path(config.output_dir).expanduser()
     if not is_finished(out) or not (out / CONFIG).is_file():
         return None
@@ -330,8 +327,6 @@ def reusable_summary(config, holdout: int = 0) -> dict | None:
 
 def check_same_base(run_dir: Path, config) -> None:
     """Refuse to evaluate a run against a base it was not trained from (`eval --run`)."""
-    from forgetless.identity import model_identity
-
     run_dir = Path(run_dir).expanduser()
     summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
     recorded = (summary.get("inputs") or {}).get("model")
@@ -383,14 +378,10 @@ def write_run(output_dir: Path, save: Callable[[Path], None], summary: dict[str,
     save_aside(output_dir, save_with_metrics, is_main=is_main, barrier=barrier)
     if is_main:
         if config is not None:  # before the merge: the adapter's base is loaded as this config says
-            from forgetless.config import dump_config
-
             tmp = output_dir / f".{CONFIG}.tmp"
             dump_config(config, tmp)
             os.replace(tmp, output_dir / CONFIG)
         if merge:  # from the saved adapter, which holds the whole weights whatever the engine sharded
-            from forgetless.model import load_trained
-
             merged, tokenizer = load_trained(output_dir, device="cpu")
             merged = merged.merge_and_unload()
 

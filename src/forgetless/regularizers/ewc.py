@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from forgetless.data import load_texts, pack_blocks
 from forgetless.cache import build_once
@@ -52,8 +53,6 @@ class EWCConfig:
 
 def empirical_fisher(model, params: list[tuple[str, torch.Tensor]], blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean over blocks of (d mean-NLL(block) / d theta)^2, normalised to mean 1 over all weights."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     device = params[0][1].device

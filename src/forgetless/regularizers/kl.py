@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from forgetless.cache import build_once
+from forgetless.data import collator
 from forgetless.errors import ConfigError
 from forgetless.losses import IGNORE_INDEX, forward_rows, prediction_mask, rest_logprob, token_kl, topk_kl, upcast
 from forgetless.model import is_lora
@@ -182,10 +184,6 @@ class KL(Regularizer):
 
     @torch.no_grad()
     def _build_cache(self, run: RunInfo, dataset) -> dict[str, torch.Tensor]:
-        from tqdm.auto import tqdm
-
-        from forgetless.data import collator
-
         model, k = run.model, self.cache_k
         collate = collator(run.tokenizer)
         batch_size = run.eval_batch_size
