@@ -208,7 +208,8 @@ def write_summary_logged(folder, summary):
     return write_summary(folder, summary)
 
 
-config.dump_config, run_folder.write_summary = dump_config_logged, write_summary_logged
+config.dump_config = run_folder.dump_config = dump_config_logged  # run_folder binds its own name
+run_folder.write_summary = write_summary_logged
 pathlib.Path.write_text, shutil.copy2 = write_text_logged, copy2_logged
 sys.exit(main(sys.argv[1:]))
 '''
