@@ -23,6 +23,18 @@ def test_help_everywhere():
         assert "usage: forgetless" in res.stdout
 
 
+def test_python_dash_m_forgetless_is_the_command(tmp_path):
+    """`python -m forgetless` runs the CLI with its exit status (for a venv whose bin/ is not on PATH)."""
+    res = subprocess.run([sys.executable, "-m", "forgetless", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "usage: forgetless" in res.stdout
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  batchsize: 4\n")
+    res = subprocess.run([sys.executable, "-m", "forgetless", "train", str(cfg)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "batchsize" in res.stderr
+
+
 def test_bad_config_key_is_one_clear_error(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("train:\n  batchsize: 4\n")

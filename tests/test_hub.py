@@ -59,13 +59,41 @@ def test_train_from_a_cached_hub_id_with_user_offline_flag(tiny_llama, tmp_path)
     assert adapter["base_model_name_or_path"] == "tiny-org/tiny-llama"
 
 
+def clean_environment() -> dict[str, str]:
+    """This process's environment less what an earlier import in it may have written (torch's inductor sets
+    TORCHINDUCTOR_CACHE_DIR once anything compiles): a child starts from what a user's shell would give it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "TORCHINDUCTOR_"))}
+
+
+CHANGED = "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+
+
 def test_import_changes_no_environment_variable():
+    """Importing forgetless's modules leaves os.environ as it was, though transformers' import of bitsandbytes
+    writes TORCHINDUCTOR_CACHE_DIR into it (forgetless.environment)."""
     code = ("import os; before = dict(os.environ)\n"
             "import forgetless, forgetless.train, forgetless.evaluate, forgetless.compare, forgetless.cli\n"
-            "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+            "import forgetless.budget, forgetless.frontier, forgetless.curve\n" + CHANGED +
             "assert not changed, changed\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_environment(),
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("entry", ["load_base", "train"])
+def test_loading_and_training_change_no_environment_variable(entry, tiny_llama, memo_data, tmp_path):
+    """Each in a fresh process: loading a model through forgetless.evaluate alone (transformers and peft are
+    first imported then, and torch._dynamo while the model loads), and train() (a run's whole life)."""
+    config = [f"model.name_or_path={tiny_llama}", f"data.train={memo_data}", f"output_dir={tmp_path / 'o'}",
+              "data.max_length=64", "train.max_steps=2", "train.save_steps=1", "train.batch_size=2",
+              "train.progress_bar=false"]
+    call = {"load_base": "from forgetless.evaluate import load_base\nload_base(config)\n",
+            "train": "from forgetless.train import train\ntrain(config)\n"}[entry]
+    code = ("import os; before = dict(os.environ)\n"
+            "from forgetless.config import load_config\n"
+            f"config = load_config(None, {config!r})\n" + call + CHANGED + "assert not changed, changed\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_environment(),
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
 
 

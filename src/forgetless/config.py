@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 import forgetless.methods  # noqa: F401  (every method module registers itself)
+from forgetless.environment import environment_kept
 from forgetless.errors import ConfigError
 from forgetless.registry import METHODS, PRESETS, combination_problems, entry, parse_entries, strengths
 from forgetless.registry import knob as registry_knob, main_knob, method_of
@@ -383,7 +384,8 @@ def check_training_extra(extra: dict[str, Any], where: str = "") -> None:
     for key, value in extra.items():  # before transformers is imported: its checks come at training time
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}train.extra.{key}: must be a finite number, got {value!r}")
-    from transformers import TrainingArguments
+    with environment_kept():
+        from transformers import TrainingArguments
 
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     for key in extra:

@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from forgetless.cache import load_matching, save_atomic
+from forgetless.environment import environment_kept
 from forgetless.identity import digest
 from forgetless.data import held_out_blocks, load_records, task_pairs
 from forgetless.losses import forward_rows, next_token_targets, prediction_mask, token_nll, upcast
+
+with environment_kept():  # forgetless.environment: transformers imports bitsandbytes, which writes os.environ
+    from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 

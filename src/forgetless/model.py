@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from forgetless.environment import environment_kept
 from forgetless.sections import DEFAULT_MODEL, ModelConfig
 from forgetless.errors import ModelError
 from forgetless.schema import from_dict
@@ -53,7 +54,8 @@ def _smollm2_gguf() -> Path:
 
 def _convert_smollm2(target: Path) -> None:
     """De-quantise the GGUF once into a plain fp32 Hugging Face folder (atomically: tmp dir + rename)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with environment_kept():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _smollm2_gguf()
     logger.info("converting %s to a Hugging Face folder in %s (once; ~30 s)", gguf.name, target)
@@ -61,7 +63,8 @@ def _convert_smollm2(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with environment_kept():  # as in load_model
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # save_pretrained refuses a GGUF-loaded model; rebuild a plain model from its config and weights.
         config = loaded.config
         if hasattr(config, "quantization_config"):
@@ -184,7 +187,8 @@ def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.dev
         return {}
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"model.quantization: {cfg.quantization} needs bitsandbytes: pip install 'forgetless[qlora]'")
-    from transformers import BitsAndBytesConfig
+    with environment_kept():
+        from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "4bit":
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -196,7 +200,8 @@ def _quantization_kwargs(cfg: ModelConfig, dtype: torch.dtype, device: torch.dev
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    with environment_kept():
+        from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -214,7 +219,8 @@ def load_model(cfg: ModelConfig, path: Path, device: torch.device | str | None =
     """The causal LM in model.dtype, with its attention implementation and quantisation. `device`:
     where it goes (None: where transformers puts it, the CPU, for Trainer to move; a quantised model
     always goes to this process's device, as it cannot be moved after loading)."""
-    from transformers import AutoModelForCausalLM
+    with environment_kept():
+        from transformers import AutoModelForCausalLM
 
     target = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(cfg, target)
@@ -222,7 +228,8 @@ def load_model(cfg: ModelConfig, path: Path, device: torch.device | str | None =
     if device is not None and "device_map" not in kwargs:
         kwargs["device_map"] = {"": target}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+        with environment_kept():  # loading imports torch._dynamo, which writes os.environ (forgetless.environment)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load a causal LM from {path}: {exc}") from None
     if (cfg.name_or_path != DEFAULT_MODEL and _looks_like_hub_id(cfg.name_or_path)
@@ -238,7 +245,8 @@ def apply_finetune(model, cfg: ModelConfig, gradient_checkpointing: bool = False
     if cfg.finetune == "full":
         model.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    with environment_kept():
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantization:
         # norms to float32, input gradients on (and checkpointing only when asked for)
@@ -281,7 +289,8 @@ def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, scaling) of every active LoRA adapter on a linear layer: the layer's weight moved by
     scaling * B @ A. Empty for a model without adapters. Refuses variants where that is not the
     update (DoRA), since the weight-space baselines (L2-SP, WiSE-FT) rely on it."""
-    from peft.tuners.lora import LoraLayer
+    with environment_kept():
+        from peft.tuners.lora import LoraLayer
 
     factors = []
     for name, module in model.named_modules():
@@ -303,7 +312,8 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
     An adapter is put on its base loaded as the run loaded it (its config.yaml: quantisation, attention);
     `dtype` (default: the run's model.dtype, float32 for a folder without config.yaml) is the base's
     precision, so a tuned model can be evaluated in exactly its base model's dtype."""
-    from transformers import AutoTokenizer
+    with environment_kept():
+        from transformers import AutoTokenizer
 
     output_dir = Path(output_dir)
     saved = output_dir / "config.yaml"
@@ -316,7 +326,8 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
     tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
     device = device if device is not None else "cpu"
     if (output_dir / "adapter_config.json").exists():
-        from peft import PeftModel
+        with environment_kept():
+            from peft import PeftModel
 
         if saved.is_file():
             base_path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)

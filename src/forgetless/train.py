@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from transformers import TrainingArguments, set_seed
 
 from forgetless import data as data_mod
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.curve import ForgettingCurve
+from forgetless.environment import environment_kept
 from forgetless.errors import TrainingError
 from forgetless.identity import digest, run_inputs
 from forgetless.memory import peak_memory
@@ -35,6 +35,9 @@ from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_d
                                    is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
                                    save_aside, set_aside, trim_metrics, write_run, write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
+
+with environment_kept():  # forgetless.environment: transformers imports bitsandbytes, which writes os.environ
+    from transformers import TrainingArguments, set_seed
 
 logger = logging.getLogger(__name__)
 

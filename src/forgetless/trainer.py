@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainerCallback
 
+from forgetless.environment import environment_kept
 from forgetless.errors import ConfigError, TrainingError
 from forgetless.losses import (IGNORE_INDEX, chunked_head_nll, forward_rows, next_token_targets, prediction_mask,
                                token_nll)
@@ -51,6 +51,9 @@ from forgetless.regularizers import Regularizer, RunInfo, StepContext
 from forgetless.regularizers.base import zero_stage
 from forgetless.replay import ReplaySource
 from forgetless.rows import SFT, Rows, joined_inputs, split_outputs
+
+with environment_kept():  # forgetless.environment: transformers imports bitsandbytes, which writes os.environ
+    from transformers import Trainer, TrainerCallback
 
 
 logger = logging.getLogger(__name__)
