@@ -141,16 +141,22 @@ def test_report_gives_each_general_domain(tiny_llama, suite, tmp_path):
 
 def test_compare_in_worker_processes_then_reused_without_training_or_evaluating(tiny_llama, suite, tmp_path,
                                                                                 monkeypatch):
-    """`jobs: 2` trains and evaluates in two spawned workers, seed by seed; its figures are those of the
+    """`jobs: 2` trains and evaluates in two spawned workers, seed by seed, and evaluates the base there too
+    (never in this process, which would leave the workers idle meanwhile); its figures are those of the
     same comparison run in this process (1 thread each instead of the default count: rounding only). A
     second call finds every run and every evaluation finished and only writes the report."""
     import json
 
     import forgetless.compare as compare_mod
 
+    def not_here(*args, **kwargs):
+        raise AssertionError("the base was evaluated in the parent process")
+
     overrides = ("train.max_steps=2", "train.learning_rate=5e-2", "compare.methods=[sft, kl]", "compare.seeds=[1, 2]")
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    parallel = run_compare(tiny_compare(tiny_llama, suite, tmp_path / "a", *overrides), jobs=2)
+    with monkeypatch.context() as patched:  # the spawned workers import their own, unpatched
+        patched.setattr(compare_mod, "evaluate", not_here)
+        parallel = run_compare(tiny_compare(tiny_llama, suite, tmp_path / "a", *overrides), jobs=2)
     inline = run_compare(tiny_compare(tiny_llama, suite, tmp_path / "b", *overrides))
     assert parallel["settings"]["runs_at_a_time"] == 2 and inline["settings"]["runs_at_a_time"] == 1
     for name in ("sft", "kl"):

@@ -8,7 +8,8 @@ OUTPUT_DIR/report.md   the table;  report.json   every figure with its n and 95%
 OUTPUT_DIR/tradeoff.png, OUTPUT_DIR/measures.png
 
 `jobs` > 1 trains and evaluates that many runs at a time in worker processes (spawned, each on the
-run's device): for small models on a GPU, which one run leaves mostly idle. Step times are then
+run's device; the base's evaluation is one of their jobs): for small models on a GPU, which one run
+leaves mostly idle. Step times are then
 measured under that contention, and the report says so.
 """
 
@@ -108,7 +109,6 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
         for name, seed, cfg in jobs_list:
             evaluated[name, seed] = suite.run_results(f"{name}@{seed}", cfg, runs[name][seed], overwrite)
     else:
-        results["base"] = suite.base_results(overwrite)  # the workers measure their own memory
         threads = max(1, (os.cpu_count() or 1) // jobs)
         logger.info("training and evaluating %d runs, %d at a time (worker processes, %d threads each)",
                     len(jobs_list), jobs, threads)
@@ -116,9 +116,22 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
         failed: list[tuple[str, int, BaseException]] = []
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=log_like_parent,
                                  initargs=parent_logging()) as pool:
+            # the base is evaluated in a worker too, beside the first runs: here it would leave the pool's other
+            # workers idle until it finished (the workers measure their own memory)
+            base = pool.submit(_base_in_worker, config, overwrite, threads)
             futures = {pool.submit(_job_in_worker, config, name, seed, cfg, overwrite, threads, jobs): (name, seed)
                        for name, seed, cfg in jobs_list}
-            for done, future in enumerate(as_completed(futures), start=1):
+            done = 0
+            for future in as_completed([base, *futures]):
+                if future is base:
+                    try:
+                        results["base"] = base.result()
+                    except Exception:  # nothing can be compared without it: stop what has not started
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
+                    logger.info("base model evaluated (%.0f s so far)", time.perf_counter() - started)
+                    continue
+                done += 1
                 name, seed = futures[future]
                 try:
                     runs[name][seed], evaluated[name, seed] = future.result()
@@ -239,6 +252,15 @@ def log_like_parent(level: int, fmt: str | None) -> None:
     parent's do. Only when the parent configured logging (the CLI does; a library caller's choice is theirs)."""
     if fmt is not None:
         logging.basicConfig(level=level, format=fmt)
+
+
+def _base_in_worker(config: ForgetlessConfig, overwrite: bool, threads: int) -> dict:
+    """The base model's suite results in a worker process of run_compare's pool (reused when stored)."""
+    global _WORKER_SUITE
+    torch.set_num_threads(threads)
+    if _WORKER_SUITE is None:
+        _WORKER_SUITE = Suite(config, Path(config.output_dir))
+    return _WORKER_SUITE.base_results(overwrite)
 
 
 def _job_in_worker(config: ForgetlessConfig, name: str, seed: int, cfg: ForgetlessConfig, overwrite: bool,
