@@ -60,9 +60,11 @@ def test_train_from_a_cached_hub_id_with_user_offline_flag(tiny_llama, tmp_path)
 
 
 def clean_environment() -> dict[str, str]:
-    """This process's environment less what an earlier import in it may have written (torch's inductor sets
-    TORCHINDUCTOR_CACHE_DIR once anything compiles): a child starts from what a user's shell would give it."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "TORCHINDUCTOR_"))}
+    """This process's environment less what an earlier import in it may have written (torch sets
+    TORCHINDUCTOR_CACHE_DIR once it looks for its compile cache): a child starts from what a user's shell would
+    give it, with the user's offline switch on (tests never reach the Hub)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "TORCHINDUCTOR_"))}
+    return {**env, "HF_HUB_OFFLINE": "1"}
 
 
 CHANGED = "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"

@@ -16,6 +16,7 @@ measured under that contention, and the report says so.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
@@ -127,6 +128,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
                     try:
                         results["base"] = base.result()
                     except Exception:  # nothing can be compared without it: stop what has not started
+                        logger.error("the base model's evaluation failed; runs not yet started are cancelled, "
+                                     "those running finish and are kept")
                         pool.shutdown(wait=True, cancel_futures=True)
                         raise
                     logger.info("base model evaluated (%.0f s so far)", time.perf_counter() - started)
@@ -213,6 +216,13 @@ class Suite:
             self._base = load_base(self.config)
         return self._base
 
+    def release_base(self) -> None:
+        """Free the base model (a worker's next training would count it in its peak memory)."""
+        self._base = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def base_results(self, overwrite: bool = False) -> dict:
         return self._cached(self.root / BASE_EVAL, self.key, overwrite,
                             lambda: evaluate(*self.base(), self.config.evaluation, self.config.data, name="base"))
@@ -236,7 +246,7 @@ class Suite:
         return results
 
 
-_WORKER_SUITE: Suite | None = None  # in a worker process: the suite, base model loaded once
+_WORKER_SUITE: Suite | None = None  # in a worker process: the suite (its base loaded for each evaluation)
 
 
 def parent_logging() -> tuple[int, str | None]:
@@ -260,7 +270,10 @@ def _base_in_worker(config: ForgetlessConfig, overwrite: bool, threads: int) -> 
     torch.set_num_threads(threads)
     if _WORKER_SUITE is None:
         _WORKER_SUITE = Suite(config, Path(config.output_dir))
-    return _WORKER_SUITE.base_results(overwrite)
+    try:
+        return _WORKER_SUITE.base_results(overwrite)
+    finally:  # this worker trains next: its peak memory is the run's, not the run's plus the base's
+        _WORKER_SUITE.release_base()
 
 
 def _job_in_worker(config: ForgetlessConfig, name: str, seed: int, cfg: ForgetlessConfig, overwrite: bool,
@@ -271,7 +284,10 @@ def _job_in_worker(config: ForgetlessConfig, name: str, seed: int, cfg: Forgetle
     if _WORKER_SUITE is None:
         _WORKER_SUITE = Suite(config, Path(config.output_dir))
     summary = train_or_reuse(cfg, overwrite, f"{name} (seed {seed})", jobs)
-    return summary, _WORKER_SUITE.run_results(f"{name}@{seed}", cfg, summary, overwrite)
+    try:
+        return summary, _WORKER_SUITE.run_results(f"{name}@{seed}", cfg, summary, overwrite)
+    finally:  # as in _base_in_worker
+        _WORKER_SUITE.release_base()
 
 
 def read_curve(run_dir: Path) -> list[dict]:

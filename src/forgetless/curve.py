@@ -25,7 +25,7 @@ from forgetless.identity import digest
 from forgetless.data import held_out_blocks, load_records, task_pairs
 from forgetless.losses import forward_rows, next_token_targets, prediction_mask, token_nll, upcast
 
-with environment_kept():  # forgetless.environment: transformers imports bitsandbytes, which writes os.environ
+with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
     from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from forgetless.environment import environment_kept
+
 IGNORE_INDEX = -100
 
 
@@ -47,7 +49,8 @@ def logits_mask_supported() -> bool:
     call modeling_utils.slice_logits_to_keep do)."""
     global _LOGITS_MASK
     if _LOGITS_MASK is None:
-        from transformers import modeling_utils
+        with environment_kept():  # forgetless.environment: its import loads torch._dynamo
+            from transformers import modeling_utils
 
         _LOGITS_MASK = hasattr(modeling_utils, "slice_logits_to_keep")
     return _LOGITS_MASK

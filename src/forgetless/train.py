@@ -36,7 +36,7 @@ from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_d
                                    save_aside, set_aside, trim_metrics, write_run, write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
-with environment_kept():  # forgetless.environment: transformers imports bitsandbytes, which writes os.environ
+with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
     from transformers import TrainingArguments, set_seed
 
 logger = logging.getLogger(__name__)

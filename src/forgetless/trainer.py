@@ -52,7 +52,7 @@ from forgetless.regularizers.base import zero_stage
 from forgetless.replay import ReplaySource
 from forgetless.rows import SFT, Rows, joined_inputs, split_outputs
 
-with environment_kept():  # forgetless.environment: transformers imports bitsandbytes, which writes os.environ
+with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
     from transformers import Trainer, TrainerCallback
 
 
