@@ -1,21 +1,33 @@
 """Re-render a stored `forgetless compare` report with the current statistics (forgetless.stats), from the
 per-item values it stores: no model is loaded, nothing is trained or evaluated.
 
-    .venv/bin/python scripts/rerender_report.py DIR [OUT_DIR]
+    .venv/bin/python scripts/rerender_report.py DIR [OUT_DIR] [--add OTHER_DIR ...]
 
 DIR holds report.json (its `per_seed` evaluations with their items, and the base's in `results.base`).
 Every figure, interval, paired difference and Holm mark (one family over every starred cell) is recomputed;
 report.json, report.md and the PNG plots are written to OUT_DIR (default: DIR itself, in place) by compare's
 own functions.
+
+`--add OTHER_DIR` joins the runs of another comparison to DIR's, as if one `compare` had run them all: e.g. new
+methods compared later, without retraining the reference runs. It is refused unless the two measured the same
+thing: the same base model, seeds and training settings, and the base's evaluation item for item (the same
+suite on the same items and blocks; the runs' items then pair by position). Run names must differ. DIR's
+`paired_with` is kept.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
+import math
 import sys
 from pathlib import Path
 
 from forgetless.compare import mark_comparisons, paired_differences, plot, render_markdown, summarise_results
+
+# per-run settings that may differ between two comparisons joined (how many trained side by side)
+_SETTINGS_FREE = ("runs_at_a_time",)
 
 
 def rerender(report: dict) -> dict:
@@ -32,13 +44,61 @@ def rerender(report: dict) -> dict:
     return mark_comparisons(report)
 
 
+def _same_values(a, b) -> bool:
+    """Equal, floats to 1e-6 relative (the same evaluation rerun on the same machine is bit-identical here)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and (
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b)))
+    return a == b
+
+
+def joined(report: dict, other: dict, where: str = "the added report") -> dict:
+    """`report` with `other`'s runs added (a new dict; neither is changed). SystemExit naming what differs
+    when the two did not measure the same thing."""
+    def refuse(what: str) -> None:
+        raise SystemExit(f"{where}: {what}; its runs cannot be joined to the first report's (they would not pair)")
+
+    if other["base_model"] != report["base_model"]:
+        refuse(f"another base model ({other['base_model']} vs {report['base_model']})")
+    if [str(s) for s in other["seeds"]] != [str(s) for s in report["seeds"]]:
+        refuse(f"other seeds ({other['seeds']} vs {report['seeds']})")
+    for key in set(report["settings"]) | set(other["settings"]):
+        if key not in _SETTINGS_FREE and report["settings"].get(key) != other["settings"].get(key):
+            refuse(f"settings.{key} differs ({other['settings'].get(key)!r} vs {report['settings'].get(key)!r})")
+    base, other_base = report["results"]["base"], other["results"]["base"]
+    if "items" not in base or "items" not in other_base:
+        refuse("a base evaluation without per-item values ('items')")
+    for key in sorted(set(base["items"]) | set(other_base["items"])):
+        if not _same_values(base["items"].get(key), other_base["items"].get(key)):
+            refuse(f"the base's evaluation differs in results.base.items.{key} (another suite, items or blocks)")
+    if not _same_values(base.get("instr_base_answers"), other_base.get("instr_base_answers")):
+        refuse("the base's instruction answers differ (results.base.instr_base_answers)")
+    clash = sorted(set(report["methods"]) & set(other["methods"]))
+    if clash:
+        refuse(f"run names already in the first report: {', '.join(clash)} (rename them in one report.json)")
+
+    out = copy.deepcopy(report)
+    out["methods"] = report["methods"] + other["methods"]
+    for part in ("run_settings", "runs", "per_seed", "curves"):
+        out.setdefault(part, {}).update(copy.deepcopy(other.get(part, {})))
+    out["settings"]["runs_at_a_time"] = max(report["settings"].get("runs_at_a_time", 1),
+                                            other["settings"].get("runs_at_a_time", 1))
+    return out
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2):
-        print(__doc__, file=sys.stderr)
-        return 2
-    source = Path(argv[0])
-    out = Path(argv[1]) if len(argv) == 2 else source
-    report = rerender(json.loads((source / "report.json").read_text()))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("source", type=Path)
+    parser.add_argument("out", type=Path, nargs="?")
+    parser.add_argument("--add", type=Path, action="append", default=[], metavar="OTHER_DIR")
+    args = parser.parse_args(argv)
+    report = json.loads((args.source / "report.json").read_text())
+    for other in args.add:
+        report = joined(report, json.loads((other / "report.json").read_text()), where=str(other / "report.json"))
+    report = rerender(report)
+    out = args.out or args.source
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(report))

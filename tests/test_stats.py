@@ -452,11 +452,66 @@ def test_pairing_needs_the_same_seeds():
     assert "vs_sft" in paired_differences({**results, "kl": {2: one, 1: one}}, ["kl"], ["sft"])["kl"]["target_nll"]
 
 
-def rerendered(folder: str) -> dict:
+def rerender_script():
     spec = importlib.util.spec_from_file_location("rerender_report", ROOT / "scripts" / "rerender_report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def rerendered(folder: str) -> dict:
+    module = rerender_script()
     return json.loads(json.dumps(module.rerender(json.loads((ROOT / folder / "report.json").read_text()))))
+
+
+def only_runs(report: dict, names: list[str]) -> dict:
+    """The stored report as if its comparison had run `names` only."""
+    out = json.loads(json.dumps(report))
+    out["methods"] = [n for n in report["methods"] if n in names]
+    for part in ("run_settings", "runs", "per_seed", "curves", "paired"):
+        out[part] = {n: v for n, v in report.get(part, {}).items() if n in names}
+    out["results"] = {n: v for n, v in report["results"].items() if n in names or n == "base"}
+    return out
+
+
+def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path):
+    """scripts/rerender_report.py --add: a comparison split in two (the reference in one, a method in the
+    other) and joined again renders what the whole did, figure for figure; runs that would not pair (another
+    base evaluation, other seeds, a clashing name) are refused, naming what differs."""
+    module = rerender_script()
+    whole = json.loads((ROOT / "docs/frontier/default/chosen-seeds/report.json").read_text())
+    first, second = only_runs(whole, ["sft", "ewc-0.03"]), only_runs(whole, ["replay-kl-3"])
+    second["settings"]["runs_at_a_time"] = 1  # how many trained side by side may differ
+    expected = module.rerender(json.loads(json.dumps(whole)))
+    got = module.rerender(module.joined(first, second))
+    assert got["methods"] == ["sft", "ewc-0.03", "replay-kl-3"]
+    assert set(got["methods"]) == set(whole["methods"])
+    for part in ("results", "paired", "comparisons", "per_seed", "run_settings", "runs"):
+        assert got[part] == expected[part], part
+    assert "replay-kl-3" not in first["methods"]  # the inputs are left as they were
+
+    other_base = json.loads(json.dumps(second))
+    other_base["results"]["base"]["items"]["general_nll"][3] += 0.01
+    with pytest.raises(SystemExit, match=r"results\.base\.items\.general_nll \(another suite"):
+        module.joined(first, other_base)
+    other_seeds = json.loads(json.dumps(second))
+    other_seeds["seeds"] = [42, 43]
+    with pytest.raises(SystemExit, match="other seeds"):
+        module.joined(first, other_seeds)
+    with pytest.raises(SystemExit, match="run names already in the first report: ewc-0.03"):
+        module.joined(first, only_runs(whole, ["ewc-0.03"]))
+    longer = json.loads(json.dumps(second))
+    longer["settings"]["max_steps"] = 320
+    with pytest.raises(SystemExit, match="settings.max_steps differs"):
+        module.joined(first, longer)
+
+    for name, part in (("first", first), ("second", second)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(part))
+    assert module.main([str(tmp_path / "first"), str(tmp_path / "out"), "--add", str(tmp_path / "second")]) == 0
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["comparisons"] == expected["comparisons"]
+    assert "replay-kl-3" in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen",
