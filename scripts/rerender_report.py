@@ -10,9 +10,11 @@ own functions.
 
 `--add OTHER_DIR` joins the runs of another comparison to DIR's, as if one `compare` had run them all: e.g. new
 methods compared later, without retraining the reference runs. It is refused unless the two measured the same
-thing: the same base model, seeds and training settings, and the base's evaluation item for item (the same
-suite on the same items and blocks; the runs' items then pair by position). Run names must differ. DIR's
-`paired_with` is kept.
+thing: the same base model and seeds, the same shared training and evaluation settings (the full model, data,
+train and evaluation sections, as compare stores them since 2026-12-03; for older reports only the settings
+they hold: steps, epochs, batch size, fine-tuning, training data, and a note says so), and the base's
+evaluation item for item (the same suite on the same items and blocks; the runs' items then pair by position).
+Run names must differ. The references (`paired_with`) are both reports', the first's first.
 """
 
 from __future__ import annotations
@@ -54,9 +56,21 @@ def _same_values(a, b) -> bool:
     return a == b
 
 
+def _flat(section: dict, prefix: str = "") -> dict:
+    """{"a.b": value} for a nested mapping (lists are values)."""
+    out = {}
+    for key, value in section.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def joined(report: dict, other: dict, where: str = "the added report") -> dict:
-    """`report` with `other`'s runs added (a new dict; neither is changed). SystemExit naming what differs
-    when the two did not measure the same thing."""
+    """`report` with `other`'s runs added (a new dict; neither is changed); its results, paired differences
+    and Holm marks are still the first report's until `rerender` recomputes them. SystemExit naming what
+    differs when the two did not measure the same thing."""
     def refuse(what: str) -> None:
         raise SystemExit(f"{where}: {what}; its runs cannot be joined to the first report's (they would not pair)")
 
@@ -75,6 +89,16 @@ def joined(report: dict, other: dict, where: str = "the added report") -> dict:
             refuse(f"the base's evaluation differs in results.base.items.{key} (another suite, items or blocks)")
     if not _same_values(base.get("instr_base_answers"), other_base.get("instr_base_answers")):
         refuse("the base's instruction answers differ (results.base.instr_base_answers)")
+    for part in ("training", "evaluation"):  # the full shared config (reports from 2026-12-03 on)
+        if part in report and part in other:
+            for key in sorted(set(_flat(report[part])) | set(_flat(other[part]))):
+                a, b = _flat(report[part]).get(key), _flat(other[part]).get(key)
+                if a != b:
+                    refuse(f"{part}.{key} differs ({b!r} vs {a!r})")
+        else:
+            print(f"note: {part} settings not recorded in {'the first report' if part not in report else where} "
+                  f"(written before compare stored them): only the settings, seeds and base items were checked",
+                  file=sys.stderr)
     clash = sorted(set(report["methods"]) & set(other["methods"]))
     if clash:
         refuse(f"run names already in the first report: {', '.join(clash)} (rename them in one report.json)")
@@ -83,6 +107,9 @@ def joined(report: dict, other: dict, where: str = "the added report") -> dict:
     out["methods"] = report["methods"] + other["methods"]
     for part in ("run_settings", "runs", "per_seed", "curves"):
         out.setdefault(part, {}).update(copy.deepcopy(other.get(part, {})))
+    # each report's references, the first's first: the added runs are paired with the first report's
+    # references too (a reference missing from the joined runs pairs nothing)
+    out["paired_with"] = list(dict.fromkeys([*report.get("paired_with", ["sft"]), *other.get("paired_with", ["sft"])]))
     out["settings"]["runs_at_a_time"] = max(report["settings"].get("runs_at_a_time", 1),
                                             other["settings"].get("runs_at_a_time", 1))
     return out

@@ -105,6 +105,10 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     assert '**kl-strong**: regularizers `[{"kl": {"coef": 10.0, "direction": "forward", "on": "sft"' in table
     assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora", "lam": 5.0,' in table
     assert "`; overrides `" in table.split("**lfu-lr**")[1].splitlines()[0]
+    # the shared config in full (a later report joins this one only when equal); a run's overrides stay its own
+    assert report["training"]["train"]["learning_rate"] == 1e-2 and "progress_bar" not in report["training"]["train"]
+    assert report["training"]["model"]["name_or_path"] == config.model.name_or_path
+    assert report["evaluation"] == config.to_dict()["evaluation"]
 
 
 def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suite, tmp_path):

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from forgetless import stats
+from forgetless.compare import shared_training
+from forgetless.config import ForgetlessConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 R = 5000  # replicates per case: a coverage near 95% is measured to about ± 0.003 (one standard error)
@@ -474,21 +476,41 @@ def only_runs(report: dict, names: list[str]) -> dict:
     return out
 
 
-def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path):
+def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path, capsys):
     """scripts/rerender_report.py --add: a comparison split in two (the reference in one, a method in the
     other) and joined again renders what the whole did, figure for figure; runs that would not pair (another
     base evaluation, other seeds, a clashing name) are refused, naming what differs."""
     module = rerender_script()
-    whole = json.loads((ROOT / "docs/frontier/default/chosen-seeds/report.json").read_text())
+    stored = json.loads((ROOT / "docs/frontier/default/chosen-seeds/report.json").read_text())
+    whole = only_runs(stored, ["sft", "ewc-0.03", "replay-kl-3"])
+    # the shared config as compare stores it now (the stored report predates it)
+    config = ForgetlessConfig()
+    whole["training"], whole["evaluation"] = shared_training(config), config.to_dict()["evaluation"]
     first, second = only_runs(whole, ["sft", "ewc-0.03"]), only_runs(whole, ["replay-kl-3"])
     second["settings"]["runs_at_a_time"] = 1  # how many trained side by side may differ
+    second["paired_with"] = []  # no reference among its own runs: the first's pair the added runs too
     expected = module.rerender(json.loads(json.dumps(whole)))
     got = module.rerender(module.joined(first, second))
     assert got["methods"] == ["sft", "ewc-0.03", "replay-kl-3"]
-    assert set(got["methods"]) == set(whole["methods"])
-    for part in ("results", "paired", "comparisons", "per_seed", "run_settings", "runs"):
+    assert got["paired_with"] == whole["paired_with"] == ["sft"]
+    for part in ("results", "paired", "comparisons", "per_seed", "run_settings", "runs", "curves", "settings",
+                 "training", "evaluation"):
         assert got[part] == expected[part], part
+    assert got["paired"]["replay-kl-3"]["target_acc"]["vs_sft"]
     assert "replay-kl-3" not in first["methods"]  # the inputs are left as they were
+
+    other_lr = json.loads(json.dumps(second))
+    other_lr["training"]["train"]["learning_rate"] *= 2
+    with pytest.raises(SystemExit, match=r"training\.train\.learning_rate differs"):
+        module.joined(first, other_lr)
+    other_extractor = json.loads(json.dumps(second))
+    other_extractor["evaluation"]["extractor"] = "last_line"
+    with pytest.raises(SystemExit, match=r"evaluation\.extractor differs"):
+        module.joined(first, other_extractor)
+    older = json.loads(json.dumps(second))
+    del older["training"], older["evaluation"]
+    assert module.joined(first, older)["methods"] == got["methods"]
+    assert "training settings not recorded" in capsys.readouterr().err
 
     other_base = json.loads(json.dumps(second))
     other_base["results"]["base"]["items"]["general_nll"][3] += 0.01

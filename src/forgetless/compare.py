@@ -171,11 +171,27 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
                                              for s in train_sources(config.data))},
     }
     report["curves"] = {name: read_curve(Path(cfg.output_dir)) for name, seed, cfg in jobs_list if seed == seeds[0]}
+    # what every run shares, in full: a later report is joined to this one only when they are equal
+    # (scripts/rerender_report.py --add); each run's own changes are in run_settings
+    report["training"] = shared_training(config)
+    report["evaluation"] = config.to_dict()["evaluation"]
     mark_comparisons(report)
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(render_markdown(report))
     plot(report, root)
     return report
+
+
+# training options that change how a run is logged or saved, never what it learns
+_BOOKKEEPING = ("progress_bar", "logging_steps", "save_steps", "save_total_limit", "report_to")
+
+
+def shared_training(config: ForgetlessConfig) -> dict[str, Any]:
+    """The model, data and train sections every compared run starts from (before its own overrides), less the
+    bookkeeping options."""
+    full = config.to_dict()
+    train_options = {k: v for k, v in full["train"].items() if k not in _BOOKKEEPING}
+    return {"model": full["model"], "data": full["data"], "train": train_options}
 
 
 def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int = 1) -> dict:
