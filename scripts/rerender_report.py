@@ -10,11 +10,16 @@ own functions.
 
 `--add OTHER_DIR` joins the runs of another comparison to DIR's, as if one `compare` had run them all: e.g. new
 methods compared later, without retraining the reference runs. It is refused unless the two measured the same
-thing: the same base model and seeds, the same shared training and evaluation settings (the full model, data,
-train and evaluation sections, as compare stores them since 2026-12-03; for older reports only the settings
-they hold: steps, epochs, batch size, fine-tuning, training data, and a note says so), and the base's
-evaluation item for item (the same suite on the same items and blocks; the runs' items then pair by position).
-Run names must differ. The references (`paired_with`) are both reports', the first's first.
+thing: the same seeds, the base's evaluation item for item (the same suite on the same items and blocks; the
+runs' items then pair by position), the same model files, training and evaluation data (by content), dtype
+and device kind, and the same shared model, data, train and evaluation options (those compare stores in
+report.json from forgetless 0.2.0 on), save these, which may differ: how many runs trained side by side, the
+logging and saving options, the seed (the seeds are checked), model.name_or_path (its files are), data.eval
+(a compared run does not read it); an option one report predates counts at its default. Another forgetless
+version is a note, not a refusal. For a report written before compare stored those, only the base model's
+path, steps, epochs, batch size, fine-tuning and training data's names can be checked, and a note says so.
+Run names must differ. The references (`paired_with`) are both reports' (the first's first): runs of the
+first are paired with a reference only the second names too, which adds comparisons to the Holm family.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import math
 import sys
 from pathlib import Path
 
-from forgetless.compare import mark_comparisons, paired_differences, plot, render_markdown, summarise_results
+from forgetless.compare import (mark_comparisons, paired_differences, plot, render_markdown, shared_training,
+                                summarise_results)
+from forgetless.config import ForgetlessConfig
 
-# per-run settings that may differ between two comparisons joined (how many trained side by side)
-_SETTINGS_FREE = ("runs_at_a_time",)
+# settings that may differ between two comparisons joined (how many trained side by side)
+_SETTINGS_FREE = ("runs_at_a_time", "seed")  # seed: the seeds, checked apart
 
 
 def rerender(report: dict) -> dict:
@@ -67,6 +74,13 @@ def _flat(section: dict, prefix: str = "") -> dict:
     return out
 
 
+def _defaults() -> dict[str, dict]:
+    """The shared config's flattened options at their defaults (what a report written before an option
+    existed ran with)."""
+    config = ForgetlessConfig()
+    return {"training": _flat(shared_training(config)), "evaluation": _flat(config.to_dict()["evaluation"])}
+
+
 def joined(report: dict, other: dict, where: str = "the added report") -> dict:
     """`report` with `other`'s runs added (a new dict; neither is changed); its results, paired differences
     and Holm marks are still the first report's until `rerender` recomputes them. SystemExit naming what
@@ -74,8 +88,12 @@ def joined(report: dict, other: dict, where: str = "the added report") -> dict:
     def refuse(what: str) -> None:
         raise SystemExit(f"{where}: {what}; its runs cannot be joined to the first report's (they would not pair)")
 
-    if other["base_model"] != report["base_model"]:
-        refuse(f"another base model ({other['base_model']} vs {report['base_model']})")
+    def note(what: str) -> None:
+        print(f"note: {what}", file=sys.stderr)
+
+    clash = sorted(set(report["methods"]) & set(other["methods"]))
+    if clash:
+        refuse(f"run names already in the first report: {', '.join(clash)} (rename them in one report.json)")
     if [str(s) for s in other["seeds"]] != [str(s) for s in report["seeds"]]:
         refuse(f"other seeds ({other['seeds']} vs {report['seeds']})")
     for key in set(report["settings"]) | set(other["settings"]):
@@ -89,20 +107,38 @@ def joined(report: dict, other: dict, where: str = "the added report") -> dict:
             refuse(f"the base's evaluation differs in results.base.items.{key} (another suite, items or blocks)")
     if not _same_values(base.get("instr_base_answers"), other_base.get("instr_base_answers")):
         refuse("the base's instruction answers differ (results.base.instr_base_answers)")
-    for part in ("training", "evaluation"):  # the full shared config (reports from 2026-12-03 on)
-        if part in report and part in other:
-            for key in sorted(set(_flat(report[part])) | set(_flat(other[part]))):
-                a, b = _flat(report[part]).get(key), _flat(other[part]).get(key)
-                if a != b:
-                    refuse(f"{part}.{key} differs ({b!r} vs {a!r})")
-        else:
-            print(f"note: {part} settings not recorded in {'the first report' if part not in report else where} "
-                  f"(written before compare stored them): only the settings, seeds and base items were checked",
-                  file=sys.stderr)
-    clash = sorted(set(report["methods"]) & set(other["methods"]))
-    if clash:
-        refuse(f"run names already in the first report: {', '.join(clash)} (rename them in one report.json)")
 
+    older = [name for name, r in (("the first report", report), (where, other))
+             if not all(part in r for part in ("training", "evaluation", "inputs"))]
+    if older:  # written before compare stored its shared config and inputs
+        if other["base_model"] != report["base_model"]:
+            refuse(f"another base model ({other['base_model']} vs {report['base_model']})")
+        note(f"{' and '.join(older)} predate(s) the stored shared config: the learning rate, LoRA, dtype, "
+             f"max_length, data content and the rest go unchecked; only the settings, seeds and the base's "
+             f"items were checked")
+        return _joined(report, other)
+    mine, theirs = report["inputs"], other["inputs"]
+    for key, what in (("model_files", "the model's files"), ("dtype", "the resolved dtype"),
+                      ("device", "the device kind"), ("train_data", "the training data's content"),
+                      ("evaluation_data", "the evaluation data's content")):
+        if mine.get(key) != theirs.get(key):
+            refuse(f"inputs.{key} differs: {what} ({theirs.get(key)!r} vs {mine.get(key)!r})")
+    if mine.get("forgetless") != theirs.get("forgetless"):
+        note(f"written by forgetless {theirs.get('forgetless')}, the first by {mine.get('forgetless')}: "
+             f"a change of the training code between them goes unchecked")
+    defaults = _defaults()
+    for part in ("training", "evaluation"):
+        a, b = _flat(report[part]), _flat(other[part])
+        for key in sorted(set(a) | set(b)):
+            # an option one report predates is at its default in that one
+            a_value, b_value = a.get(key, defaults[part].get(key)), b.get(key, defaults[part].get(key))
+            if a_value != b_value:
+                refuse(f"{part}.{key} differs ({b_value!r} vs {a_value!r})")
+    return _joined(report, other)
+
+
+def _joined(report: dict, other: dict) -> dict:
+    """The two reports' runs in one (checked by `joined`)."""
     out = copy.deepcopy(report)
     out["methods"] = report["methods"] + other["methods"]
     for part in ("run_settings", "runs", "per_seed", "curves"):

@@ -1,6 +1,8 @@
 """`compare` beyond presets: user-defined runs, several seeds, paired differences with intervals."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from forgetless.compare import run_compare
 from forgetless.config import load_config
 from forgetless.errors import ConfigError
+from forgetless.identity import file_digest, model_identity
 from forgetless.stats import difference
 
 from conftest import write_jsonl
@@ -106,13 +109,15 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     assert '**lfu-lr**: regularizers `[{"lfu": {"variant": "lora", "lam": 5.0,' in table
     assert "`; overrides `" in table.split("**lfu-lr**")[1].splitlines()[0]
     # the shared config in full (a later report joins this one only when equal); a run's overrides stay its own
-    assert report["training"]["train"]["learning_rate"] == 1e-2 and "progress_bar" not in report["training"]["train"]
-    assert report["training"]["model"]["name_or_path"] == config.model.name_or_path
-    assert report["evaluation"] == config.to_dict()["evaluation"]
+    stored = json.loads((root / "report.json").read_text())
+    assert stored["training"]["train"]["learning_rate"] == 1e-2 and "progress_bar" not in stored["training"]["train"]
+    assert stored["training"]["model"]["finetune"] == config.model.finetune
+    assert stored["evaluation"] == json.loads(json.dumps(config.to_dict()["evaluation"]))
+    assert stored["inputs"]["model_files"] == model_identity(config.model)["files"]
+    assert list(stored["inputs"]["train_data"].values()) == [file_digest(Path(config.data.train))]
 
 
 def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suite, tmp_path):
-    import json
 
     config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=4", "train.learning_rate=5e-2",
                           "compare.methods=[sft, kl]")
@@ -149,7 +154,6 @@ def test_compare_in_worker_processes_then_reused_without_training_or_evaluating(
     (never in this process, which would leave the workers idle meanwhile); its figures are those of the
     same comparison run in this process (1 thread each instead of the default count: rounding only). A
     second call finds every run and every evaluation finished and only writes the report."""
-    import json
 
     import forgetless.compare as compare_mod
 

@@ -486,6 +486,9 @@ def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path, capsys):
     # the shared config as compare stores it now (the stored report predates it)
     config = ForgetlessConfig()
     whole["training"], whole["evaluation"] = shared_training(config), config.to_dict()["evaluation"]
+    whole["inputs"] = {"forgetless": "0.2.0", "model_files": "f" * 64, "dtype": "float32", "device": "cpu",
+                       "train_data": {"builtin:arithmetic/train.jsonl": "a" * 64},
+                       "evaluation_data": {"builtin:arithmetic/test.jsonl": "b" * 64}}
     first, second = only_runs(whole, ["sft", "ewc-0.03"]), only_runs(whole, ["replay-kl-3"])
     second["settings"]["runs_at_a_time"] = 1  # how many trained side by side may differ
     second["paired_with"] = []  # no reference among its own runs: the first's pair the added runs too
@@ -507,10 +510,39 @@ def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path, capsys):
     other_extractor["evaluation"]["extractor"] = "last_line"
     with pytest.raises(SystemExit, match=r"evaluation\.extractor differs"):
         module.joined(first, other_extractor)
+    other_data = json.loads(json.dumps(second))
+    other_data["inputs"]["train_data"]["builtin:arithmetic/train.jsonl"] = "c" * 64  # the file edited between
+    with pytest.raises(SystemExit, match=r"inputs\.train_data differs: the training data's content"):
+        module.joined(first, other_data)
+    newer = json.loads(json.dumps(second))
+    newer["inputs"]["forgetless"] = "0.3.0"
+    assert module.joined(first, newer)["methods"] == got["methods"]
+    assert "written by forgetless 0.3.0, the first by 0.2.0" in capsys.readouterr().err
+    # an option one report predates counts at its default: joined when the other has the default, not otherwise
+    predates = json.loads(json.dumps(second))
+    del predates["training"]["train"]["loss_chunk"]
+    assert module.joined(first, predates)["methods"] == got["methods"]
+    chunked = json.loads(json.dumps(first))
+    chunked["training"]["train"]["loss_chunk"] = 64
+    with pytest.raises(SystemExit, match=r"training\.train\.loss_chunk differs \(0 vs 64\)"):
+        module.joined(chunked, predates)
     older = json.loads(json.dumps(second))
-    del older["training"], older["evaluation"]
+    del older["training"], older["evaluation"], older["inputs"]
     assert module.joined(first, older)["methods"] == got["methods"]
-    assert "training settings not recorded" in capsys.readouterr().err
+    assert "predate(s) the stored shared config: the learning rate" in capsys.readouterr().err
+
+    # a reference the added report names is the joined report's too: as if one comparison had both
+    both_refs = json.loads(json.dumps(whole))
+    both_refs["paired_with"] = ["sft", "replay-kl-3"]
+    second_refs = json.loads(json.dumps(second))
+    second_refs["paired_with"] = ["sft", "replay-kl-3"]
+    got_refs = module.rerender(module.joined(first, second_refs))
+    expected_refs = module.rerender(both_refs)
+    assert got_refs["paired_with"] == ["sft", "replay-kl-3"]
+    for part in ("paired", "comparisons"):
+        assert got_refs[part] == expected_refs[part], part
+    assert "vs_replay-kl-3" in got_refs["paired"]["ewc-0.03"]["general_drift_kl"]
+    assert got_refs["comparisons"]["family"] > expected["comparisons"]["family"]
 
     other_base = json.loads(json.dumps(second))
     other_base["results"]["base"]["items"]["general_nll"][3] += 0.01
@@ -534,6 +566,23 @@ def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path, capsys):
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert written["comparisons"] == expected["comparisons"]
     assert "replay-kl-3" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_comparisons_of_one_setup_share_their_training_options():
+    """What a joined report requires equal is equal for two comparisons of one setup that differ only in
+    their output folder, runs, seeds and logging, and differs with the learning rate or LoRA rank."""
+    from forgetless.config import load_config
+
+    def shared(*overrides: str) -> dict:
+        return shared_training(load_config(None, list(overrides)))
+
+    first = shared("output_dir=runs/a", "compare.methods=[sft, ewc]", "train.seed=1")
+    assert first == shared("output_dir=runs/b", "compare.methods=[lfu-fast]", "compare.seeds=[42, 43]",
+                           "train.progress_bar=false", "train.logging_steps=1", "train.save_steps=7",
+                           "model.name_or_path=/somewhere/else", "compare.runs={x: {method: kl}}")
+    assert first != shared("train.learning_rate=0.01")
+    assert first != shared("model.lora.r=32")
+
 
 
 @pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen",

@@ -34,10 +34,10 @@ from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
-from forgetless.identity import evaluation_inputs
+from forgetless.identity import evaluation_inputs, machine_identity, model_identity, source_digest
 from forgetless.model import resolve_model_path
 from forgetless.run_folder import reusable_summary
-from forgetless import stats
+from forgetless import __version__, stats
 from forgetless.train import set_aside_finished, train
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
     # (scripts/rerender_report.py --add); each run's own changes are in run_settings
     report["training"] = shared_training(config)
     report["evaluation"] = config.to_dict()["evaluation"]
+    report["inputs"] = shared_inputs(config)
     mark_comparisons(report)
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "report.md").write_text(render_markdown(report))
@@ -182,16 +183,27 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
     return report
 
 
-# training options that change how a run is logged or saved, never what it learns
-_BOOKKEEPING = ("progress_bar", "logging_steps", "save_steps", "save_total_limit", "report_to")
+# options that change how a run is logged or saved, never what it learns; the seed is compare's seeds, the
+# model is named by its files (shared_inputs), data.eval is not read by a compared run
+_NOT_SHARED = {"train": ("progress_bar", "logging_steps", "save_steps", "save_total_limit", "report_to", "seed"),
+               "model": ("name_or_path", "revision"), "data": ("eval",)}
 
 
 def shared_training(config: ForgetlessConfig) -> dict[str, Any]:
-    """The model, data and train sections every compared run starts from (before its own overrides), less the
-    bookkeeping options."""
+    """The model, data and train options every compared run starts from (before its own overrides), less
+    the bookkeeping ones (_NOT_SHARED)."""
     full = config.to_dict()
-    train_options = {k: v for k, v in full["train"].items() if k not in _BOOKKEEPING}
-    return {"model": full["model"], "data": full["data"], "train": train_options}
+    return {part: {k: v for k, v in full[part].items() if k not in _NOT_SHARED[part]}
+            for part in ("model", "data", "train")}
+
+
+def shared_inputs(config: ForgetlessConfig) -> dict[str, Any]:
+    """What every compared run and the base's evaluation read, by content: the model's files, the training
+    and evaluation data, the resolved dtype and device kind, the forgetless version (forgetless.identity)."""
+    return {"forgetless": __version__, "model_files": model_identity(config.model)["files"],
+            **machine_identity(config.model),
+            "train_data": {source_spec(s): source_digest(source_spec(s)) for s in train_sources(config.data)},
+            "evaluation_data": evaluation_inputs(config)["data"]}
 
 
 def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int = 1) -> dict:
