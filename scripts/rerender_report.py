@@ -31,9 +31,11 @@ import math
 import sys
 from pathlib import Path
 
+from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.compare import (mark_comparisons, paired_differences, plot, render_markdown, shared_training,
                                 summarise_results)
 from forgetless.config import ForgetlessConfig
+from forgetless.run_folder import flat
 
 # settings that may differ between two comparisons joined (how many trained side by side)
 _SETTINGS_FREE = ("runs_at_a_time", "seed")  # seed: the seeds, checked apart
@@ -63,22 +65,11 @@ def _same_values(a, b) -> bool:
     return a == b
 
 
-def _flat(section: dict, prefix: str = "") -> dict:
-    """{"a.b": value} for a nested mapping (lists are values)."""
-    out = {}
-    for key, value in section.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _defaults() -> dict[str, dict]:
     """The shared config's flattened options at their defaults (what a report written before an option
     existed ran with)."""
     config = ForgetlessConfig()
-    return {"training": _flat(shared_training(config)), "evaluation": _flat(config.to_dict()["evaluation"])}
+    return {"training": flat(shared_training(config)), "evaluation": flat(config.to_dict()["evaluation"])}
 
 
 def joined(report: dict, other: dict, where: str = "the added report") -> dict:
@@ -128,7 +119,7 @@ def joined(report: dict, other: dict, where: str = "the added report") -> dict:
              f"a change of the training code between them goes unchecked")
     defaults = _defaults()
     for part in ("training", "evaluation"):
-        a, b = _flat(report[part]), _flat(other[part])
+        a, b = flat(report[part]), flat(other[part])
         for key in sorted(set(a) | set(b)):
             # an option one report predates is at its default in that one
             a_value, b_value = a.get(key, defaults[part].get(key)), b.get(key, defaults[part].get(key))
@@ -151,20 +142,31 @@ def _joined(report: dict, other: dict) -> dict:
     return out
 
 
+def _read(folder: Path) -> dict:
+    """A comparison's report.json, or SystemExit saying what is wrong with it."""
+    path = folder / "report.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such file (give the output folder of a `forgetless compare`)") from None
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not valid JSON ({exc})") from None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage=__doc__.split("\n\n")[1].strip())
     parser.add_argument("source", type=Path)
     parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--add", type=Path, action="append", default=[], metavar="OTHER_DIR")
     args = parser.parse_args(argv)
-    report = json.loads((args.source / "report.json").read_text())
+    report = _read(args.source)
     for other in args.add:
-        report = joined(report, json.loads((other / "report.json").read_text()), where=str(other / "report.json"))
+        report = joined(report, _read(other), where=str(other / "report.json"))
     report = rerender(report)
     out = args.out or args.source
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_markdown(report))
+    write_json_atomic(out / "report.json", report, indent=2)
+    write_text_atomic(out / "report.md", render_markdown(report))
     plot(report, out)
     counts = report["comparisons"]
     stars = sum(bool(e.get("holm")) for by_measure in report["paired"].values() for entries in by_measure.values()

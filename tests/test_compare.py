@@ -118,7 +118,6 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
 
 
 def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suite, tmp_path):
-
     config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=4", "train.learning_rate=5e-2",
                           "compare.methods=[sft, kl]")
     config.evaluation.every_steps, config.evaluation.curve_blocks, config.evaluation.curve_examples = 2, 2, 3
@@ -154,7 +153,6 @@ def test_compare_in_worker_processes_then_reused_without_training_or_evaluating(
     (never in this process, which would leave the workers idle meanwhile); its figures are those of the
     same comparison run in this process (1 thread each instead of the default count: rounding only). A
     second call finds every run and every evaluation finished and only writes the report."""
-
     import forgetless.compare as compare_mod
 
     def not_here(*args, **kwargs):

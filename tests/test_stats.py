@@ -566,6 +566,8 @@ def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path, capsys):
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert written["comparisons"] == expected["comparisons"]
     assert "replay-kl-3" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(SystemExit, match=r"nowhere/report\.json: no such file \(give the output folder"):
+        module.main([str(tmp_path / "first"), "--add", str(tmp_path / "nowhere")])
 
 
 def test_comparisons_of_one_setup_share_their_training_options():
@@ -582,7 +584,6 @@ def test_comparisons_of_one_setup_share_their_training_options():
                            "model.name_or_path=/somewhere/else", "compare.runs={x: {method: kl}}")
     assert first != shared("train.learning_rate=0.01")
     assert first != shared("model.lora.r=32")
-
 
 
 @pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen",

@@ -47,6 +47,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
+from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, with_strength, without_method
 from forgetless.registry import knob as registry_knob, main_knob
 from forgetless.data import (general_blocks, general_domains, held_out_blocks, load_texts, pack_blocks, paragraphs,
@@ -243,7 +244,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             del model
         if chosen is None:
             if writer:
-                (out / "budget.json").write_text(json.dumps({"trials": trials}, indent=2) + "\n")
+                write_json_atomic(out / "budget.json", {"trials": trials}, indent=2)
             raise TrainingError(
                 f"budget: no {method_name}.{option} in {sorted(b.grid or strength.grid)} met the bound on validation "
                 f"(closest: {min(trials, key=lambda t: t['general_drop'])}); widen budget.grid or use budget.knob=wise_ft. "

@@ -30,14 +30,14 @@ from typing import Any, Callable
 
 import torch
 
-from forgetless.cache import write_json_atomic
+from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
-from forgetless.identity import evaluation_inputs, machine_identity, model_identity, source_digest
+from forgetless.identity import evaluation_inputs, source_digest
 from forgetless.model import resolve_model_path
 from forgetless.run_folder import reusable_summary
-from forgetless import __version__, stats
+from forgetless import stats
 from forgetless.train import set_aside_finished, train
 
 logger = logging.getLogger(__name__)
@@ -177,8 +177,8 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
     report["evaluation"] = config.to_dict()["evaluation"]
     report["inputs"] = shared_inputs(config)
     mark_comparisons(report)
-    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (root / "report.md").write_text(render_markdown(report))
+    write_json_atomic(root / "report.json", report, indent=2)
+    write_text_atomic(root / "report.md", render_markdown(report))
     plot(report, root)
     return report
 
@@ -200,10 +200,11 @@ def shared_training(config: ForgetlessConfig) -> dict[str, Any]:
 def shared_inputs(config: ForgetlessConfig) -> dict[str, Any]:
     """What every compared run and the base's evaluation read, by content: the model's files, the training
     and evaluation data, the resolved dtype and device kind, the forgetless version (forgetless.identity)."""
-    return {"forgetless": __version__, "model_files": model_identity(config.model)["files"],
-            **machine_identity(config.model),
-            "train_data": {source_spec(s): source_digest(source_spec(s)) for s in train_sources(config.data)},
-            "evaluation_data": evaluation_inputs(config)["data"]}
+    evaluation = evaluation_inputs(config)
+    return {"forgetless": evaluation["forgetless"], "model_files": evaluation["model"]["files"],
+            "dtype": evaluation["dtype"], "device": evaluation["device"],
+            "train_data": {spec: source_digest(spec) for spec in map(source_spec, train_sources(config.data))},
+            "evaluation_data": evaluation["data"]}
 
 
 def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int = 1) -> dict:

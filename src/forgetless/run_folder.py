@@ -183,18 +183,19 @@ def latest_checkpoint(checkpoint_dir: Path) -> str | None:
     return None
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} for a nested mapping (lists and empty mappings are values)."""
     if isinstance(d, dict) and d:
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: d}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The keys (dotted) whose values differ, except those RESUMABLE."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flat(saved), flat(current)
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
     return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
 
