@@ -11,6 +11,7 @@ OUTPUT_DIR/tradeoff.png, OUTPUT_DIR/measures.png
 run's device; the base's evaluation is one of their jobs): for small models on a GPU, which one run
 leaves mostly idle. Step times are then
 measured under that contention, and the report says so.
+The workers exit with this process (`forgetless.workers`): a killed comparison leaves none training on.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import gc
 import json
 import logging
 import math
-import multiprocessing
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +39,7 @@ from forgetless.model import resolve_model_path
 from forgetless.run_folder import reusable_summary
 from forgetless import stats
 from forgetless.train import set_aside_finished, train
+from forgetless.workers import worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
                     len(jobs_list), jobs, threads)
         started = time.perf_counter()
         failed: list[tuple[str, int, BaseException]] = []
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=log_like_parent,
-                                 initargs=parent_logging()) as pool:
+        with worker_pool(jobs) as pool:
             # the base is evaluated in a worker too, beside the first runs: here it would leave the pool's other
             # workers idle until it finished (the workers measure their own memory)
             base = pool.submit(_base_in_worker, config, overwrite, threads)
@@ -276,21 +276,6 @@ class Suite:
 
 
 _WORKER_SUITE: Suite | None = None  # in a worker process: the suite (its base loaded for each evaluation)
-
-
-def parent_logging() -> tuple[int, str | None]:
-    """What a spawned worker needs to log as this process does: the root logger's level and its first
-    handler's format (None: this process configured no logging, and the workers configure none either)."""
-    root = logging.getLogger()
-    fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
-    return root.level, fmt
-
-
-def log_like_parent(level: int, fmt: str | None) -> None:
-    """A worker process's initializer (compare's and frontier's pools): its log lines reach the console as the
-    parent's do. Only when the parent configured logging (the CLI does; a library caller's choice is theirs)."""
-    if fmt is not None:
-        logging.basicConfig(level=level, format=fmt)
 
 
 def _base_in_worker(config: ForgetlessConfig, overwrite: bool, threads: int) -> dict:

@@ -53,10 +53,9 @@ import gc
 import json
 import logging
 import math
-import multiprocessing
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ from accelerate import PartialState
 
 from forgetless.budget import Validator
 from forgetless.cache import write_json_atomic, write_text_atomic
-from forgetless.compare import log_like_parent, parent_logging, run_compare
+from forgetless.compare import run_compare
 from forgetless.config import (ForgetlessConfig, method_config, preset_knob, validate, with_strength,
                                without_method)
 from forgetless.data import source_spec, split_holdout, train_sources, training_records
@@ -78,6 +77,7 @@ from forgetless.regularizers.wise_ft import WeightMixer
 from forgetless.run_folder import reusable_summary
 from forgetless.sections import RUN_NAME, FrontierConfig
 from forgetless.train import continue_run, train
+from forgetless.workers import worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,7 @@ def train_side_by_side(runs: dict[str, tuple[ForgetlessConfig, str]], holdout: i
     logger.info("frontier: %d runs, %d at a time (worker processes, %d threads each)", len(runs), jobs, threads)
     done: dict[str, tuple[dict, bool]] = {}
     failed: list[tuple[str, BaseException]] = []
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=log_like_parent,
-                             initargs=parent_logging()) as pool:
+    with worker_pool(jobs) as pool:
         futures = {pool.submit(_train_in_worker, cfg, holdout, overwrite, label, threads): folder
                    for folder, (cfg, label) in runs.items()}
         for count, future in enumerate(as_completed(futures), start=1):
