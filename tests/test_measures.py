@@ -90,3 +90,44 @@ def test_stored_reports_render_as_stored(folder):
     """The table reproduces the report's layout exactly: a stored report renders to its stored report.md."""
     root = Path(__file__).resolve().parents[1] / folder
     assert render_markdown(json.loads((root / "report.json").read_text())) == (root / "report.md").read_text()
+
+
+def test_trade_off_labels_of_close_methods_do_not_overlap():
+    """Methods whose figures nearly coincide (the chosen points' replay-kl, kl+replay-kl and EWC did) get
+    labels that overlap neither each other nor another method's point once spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from forgetless.compare import spread_labels
+
+    points = [(0.0, 0.0), (20.4, -1.0), (22.0, -0.8), (21.7, -0.25), (21.0, -0.6), (20.8, 4.8), (22.0, 3.3)]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    labels = []
+    for i, (x, y) in enumerate(points):
+        ax.scatter([x], [y], s=60)
+        labels.append(ax.annotate(f"method-{i}-with-a-long-name", (x, y), textcoords="offset points",
+                                  xytext=(6, 4), arrowprops=dict(arrowstyle="-")))
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+
+    def boxes():
+        for label in labels:
+            label.update_positions(renderer)
+        return [Text.get_window_extent(label, renderer) for label in labels]
+
+    def clashes(found):
+        dots = [ax.transData.transform(p) for p in points]
+        pairs = [(i, j) for i in range(len(found)) for j in range(i + 1, len(found)) if found[i].overlaps(found[j])]
+        on_dots = [(i, k) for i, b in enumerate(found) for k, (x, y) in enumerate(dots)
+                   if k != i and b.x0 < x + 7 and x - 7 < b.x1 and b.y0 < y + 7 and y - 7 < b.y1]
+        return pairs, on_dots
+
+    assert clashes(boxes()) != ([], [])  # as placed first, they clash: the test can fail
+    spread_labels(fig, labels, points)
+    assert clashes(boxes()) == ([], [])
+    # every label stays near its point: moved vertically only, by less than the figure's height
+    assert all(label.xyann[0] == 6 and abs(label.xyann[1]) < 4.5 * 72 for label in labels)
+    plt.close(fig)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from matplotlib.text import Text
 
 from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
@@ -702,6 +703,48 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def spread_labels(fig, labels: list, points: list[tuple[float, float]], gap_px: float = 2.0,
+                  marker_px: float = 7.0, rounds: int = 200) -> None:
+    """Move point labels apart vertically until no label overlaps another or a point (methods with close
+    figures sit close on the trade-off plot); each keeps a thin line to its point. Greedy: two labels that
+    overlap move apart by half the overlap each, a label over a point moves off it, until nothing moves."""
+    renderer = fig.canvas.get_renderer()
+    scale = fig.dpi / 72  # display pixels per offset point
+    ax = labels[0].axes if labels else None
+    dots = [ax.transData.transform(p) for p in points] if ax is not None else []
+
+    def box(k: int):  # the text alone: an annotation's own extent takes in its line, which grows as it moves
+        labels[k].update_positions(renderer)
+        return Text.get_window_extent(labels[k], renderer)
+
+    def nudge(k: int, pixels: float) -> None:
+        dx, dy = labels[k].xyann
+        labels[k].xyann = (dx, dy + pixels / scale)
+
+    for _ in range(rounds):
+        moved = False
+        for i in range(len(labels)):
+            a = box(i)
+            for x, y in dots:  # a point's marker: a square of 2 × marker_px around it
+                if a.x1 <= x - marker_px or x + marker_px <= a.x0 or a.y1 + gap_px <= y - marker_px \
+                        or y + marker_px + gap_px <= a.y0:
+                    continue
+                up = (a.y0 + a.y1) / 2 >= y
+                nudge(i, (y + marker_px + gap_px - a.y0) if up else -(a.y1 + gap_px - (y - marker_px)))
+                a, moved = box(i), True
+            for j in range(i + 1, len(labels)):
+                b = box(j)
+                if a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 + gap_px <= b.y0 or b.y1 + gap_px <= a.y0:
+                    continue
+                lower, upper = (i, j) if (a.y0 + a.y1, i) < (b.y0 + b.y1, j) else (j, i)
+                overlap = min(a.y1, b.y1) - max(a.y0, b.y0) + gap_px
+                nudge(lower, -overlap / 2)
+                nudge(upper, overlap / 2)
+                a, moved = box(i), True
+        if not moved:
+            return
+
+
 def plot(report: dict, root: Path) -> None:
     import matplotlib
 
@@ -714,20 +757,22 @@ def plot(report: dict, root: Path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.scatter([0], [0], color="black", marker="s")
-    ax.annotate("base", (0, 0), textcoords="offset points", xytext=(5, 5))
+    base_label = ax.annotate("base", (0, 0), textcoords="offset points", xytext=(6, 4))
     points = {m: (change_vs_base(res[m], base, "target_acc"), change_vs_base(res[m], base, "general_ppl"))
               for m in methods}
-    xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]
-    near_x, near_y = 0.05 * (max(xs + [0]) - min(xs + [0]) or 1), 0.05 * (max(ys + [0]) - min(ys + [0]) or 1)
-    for m, (x, y) in points.items():
-        ax.scatter([x], [y], s=60)
-        # a label goes below its point when a close neighbour sits just above, so both stay readable
-        below = any(abs(x2 - x) < near_x and 0 < y2 - y < near_y for n, (x2, y2) in points.items() if n != m)
-        ax.annotate(m, (x, y), textcoords="offset points", xytext=(5, -13 if below else 5))
+    labels, where = [], [(0.0, 0.0)]
+    for i, (m, (x, y)) in enumerate(points.items()):
+        where.append((x, y))
+        ax.scatter([x], [y], s=60, color=f"C{i}")
+        labels.append(ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4), color=f"C{i}",
+                                  fontsize=9, arrowprops=dict(arrowstyle="-", color=f"C{i}", lw=0.6, shrinkA=0,
+                                                              shrinkB=4)))
     ax.set_xlabel("target accuracy gain over base (points)")
     ax.set_ylabel("general-text perplexity change (%)  ↓ better")
     ax.set_title("What each method gained vs what it broke")
+    ax.margins(x=0.12, y=0.12)
     fig.tight_layout()
+    spread_labels(fig, [base_label, *labels], where)
     fig.savefig(root / "tradeoff.png", dpi=120)
     plt.close(fig)
 
