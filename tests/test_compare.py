@@ -190,3 +190,38 @@ def test_compare_in_worker_processes_then_reused_without_training_or_evaluating(
     changed.evaluation.seed += 1
     with pytest.raises(AssertionError, match="redone"):
         run_compare(changed)
+
+
+def test_the_base_answers_are_generated_once_and_reused_by_a_fresh_process(tiny_llama, suite, tmp_path,
+                                                                            monkeypatch):
+    """The base's greedy instruction answers are stored beside its evaluation (keyed like it): an evaluation
+    that loads the base afresh (a --jobs worker, a later comparison) reuses them instead of generating them
+    again, and scores the same; a store of another suite is ignored and written over."""
+    import forgetless.evaluate as evaluate_mod
+    from forgetless.compare import BASE_ANSWERS, RUN_EVAL, Suite
+
+    config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=2", "compare.methods=[sft]")
+    run_compare(config)
+    root = tmp_path / "cmp"
+    stored = json.loads((root / BASE_ANSWERS).read_text())
+    assert stored["key"] == json.loads(json.dumps(Suite(config, root).key()))
+    [(spec, budget, prompts, ends, tokens, ended)] = stored["answers"]
+    assert budget == suite.instructions_max_new_tokens and len(prompts) == len(tokens) == len(ended) > 0
+    folder = next(root.glob("sft/**/train_summary.json")).parent
+    first = json.loads((folder / RUN_EVAL).read_text())["results"]["items"]
+
+    calls = []
+    real = evaluate_mod.greedy_answers
+    monkeypatch.setattr(evaluate_mod, "greedy_answers",
+                        lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    run_cfg = load_config(folder / "config.yaml")
+    summary = json.loads((folder / "train_summary.json").read_text())
+    again = Suite(config, root).run_results("sft", run_cfg, summary, overwrite=True)  # a new base object
+    assert calls and not [d for d in calls if d.endswith("base answers")]
+    assert again["items"]["instr_nll"] == first["instr_nll"] and again["items"]["instr_nll_ids"] == first["instr_nll_ids"]
+
+    (root / BASE_ANSWERS).write_text(json.dumps({**stored, "key": {"another": "suite"}}))
+    calls.clear()
+    Suite(config, root).run_results("sft", run_cfg, summary, overwrite=True)
+    assert [d for d in calls if d.endswith("base answers")] == ["sft: base answers"]
+    assert json.loads((root / BASE_ANSWERS).read_text()) == stored

@@ -4,6 +4,7 @@ the base and every result with the same suite, and write report.md, report.json 
 OUTPUT_DIR/<method>/   one training run per method (reused when finished with the same config), with
                        compare_eval.json: its suite results (reused while the run and the suite are the same)
 OUTPUT_DIR/base_eval.json  the base model's suite results (likewise)
+OUTPUT_DIR/base_answers.json  the base's greedy instruction answers, which every evaluation scores (likewise)
 OUTPUT_DIR/report.md   the table;  report.json   every figure with its n and 95% interval (forgetless.stats)
 OUTPUT_DIR/tradeoff.png, OUTPUT_DIR/measures.png
 
@@ -34,7 +35,8 @@ from matplotlib.text import Text
 from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
-from forgetless.evaluate import check_disjoint, evaluate, evaluate_run, load_base
+from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluate_run, know_base_answers,
+                                 load_base)
 from forgetless.identity import evaluation_inputs, source_digest
 from forgetless.model import resolve_model_path
 from forgetless.run_folder import reusable_summary
@@ -223,6 +225,7 @@ def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int
 
 BASE_EVAL = "base_eval.json"
 RUN_EVAL = "compare_eval.json"
+BASE_ANSWERS = "base_answers.json"
 
 
 class Suite:
@@ -254,12 +257,36 @@ class Suite:
             torch.cuda.empty_cache()
 
     def base_results(self, overwrite: bool = False) -> dict:
-        return self._cached(self.root / BASE_EVAL, self.key, overwrite,
-                            lambda: evaluate(*self.base(), self.config.evaluation, self.config.data, name="base"))
+        return self._cached(self.root / BASE_EVAL, self.key, overwrite, lambda: self._sharing_base_answers(
+            lambda base, tokenizer: evaluate(base, tokenizer, self.config.evaluation, self.config.data, name="base")))
 
     def run_results(self, name: str, cfg: ForgetlessConfig, summary: dict, overwrite: bool = False) -> dict:
         return self._cached(Path(cfg.output_dir) / RUN_EVAL, lambda: {**self.key(), "run": summary}, overwrite,
-                            lambda: evaluate_run(self.config, *self.base(), cfg.output_dir, name))
+                            lambda: self._sharing_base_answers(
+                                lambda base, tokenizer: evaluate_run(self.config, base, tokenizer, cfg.output_dir,
+                                                                     name)))
+
+    def _sharing_base_answers(self, compute: Callable) -> dict:
+        """compute(base, tokenizer), with the base's greedy instruction answers read from OUTPUT_DIR/
+        base_answers.json when it holds this suite's, and written there when it did not. Each evaluation in
+        a worker process (compare --jobs) loads the base afresh; without this it would generate the base's
+        answers again every time (minutes on a CPU). Keyed like base_eval.json: the suite, its data and the
+        base model by content."""
+        base, tokenizer = self.base()
+        path, key = self.root / BASE_ANSWERS, json.loads(json.dumps(self.key()))
+        stored = None
+        try:
+            saved = json.loads(path.read_text())
+            stored = saved["answers"] if saved.get("key") == key else None
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: generated (and written) again
+        if stored:
+            know_base_answers(base, stored)
+        results = compute(base, tokenizer)
+        answers = base_answers(base)
+        if answers and answers != stored:
+            write_json_atomic(path, {"key": key, "answers": answers})
+        return results
 
     @staticmethod
     def _cached(path: Path, key: Callable[[], dict], overwrite: bool, compute) -> dict:

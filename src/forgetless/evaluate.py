@@ -334,6 +334,22 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
 _BASE_ANSWERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+def base_answers(base) -> list[list]:
+    """The base's instruction answers generated so far in this process, as JSON-ready entries
+    [instructions, max_new_tokens, prompts, end-of-sequence ids, answers' tokens, ended] (compare stores them
+    beside the base's evaluation, so a worker process, or a later comparison, need not generate them again)."""
+    return [[spec, budget, list(prompts), list(ends), tokens, ended]
+            for (spec, budget, prompts, ends), (tokens, ended) in _BASE_ANSWERS.get(base, {}).items()]
+
+
+def know_base_answers(base, entries: list[list]) -> None:
+    """Take `entries` (as base_answers returns them) as the base's answers: instruction_retention reuses
+    an entry whose instructions, budget, rendered prompts and end-of-sequence ids are its own."""
+    known = _BASE_ANSWERS.setdefault(base, {})
+    for spec, budget, prompts, ends, tokens, ended in entries:
+        known.setdefault((spec, budget, tuple(prompts), tuple(ends)), (tokens, ended))
+
+
 def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base, name: str,
                           items: dict) -> dict[str, Any]:
     """How much of the base model's own behaviour on everyday instructions the model kept.
