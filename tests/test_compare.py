@@ -225,3 +225,38 @@ def test_the_base_answers_are_generated_once_and_reused_by_a_fresh_process(tiny_
     Suite(config, root).run_results("sft", run_cfg, summary, overwrite=True)
     assert [d for d in calls if d.endswith("base answers")] == ["sft: base answers"]
     assert json.loads((root / BASE_ANSWERS).read_text()) == stored
+
+
+def test_a_comparison_stopped_mid_run_resumes_that_run_from_its_checkpoint(tiny_llama, suite, tmp_path,
+                                                                           monkeypatch):
+    """Rerun after a kill, compare resumes an unfinished run from its last checkpoint (same config and inputs)
+    and ends with the weights of the uninterrupted run; an unfinished run of another config trains afresh."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import forgetless.compare as compare_mod
+
+    overrides = ("train.max_steps=4", "train.save_steps=2", "train.learning_rate=1e-2", "compare.methods=[sft]")
+    run_compare(tiny_compare(tiny_llama, suite, tmp_path, *overrides))
+    folder = next((tmp_path / "cmp").glob("sft/**/train_summary.json")).parent
+    whole = load_file(folder / "adapter_model.safetensors")
+    # as a kill after step 3 leaves it: no summary, no final weights, checkpoint 2 the last complete one
+    for name in ("train_summary.json", "adapter_model.safetensors", "compare_eval.json"):
+        (folder / name).unlink()
+    shutil.rmtree(folder / "checkpoints" / "checkpoint-4")
+
+    calls = []
+    real = compare_mod.train
+    monkeypatch.setattr(compare_mod, "train", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
+    run_compare(tiny_compare(tiny_llama, suite, tmp_path, *overrides))
+    assert [kw.get("resume") for kw in calls] == [True]
+    resumed = load_file(folder / "adapter_model.safetensors")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.allclose(resumed[k], whole[k], atol=1e-6) for k in whole)
+
+    # another learning rate: the unfinished run is not this one's, so it is trained afresh
+    (folder / "train_summary.json").unlink()
+    calls.clear()
+    run_compare(tiny_compare(tiny_llama, suite, tmp_path, *overrides, "train.learning_rate=2e-2"))
+    assert [kw.get("resume", False) for kw in calls] == [False] and (folder / "train_summary.json").exists()

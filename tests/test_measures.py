@@ -131,3 +131,25 @@ def test_trade_off_labels_of_close_methods_do_not_overlap():
     # every label stays near its point: moved vertically only, by less than the figure's height
     assert all(label.xyann[0] == 6 and abs(label.xyann[1]) < 4.5 * 72 for label in labels)
     plt.close(fig)
+
+
+def test_a_missing_measure_leaves_the_other_labels_on_the_trade_off_plot():
+    """A point with a NaN coordinate (a measure a method lacks) is neither drawn nor an obstacle: the
+    other labels keep finite places (a NaN once spread to every label, and matplotlib drew none)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from forgetless.compare import spread_labels
+
+    points = [(0.0, 0.0), (1.0, 1.0), (float("nan"), 2.0), (2.0, 3.0)]
+    fig, ax = plt.subplots()
+    labels = [ax.annotate(f"m{i}", p, textcoords="offset points", xytext=(6, 4)) for i, p in enumerate(points)
+              if all(map(math.isfinite, p))]
+    fig.tight_layout()
+    spread_labels(fig, labels, points)
+    assert all(math.isfinite(v) for label in labels for v in label.xyann)
+    plt.close(fig)

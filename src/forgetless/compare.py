@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from matplotlib.text import Text
 
 from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
+from forgetless.errors import ConfigError
 from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluate_run, know_base_answers,
                                  load_base)
-from forgetless.identity import evaluation_inputs, source_digest
+from forgetless.identity import evaluation_inputs, run_inputs, source_digest
 from forgetless.model import resolve_model_path
-from forgetless.run_folder import reusable_summary
+from forgetless.run_folder import CHECKPOINTS, check_resume, is_finished, is_run, latest_checkpoint, reusable_summary
 from forgetless import stats
 from forgetless.train import set_aside_finished, train
 from forgetless.workers import worker_pool
@@ -217,10 +217,20 @@ def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int
     if reused is not None and "peak_mem_bytes" in reused:
         logger.info("%s: reusing the finished run in %s", label, cfg.output_dir)
         return reused
+    out, extra = Path(cfg.output_dir).expanduser(), {"runs_at_a_time": jobs}
+    if not overwrite and is_run(out) and not is_finished(out) and latest_checkpoint(out / CHECKPOINTS):
+        # a comparison stopped part-way (killed, a machine lost) loses at most the steps since a checkpoint
+        try:
+            check_resume(out, cfg.to_dict(), run_inputs(cfg))
+        except ConfigError as exc:  # another run's: trained afresh below, as before
+            logger.info("%s: the unfinished run in %s is not resumed: %s", label, out, exc)
+        else:
+            logger.info("%s: resuming the unfinished run in %s from its last checkpoint", label, out)
+            return train(cfg, resume=True, measure_memory=True, extra_summary=extra).summary
     logger.info("%s: training -> %s", label, cfg.output_dir)
     if not overwrite:  # a finished run not reused (other settings, or no memory figure) is kept aside
-        set_aside_finished(Path(cfg.output_dir).expanduser())
-    return train(cfg, overwrite=True, measure_memory=True, extra_summary={"runs_at_a_time": jobs}).summary
+        set_aside_finished(out)
+    return train(cfg, overwrite=True, measure_memory=True, extra_summary=extra).summary
 
 
 BASE_EVAL = "base_eval.json"
@@ -735,10 +745,12 @@ def spread_labels(fig, labels: list, points: list[tuple[float, float]], gap_px: 
     """Move point labels apart vertically until no label overlaps another or a point (methods with close
     figures sit close on the trade-off plot); each keeps a thin line to its point. Greedy: two labels that
     overlap move apart by half the overlap each, a label over a point moves off it, until nothing moves."""
+    from matplotlib.text import Text  # matplotlib only where a plot is drawn, as in plot()
+
     renderer = fig.canvas.get_renderer()
     scale = fig.dpi / 72  # display pixels per offset point
     ax = labels[0].axes if labels else None
-    dots = [ax.transData.transform(p) for p in points] if ax is not None else []
+    dots = [ax.transData.transform(p) for p in points if all(map(math.isfinite, p))] if ax is not None else []
 
     def box(k: int):  # the text alone: an annotation's own extent takes in its line, which grows as it moves
         labels[k].update_positions(renderer)
@@ -784,16 +796,19 @@ def plot(report: dict, root: Path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.scatter([0], [0], color="black", marker="s")
-    base_label = ax.annotate("base", (0, 0), textcoords="offset points", xytext=(6, 4))
+    line = dict(arrowstyle="-", lw=0.6, shrinkA=0, shrinkB=4)
+    base_label = ax.annotate("base", (0, 0), textcoords="offset points", xytext=(6, 4),
+                             arrowprops=dict(line, color="black"))
     points = {m: (change_vs_base(res[m], base, "target_acc"), change_vs_base(res[m], base, "general_ppl"))
               for m in methods}
     labels, where = [], [(0.0, 0.0)]
     for i, (m, (x, y)) in enumerate(points.items()):
+        if not (math.isfinite(x) and math.isfinite(y)):  # a measure missing for this method: no point to draw
+            continue
         where.append((x, y))
         ax.scatter([x], [y], s=60, color=f"C{i}")
         labels.append(ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4), color=f"C{i}",
-                                  fontsize=9, arrowprops=dict(arrowstyle="-", color=f"C{i}", lw=0.6, shrinkA=0,
-                                                              shrinkB=4)))
+                                  fontsize=9, arrowprops=dict(line, color=f"C{i}")))
     ax.set_xlabel("target accuracy gain over base (points)")
     ax.set_ylabel("general-text perplexity change (%)  ↓ better")
     ax.set_title("What each method gained vs what it broke")

@@ -4,7 +4,8 @@ gone with the parent.
 A worker trains for many minutes. Were the parent killed (SIGTERM from a scheduler, SIGKILL, a closed
 terminal), the pool's workers would be reparented and train on to the end of their current run, writing
 a run folder nobody waits for; a rerun of the same comparison would then train the same folder in a second
-process beside it. So each worker watches its parent and exits the moment it is gone. What it had trained
+process beside it. So each worker watches its parent (multiprocessing's parent sentinel, ready once the
+parent has exited) and exits the moment it is gone. What it had trained
 since its last checkpoint is lost, as in any kill; the rerun resumes from that checkpoint.
 
 Standard library only: a spawned worker imports this module before anything else."""
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 
-# how often a worker looks for its parent: the longest an orphan lives on
-PARENT_POLL_S = 0.5
 # the exit status of a worker whose parent is gone (128 + SIGTERM, as if it had been terminated)
 ORPHAN_EXIT = 143
 
@@ -27,7 +26,7 @@ ORPHAN_EXIT = 143
 def worker_pool(jobs: int) -> ProcessPoolExecutor:
     """A pool of `jobs` spawned worker processes that log as this process does and exit when it dies."""
     return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(*parent_logging(), os.getpid()))
+                               initargs=parent_logging())
 
 
 def parent_logging() -> tuple[int, str | None]:
@@ -38,17 +37,20 @@ def parent_logging() -> tuple[int, str | None]:
     return root.level, fmt
 
 
-def _start_worker(level: int, fmt: str | None, parent: int) -> None:
+def _start_worker(level: int, fmt: str | None) -> None:
     """A worker's initializer: log lines reach the console as the parent's do (only when the parent
     configured logging: the CLI does; a library caller's choice is theirs), and exit once the parent is gone."""
     if fmt is not None:
         logging.basicConfig(level=level, format=fmt)
-    threading.Thread(target=_exit_with_parent, args=(parent,), name="forgetless-parent-watch", daemon=True).start()
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), name="forgetless-parent-watch",
+                         daemon=True).start()
 
 
-def _exit_with_parent(parent: int) -> None:
-    # an orphan is reparented (to init or a subreaper): its parent pid changes. os._exit, not sys.exit: the
-    # main thread is inside a training step and would not see an exception raised in this thread
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
+def _exit_with_parent(sentinel: int) -> None:
+    # the parent's sentinel becomes ready when the parent exits, however it ends (every platform; no polling).
+    # os._exit, not sys.exit: the main thread is inside a training step and would not see an exception
+    # raised in this thread
+    multiprocessing.connection.wait([sentinel])
     os._exit(ORPHAN_EXIT)
