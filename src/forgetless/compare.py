@@ -39,7 +39,7 @@ from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluat
                                  load_base)
 from forgetless.identity import evaluation_inputs, run_inputs, source_digest
 from forgetless.model import resolve_model_path
-from forgetless.run_folder import CHECKPOINTS, check_resume, is_finished, is_run, latest_checkpoint, reusable_summary
+from forgetless.run_folder import check_resume, reusable_summary, stopped_with_checkpoint
 from forgetless import stats
 from forgetless.train import set_aside_finished, train
 from forgetless.workers import worker_pool
@@ -218,7 +218,7 @@ def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int
         logger.info("%s: reusing the finished run in %s", label, cfg.output_dir)
         return reused
     out, extra = Path(cfg.output_dir).expanduser(), {"runs_at_a_time": jobs}
-    if not overwrite and is_run(out) and not is_finished(out) and latest_checkpoint(out / CHECKPOINTS):
+    if not overwrite and stopped_with_checkpoint(out):
         # a comparison stopped part-way (killed, a machine lost) loses at most the steps since a checkpoint
         try:
             check_resume(out, cfg.to_dict(), run_inputs(cfg))
@@ -283,19 +283,18 @@ class Suite:
         answers again every time (minutes on a CPU). Keyed like base_eval.json: the suite, its data and the
         base model by content."""
         base, tokenizer = self.base()
-        path, key = self.root / BASE_ANSWERS, json.loads(json.dumps(self.key()))
-        stored = None
+        path, stored = self.root / BASE_ANSWERS, None
         try:
             saved = json.loads(path.read_text())
-            stored = saved["answers"] if saved.get("key") == key else None
+            stored = saved["answers"] if saved.get("key") == json.loads(json.dumps(self.key())) else None
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet, or unreadable: generated (and written) again
         if stored:
             know_base_answers(base, stored)
         results = compute(base, tokenizer)
         answers = base_answers(base)
-        if answers and answers != stored:
-            write_json_atomic(path, {"key": key, "answers": answers})
+        if answers and answers != stored:  # keyed as it is after the evaluation, as _cached keys its results
+            write_json_atomic(path, {"key": self.key(), "answers": answers})
         return results
 
     @staticmethod

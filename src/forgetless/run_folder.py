@@ -82,6 +82,11 @@ def is_finished(folder: Path) -> bool:
     return (folder / SUMMARY).is_file()
 
 
+def stopped_with_checkpoint(folder: Path) -> bool:
+    """A forgetless run that did not finish and holds a complete checkpoint: one a resume can continue."""
+    return is_run(folder) and not is_finished(folder) and latest_checkpoint(folder / CHECKPOINTS) is not None
+
+
 def _holds_files(folder: Path) -> bool:
     """Whether a folder holds a file to lose: not a run stopped while being set up (bad input found after
     the folder was prepared), which holds its marker and, beside it, its config.yaml at most."""

@@ -33,7 +33,8 @@ from forgetless.regularizers import Regularizer
 from forgetless.replay import ReplaySource
 from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
                                    is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
-                                   save_aside, set_aside, trim_metrics, write_run, write_summary)
+                                   save_aside, set_aside, stopped_with_checkpoint, trim_metrics, write_run,
+                                   write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
@@ -212,7 +213,7 @@ def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
     if summary is not None:
         return summary
     out = Path(config.output_dir).expanduser()
-    if is_run(out) and not is_finished(out) and latest_checkpoint(out / CHECKPOINTS):
+    if stopped_with_checkpoint(out):
         return train(config, resume=True, **kwargs).summary
     set_aside_finished(out)
     return train(config, overwrite=True, **kwargs).summary
