@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 FORGETLESS=${FORGETLESS:-.venv/bin/forgetless}
 # model.dtype float32: the figures of a GPU run are then those of the CPU's default (auto = float32 there)
 # (evaluation.every_steps=10: the forgetting curve as these runs logged it; the packaged default now logs every 20)
+# (arr: the paper's KL + replay with the corpus as next-token targets, which docs/evidence calls kl+replay;
+# the kl+replay preset is now the distillation form, KL on the replay rows as inputs)
 exec $FORGETLESS compare default output_dir=runs/evidence model.dtype=float32 train.progress_bar=false \
   evaluation.every_steps=10 \
   "compare.seeds=[42, 43, 44]" \
-  "compare.methods=[sft, lfu, kl, replay, replay-self, kl+replay, ewc]" \
+  "compare.methods=[sft, lfu, kl, replay, replay-self, arr, ewc]" \
   "compare.runs={lfu-r50-e2: {regularizers: [{lfu: {variant: lora, rows: 0.5, every: 2}}]},
                  lfu-every4: {regularizers: [{lfu: {variant: lora, every: 4}}]},
                  lfu-r50-e4: {regularizers: [{lfu: {variant: lora, rows: 0.5, every: 4}}]},

@@ -80,8 +80,14 @@ def test_method_presets_fill_regularizers_and_replay_typed():
 
     assert load_config(None, ["method=lfu"]).regularizers == [LfUConfig(variant="lora")]
     assert load_config(None, ["method=lfu-reps"]).regularizers == [LfUConfig(variant="reps")]
-    arr = load_config(None, ["method=kl+replay"])
+    arr = load_config(None, ["method=arr"])  # the paper's form: replay rows as next-token targets
     assert arr.regularizers == [KLConfig()] and arr.replay == ReplayConfig()
+    # the packaged seed recipe: KL anchor on the SFT rows, replay rows as KL inputs only (distillation)
+    packaged = load_config(None, ["method=kl+replay"])
+    assert packaged.regularizers == [KLConfig(), KLConfig(coef=1.0, on="replay")]
+    assert packaged.replay == ReplayConfig(weight=0.0, ratio=0.25)
+    earlier = load_config(None, ["method=kl+replay-kl"])
+    assert (earlier.regularizers, earlier.replay) == (packaged.regularizers, packaged.replay)
     assert load_config(None, ["method=sft"]).replay is None
     explicit = load_config(None, ["method=my-lfu", "regularizers=[{lfu: {lam: 1.0}}]"])
     assert explicit.regularizers == [LfUConfig(lam=1.0)] and explicit.method == "my-lfu"
@@ -142,12 +148,12 @@ def test_a_config_changed_in_code_is_resolved_by_validate(caplog):
         build_method(unparsed)
     cfg.train.max_steps = 7  # the compared runs follow the config as it is when they are resolved
     assert resolve_runs(cfg)["x"].train.max_steps == 7
-    # a knob sets the first entry of its method only (kl+replay-kl's replay KL keeps its coef), and adds the
+    # a knob sets the first entry of its method only (kl+replay's replay KL keeps its coef), and adds the
     # method when absent
     two = load_config(None, ["regularizers=[{kl: {coef: 0.1}}, {kl: {coef: 0.2, on: replay}}]", "replay={}"])
     assert [o.coef for o in with_strength(two, "kl", 5.0).regularizers] == [5.0, 0.2]
     assert [o.coef for o in two.regularizers] == [0.1, 0.2]  # a copy
-    preset = with_strength(method_config(load_config(None, ["method=kl+replay-kl"]), "kl+replay-kl"), "kl", 0.03)
+    preset = with_strength(method_config(load_config(None, ["method=kl+replay"]), "kl+replay"), "kl", 0.03)
     assert [(o.coef, o.on) for o in preset.regularizers] == [(0.03, "sft"), (1.0, "replay")]
     assert with_strength(load_config(None, []), "replay", 0.5).replay == ReplayConfig(ratio=0.5)
     assert without_method(two, "kl").regularizers == []

@@ -46,14 +46,14 @@ def test_train_eval_compare_all_on_the_gpu(tiny_llama, suite, tmp_path, monkeypa
                                                         for i in range(8)])
     replay = tmp_path / "replay.txt"
     replay.write_text(("in the beginning was the word. " * 10 + "\n\n") * 20)
-    monkeypatch.setitem(PRESETS, "kl+replay", {"regularizers": [{"kl": {}}],
-                                               "replay": {"data": str(replay), "max_length": 16}})
+    monkeypatch.setitem(PRESETS, "arr", {"regularizers": [{"kl": {}}],
+                                         "replay": {"data": str(replay), "max_length": 16}})
     monkeypatch.setitem(PRESETS, "kl-cached", {"regularizers": [{"kl": {"cache": "topk", "topk": 8}}]})
     monkeypatch.setitem(PRESETS, "ewc", {"regularizers": [{"ewc": {"data": str(replay), "samples": 4, "max_length": 16}}]})
     config = load_config(None, [
         f"model.name_or_path={tiny_llama}", f"data.train={train_file}", f"output_dir={tmp_path / 'cmp'}",
         "data.max_length=64", "train.max_steps=2", "train.batch_size=4", "train.progress_bar=false",
-        "compare.methods=[sft, lfu, lfu-reps, lfu-fast, kl+replay, kl-cached, ewc]",
+        "compare.methods=[sft, lfu, lfu-reps, lfu-fast, arr, kl-cached, ewc]",
     ])
     config.evaluation = suite
     with cpu_forwards() as found:
@@ -90,7 +90,7 @@ def fsdp_launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "kl+replay", "lfu"])
+@pytest.mark.parametrize("method", ["sft", "arr", "lfu"])
 def test_fsdp2_one_process_matches_a_plain_run(tiny_llama, tmp_path, method):
     """The shipped FSDP2 config launched as one process trains a full fine-tune to the plain run's weights and
     saves a model that loads; LfU is refused there (which also shows FSDP really ran)."""
@@ -108,7 +108,7 @@ def test_fsdp2_one_process_matches_a_plain_run(tiny_llama, tmp_path, method):
               "train.max_grad_norm=0", "train.lr_scheduler=constant", "train.warmup_ratio=0",
               "train.progress_bar=false", "data.eval=null", "model.finetune=full", "model.dtype=float32",
               f"method={method}"]
-    if method == "kl+replay":
+    if method == "arr":
         common += [f"replay={{data: {corpus}, max_length: 16, ratio: 0.5}}"]
     fsdp = fsdp_launch(tmp_path / "fsdp", *common)
     if method == "lfu":
