@@ -27,7 +27,7 @@ def zero_cpu(stage: int) -> Path:
     return EXAMPLES / f"deepspeed_zero{stage}_cpu.yaml"
 
 
-@pytest.mark.parametrize("stage,method", [(2, "sft"), (2, "kl+replay"), (3, "kl+replay")])
+@pytest.mark.parametrize("stage,method", [(2, "sft"), (2, "kl-both+replay"), (3, "kl-both+replay")])
 def test_deepspeed_matches_one_plain_process(tiny_llama, tmp_path, stage, method):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))
     corpus = tmp_path / "c.txt"
@@ -35,7 +35,7 @@ def test_deepspeed_matches_one_plain_process(tiny_llama, tmp_path, stage, method
     common = [f"model.name_or_path={tiny_llama}", f"data.train={data}", "data.max_length=64", "train.max_steps=2",
               "train.batch_size=2", "train.learning_rate=0.05", "train.optim=sgd", "train.max_grad_norm=0",
               "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.progress_bar=false", "data.eval=null"]
-    if method == "kl+replay":  # blocks longer than the SFT rows: `auto` would give them a pass of their own
+    if method == "kl-both+replay":  # blocks longer than the SFT rows: `auto` would give them a pass of their own
         common += ["regularizers=[{kl: {coef: 0.5, on: both}}]", f"replay={{data: {corpus}, max_length: 48, ratio: 0.5}}"]
     one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=4", *common], capture_output=True, text=True, timeout=600)

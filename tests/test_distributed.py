@@ -14,7 +14,7 @@ from conftest import ACCELERATE_CPU, memorisation_rows, write_jsonl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "lfu", "arr"])
+@pytest.mark.parametrize("method", ["sft", "lfu", "arr", "kl+replay"])
 def test_two_processes_match_one(tiny_llama, tmp_path, method):
     data = write_jsonl(tmp_path / "d.jsonl", memorisation_rows(8))
     corpus = tmp_path / "c.txt"
@@ -25,6 +25,9 @@ def test_two_processes_match_one(tiny_llama, tmp_path, method):
               "model.lora.target_modules=all-linear", f"method={method}"]
     if method == "arr":
         common += ["regularizers=[{kl: {coef: 0.5}}]", f"replay={{data: {corpus}, max_length: 16, ratio: 0.5}}"]
+    if method == "kl+replay":  # the packaged form: KL on the replay rows as inputs, no NLL on them (weight 0)
+        common += ["regularizers=[{kl: {coef: 0.5}}, {kl: {coef: 1.0, on: replay}}]",
+                   f"replay={{data: {corpus}, max_length: 16, ratio: 0.5, weight: 0.0}}"]
     one = subprocess.run([sys.executable, "-m", "forgetless.cli", "train", "default", f"output_dir={tmp_path / 'one'}",
                           "train.grad_accum=2", *common], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -181,10 +181,10 @@ def test_frontier_settings_are_checked_naming_the_key():
     assert grid(cfg) == {"sft": (None, [None]), "kl+replay": ("kl", [0.1]), "dft": (None, [None]),
                          "wise-ft": ("wise_ft", [1.0, 0.75, 0.5, 0.25])}
     # a second knob of a preset's method, by frontier.knobs; its main one by either name
-    cfg = load_config(None, ["frontier.methods=[lfu-fast, kl+replay]", "frontier.knobs={lfu-fast: lfu.alpha, "
-                             "kl+replay: replay.weight}", "frontier.grids={lfu-fast: [0.3, 0.01]}"])
+    cfg = load_config(None, ["frontier.methods=[lfu-fast, arr]", "frontier.knobs={lfu-fast: lfu.alpha, "
+                             "arr: replay.weight}", "frontier.grids={lfu-fast: [0.3, 0.01]}"])
     assert grid(cfg) == {"sft": (None, [None]), "lfu-fast": ("lfu.alpha", [0.01, 0.3]),
-                         "kl+replay": ("replay.weight", [0.3, 1.0, 3.0])}
+                         "arr": ("replay.weight", [0.3, 1.0, 3.0])}
     cfg = load_config(None, ["frontier.methods=[lfu-fast]", "frontier.knobs={lfu-fast: lfu.lam}"])
     assert grid(cfg)["lfu-fast"] == ("lfu", [1.0, 5.0, 20.0])
     # a knob to tune (NEFTune's alpha, LfU's lam: no stronger-keeps-more claim) is mapped all the same when it

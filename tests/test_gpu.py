@@ -90,7 +90,7 @@ def fsdp_launch(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "arr", "lfu"])
+@pytest.mark.parametrize("method", ["sft", "replay", "lfu"])
 def test_fsdp2_one_process_matches_a_plain_run(tiny_llama, tmp_path, method):
     """The shipped FSDP2 config launched as one process trains a full fine-tune to the plain run's weights and
     saves a model that loads; LfU is refused there (which also shows FSDP really ran)."""
@@ -108,7 +108,7 @@ def test_fsdp2_one_process_matches_a_plain_run(tiny_llama, tmp_path, method):
               "train.max_grad_norm=0", "train.lr_scheduler=constant", "train.warmup_ratio=0",
               "train.progress_bar=false", "data.eval=null", "model.finetune=full", "model.dtype=float32",
               f"method={method}"]
-    if method == "arr":
+    if method == "replay":
         common += [f"replay={{data: {corpus}, max_length: 16, ratio: 0.5}}"]
     fsdp = fsdp_launch(tmp_path / "fsdp", *common)
     if method == "lfu":

@@ -4,4 +4,4 @@ Importing it changes nothing process-wide (no environment variables, allocator o
 the `forgetless` command line sets up logging and, on a CPU, glibc's allocator (forgetless.memory).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -292,7 +292,7 @@ register("kl", KLConfig, KL, strength=Strength("coef", (0.01, 0.1, 1.0, 10.0)), 
     # the seed's recipe as packaged: the KL anchor on the SFT rows and distillation replay, each with its own
     # coef. Over three seeds it kept the general text where `arr` (KJV as targets) shifted the model towards
     # the corpus, drift 2.3x SFT's (README, "The chosen points over three seeds"); `kl+replay-kl` is its
-    # earlier name. Until 2026-12-04 `kl+replay` named `arr`: reports made before then say so in their config.
+    # earlier name. Before 0.3.0 `kl+replay` named `arr`: a report of then says so in its runs' configs.
     "kl+replay": {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}],
                   "replay": {"weight": 0.0, "ratio": 0.25}},
     "kl+replay-kl": {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}],
