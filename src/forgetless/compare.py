@@ -783,6 +783,15 @@ def spread_labels(fig, labels: list, points: list[tuple[float, float]], gap_px: 
             return
 
 
+MARKERS = "o^sDv"  # the 1st ten methods, the next ten, ...
+
+
+def method_style(i: int) -> tuple[str, str, str]:
+    """(colour, marker, line style) of a report's i-th method in every plot: matplotlib's ten colours, then the
+    same colours again with another marker and a dashed line (bars: hatched), so no two methods look alike."""
+    return f"C{i % 10}", MARKERS[(i // 10) % len(MARKERS)], "-" if i < 10 else "--"
+
+
 def plot(report: dict, root: Path) -> None:
     import matplotlib
 
@@ -805,9 +814,10 @@ def plot(report: dict, root: Path) -> None:
         if not (math.isfinite(x) and math.isfinite(y)):  # a measure missing for this method: no point to draw
             continue
         where.append((x, y))
-        ax.scatter([x], [y], s=60, color=f"C{i}")
-        labels.append(ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4), color=f"C{i}",
-                                  fontsize=9, arrowprops=dict(line, color=f"C{i}")))
+        colour, marker, _ = method_style(i)
+        ax.scatter([x], [y], s=60, color=colour, marker=marker)
+        labels.append(ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4), color=colour,
+                                  fontsize=9, arrowprops=dict(line, color=colour)))
     ax.set_xlabel("target accuracy gain over base (points)")
     ax.set_ylabel("general-text perplexity change (%)  ↓ better")
     ax.set_title("What each method gained vs what it broke")
@@ -823,7 +833,10 @@ def plot(report: dict, root: Path) -> None:
     for ax, measure in zip(axes, shown):
         key = measure.key
         values = [_value(res[n], key) for n in names]
-        ax.bar(range(len(names)), values, color=["black"] + [f"C{i}" for i in range(len(methods))])
+        bars = ax.bar(range(len(names)), values, color=["black"] + [method_style(i)[0] for i in range(len(methods))])
+        for i, bar in enumerate(bars.patches[1:]):
+            if method_style(i)[2] != "-":
+                bar.set_hatch("//")
         for i, n in enumerate(names):
             ci = res[n].get(key, {}).get("ci95") if isinstance(res[n].get(key), dict) else None
             if ci and all(math.isfinite(c) for c in ci):
@@ -839,12 +852,14 @@ def plot(report: dict, root: Path) -> None:
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for i, (m, points) in enumerate(curves.items()):
+            # the method's colour in the other plots too (a curve of a method not in the list: its own place)
+            colour, marker, style = method_style(methods.index(m) if m in methods else len(methods) + i)
             pts = [p for p in points if "curve_drift_kl" in p and "curve_target_nll" in p]
-            ax.plot([p["curve_drift_kl"] for p in pts], [p["curve_target_nll"] for p in pts], "-o", ms=3,
-                    color=f"C{i}", label=m)
+            ax.plot([p["curve_drift_kl"] for p in pts], [p["curve_target_nll"] for p in pts], linestyle=style,
+                    marker=marker, ms=3, color=colour, label=m)
             if pts:
                 ax.annotate(f"step {pts[-1]['step']}", (pts[-1]["curve_drift_kl"], pts[-1]["curve_target_nll"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
         ax.set_xlabel("drift KL(base‖model) on held-out general text  → forgetting")
         ax.set_ylabel("target NLL on held-out questions  ↓ learning")
         ax.set_title("Forgetting curve: learning against forgetting over the steps")
