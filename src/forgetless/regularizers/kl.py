@@ -280,6 +280,9 @@ class KL(Regularizer):
         return term, metrics
 
 
+KL_AND_DISTILLATION_REPLAY = {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}],
+                              "replay": {"weight": 0.0, "ratio": 0.25}}  # one preset under two names (below)
+
 register("kl", KLConfig, KL, strength=Strength("coef", (0.01, 0.1, 1.0, 10.0)), presets={
     "kl": {"regularizers": [{"kl": {}}]},
     # regularized approximate replay as the paper writes it (arXiv 2512.22337): KL to the initial model on
@@ -293,8 +296,6 @@ register("kl", KLConfig, KL, strength=Strength("coef", (0.01, 0.1, 1.0, 10.0)), 
     # coef. Over three seeds it kept the general text where `arr` (KJV as targets) shifted the model towards
     # the corpus, drift 2.3x SFT's (README, "The chosen points over three seeds"); `kl+replay-kl` is its
     # earlier name. Before 0.3.0 `kl+replay` named `arr`: a report of then says so in its runs' configs.
-    "kl+replay": {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}],
-                  "replay": {"weight": 0.0, "ratio": 0.25}},
-    "kl+replay-kl": {"regularizers": [{"kl": {}}, {"kl": {"coef": 1.0, "on": "replay"}}],
-                     "replay": {"weight": 0.0, "ratio": 0.25}},
+    "kl+replay": KL_AND_DISTILLATION_REPLAY,
+    "kl+replay-kl": KL_AND_DISTILLATION_REPLAY,
 })
