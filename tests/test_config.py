@@ -91,9 +91,13 @@ def test_method_presets_fill_regularizers_and_replay_typed():
     assert load_config(None, ["method=sft"]).replay is None
     explicit = load_config(None, ["method=my-lfu", "regularizers=[{lfu: {lam: 1.0}}]"])
     assert explicit.regularizers == [LfUConfig(lam=1.0)] and explicit.method == "my-lfu"
-    # a preset name with a replay section given is a label: the section is the run's, no preset is added
-    labelled = load_config(None, ["method=kl+replay", "replay={ratio: 0.5}"])
-    assert labelled.regularizers == [] and labelled.replay == ReplayConfig(ratio=0.5)
+    # a replay section given beside a preset is laid over the preset's (its other keys stay the preset's)
+    laid = load_config(None, ["method=kl+replay", "replay={ratio: 0.5}"])
+    assert laid.regularizers == packaged.regularizers and laid.replay == ReplayConfig(weight=0.0, ratio=0.5)
+    # a preset's config.yaml (every option written out) reads back as the same run under the preset's name
+    written = packaged.to_dict()
+    back = load_config(None, [f"{k}={json.dumps(written[k])}" for k in ("method", "regularizers", "replay")])
+    assert (back.regularizers, back.replay) == (packaged.regularizers, packaged.replay)
     # the YAML form round-trips: config.yaml holds every option, and parses back to the same run
     again = load_config(None, [f"{k}={json.dumps(v)}" for k, v in [("regularizers", arr.to_dict()["regularizers"]),
                                                         ("replay", arr.to_dict()["replay"]), ("method", "x")]])
@@ -157,7 +161,49 @@ def test_a_config_changed_in_code_is_resolved_by_validate(caplog):
     assert [(o.coef, o.on) for o in preset.regularizers] == [(0.03, "sft"), (1.0, "replay")]
     assert with_strength(load_config(None, []), "replay", 0.5).replay == ReplayConfig(ratio=0.5)
     assert without_method(two, "kl").regularizers == []
-    # a preset name beside the config's own method parts is only a label: said, not silently dropped
+    # a preset name beside the config's own regularizers is only a label: said, not silently dropped
     with caplog.at_level("WARNING", logger="forgetless.config"):
-        load_config(None, ["method=kl+replay", "replay={ratio: 0.5}"])
+        labelled = load_config(None, ["method=kl+replay", "regularizers=[{kl: {coef: 0.1}}]", "replay={}"])
     assert "the preset is not applied" in caplog.text
+    assert labelled.regularizers == [KLConfig(coef=0.1)] and labelled.replay == ReplayConfig()
+
+
+def test_a_replay_section_is_laid_over_the_preset_its_method_names(tmp_path, caplog):
+    """`method: kl+replay` with the user's own corpus trains that recipe on it (KL on both kinds of rows,
+    replay weight 0, ratio 0.25): the given replay keys replace the preset's, the rest stays the preset's."""
+    from forgetless.config import preset_knobs, resolve_runs
+    from forgetless.regularizers.kl import KLConfig
+    from forgetless.regularizers.lfu import LfUConfig
+    from forgetless.run_folder import saved_config
+    from forgetless.sections import ReplayConfig
+
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text("Some general text of my own.\n", encoding="utf-8")
+    preset = load_config(None, ["method=kl+replay"])
+    with caplog.at_level("WARNING", logger="forgetless.config"):
+        mine = load_config(None, ["method=kl+replay", f"replay={{data: {corpus}}}"])
+    assert "not applied" not in caplog.text
+    assert mine.regularizers == preset.regularizers == [KLConfig(), KLConfig(coef=1.0, on="replay")]
+    assert mine.replay == ReplayConfig(data=str(corpus), weight=0.0, ratio=0.25)
+    # from a file, a key given there wins over the preset's; a preset without replay gains the section
+    path = tmp_path / "c.yaml"
+    path.write_text("method: replay-kl\nreplay:\n  ratio: 0.5\n", encoding="utf-8")
+    assert load_config(path).replay == ReplayConfig(weight=0.0, ratio=0.5)
+    assert load_config(path).regularizers == [KLConfig(coef=1.0, on="replay")]
+    lfu = load_config(None, ["method=lfu", "replay={ratio: 0.1}"])
+    assert lfu.regularizers == [LfUConfig(variant="lora")] and lfu.replay == ReplayConfig(ratio=0.1)
+    assert load_config(None, ["method=sft", "replay={}"]).regularizers == []  # plain replay, as before
+    # a mapping given in code, and a compare.runs entry (which the frontier's knobs read), alike
+    assert ForgetlessConfig(method="replay-self", replay={"ratio": 0.1}).replay == ReplayConfig(data="self", ratio=0.1)
+    runs = load_config(None, [f"compare.runs={{mine: {{method: kl+replay, replay: {{data: {corpus}}}}}}}"])
+    assert resolve_runs(runs)["mine"].regularizers == mine.regularizers
+    assert resolve_runs(runs)["mine"].replay == mine.replay
+    assert preset_knobs("mine", runs) == preset_knobs("kl+replay")
+    # a run's own config.yaml holds its regularizers written out and is read as written: one from before
+    # (method a label, no regularizers) reads back as the plain replay it trained, so reuse and resume
+    # see it differ from the preset laid over, never take it for that run
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "config.yaml").write_text(f"method: kl+replay\nregularizers: []\nreplay:\n  data: {corpus}\n",
+                                     encoding="utf-8")
+    assert saved_config(old)["regularizers"] == [] and saved_config(old)["replay"]["weight"] == 1.0

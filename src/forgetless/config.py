@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ForgetlessConfig:
     output_dir: str = "runs/default"
-    # A preset (forgetless.registry.PRESETS) when neither `regularizers` nor `replay` is given; otherwise
-    # just the run's label.
+    # A preset (forgetless.registry.PRESETS) when `regularizers` is not given (a `replay` mapping is laid
+    # over the preset's own: lay_over_preset); otherwise just the run's label.
     method: str = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,13 +172,34 @@ class ForgetlessConfig:
 
 
 
+def lay_over_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping whose `method:` names a preset and which gives a `replay:` mapping but no
+    `regularizers`: the preset's regularizers, and its replay section with the given keys laid over it.
+    `method: kl+replay` with `replay: {data: my.txt}` is that recipe on the user's corpus (KL on the SFT
+    rows and on the replay rows, replay weight 0, ratio 0.25, as the preset sets them), not plain NLL
+    replay labelled kl+replay. Any other mapping comes back as given.
+
+    Applied where the keys a user gave are known (a YAML file with its overrides, a compare.runs entry, a
+    replay mapping given in code), never to a run's own config.yaml: that holds every regularizer written
+    out, and one written by an earlier version (the preset then only a label) reads back as what it trained."""
+    method, replay = raw.get("method", "sft"), raw.get("replay")
+    if not isinstance(method, str) or method not in PRESETS or not isinstance(replay, dict) or raw.get("regularizers"):
+        return raw
+    preset = PRESETS[method]
+    return {**raw, "regularizers": copy.deepcopy(preset.get("regularizers", [])),
+            "replay": _merged(preset.get("replay") or {}, replay)}
+
+
 def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False) -> None:
     """The run's method in typed form: `regularizers` entries as their options (forgetless.registry), a
-    `replay` mapping as its section, and the `method:` preset expanded when neither is given (`warn`: say
-    so when a preset's name labels other parts)."""
-    config.regularizers = parse_entries(config.regularizers, where)
+    `replay` mapping as its section (laid over the method's preset: lay_over_preset), and the `method:`
+    preset expanded when neither is given (`warn`: say so when a preset's name labels other terms)."""
     if isinstance(config.replay, dict):  # the YAML form, given in code
-        config.replay = from_dict(ReplayConfig, config.replay, where=where, prefix="replay.")
+        laid = lay_over_preset({"method": config.method, "regularizers": config.regularizers,
+                                "replay": config.replay})
+        config.regularizers = laid["regularizers"]
+        config.replay = from_dict(ReplayConfig, laid["replay"], where=where, prefix="replay.")
+    config.regularizers = parse_entries(config.regularizers, where)
     if not config.regularizers and config.replay is None and config.method in PRESETS:
         preset = PRESETS[config.method]
         config.regularizers = parse_entries(preset.get("regularizers", []), where,
@@ -187,14 +208,15 @@ def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False
             config.replay = from_dict(ReplayConfig, preset["replay"], where=where,
                                       prefix=f"method {config.method}: replay.")
     elif warn and config.method in PRESETS and config.method != "sft" and _given_differs(config):
-        logger.warning("method: %s names a preset, but the config gives its own regularizers/replay: the preset is "
-                       "not applied (method is only the run's label)", config.method)
+        logger.warning("method: %s names a preset, but the config gives its own regularizers: the preset is not "
+                       "applied (method is only the run's label; drop `regularizers` to train the preset, with a "
+                       "`replay:` section laid over its own)", config.method)
 
 
 def _given_differs(config: ForgetlessConfig) -> bool:
-    """Whether the config's own regularizers/replay differ from what its method's preset expands to."""
-    expanded = ForgetlessConfig(method=config.method)
-    return (expanded.regularizers, expanded.replay) != (config.regularizers, config.replay)
+    """Whether the config's own regularizers differ from what its method's preset expands to (a replay
+    section of its own is laid over the preset's, lay_over_preset: the preset is still applied)."""
+    return ForgetlessConfig(method=config.method).regularizers != config.regularizers
 
 
 def with_strength(config: ForgetlessConfig, knob: str, value: float) -> ForgetlessConfig:
@@ -223,6 +245,7 @@ def _method_spec(name: str, config: ForgetlessConfig | None = None) -> dict[str,
     `config` (its own entries, or the preset its `method:` names), else the preset `name`."""
     run = config.compare.runs.get(name) if config is not None and name not in PRESETS else None
     if isinstance(run, dict):
+        run = lay_over_preset(run)
         if run.get("regularizers") or run.get("replay") is not None:
             return run
         return PRESETS.get(run.get("method", "sft"), {})
@@ -339,7 +362,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
-    raw = apply_overrides(raw, overrides or [])
+    raw = lay_over_preset(apply_overrides(raw, overrides or []))
     config = from_dict(ForgetlessConfig, raw, where=where)
     validate(config, where)
     return config
@@ -418,7 +441,7 @@ def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str =
     base = {k: v for k, v in config.to_dict().items() if k not in ("compare", "budget", "frontier")}
     base["regularizers"], base["replay"] = [], None
     base["method"] = name if overrides.get("regularizers") or overrides.get("replay") else "sft"
-    run = from_dict(ForgetlessConfig, _merged(base, overrides), where=at)
+    run = from_dict(ForgetlessConfig, lay_over_preset(_merged(base, overrides)), where=at)
     validate(run, at)
     return run
 
