@@ -321,3 +321,39 @@ def test_instruction_retention_scores_the_base_models_own_answers(tiny_llama, su
     assert own["instr_base_answers"] == {"scored": len(finished), "cut": 40 - len(finished), "max_new_tokens": budget}
     assert moved["instr_base_answers"] == own["instr_base_answers"]
     assert own["instr_clean_end"]["value"] == pytest.approx(len(finished) / 40)  # the base's own answers
+
+
+def test_generation_batch_sets_the_rows_per_generate_call_not_the_answers(tiny_llama, suite, monkeypatch):
+    """evaluation.generation_batch_size is how many prompts one generate call takes (batch_size when null):
+    the answers, and every measure read from them, are the same at one row a call and all rows at once
+    (left padding is masked)."""
+    import forgetless.evaluate as ev
+
+    tok = load_tokenizer(tiny_llama)
+    cfg = dataclasses.replace(suite, general_text=None, mc=None, templates=suite.templates[:2])
+    prompts = [ev.render_prompt([{"role": "user", "content": r["instruction"]}], tok, True)
+               for _, r in ev.read_rows(cfg.instructions)]
+    walks: list[list[int]] = []  # a base whose answers end at different depths (as in the test above)
+    ev.greedy_answers(chain_model(tiny_llama), tok, prompts, cfg.instructions_max_new_tokens, 8, "t", tokens=walks)
+    (one, _), (two, _) = collections.Counter(map(tuple, walks)).most_common(2)
+    base = chain_model(tiny_llama, ends_after=[one[1], two[3]])
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sizes: list[int] = []
+    real = ev.greedy_answers
+    monkeypatch.setattr(ev, "greedy_answers", lambda m, t, p, n, size, *a, **k: sizes.append(size) or real(m, t, p, n, size, *a, **k))
+    generated = {}
+    for rows in (None, 1, 40):
+        sizes.clear()  # a fresh copy of the base each time: its answers are generated again, not recalled
+        res = evaluate(tuned, tok, dataclasses.replace(cfg, generation_batch_size=rows), DataConfig(),
+                       base=copy.deepcopy(base))
+        assert set(sizes) == {rows or cfg.batch_size} and len(sizes) == 2 + 1 + 1  # templates, own and base answers
+        generated[rows] = {k: res["items"][k] for k in ("target_acc", "robust_correct", "instr_nll", "instr_nll_ids",
+                                                        "instr_clean_end")}
+        generated[rows]["examples"] = res["examples"]
+    assert generated[1] == generated[40] == generated[None]
+    assert 0 < len(generated[1]["instr_nll"]) < 40  # some answers ended within the budget, some were cut
+    with pytest.raises(Exception, match="generation_batch_size"):
+        load_config(None, ["evaluation.generation_batch_size=0"])

@@ -83,6 +83,11 @@ def is_correct(generated: str, reference: str, extractor: str) -> bool:
 # ---------------------------------------------------------------- building blocks
 
 
+def generation_batch(cfg: EvalConfig) -> int:
+    """Rows per generate call: evaluation.generation_batch_size, else batch_size."""
+    return cfg.generation_batch_size or cfg.batch_size
+
+
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, desc: str,
                    ended: list[bool] | None = None, tokens: list[list[int]] | None = None) -> list[str]:
@@ -242,7 +247,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base=None,
                 messages = [dict(m) for m in r.messages[:-1]]
                 messages[-1]["content"] = template.format(prompt=messages[-1]["content"])
                 prompts.append(render_prompt(messages, tokenizer, chat))
-            answers = greedy_answers(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size,
+            answers = greedy_answers(model, tokenizer, prompts, cfg.max_new_tokens, generation_batch(cfg),
                                      f"{name}: task template {t + 1}/{len(cfg.templates)}")
             correct = [float(is_correct(a, r.messages[-1]["content"], cfg.extractor)) for a, r in zip(answers, records)]
             per_template.append(sum(correct) / len(correct))
@@ -371,7 +376,7 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     prompts = [render_prompt([{"role": "user", "content": row["instruction"]}], tokenizer, chat) for row in rows]
     own_ended: list[bool] = []
     own_tokens: list[list[int]] = []
-    greedy_answers(model, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
+    greedy_answers(model, tokenizer, prompts, cfg.instructions_max_new_tokens, generation_batch(cfg),
                    f"{name}: instructions", ended=own_ended, tokens=own_tokens)
     known = _BASE_ANSWERS.setdefault(base if base is not None else model, {})
     key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts), tuple(end_of_sequence_ids(model, tokenizer)))
@@ -380,7 +385,7 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     if key not in known:
         base_ended: list[bool] = []
         base_tokens: list[list[int]] = []
-        greedy_answers(base, tokenizer, prompts, cfg.instructions_max_new_tokens, cfg.batch_size,
+        greedy_answers(base, tokenizer, prompts, cfg.instructions_max_new_tokens, generation_batch(cfg),
                        f"{name}: base answers", ended=base_ended, tokens=base_tokens)
         known[key] = base_tokens, base_ended
     answers, ended = known[key]
