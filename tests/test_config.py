@@ -171,7 +171,7 @@ def test_a_config_changed_in_code_is_resolved_by_validate(caplog):
 def test_a_replay_section_is_laid_over_the_preset_its_method_names(tmp_path, caplog):
     """`method: kl+replay` with the user's own corpus trains that recipe on it (KL on both kinds of rows,
     replay weight 0, ratio 0.25): the given replay keys replace the preset's, the rest stays the preset's."""
-    from forgetless.config import preset_knobs, resolve_runs
+    from forgetless.config import preset_knobs, resolve_runs, validate
     from forgetless.regularizers.kl import KLConfig
     from forgetless.regularizers.lfu import LfUConfig
     from forgetless.run_folder import saved_config
@@ -199,6 +199,21 @@ def test_a_replay_section_is_laid_over_the_preset_its_method_names(tmp_path, cap
     assert resolve_runs(runs)["mine"].regularizers == mine.regularizers
     assert resolve_runs(runs)["mine"].replay == mine.replay
     assert preset_knobs("mine", runs) == preset_knobs("kl+replay")
+    # ... by its own `method:`, never by its name: an entry named like a preset is plain replay, as before
+    named = load_config(None, ["compare.runs={arr: {replay: {ratio: 0.03}}}"])
+    assert resolve_runs(named)["arr"].regularizers == [] and resolve_runs(named)["arr"].replay == ReplayConfig()
+    # a replay mapping set in code on a preset already resolved is laid over it too
+    changed = load_config(None, ["method=kl+replay"])
+    changed.replay = {"data": str(corpus)}
+    validate(changed)
+    assert (changed.regularizers, changed.replay) == (mine.regularizers, mine.replay)
+    # the preset's regularizers written out beside a replay section of one's own: trained as written, and said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forgetless.config"):
+        written = load_config(None, ["method=kl+replay", "regularizers=[{kl: {}}, {kl: {coef: 1.0, on: replay}}]",
+                                     f"replay={{data: {corpus}}}"])
+    assert written.replay == ReplayConfig(data=str(corpus)) and written.regularizers == mine.regularizers
+    assert "replay.ratio 0.03, preset 0.25" in caplog.text and "replay.weight 1.0, preset 0.0" in caplog.text
     # a run's own config.yaml holds its regularizers written out and is read as written: one from before
     # (method a label, no regularizers) reads back as the plain replay it trained, so reuse and resume
     # see it differ from the preset laid over, never take it for that run
@@ -207,3 +222,8 @@ def test_a_replay_section_is_laid_over_the_preset_its_method_names(tmp_path, cap
     (old / "config.yaml").write_text(f"method: kl+replay\nregularizers: []\nreplay:\n  data: {corpus}\n",
                                      encoding="utf-8")
     assert saved_config(old)["regularizers"] == [] and saved_config(old)["replay"]["weight"] == 1.0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forgetless.config"):
+        again = load_config(old / "config.yaml")  # given back as a config: the same plain replay, and said
+    assert again.regularizers == [] and again.replay == ReplayConfig(data=str(corpus))
+    assert "the preset is not applied" in caplog.text

@@ -357,3 +357,11 @@ def test_generation_batch_sets_the_rows_per_generate_call_not_the_answers(tiny_l
     assert 0 < len(generated[1]["instr_nll"]) < 40  # some answers ended within the budget, some were cut
     with pytest.raises(Exception, match="generation_batch_size"):
         load_config(None, ["evaluation.generation_batch_size=0"])
+    # compare's stored evaluations are keyed by it when set; null generates as before it existed: keyed as then
+    from forgetless.compare import Suite
+    from forgetless.config import ForgetlessConfig, ModelConfig
+
+    keys = [Suite(ForgetlessConfig(model=ModelConfig(name_or_path=tiny_llama),
+                                   evaluation=dataclasses.replace(cfg, generation_batch_size=rows)), tiny_llama).key()
+            for rows in (None, 64)]
+    assert "generation_batch_size" not in keys[0]["evaluation"] and keys[1]["evaluation"]["generation_batch_size"] == 64

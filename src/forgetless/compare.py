@@ -252,6 +252,8 @@ class Suite:
         """The suite's settings and, by content, its data files, the base model, dtype, device and version
         (file hashes are memoised: cheap to ask again)."""
         d = self.config.to_dict()
+        if d["evaluation"]["generation_batch_size"] is None:  # null generates as before the option existed: the
+            del d["evaluation"]["generation_batch_size"]  # results stored then stay reusable
         return {**{k: d[k] for k in ("evaluation", "data", "model")}, "inputs": evaluation_inputs(self.config)}
 
     def base(self):

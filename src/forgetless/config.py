@@ -173,17 +173,18 @@ class ForgetlessConfig:
 
 
 def lay_over_preset(raw: dict[str, Any]) -> dict[str, Any]:
-    """A config mapping whose `method:` names a preset and which gives a `replay:` mapping but no
-    `regularizers`: the preset's regularizers, and its replay section with the given keys laid over it.
+    """A config mapping whose `method:` names a preset and which gives a `replay:` mapping and no
+    `regularizers` key: the preset's regularizers, and its replay section with the given keys laid over it.
     `method: kl+replay` with `replay: {data: my.txt}` is that recipe on the user's corpus (KL on the SFT
     rows and on the replay rows, replay weight 0, ratio 0.25, as the preset sets them), not plain NLL
     replay labelled kl+replay. Any other mapping comes back as given.
 
-    Applied where the keys a user gave are known (a YAML file with its overrides, a compare.runs entry, a
-    replay mapping given in code), never to a run's own config.yaml: that holds every regularizer written
-    out, and one written by an earlier version (the preset then only a label) reads back as what it trained."""
+    Applied where the keys a user gave are known: a YAML file with its overrides, a compare.runs entry (its
+    own `method:`, never its name), a replay mapping given in code (resolve_method). A run's config.yaml
+    writes `regularizers:` out, even empty, so it reads back as what it trained: one written by an earlier
+    version (the preset then only a label, plain replay trained) stays plain replay."""
     method, replay = raw.get("method", "sft"), raw.get("replay")
-    if not isinstance(method, str) or method not in PRESETS or not isinstance(replay, dict) or raw.get("regularizers"):
+    if not isinstance(method, str) or method not in PRESETS or not isinstance(replay, dict) or "regularizers" in raw:
         return raw
     preset = PRESETS[method]
     return {**raw, "regularizers": copy.deepcopy(preset.get("regularizers", [])),
@@ -194,12 +195,14 @@ def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False
     """The run's method in typed form: `regularizers` entries as their options (forgetless.registry), a
     `replay` mapping as its section (laid over the method's preset: lay_over_preset), and the `method:`
     preset expanded when neither is given (`warn`: say so when a preset's name labels other terms)."""
-    if isinstance(config.replay, dict):  # the YAML form, given in code
-        laid = lay_over_preset({"method": config.method, "regularizers": config.regularizers,
-                                "replay": config.replay})
-        config.regularizers = laid["regularizers"]
-        config.replay = from_dict(ReplayConfig, laid["replay"], where=where, prefix="replay.")
     config.regularizers = parse_entries(config.regularizers, where)
+    if isinstance(config.replay, dict):  # the YAML form, given in code: laid over the preset, as in a file,
+        replay = config.replay  # when the config's regularizers are none or the preset's (a preset resolved)
+        preset = PRESETS.get(config.method)
+        if preset is not None and config.regularizers in ([], parse_entries(preset.get("regularizers", []), where)):
+            laid = lay_over_preset({"method": config.method, "replay": replay})
+            config.regularizers, replay = parse_entries(laid["regularizers"], where), laid["replay"]
+        config.replay = from_dict(ReplayConfig, replay, where=where, prefix="replay.")
     if not config.regularizers and config.replay is None and config.method in PRESETS:
         preset = PRESETS[config.method]
         config.regularizers = parse_entries(preset.get("regularizers", []), where,
@@ -208,9 +211,29 @@ def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False
             config.replay = from_dict(ReplayConfig, preset["replay"], where=where,
                                       prefix=f"method {config.method}: replay.")
     elif warn and config.method in PRESETS and config.method != "sft" and _given_differs(config):
-        logger.warning("method: %s names a preset, but the config gives its own regularizers: the preset is not "
-                       "applied (method is only the run's label; drop `regularizers` to train the preset, with a "
-                       "`replay:` section laid over its own)", config.method)
+        logger.warning("method: %s names a preset, but the config's regularizers are not the preset's: the preset is "
+                       "not applied (method is only the run's label; leave `regularizers` out to train the preset, "
+                       "a `replay:` section laid over its own)", config.method)
+
+
+def warn_replay_not_presets(config: ForgetlessConfig, where: str = "") -> None:
+    """For a config that lists `regularizers` itself (so nothing was laid over): say so when they are its
+    preset's but its replay section is not (`method: kl+replay` with the two KL entries written out and
+    `replay: {data: x}` trains NLL replay at weight 1, not the preset's weight 0)."""
+    if config.method not in PRESETS or config.method == "sft" or _given_differs(config):
+        return  # not a preset, or resolve_method said already that it is only a label
+    preset = ForgetlessConfig(method=config.method).replay
+    if preset == config.replay:
+        return
+    if preset is None or config.replay is None:
+        differs = "the preset has " + ("no replay" if preset is None else "replay, the config none")
+    else:
+        differs = ", ".join(f"replay.{f.name} {getattr(config.replay, f.name)!r}, preset {getattr(preset, f.name)!r}"
+                            for f in dataclasses.fields(ReplayConfig)
+                            if getattr(config.replay, f.name) != getattr(preset, f.name))
+    logger.warning("%smethod: %s: the config lists the preset's regularizers with a replay section that is not the "
+                   "preset's (%s): it trains as written, under the preset's name; leave `regularizers` out to lay "
+                   "your replay keys over the preset's", where, config.method, differs)
 
 
 def _given_differs(config: ForgetlessConfig) -> bool:
@@ -365,6 +388,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = lay_over_preset(apply_overrides(raw, overrides or []))
     config = from_dict(ForgetlessConfig, raw, where=where)
     validate(config, where)
+    if "regularizers" in raw:
+        warn_replay_not_presets(config, where)
     return config
 
 
@@ -441,8 +466,10 @@ def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str =
     base = {k: v for k, v in config.to_dict().items() if k not in ("compare", "budget", "frontier")}
     base["regularizers"], base["replay"] = [], None
     base["method"] = name if overrides.get("regularizers") or overrides.get("replay") else "sft"
-    run = from_dict(ForgetlessConfig, lay_over_preset(_merged(base, overrides)), where=at)
+    run = from_dict(ForgetlessConfig, _merged(base, lay_over_preset(overrides)), where=at)
     validate(run, at)
+    if "regularizers" in overrides:
+        warn_replay_not_presets(run, at)
     return run
 
 
