@@ -182,7 +182,7 @@ def test_a_replay_section_is_laid_over_the_preset_its_method_names(tmp_path, cap
     preset = load_config(None, ["method=kl+replay"])
     with caplog.at_level("WARNING", logger="forgetless.config"):
         mine = load_config(None, ["method=kl+replay", f"replay={{data: {corpus}}}"])
-    assert "not applied" not in caplog.text
+    assert not [r for r in caplog.records if r.name == "forgetless.config"]  # laid over: nothing to say
     assert mine.regularizers == preset.regularizers == [KLConfig(), KLConfig(coef=1.0, on="replay")]
     assert mine.replay == ReplayConfig(data=str(corpus), weight=0.0, ratio=0.25)
     # from a file, a key given there wins over the preset's; a preset without replay gains the section
@@ -199,6 +199,19 @@ def test_a_replay_section_is_laid_over_the_preset_its_method_names(tmp_path, cap
     assert resolve_runs(runs)["mine"].regularizers == mine.regularizers
     assert resolve_runs(runs)["mine"].replay == mine.replay
     assert preset_knobs("mine", runs) == preset_knobs("kl+replay")
+    # the packaged default leaves `regularizers` out, so the main job's config takes a preset the same way;
+    # a laid-over run's config.yaml (its terms written out) reads back as the same run, without a warning
+    from forgetless.cli import resolve_config_path
+    from forgetless.config import dump_config
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forgetless.config"):
+        packaged = load_config(resolve_config_path("default"), ["method=kl+replay", f"replay={{data: {corpus}}}"])
+        dump_config(packaged, tmp_path / "written.yaml")
+        reread = load_config(tmp_path / "written.yaml")
+    assert (packaged.regularizers, packaged.replay) == (mine.regularizers, mine.replay)
+    assert (reread.regularizers, reread.replay) == (mine.regularizers, mine.replay)
+    assert not [r for r in caplog.records if r.name == "forgetless.config"]
     # ... by its own `method:`, never by its name: an entry named like a preset is plain replay, as before
     named = load_config(None, ["compare.runs={arr: {replay: {ratio: 0.03}}}"])
     assert resolve_runs(named)["arr"].regularizers == [] and resolve_runs(named)["arr"].replay == ReplayConfig()

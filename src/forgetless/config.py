@@ -218,19 +218,23 @@ def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False
 
 def warn_replay_not_presets(config: ForgetlessConfig, where: str = "") -> None:
     """For a config that lists `regularizers` itself (so nothing was laid over): say so when they are its
-    preset's but its replay section is not (`method: kl+replay` with the two KL entries written out and
-    `replay: {data: x}` trains NLL replay at weight 1, not the preset's weight 0)."""
+    preset's but its replay section differs from the preset's in a key the preset sets (`method: kl+replay`
+    with the two KL entries written out and `replay: {data: x}` trains NLL replay at weight 1 and ratio
+    0.03, not the preset's weight 0 and ratio 0.25). A corpus of one's own (`data`) is no such key, so a
+    run's config.yaml written from a laid-over preset reads back without a word."""
     if config.method not in PRESETS or config.method == "sft" or _given_differs(config):
         return  # not a preset, or resolve_method said already that it is only a label
+    sets = PRESETS[config.method].get("replay")
+    if sets is None:
+        return  # the preset's terms with replay added: what a replay section laid over it trains too
     preset = ForgetlessConfig(method=config.method).replay
-    if preset == config.replay:
-        return
-    if preset is None or config.replay is None:
-        differs = "the preset has " + ("no replay" if preset is None else "replay, the config none")
+    if config.replay is None:
+        differs = "the preset replays, the config has no replay section"
     else:
-        differs = ", ".join(f"replay.{f.name} {getattr(config.replay, f.name)!r}, preset {getattr(preset, f.name)!r}"
-                            for f in dataclasses.fields(ReplayConfig)
-                            if getattr(config.replay, f.name) != getattr(preset, f.name))
+        differs = ", ".join(f"replay.{key} {getattr(config.replay, key)!r}, preset {getattr(preset, key)!r}"
+                            for key in sets if getattr(config.replay, key) != getattr(preset, key))
+        if not differs:
+            return
     logger.warning("%smethod: %s: the config lists the preset's regularizers with a replay section that is not the "
                    "preset's (%s): it trains as written, under the preset's name; leave `regularizers` out to lay "
                    "your replay keys over the preset's", where, config.method, differs)
@@ -385,10 +389,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
-    raw = lay_over_preset(apply_overrides(raw, overrides or []))
-    config = from_dict(ForgetlessConfig, raw, where=where)
+    given = apply_overrides(raw, overrides or [])
+    config = from_dict(ForgetlessConfig, lay_over_preset(given), where=where)
     validate(config, where)
-    if "regularizers" in raw:
+    if "regularizers" in given:  # listed by the user, so nothing was laid over
         warn_replay_not_presets(config, where)
     return config
 
