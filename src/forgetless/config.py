@@ -211,9 +211,9 @@ def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False
             config.replay = from_dict(ReplayConfig, preset["replay"], where=where,
                                       prefix=f"method {config.method}: replay.")
     elif warn and config.method in PRESETS and config.method != "sft" and _given_differs(config):
-        logger.warning("method: %s names a preset, but the config's regularizers are not the preset's: the preset is "
-                       "not applied (method is only the run's label; leave `regularizers` out to train the preset, "
-                       "a `replay:` section laid over its own)", config.method)
+        logger.warning("%smethod: %s names a preset, but the config's regularizers are not the preset's: the preset "
+                       "is not applied (method is only the run's label; leave `regularizers` out to train the preset, "
+                       "a `replay:` section laid over its own)", where, config.method)
 
 
 def warn_replay_not_presets(config: ForgetlessConfig, where: str = "") -> None:
