@@ -198,10 +198,11 @@ def resolve_method(config: ForgetlessConfig, where: str = "", warn: bool = False
     config.regularizers = parse_entries(config.regularizers, where)
     if isinstance(config.replay, dict):  # the YAML form, given in code: laid over the preset, as in a file,
         replay = config.replay  # when the config's regularizers are none or the preset's (a preset resolved)
-        preset = PRESETS.get(config.method)
-        if preset is not None and config.regularizers in ([], parse_entries(preset.get("regularizers", []), where)):
-            laid = lay_over_preset({"method": config.method, "replay": replay})
-            config.regularizers, replay = parse_entries(laid["regularizers"], where), laid["replay"]
+        if config.method in PRESETS:
+            terms = parse_entries(PRESETS[config.method].get("regularizers", []), where)
+            if config.regularizers in ([], terms):
+                config.regularizers = terms
+                replay = lay_over_preset({"method": config.method, "replay": replay})["replay"]
         config.replay = from_dict(ReplayConfig, replay, where=where, prefix="replay.")
     if not config.regularizers and config.replay is None and config.method in PRESETS:
         preset = PRESETS[config.method]
@@ -222,12 +223,13 @@ def warn_replay_not_presets(config: ForgetlessConfig, where: str = "") -> None:
     with the two KL entries written out and `replay: {data: x}` trains NLL replay at weight 1 and ratio
     0.03, not the preset's weight 0 and ratio 0.25). A corpus of one's own (`data`) is no such key, so a
     run's config.yaml written from a laid-over preset reads back without a word."""
-    if config.method not in PRESETS or config.method == "sft" or _given_differs(config):
-        return  # not a preset, or resolve_method said already that it is only a label
-    sets = PRESETS[config.method].get("replay")
+    sets = PRESETS[config.method].get("replay") if config.method in PRESETS else None
     if sets is None:
-        return  # the preset's terms with replay added: what a replay section laid over it trains too
-    preset = ForgetlessConfig(method=config.method).replay
+        return  # not a preset; or its terms with replay added: what a replay section laid over it trains too
+    expanded = ForgetlessConfig(method=config.method)
+    if expanded.regularizers != config.regularizers:
+        return  # resolve_method said already that the name is only a label
+    preset = expanded.replay
     if config.replay is None:
         differs = "the preset replays, the config has no replay section"
     else:

@@ -195,9 +195,10 @@ class EvalConfig:
     mc: str | None = "builtin:mmlu/mmlu_sample.jsonl"  # {"question", "choices", "answer"} rows
     mc_limit: int = 120
     batch_size: int = 16
-    # rows per generate call (the suite's greedy answers; lm-eval's tasks use batch_size); null = batch_size. A decoding step holds one position's
-    # logits per row where scoring holds the whole sequence's, and on a CPU its cost barely grows with the
-    # rows: 40 instructions in one call of 40 took 14-16 s against 25-26 s in calls of 16 (64 tokens, 2 cores)
+    # rows per generate call (the suite's greedy answers; lm-eval's tasks use batch_size); null = batch_size.
+    # A decoding step holds one position's logits per row where scoring holds the whole sequence's, and on a
+    # CPU its cost barely grows with the rows: 40 instructions in one call of 40 took 14-16 s against 25-26 s
+    # in calls of 16 (64 tokens, 2 cores)
     generation_batch_size: int | None = None
     bootstrap: int = 1000  # resamples for the lm-eval backend's standard errors (forgetless.stats needs none)
     seed: int = 0
