@@ -1,10 +1,11 @@
-# Sourced by the GPU scripts, from the repository root: $OUT and $PY set, the carried wheels (.whl/, see
-# scripts/gpu-wheels.sh) installed beside the image's packages, src/ on the path, no hub access.
+# Sourced by the GPU scripts, from the repository root: $OUT and $PY set, the carried wheels ($WHEELS, default
+# .whl/, see scripts/gpu-wheels.sh) installed beside the image's packages, src/ on the path, no hub access.
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/forgetless-site .whl/*.whl \
+WHEELS=${WHEELS:-.whl}
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/forgetless-site "$WHEELS"/*.whl \
     || { echo "installing the carried wheels failed"; exit 1; }
   export PYTHONPATH=/tmp/forgetless-site
 fi
