@@ -1,7 +1,7 @@
 """Re-render a stored `forgetless compare` report with the current statistics (forgetless.stats), from the
 per-item values it stores: no model is loaded, nothing is trained or evaluated.
 
-    .venv/bin/python scripts/rerender_report.py DIR [OUT_DIR] [--add OTHER_DIR ...]
+    .venv/bin/python scripts/rerender_report.py DIR [OUT_DIR] [--add OTHER_DIR ...] [--add-seeds RUNS_DIR ...]
 
 DIR holds report.json (its `per_seed` evaluations with their items, and the base's in `results.base`).
 Every figure, interval, paired difference and Holm mark (one family over every starred cell) is recomputed;
@@ -20,6 +20,16 @@ version is a note, not a refusal. For a report written before compare stored tho
 path, steps, epochs, batch size, fine-tuning and training data's names can be checked, and a note says so.
 Run names must differ. The references (`paired_with`) are both reports' (the first's first): runs of the
 first are paired with a reference only the second names too, which adds comparisons to the Holm family.
+
+`--add-seeds RUNS_DIR` adds seeds to DIR's runs from the run folders of another `compare` of the same methods
+(RUNS_DIR/NAME/seed-S with their compare_eval.json and config.yaml, RUNS_DIR/base_eval.json): e.g. seeds trained
+later on another machine, read from what each run stored even when that compare stopped before its report. Every
+method of DIR must get every added seed (from one RUNS_DIR or several), each run's regularizers, replay and
+training settings must be DIR's for that method, and each RUNS_DIR's base evaluation must be DIR's: the same
+instruction answers, 0/1 items equal, every other item within 1e-4 (another device's arithmetic; item for item,
+so that the suite, items and blocks are the same). The device and the model files' hash may differ (a GPU
+converts the same GGUF with other library versions); the report says which runs ran where, and that its step
+times and peak memory are DIR's seeds' alone. DIR's base evaluation stays the base's.
 """
 
 from __future__ import annotations
@@ -32,9 +42,9 @@ import sys
 from pathlib import Path
 
 from forgetless.cache import write_json_atomic, write_text_atomic
-from forgetless.compare import (mark_comparisons, paired_differences, plot, render_markdown, shared_training,
-                                summarise_results)
-from forgetless.config import ForgetlessConfig
+from forgetless.compare import (mark_comparisons, paired_differences, plot, render_markdown, report_settings,
+                                shared_training, summarise_results)
+from forgetless.config import ForgetlessConfig, load_config
 from forgetless.run_folder import flat
 
 # settings that may differ between two comparisons joined (how many trained side by side)
@@ -142,6 +152,110 @@ def _joined(report: dict, other: dict) -> dict:
     return out
 
 
+BASE_ITEM_TOLERANCE = 1e-4  # nats per item: float32 on another device differs by ~1e-5 (measured: CPU vs H200)
+
+
+def _flat_values(x) -> list:
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in _flat_values(x[k])]
+    if isinstance(x, list):
+        return [v for item in x for v in _flat_values(item)]
+    return [x]
+
+
+def _base_difference(base: dict, other: dict, where: str) -> float:
+    """The largest per-item difference between two base evaluations of one suite; SystemExit where they are not
+    the same suite, items and blocks (another item count, a 0/1 item or an instruction answer that differs)."""
+    def refuse(what: str) -> None:
+        raise SystemExit(f"{where}: {what}; its seeds cannot be joined to the first report's (they would not pair)")
+
+    if not _same_values(base.get("instr_base_answers"), other.get("instr_base_answers")):
+        refuse("the base's instruction answers differ (instr_base_answers)")
+    largest = 0.0
+    for key in sorted(set(base["items"]) | set(other["items"])):
+        a, b = _flat_values(base["items"].get(key)), _flat_values(other["items"].get(key))
+        if len(a) != len(b):
+            refuse(f"the base's items.{key} has {len(b)} values against {len(a)} (another suite, items or blocks)")
+        for x, y in zip(a, b):
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+            if not numbers or (float(x).is_integer() and float(y).is_integer() and x in (0, 1) and y in (0, 1)):
+                if x != y:
+                    refuse(f"the base's items.{key} differ ({y!r} vs {x!r}: another suite, items or blocks)")
+                continue
+            if not (math.isfinite(x) and math.isfinite(y)) or abs(x - y) > BASE_ITEM_TOLERANCE:
+                refuse(f"the base's items.{key} differ by {abs(x - y):.3g} > {BASE_ITEM_TOLERANCE:g} (another suite, "
+                       f"items, blocks or model)")
+            largest = max(largest, abs(x - y))
+    return largest
+
+
+def joined_seeds(report: dict, folders: list[Path]) -> dict:
+    """`report` with more seeds of its methods, read from the run folders of other comparisons (a new dict;
+    see the module's docstring for what is checked). SystemExit naming what differs or is missing."""
+    out = copy.deepcopy(report)
+    known = {str(s) for s in report["seeds"]}
+    found: dict[str, dict[str, tuple[Path, dict]]] = {name: {} for name in report["methods"]}
+    devices: dict[str, list[str]] = {}
+    largest = 0.0
+    for folder in folders:
+        base_path = folder / "base_eval.json"
+        try:
+            base = json.loads(base_path.read_text())["results"]
+        except FileNotFoundError:
+            raise SystemExit(f"{base_path}: no such file (give the output folder of a `forgetless compare`)") from None
+        largest = max(largest, _base_difference(report["results"]["base"], base, str(base_path)))
+        for name in report["methods"]:
+            for run in sorted((folder / name).glob("seed-*")):
+                if not (run / "compare_eval.json").is_file():
+                    continue  # a run that did not finish its evaluation
+                seed = run.name.removeprefix("seed-")
+                where = str(run)
+                if seed in known:
+                    raise SystemExit(f"{where}: seed {seed} is already in the first report")
+                if seed in found[name]:
+                    raise SystemExit(f"{where}: {name} seed {seed} is also in {found[name][seed][0]}")
+                stored = json.loads((run / "compare_eval.json").read_text())
+                config = load_config(run / "config.yaml")
+                mine = {k: config.to_dict()[k] for k in ("regularizers", "replay")}
+                theirs = {k: report["run_settings"][name][k] for k in ("regularizers", "replay")}
+                if json.loads(json.dumps(mine)) != json.loads(json.dumps(theirs)):
+                    raise SystemExit(f"{where}/config.yaml: {name}'s regularizers or replay differ from the first "
+                                     f"report's ({mine} vs {theirs})")
+                for key, value in report_settings(config).items():
+                    if report["settings"].get(key) != value:
+                        raise SystemExit(f"{where}/config.yaml: settings.{key} differs ({value!r} vs "
+                                         f"{report['settings'].get(key)!r})")
+                if "training" in report:
+                    a, b, defaults = flat(report["training"]), flat(shared_training(config)), _defaults()["training"]
+                    for key in sorted(set(a) | set(b)):
+                        if a.get(key, defaults.get(key)) != b.get(key, defaults.get(key)):
+                            raise SystemExit(f"{where}/config.yaml: training.{key} differs")
+                inputs = stored["key"]["inputs"]
+                if inputs.get("dtype") != report.get("inputs", {}).get("dtype", inputs.get("dtype")):
+                    raise SystemExit(f"{where}: evaluated in {inputs.get('dtype')}, the first report in "
+                                     f"{report['inputs']['dtype']}")
+                found[name][seed] = (run, stored["results"])
+                devices.setdefault(f"{inputs.get('device')} ({inputs.get('dtype')})", []).append(f"{name}@{seed}")
+    seeds = sorted({seed for by_seed in found.values() for seed in by_seed}, key=int)
+    if not seeds:
+        raise SystemExit(f"{', '.join(map(str, folders))}: no finished run of the first report's methods")
+    missing = [f"{name}@{seed}" for name in report["methods"] for seed in seeds if seed not in found[name]]
+    if missing:
+        raise SystemExit(f"runs missing for the added seeds: {', '.join(missing)} (every method needs every seed)")
+    for name in report["methods"]:
+        for seed in seeds:
+            out["per_seed"][name][seed] = found[name][seed][1]
+    out["seeds"] = [*report["seeds"], *(int(s) for s in seeds)]
+    where_run = "; ".join(f"{', '.join(runs) if len(devices) > 1 and len(runs) < 4 else f'{len(runs)} runs'} on "
+                          f"{device}" for device, runs in devices.items())
+    out.setdefault("notes", []).append(
+        f"Seeds {', '.join(seeds)} joined to seeds {', '.join(map(str, report['seeds']))} from their stored run "
+        f"evaluations ({where_run}); their base evaluation agreed with this report's item for item (largest "
+        f"difference {largest:.1g} nats, the same instruction answers), and this report's base figures serve every "
+        f"seed. Step s and peak memory are seeds {', '.join(map(str, report['seeds']))}'s alone.")
+    return out
+
+
 def _read(folder: Path) -> dict:
     """A comparison's report.json, or SystemExit saying what is wrong with it."""
     path = folder / "report.json"
@@ -158,10 +272,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("source", type=Path)
     parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--add", type=Path, action="append", default=[], metavar="OTHER_DIR")
+    parser.add_argument("--add-seeds", type=Path, action="append", default=[], metavar="RUNS_DIR")
     args = parser.parse_args(argv)
     report = _read(args.source)
     for other in args.add:
         report = joined(report, _read(other), where=str(other / "report.json"))
+    if args.add_seeds:
+        report = joined_seeds(report, args.add_seeds)
     report = rerender(report)
     out = args.out or args.source
     out.mkdir(parents=True, exist_ok=True)

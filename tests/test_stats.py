@@ -695,3 +695,79 @@ def test_subset_items_are_paired_by_identity_not_position():
     assert by_position["mean"] == pytest.approx((0.5 + 0.5 + 1.0 + 0.5) / 4)  # no ids: as before, by position
     same = stats.item_difference([run], [dict(run)], measure)
     assert same["mean"] == pytest.approx(0.0) and same["n"] == 4
+
+
+def test_seeds_added_from_run_folders_are_the_report_of_all_seeds(tmp_path, capsys):
+    """scripts/rerender_report.py --add-seeds: a comparison's last seed, given back as the run folders another
+    compare stored (its base evaluated on another device: items within 1e-4), joins the first seeds' report and
+    renders what all seeds did, figure for figure; a base, a run or a config that would not pair is refused."""
+    import yaml
+
+    module = rerender_script()
+    stored = json.loads((ROOT / "docs/frontier/default/chosen-seeds/report.json").read_text())
+    names = ["sft", "ewc-0.03", "replay-kl-3"]
+    whole = only_runs(stored, names)
+    first = json.loads(json.dumps(whole))
+    first["seeds"] = [42, 43]
+    for name in names:
+        del first["per_seed"][name]["44"]
+    config = yaml.safe_load((ROOT / "docs/frontier/default/chosen-seeds/config.yaml").read_text())
+    del config["compare"]
+
+    def write_runs(folder: Path, base_shift: float = 2e-5) -> None:
+        base = json.loads(json.dumps(whole["results"]["base"]))
+        base["items"]["general_nll"] = [v + base_shift for v in base["items"]["general_nll"]]
+        (folder).mkdir(parents=True)
+        (folder / "base_eval.json").write_text(json.dumps({"key": {}, "results": base}))
+        for name in names:
+            run = folder / name / "seed-44"
+            run.mkdir(parents=True)
+            (run / "compare_eval.json").write_text(json.dumps(
+                {"key": {"inputs": {"dtype": "float32", "device": "cuda"}}, "results": whole["per_seed"][name]["44"]}))
+            settings = whole["run_settings"][name]
+            (run / "config.yaml").write_text(yaml.safe_dump(
+                {**config, "regularizers": settings["regularizers"], "replay": settings["replay"]}))
+
+    write_runs(tmp_path / "runs")
+    got = module.rerender(module.joined_seeds(first, [tmp_path / "runs"]))
+    expected = module.rerender(json.loads(json.dumps(whole)))
+    assert got["seeds"] == [42, 43, 44]
+    for part in ("results", "paired", "comparisons", "per_seed", "runs"):
+        assert got[part] == expected[part], part
+    note = " ".join(got["notes"])
+    assert "Seeds 44 joined to seeds 42, 43" in note and "3 runs on cuda (float32)" in note and "2e-05" in note
+    assert "Seeds 44 joined" in module.render_markdown(got)
+    assert "notes" not in first  # the input is left as it was
+
+    def refused(match: str, folder: Path) -> None:
+        with pytest.raises(SystemExit, match=match):
+            module.joined_seeds(first, [folder])
+
+    write_runs(tmp_path / "far", base_shift=1e-3)  # another model or suite, not another device's rounding
+    refused(r"base's items\.general_nll differ by 0\.001 > 0\.0001", tmp_path / "far")
+    write_runs(tmp_path / "flip")
+    flipped = json.loads((tmp_path / "flip" / "base_eval.json").read_text())
+    flipped["results"]["items"]["target_acc"][0] = 1 - flipped["results"]["items"]["target_acc"][0]
+    (tmp_path / "flip" / "base_eval.json").write_text(json.dumps(flipped))
+    refused(r"base's items\.target_acc differ \(", tmp_path / "flip")
+    write_runs(tmp_path / "missing")
+    (tmp_path / "missing" / "ewc-0.03" / "seed-44" / "compare_eval.json").unlink()  # stopped before its evaluation
+    refused(r"runs missing for the added seeds: ewc-0\.03@44", tmp_path / "missing")
+    write_runs(tmp_path / "other")
+    path = tmp_path / "other" / "ewc-0.03" / "seed-44" / "config.yaml"
+    changed = yaml.safe_load(path.read_text())
+    changed["regularizers"][0]["ewc"]["coef"] *= 10
+    path.write_text(yaml.safe_dump(changed))
+    refused(r"ewc-0\.03's regularizers or replay differ", tmp_path / "other")
+    write_runs(tmp_path / "longer")
+    for name in names:
+        path = tmp_path / "longer" / name / "seed-44" / "config.yaml"
+        path.write_text(path.read_text().replace("max_steps: 160", "max_steps: 320"))
+    refused(r"settings\.max_steps differs \(320 vs 160\)", tmp_path / "longer")
+    with pytest.raises(SystemExit, match="seed 44 is already in the first report"):
+        module.joined_seeds(whole, [tmp_path / "runs"])
+
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "report.json").write_text(json.dumps(first))
+    assert module.main([str(tmp_path / "first"), str(tmp_path / "out"), "--add-seeds", str(tmp_path / "runs")]) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["comparisons"] == expected["comparisons"]

@@ -164,14 +164,10 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
         "paired": paired_differences(results, list(configs), config.compare.paired_with),
         "paired_with": list(config.compare.paired_with),
         "per_seed": {name: results[name] for name in configs},
-        "settings": {"seed": config.train.seed, "max_steps": config.train.max_steps,
-                     "epochs": config.train.epochs, "batch_size": config.train.batch_size,
-                     "finetune": config.model.finetune,
+        "settings": {"seed": config.train.seed, **report_settings(config),
                      # runs that trained side by side (compare's jobs), as each run's summary records it
                      "runs_at_a_time": max(summary.get("runs_at_a_time", 1) for by_seed in runs.values()
-                                           for summary in by_seed.values()),
-                     "train_data": ", ".join(f"{source_spec(s)} x{s.weight:g}" if s.weight != 1 else source_spec(s)
-                                             for s in train_sources(config.data))},
+                                           for summary in by_seed.values())},
     }
     report["curves"] = {name: read_curve(Path(cfg.output_dir)) for name, seed, cfg in jobs_list if seed == seeds[0]}
     # what every run shares, in full: a later report is joined to this one only when they are equal
@@ -184,6 +180,14 @@ def run_compare(config: ForgetlessConfig, overwrite: bool = False, jobs: int = 1
     write_text_atomic(root / "report.md", render_markdown(report))
     plot(report, root)
     return report
+
+
+def report_settings(config: ForgetlessConfig) -> dict[str, Any]:
+    """The training settings a report names in its heading, which every method of a comparison shares."""
+    return {"max_steps": config.train.max_steps, "epochs": config.train.epochs,
+            "batch_size": config.train.batch_size, "finetune": config.model.finetune,
+            "train_data": ", ".join(f"{source_spec(s)} x{s.weight:g}" if s.weight != 1 else source_spec(s)
+                                    for s in train_sources(config.data))}
 
 
 # options that change how a run is logged or saved, never what it learns; the seed is compare's seeds, the
@@ -664,6 +668,7 @@ def render_markdown(report: dict) -> str:
     if s.get("runs_at_a_time", 1) > 1:
         lines.append(f"Runs trained up to {s['runs_at_a_time']} at a time on one machine: step times include that "
                      "contention; compare them with `bench/` figures, not with a run trained alone.")
+    lines += report.get("notes", [])  # what a joined report says of its parts (scripts/rerender_report.py)
     paired = report.get("paired", {})
     counts = report["comparisons"]
     columns, against_runs = paired_columns(), reference_columns()
