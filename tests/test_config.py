@@ -240,3 +240,13 @@ def test_a_replay_section_is_laid_over_the_preset_its_method_names(tmp_path, cap
         again = load_config(old / "config.yaml")  # given back as a config: the same plain replay, and said
     assert again.regularizers == [] and again.replay == ReplayConfig(data=str(corpus))
     assert "the preset is not applied" in caplog.text
+    # a compare.runs entry mislabelled is said once, when compare resolves its runs, not also when loaded
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forgetless.config"):
+        labelled = load_config(None, ["compare.runs={x: {method: kl+replay, regularizers: [{kl: {}}]}}"])
+        assert not caplog.records
+        resolve_runs(labelled)
+    assert [r.getMessage() for r in caplog.records if "names a preset" in r.getMessage()] == [
+        "compare.runs.x: method: kl+replay names a preset, but the config's regularizers are not the preset's: the "
+        "preset is not applied (method is only the run's label; leave `regularizers` out to train the preset, a "
+        "`replay:` section laid over its own)"]

@@ -320,12 +320,13 @@ def without_method(config: ForgetlessConfig, name: str) -> ForgetlessConfig:
     return cfg
 
 
-def resolve_runs(config: ForgetlessConfig, where: str = "") -> dict[str, ForgetlessConfig]:
+def resolve_runs(config: ForgetlessConfig, where: str = "", warn: bool = True) -> dict[str, ForgetlessConfig]:
     """name -> config of every run `forgetless compare` trains: the presets of compare.methods, then
-    compare.runs (each run's overrides laid over the config as it is now)."""
+    compare.runs (each run's overrides laid over the config as it is now; `warn`: say what a run's method
+    does not do as its name suggests)."""
     runs = {method: as_preset(config, method) for method in dict.fromkeys(config.compare.methods)}
     for name, overrides in config.compare.runs.items():
-        runs[name] = run_config(config, name, overrides, where)
+        runs[name] = run_config(config, name, overrides, where, warn)
     return runs
 
 
@@ -399,11 +400,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def validate(config: ForgetlessConfig, where: str = "") -> None:
+def validate(config: ForgetlessConfig, where: str = "", warn: bool = True) -> None:
     """The checks of a parsed config, also for one built or changed in code: every section's and the run's
     problems(), train.extra against TrainingArguments, and every compare.runs entry resolved (so a bad run
-    stops the comparison before anything trains)."""
-    resolve_method(config, where, warn=True)  # a config changed in code: entries typed, a preset expanded
+    stops the comparison before anything trains). `warn`: say when a preset's name labels other terms."""
+    resolve_method(config, where, warn=warn)  # a config changed in code: entries typed, a preset expanded
     check_problems(config, where)
     try:  # `~/runs` is the home folder's, not a folder named `~`
         config.output_dir = str(Path(config.output_dir).expanduser())
@@ -411,8 +412,8 @@ def validate(config: ForgetlessConfig, where: str = "") -> None:
         raise ConfigError(f"{where}output_dir: cannot expand {config.output_dir!r} ({exc})") from None
     check_training_extra(config.train.extra, where)
     # every compare.runs entry, so that a bad one stops the comparison before anything trains (compare
-    # resolves them again from the config as it is then)
-    resolve_runs(config, where)
+    # resolves them again from the config as it is then, and warns then: once, not here too)
+    resolve_runs(config, where, warn=False)
 
 
 # TrainingArguments fields that forgetless sets from its own keys: `train.extra` may not set them.
@@ -460,7 +461,8 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str = "") -> ForgetlessConfig:
+def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str = "",
+               warn: bool = True) -> ForgetlessConfig:
     """A `compare.runs` entry: this config with the run's overrides laid over it. Its method is the run's
     own (`regularizers:` / `replay:`, or the preset named by `method:`; none = plain SFT)."""
     at = f"{where}compare.runs.{name}: "
@@ -473,8 +475,8 @@ def run_config(config: ForgetlessConfig, name: str, overrides: Any, where: str =
     base["regularizers"], base["replay"] = [], None
     base["method"] = name if overrides.get("regularizers") or overrides.get("replay") else "sft"
     run = from_dict(ForgetlessConfig, _merged(base, lay_over_preset(overrides)), where=at)
-    validate(run, at)
-    if "regularizers" in overrides:
+    validate(run, at, warn)
+    if warn and "regularizers" in overrides:
         warn_replay_not_presets(run, at)
     return run
 
