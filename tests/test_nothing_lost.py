@@ -262,6 +262,28 @@ def test_a_finished_run_of_another_config_is_set_aside_not_trained_over(tiny_gpt
     assert continue_run(cfg)["global_steps"] == 1 and (tmp_path / "point.replaced-2").is_dir()
 
 
+def test_an_unfinished_run_of_another_config_is_set_aside_with_its_checkpoints(tiny_gpt2, memo_data, tmp_path):
+    """frontier / budget --resume (continue_run) and compare (train_or_reuse), given a folder that holds a run
+    stopped with a checkpoint under other settings: it cannot be resumed as this run, so this run trains
+    afresh, and the stopped one is moved aside whole, its checkpoints with it, never deleted or trained over."""
+    from forgetless.compare import train_or_reuse
+
+    for name, carry_on in (("point", continue_run),
+                           ("sft", lambda c: train_or_reuse(c, overwrite=False, label="sft"))):
+        cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / name, max_steps=2, save_steps=1)
+        train(cfg)
+        (tmp_path / name / "train_summary.json").unlink()  # as if killed after its last checkpoint
+        checkpoints = sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())
+        assert checkpoints
+        changed = tiny_config(tiny_gpt2, memo_data, tmp_path / name, max_steps=2, save_steps=1, learning_rate=3e-3)
+        assert carry_on(changed)["global_steps"] == 2
+        aside = tmp_path / f"{name}.replaced-1"
+        assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == checkpoints
+        assert not (aside / "train_summary.json").exists() and (tmp_path / name / "train_summary.json").is_file()
+        assert carry_on(changed)  # now reused, nothing moved
+        assert not (tmp_path / f"{name}.replaced-2").exists()
+
+
 def test_compare_sets_aside_a_finished_run_it_does_not_reuse(tiny_gpt2, memo_data, tmp_path):
     """compare retrains a run of other settings (or one without its memory figure) in its folder: the old one is
     moved aside; --overwrite (overwrite=True) replaces it as asked."""

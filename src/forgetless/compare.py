@@ -34,14 +34,13 @@ import torch
 from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
-from forgetless.errors import ConfigError
 from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluate_run, know_base_answers,
                                  load_base)
-from forgetless.identity import evaluation_inputs, run_inputs, source_digest
+from forgetless.identity import evaluation_inputs, source_digest
 from forgetless.model import resolve_model_path
-from forgetless.run_folder import check_resume, reusable_summary, stopped_with_checkpoint
+from forgetless.run_folder import reusable_summary, stopped_with_checkpoint
 from forgetless import stats
-from forgetless.train import set_aside_finished, train
+from forgetless.train import set_aside_kept, train, why_not_resumed
 from forgetless.workers import worker_pool
 
 logger = logging.getLogger(__name__)
@@ -224,16 +223,14 @@ def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int
     out, extra = Path(cfg.output_dir).expanduser(), {"runs_at_a_time": jobs}
     if not overwrite and stopped_with_checkpoint(out):
         # a comparison stopped part-way (killed, a machine lost) loses at most the steps since a checkpoint
-        try:
-            check_resume(out, cfg.to_dict(), run_inputs(cfg))
-        except ConfigError as exc:  # another run's: trained afresh below, as before
-            logger.info("%s: the unfinished run in %s is not resumed: %s", label, out, exc)
-        else:
+        why = why_not_resumed(out, cfg)
+        if why is None:
             logger.info("%s: resuming the unfinished run in %s from its last checkpoint", label, out)
             return train(cfg, resume=True, measure_memory=True, extra_summary=extra).summary
+        logger.info("%s: the unfinished run in %s is not resumed: %s", label, out, why)  # kept aside below
     logger.info("%s: training -> %s", label, cfg.output_dir)
-    if not overwrite:  # a finished run not reused (other settings, or no memory figure) is kept aside
-        set_aside_finished(out)
+    if not overwrite:  # a run not reused (other settings, or no memory figure) nor resumed is kept aside
+        set_aside_kept(out)
     return train(cfg, overwrite=True, measure_memory=True, extra_summary=extra).summary
 
 

@@ -24,7 +24,7 @@ from forgetless import data as data_mod
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.curve import ForgettingCurve
 from forgetless.environment import environment_kept
-from forgetless.errors import TrainingError
+from forgetless.errors import ConfigError, TrainingError
 from forgetless.identity import digest, run_inputs
 from forgetless.memory import peak_memory
 from forgetless.model import load_for_training, load_trained, resolve_dtype  # noqa: F401  (load_trained: public here too)
@@ -205,30 +205,46 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 
 def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
     """The run in config.output_dir carried to its end, and its summary: reused when it finished with the
-    same config and inputs, resumed from its last checkpoint when it did not, else trained afresh. A finished
-    run of another config or inputs there is moved aside (run_folder.set_aside), not trained over; an
-    unfinished one without a checkpoint holds no training to keep and is replaced; anything but a forgetless
-    run is refused. What `budget --resume` and `frontier` do per point."""
+    same config and inputs, resumed from its last checkpoint when it did not, else trained afresh. A run of
+    another config or inputs there (finished, or stopped with a checkpoint) is moved aside
+    (run_folder.set_aside), not trained over; an unfinished one without a checkpoint holds no training to keep
+    and is replaced; anything but a forgetless run is refused. What `budget --resume` and `frontier` do per
+    point."""
     summary = reusable_summary(config, kwargs.get("holdout", 0))
     if summary is not None:
         return summary
     out = Path(config.output_dir).expanduser()
-    if stopped_with_checkpoint(out):
+    if why_not_resumed(out, config) is None:
         return train(config, resume=True, **kwargs).summary
-    set_aside_finished(out)
+    set_aside_kept(out)
     return train(config, overwrite=True, **kwargs).summary
 
 
-def set_aside_finished(out: Path) -> None:
-    """Before a run trains into `out` in place of what is there: a finished run there (of another config or
-    inputs, or one its caller will not reuse) is moved aside (run_folder.set_aside), never trained over.
-    Every process looks before the main one moves it, so all take the same path through the barriers."""
+def why_not_resumed(out: Path, config: ForgetlessConfig) -> str | None:
+    """None when `out` holds an unfinished run of this config and inputs with a checkpoint (a resume continues
+    it exactly), else why a resume cannot continue it."""
+    if not stopped_with_checkpoint(out):
+        return "no unfinished run with a checkpoint there"
+    try:
+        check_resume(out, config.to_dict(), run_inputs(config))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def set_aside_kept(out: Path) -> None:
+    """Before a run trains into `out` in place of what is there: a run there that its caller will not reuse or
+    resume (a finished one, or one stopped with a checkpoint, of another config or inputs) is moved aside
+    (run_folder.set_aside), never trained over. Every process looks before the main one moves it, so all take
+    the same path through the barriers."""
     state = PartialState()
     finished = is_run(out) and is_finished(out)
+    stopped = not finished and stopped_with_checkpoint(out)
     state.wait_for_everyone()
-    if finished and state.is_main_process:
-        logger.warning("%s: a finished run that is not reused here; moved to %s, training this one afresh",
-                       out, set_aside(out))
+    if (finished or stopped) and state.is_main_process:
+        what = "a finished run" if finished else "an unfinished run of other settings, with its checkpoints,"
+        logger.warning("%s: %s that is not reused here; moved to %s, training this one afresh", out, what,
+                       set_aside(out))
     state.wait_for_everyone()
 
 
