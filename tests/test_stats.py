@@ -587,7 +587,7 @@ def test_comparisons_of_one_setup_share_their_training_options():
 
 
 @pytest.mark.parametrize("folder", ["docs/evidence", "docs/default-report/main-job", "docs/frontier/default/chosen",
-                                    "docs/frontier/default/chosen-seeds"])
+                                    "docs/frontier/default/chosen-seeds", "docs/frontier/default/chosen-seeds-5"])
 def test_stored_reports_rerendered_are_consistent(folder):
     """Every measure of the stored report, re-rendered from its items: each value lies in its own interval;
     each paired difference is the difference of the two values it pairs (perplexity % through the mean
