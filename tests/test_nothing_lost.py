@@ -16,7 +16,7 @@ from forgetless.errors import ConfigError
 from forgetless.run_folder import MARKER, check_same_base, reusable_summary, save_aside
 from forgetless.train import continue_run, train
 
-from conftest import save_tiny, tiny_config, with_method, write_jsonl
+from conftest import memorisation_rows, save_tiny, tiny_config, with_method, write_jsonl
 
 
 class OneProcess:
@@ -262,7 +262,8 @@ def test_a_finished_run_of_another_config_is_set_aside_not_trained_over(tiny_gpt
     assert continue_run(cfg)["global_steps"] == 1 and (tmp_path / "point.replaced-2").is_dir()
 
 
-def test_an_unfinished_run_of_another_config_is_set_aside_with_its_checkpoints(tiny_gpt2, memo_data, tmp_path):
+def test_an_unfinished_run_of_another_config_is_set_aside_with_its_checkpoints(tiny_gpt2, memo_data, tmp_path,
+                                                                               monkeypatch):
     """frontier / budget --resume (continue_run) and compare (train_or_reuse), given a folder that holds a run
     stopped with a checkpoint under other settings: it cannot be resumed as this run, so this run trains
     afresh, and the stopped one is moved aside whole, its checkpoints with it, never deleted or trained over."""
@@ -282,6 +283,19 @@ def test_an_unfinished_run_of_another_config_is_set_aside_with_its_checkpoints(t
         assert not (aside / "train_summary.json").exists() and (tmp_path / name / "train_summary.json").is_file()
         assert carry_on(changed)  # now reused, nothing moved
         assert not (tmp_path / f"{name}.replaced-2").exists()
+    # the same settings stopped with a checkpoint are resumed, not set aside, also when examples are held out
+    # (budget's and frontier's trials): its inputs then name the holdout, which the check must see
+    import forgetless.train as train_module
+
+    more = write_jsonl(tmp_path / "more.jsonl", memorisation_rows() * 2)  # 15 left to train on after the holdout
+    cfg = tiny_config(tiny_gpt2, more, tmp_path / "held", max_steps=4, save_steps=2)
+    train(cfg, holdout=1)
+    (tmp_path / "held" / "train_summary.json").unlink()  # as if killed after step 2's checkpoint
+    shutil.rmtree(tmp_path / "held" / "checkpoints" / "checkpoint-4")
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: calls.append(k) or train(*a, **k))
+    assert continue_run(cfg, holdout=1)["global_steps"] == 4
+    assert calls == [{"resume": True, "holdout": 1}] and not (tmp_path / "held.replaced-1").exists()
 
 
 def test_compare_sets_aside_a_finished_run_it_does_not_reuse(tiny_gpt2, memo_data, tmp_path):

@@ -214,19 +214,19 @@ def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
     if summary is not None:
         return summary
     out = Path(config.output_dir).expanduser()
-    if why_not_resumed(out, config) is None:
+    if why_not_resumed(out, config, kwargs.get("holdout", 0)) is None:
         return train(config, resume=True, **kwargs).summary
     set_aside_kept(out)
     return train(config, overwrite=True, **kwargs).summary
 
 
-def why_not_resumed(out: Path, config: ForgetlessConfig) -> str | None:
-    """None when `out` holds an unfinished run of this config and inputs with a checkpoint (a resume continues
-    it exactly), else why a resume cannot continue it."""
+def why_not_resumed(out: Path, config: ForgetlessConfig, holdout: int = 0) -> str | None:
+    """None when `out` holds an unfinished run of this config and inputs (`holdout`: as train's) with a checkpoint
+    (a resume continues it exactly), else why a resume cannot continue it."""
     if not stopped_with_checkpoint(out):
         return "no unfinished run with a checkpoint there"
     try:
-        check_resume(out, config.to_dict(), run_inputs(config))
+        check_resume(out, config.to_dict(), run_inputs(config, holdout))
     except ConfigError as exc:
         return str(exc)
     return None
