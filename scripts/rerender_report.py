@@ -25,7 +25,9 @@ first are paired with a reference only the second names too, which adds comparis
 (RUNS_DIR/NAME/seed-S with their compare_eval.json and config.yaml, RUNS_DIR/base_eval.json): e.g. seeds trained
 later on another machine, read from what each run stored even when that compare stopped before its report. Every
 method of DIR must get every added seed (from one RUNS_DIR or several), each run's regularizers, replay and
-training settings must be DIR's for that method, and each RUNS_DIR's base evaluation must be DIR's: the same
+training settings must be DIR's for that method, each run's evaluation must be of its RUNS_DIR's suite and of
+the training in its folder, the RUNS_DIRs must share one suite and dtype (and DIR's, where DIR stores them), and
+each RUNS_DIR's base evaluation must be DIR's: the same
 instruction answers, 0/1 items equal, every other item within 1e-4 (another device's arithmetic; item for item,
 so that the suite, items and blocks are the same). The device and the model files' hash may differ (a GPU
 converts the same GGUF with other library versions); the report says which runs ran where, and that its step
@@ -38,6 +40,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -173,20 +176,32 @@ def _base_difference(base: dict, other: dict, where: str) -> float:
         refuse("the base's instruction answers differ (instr_base_answers)")
     largest = 0.0
     for key in sorted(set(base["items"]) | set(other["items"])):
-        a, b = _flat_values(base["items"].get(key)), _flat_values(other["items"].get(key))
+        if key not in base["items"] or key not in other["items"]:
+            refuse(f"the base's items.{key} is missing on one side (another suite)")
+        a, b = _flat_values(base["items"][key]), _flat_values(other["items"][key])
         if len(a) != len(b):
             refuse(f"the base's items.{key} has {len(b)} values against {len(a)} (another suite, items or blocks)")
         for x, y in zip(a, b):
             numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
             if not numbers or (float(x).is_integer() and float(y).is_integer() and x in (0, 1) and y in (0, 1)):
                 if x != y:
-                    refuse(f"the base's items.{key} differ ({y!r} vs {x!r}: another suite, items or blocks)")
+                    refuse(f"the base's items.{key} differ ({y!r} vs {x!r}: another suite, items or blocks, or a "
+                           f"near-tie decided otherwise by another machine's rounding)")
                 continue
+            if math.isnan(x) and math.isnan(y):
+                continue  # nothing to score on either side
             if not (math.isfinite(x) and math.isfinite(y)) or abs(x - y) > BASE_ITEM_TOLERANCE:
                 refuse(f"the base's items.{key} differ by {abs(x - y):.3g} > {BASE_ITEM_TOLERANCE:g} (another suite, "
                        f"items, blocks or model)")
             largest = max(largest, abs(x - y))
     return largest
+
+
+def _suite(key: dict) -> dict:
+    """What of a stored evaluation's key names the suite and its data (not the machine that ran it)."""
+    inputs = key.get("inputs", {})
+    return {"evaluation": key.get("evaluation"), "data": key.get("data"),
+            "evaluation_data": inputs.get("data"), "dtype": inputs.get("dtype")}
 
 
 def joined_seeds(report: dict, folders: list[Path]) -> dict:
@@ -196,46 +211,66 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
     known = {str(s) for s in report["seeds"]}
     found: dict[str, dict[str, tuple[Path, dict]]] = {name: {} for name in report["methods"]}
     devices: dict[str, list[str]] = {}
+    suites: dict[str, dict] = {}
     largest = 0.0
     for folder in folders:
         base_path = folder / "base_eval.json"
         try:
-            base = json.loads(base_path.read_text())["results"]
+            base_stored = json.loads(base_path.read_text())
         except FileNotFoundError:
             raise SystemExit(f"{base_path}: no such file (give the output folder of a `forgetless compare`)") from None
-        largest = max(largest, _base_difference(report["results"]["base"], base, str(base_path)))
+        largest = max(largest, _base_difference(report["results"]["base"], base_stored["results"], str(base_path)))
+        suites[str(base_path)] = _suite(base_stored["key"])
         for name in report["methods"]:
             for run in sorted((folder / name).glob("seed-*")):
-                if not (run / "compare_eval.json").is_file():
-                    continue  # a run that did not finish its evaluation
-                seed = run.name.removeprefix("seed-")
-                where = str(run)
+                number = re.fullmatch(r"seed-(\d+)", run.name)  # not a run set aside (seed-S.replaced-N)
+                if number is None or not (run / "compare_eval.json").is_file():
+                    continue  # ... nor one that did not finish its evaluation
+                seed, where = str(int(number[1])), str(run)
                 if seed in known:
                     raise SystemExit(f"{where}: seed {seed} is already in the first report")
                 if seed in found[name]:
                     raise SystemExit(f"{where}: {name} seed {seed} is also in {found[name][seed][0]}")
                 stored = json.loads((run / "compare_eval.json").read_text())
+                key = stored["key"]
+                if {k: v for k, v in key.items() if k != "run"} != base_stored["key"]:
+                    raise SystemExit(f"{where}/compare_eval.json: evaluated with another suite, model or machine than "
+                                     f"{base_path} (an older evaluation kept from an earlier comparison?)")
+                summary_path = run / "train_summary.json"
+                if not summary_path.is_file() or json.loads(summary_path.read_text()) != key.get("run"):
+                    raise SystemExit(f"{where}/compare_eval.json: the evaluation of another training than the run "
+                                     f"there ({summary_path.name} missing or different)")
                 config = load_config(run / "config.yaml")
                 mine = {k: config.to_dict()[k] for k in ("regularizers", "replay")}
                 theirs = {k: report["run_settings"][name][k] for k in ("regularizers", "replay")}
                 if json.loads(json.dumps(mine)) != json.loads(json.dumps(theirs)):
                     raise SystemExit(f"{where}/config.yaml: {name}'s regularizers or replay differ from the first "
                                      f"report's ({mine} vs {theirs})")
-                for key, value in report_settings(config).items():
-                    if report["settings"].get(key) != value:
-                        raise SystemExit(f"{where}/config.yaml: settings.{key} differs ({value!r} vs "
-                                         f"{report['settings'].get(key)!r})")
-                if "training" in report:
-                    a, b, defaults = flat(report["training"]), flat(shared_training(config)), _defaults()["training"]
-                    for key in sorted(set(a) | set(b)):
-                        if a.get(key, defaults.get(key)) != b.get(key, defaults.get(key)):
-                            raise SystemExit(f"{where}/config.yaml: training.{key} differs")
-                inputs = stored["key"]["inputs"]
-                if inputs.get("dtype") != report.get("inputs", {}).get("dtype", inputs.get("dtype")):
-                    raise SystemExit(f"{where}: evaluated in {inputs.get('dtype')}, the first report in "
-                                     f"{report['inputs']['dtype']}")
+                for option, value in report_settings(config).items():
+                    if report["settings"].get(option) != value:
+                        raise SystemExit(f"{where}/config.yaml: settings.{option} differs ({value!r} vs "
+                                         f"{report['settings'].get(option)!r})")
+                if "training" in report:  # the configured dtype may differ (auto on a CPU is float32): the
+                    a, b = flat(report["training"]), flat(shared_training(config))  # resolved one is checked below
+                    defaults = _defaults()["training"]
+                    for option in sorted((set(a) | set(b)) - {"model.dtype"}):
+                        if a.get(option, defaults.get(option)) != b.get(option, defaults.get(option)):
+                            raise SystemExit(f"{where}/config.yaml: training.{option} differs "
+                                             f"({b.get(option)!r} vs {a.get(option)!r})")
                 found[name][seed] = (run, stored["results"])
-                devices.setdefault(f"{inputs.get('device')} ({inputs.get('dtype')})", []).append(f"{name}@{seed}")
+                devices.setdefault(f"{key['inputs'].get('device')} ({key['inputs'].get('dtype')})",
+                                   []).append(f"{name}@{seed}")
+    first = next(iter(suites.values()))
+    for where, suite in suites.items():
+        if suite != first:
+            raise SystemExit(f"{where}: another suite, evaluation data or dtype than {next(iter(suites))}'s")
+    if "evaluation" in report:
+        a, b, defaults = flat(report["evaluation"]), flat(first["evaluation"] or {}), _defaults()["evaluation"]
+        for option in sorted((set(a) | set(b)) - {"generation_batch_size"}):  # how many a call: same answers
+            if a.get(option, defaults.get(option)) != b.get(option, defaults.get(option)):
+                raise SystemExit(f"the added runs' evaluation.{option} differs ({b.get(option)!r} vs {a.get(option)!r})")
+    if "inputs" in report and first["dtype"] != report["inputs"].get("dtype"):
+        raise SystemExit(f"the added runs ran in {first['dtype']}, the first report in {report['inputs'].get('dtype')}")
     seeds = sorted({seed for by_seed in found.values() for seed in by_seed}, key=int)
     if not seeds:
         raise SystemExit(f"{', '.join(map(str, folders))}: no finished run of the first report's methods")
@@ -248,11 +283,16 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
     out["seeds"] = [*report["seeds"], *(int(s) for s in seeds)]
     where_run = "; ".join(f"{', '.join(runs) if len(devices) > 1 and len(runs) < 4 else f'{len(runs)} runs'} on "
                           f"{device}" for device, runs in devices.items())
+    mixed = (" A seed's runs on two devices are paired as any seed's: the devices' rounding adds to that seed's "
+             "variation, which its interval carries." if len(devices) > 1 else "")
+    unchecked = ("" if "training" in report else " The first report predates the stored shared config: beyond "
+                 "the base's items, the runs' regularizers, replay and heading settings, the added runs' learning "
+                 "rate, LoRA and the rest were not checked against it.")
     out.setdefault("notes", []).append(
         f"Seeds {', '.join(seeds)} joined to seeds {', '.join(map(str, report['seeds']))} from their stored run "
         f"evaluations ({where_run}); their base evaluation agreed with this report's item for item (largest "
         f"difference {largest:.1g} nats, the same instruction answers), and this report's base figures serve every "
-        f"seed. Step s and peak memory are seeds {', '.join(map(str, report['seeds']))}'s alone.")
+        f"seed. Step s and peak memory are seeds {', '.join(map(str, report['seeds']))}'s alone.{mixed}{unchecked}")
     return out
 
 

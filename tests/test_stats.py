@@ -707,36 +707,49 @@ def test_seeds_added_from_run_folders_are_the_report_of_all_seeds(tmp_path, caps
     stored = json.loads((ROOT / "docs/frontier/default/chosen-seeds/report.json").read_text())
     names = ["sft", "ewc-0.03", "replay-kl-3"]
     whole = only_runs(stored, names)
+    whole.pop("notes", None)
+    *kept, last = [str(seed) for seed in whole["seeds"]]
+    whole["seeds"] = [int(seed) for seed in [*kept, last]]
     first = json.loads(json.dumps(whole))
-    first["seeds"] = [42, 43]
+    first["seeds"] = [int(seed) for seed in kept]
     for name in names:
-        del first["per_seed"][name]["44"]
+        first["per_seed"][name] = {seed: v for seed, v in first["per_seed"][name].items() if seed in kept}
+        whole["per_seed"][name] = {seed: whole["per_seed"][name][seed] for seed in [*kept, last]}
     config = yaml.safe_load((ROOT / "docs/frontier/default/chosen-seeds/config.yaml").read_text())
     del config["compare"]
+    suite = {"evaluation": {"max_new_tokens": 12}, "data": {}, "model": {},
+             "inputs": {"dtype": "float32", "device": "cuda", "data": {"test.jsonl": "a" * 64}}}
 
     def write_runs(folder: Path, base_shift: float = 2e-5) -> None:
         base = json.loads(json.dumps(whole["results"]["base"]))
         base["items"]["general_nll"] = [v + base_shift for v in base["items"]["general_nll"]]
         (folder).mkdir(parents=True)
-        (folder / "base_eval.json").write_text(json.dumps({"key": {}, "results": base}))
+        (folder / "base_eval.json").write_text(json.dumps({"key": suite, "results": base}))
         for name in names:
-            run = folder / name / "seed-44"
+            run = folder / name / f"seed-{last}"
             run.mkdir(parents=True)
+            summary = {"global_steps": 160, "step_time_s": 0.5}
+            (run / "train_summary.json").write_text(json.dumps(summary))
             (run / "compare_eval.json").write_text(json.dumps(
-                {"key": {"inputs": {"dtype": "float32", "device": "cuda"}}, "results": whole["per_seed"][name]["44"]}))
+                {"key": {**suite, "run": summary}, "results": whole["per_seed"][name][last]}))
             settings = whole["run_settings"][name]
             (run / "config.yaml").write_text(yaml.safe_dump(
                 {**config, "regularizers": settings["regularizers"], "replay": settings["replay"]}))
+        # a run compare set aside (another config's, finished): never read
+        aside = folder / "sft" / f"seed-{last}.replaced-1"
+        aside.mkdir()
+        (aside / "compare_eval.json").write_text("{}")
 
     write_runs(tmp_path / "runs")
     got = module.rerender(module.joined_seeds(first, [tmp_path / "runs"]))
     expected = module.rerender(json.loads(json.dumps(whole)))
-    assert got["seeds"] == [42, 43, 44]
+    assert got["seeds"] == whole["seeds"]
     for part in ("results", "paired", "comparisons", "per_seed", "runs"):
         assert got[part] == expected[part], part
     note = " ".join(got["notes"])
-    assert "Seeds 44 joined to seeds 42, 43" in note and "3 runs on cuda (float32)" in note and "2e-05" in note
-    assert "Seeds 44 joined" in module.render_markdown(got)
+    assert f"Seeds {last} joined to seeds {', '.join(kept)}" in note and "3 runs on cuda (float32)" in note
+    assert "2e-05" in note and "predates the stored shared config" in note
+    assert f"Seeds {last} joined" in module.render_markdown(got)
     assert "notes" not in first  # the input is left as it was
 
     def refused(match: str, folder: Path) -> None:
@@ -751,20 +764,29 @@ def test_seeds_added_from_run_folders_are_the_report_of_all_seeds(tmp_path, caps
     (tmp_path / "flip" / "base_eval.json").write_text(json.dumps(flipped))
     refused(r"base's items\.target_acc differ \(", tmp_path / "flip")
     write_runs(tmp_path / "missing")
-    (tmp_path / "missing" / "ewc-0.03" / "seed-44" / "compare_eval.json").unlink()  # stopped before its evaluation
-    refused(r"runs missing for the added seeds: ewc-0\.03@44", tmp_path / "missing")
+    (tmp_path / "missing" / "ewc-0.03" / f"seed-{last}" / "compare_eval.json").unlink()  # stopped before its evaluation
+    refused(rf"runs missing for the added seeds: ewc-0\.03@{last}", tmp_path / "missing")
     write_runs(tmp_path / "other")
-    path = tmp_path / "other" / "ewc-0.03" / "seed-44" / "config.yaml"
+    path = tmp_path / "other" / "ewc-0.03" / f"seed-{last}" / "config.yaml"
     changed = yaml.safe_load(path.read_text())
     changed["regularizers"][0]["ewc"]["coef"] *= 10
     path.write_text(yaml.safe_dump(changed))
     refused(r"ewc-0\.03's regularizers or replay differ", tmp_path / "other")
+    write_runs(tmp_path / "stale")  # an evaluation kept from an earlier suite, or of an earlier training
+    path = tmp_path / "stale" / "ewc-0.03" / f"seed-{last}" / "compare_eval.json"
+    stale = json.loads(path.read_text())
+    stale["key"]["evaluation"]["max_new_tokens"] = 16
+    path.write_text(json.dumps(stale))
+    refused(r"compare_eval\.json: evaluated with another suite", tmp_path / "stale")
+    write_runs(tmp_path / "retrained")
+    (tmp_path / "retrained" / "sft" / f"seed-{last}" / "train_summary.json").write_text(json.dumps({"global_steps": 80}))
+    refused(r"the evaluation of another training than the run there", tmp_path / "retrained")
     write_runs(tmp_path / "longer")
     for name in names:
-        path = tmp_path / "longer" / name / "seed-44" / "config.yaml"
+        path = tmp_path / "longer" / name / f"seed-{last}" / "config.yaml"
         path.write_text(path.read_text().replace("max_steps: 160", "max_steps: 320"))
     refused(r"settings\.max_steps differs \(320 vs 160\)", tmp_path / "longer")
-    with pytest.raises(SystemExit, match="seed 44 is already in the first report"):
+    with pytest.raises(SystemExit, match=f"seed {last} is already in the first report"):
         module.joined_seeds(whole, [tmp_path / "runs"])
 
     (tmp_path / "first").mkdir()
