@@ -130,15 +130,24 @@ def joined(report: dict, other: dict, where: str = "the added report") -> dict:
     if mine.get("forgetless") != theirs.get("forgetless"):
         note(f"written by forgetless {theirs.get('forgetless')}, the first by {mine.get('forgetless')}: "
              f"a change of the training code between them goes unchecked")
-    defaults = _defaults()
     for part in ("training", "evaluation"):
-        a, b = flat(report[part]), flat(other[part])
-        for key in sorted(set(a) | set(b)):
-            # an option one report predates is at its default in that one
-            a_value, b_value = a.get(key, defaults[part].get(key)), b.get(key, defaults[part].get(key))
-            if a_value != b_value:
-                refuse(f"{part}.{key} differs ({b_value!r} vs {a_value!r})")
+        differs = _option_differing(part, report[part], other[part])
+        if differs:
+            refuse(differs)
     return _joined(report, other)
+
+
+def _option_differing(part: str, first: dict, other: dict, ignore: tuple[str, ...] = ()) -> str | None:
+    """The first option of a shared section (`part`: training or evaluation, as compare stores them) that differs
+    between two of its forms, said as `part.key differs (other's vs first's)`, or None; an option one of them
+    predates is at its default in that one."""
+    defaults = _defaults()[part]
+    a, b = flat(first), flat(other)
+    for key in sorted((set(a) | set(b)) - set(ignore)):
+        a_value, b_value = a.get(key, defaults.get(key)), b.get(key, defaults.get(key))
+        if a_value != b_value:
+            return f"{part}.{key} differs ({b_value!r} vs {a_value!r})"
+    return None
 
 
 def _joined(report: dict, other: dict) -> dict:
@@ -250,13 +259,11 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
                     if report["settings"].get(option) != value:
                         raise SystemExit(f"{where}/config.yaml: settings.{option} differs ({value!r} vs "
                                          f"{report['settings'].get(option)!r})")
-                if "training" in report:  # the configured dtype may differ (auto on a CPU is float32): the
-                    a, b = flat(report["training"]), flat(shared_training(config))  # resolved one is checked below
-                    defaults = _defaults()["training"]
-                    for option in sorted((set(a) | set(b)) - {"model.dtype"}):
-                        if a.get(option, defaults.get(option)) != b.get(option, defaults.get(option)):
-                            raise SystemExit(f"{where}/config.yaml: training.{option} differs "
-                                             f"({b.get(option)!r} vs {a.get(option)!r})")
+                # the configured dtype may differ (auto on a CPU is float32): the resolved one is checked below
+                differs = "training" in report and _option_differing("training", report["training"],
+                                                                     shared_training(config), ignore=("model.dtype",))
+                if differs:
+                    raise SystemExit(f"{where}/config.yaml: {differs}")
                 found[name][seed] = (run, stored["results"])
                 devices.setdefault(f"{key['inputs'].get('device')} ({key['inputs'].get('dtype')})",
                                    []).append(f"{name}@{seed}")
@@ -264,11 +271,11 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
     for where, suite in suites.items():
         if suite != first:
             raise SystemExit(f"{where}: another suite, evaluation data or dtype than {next(iter(suites))}'s")
-    if "evaluation" in report:
-        a, b, defaults = flat(report["evaluation"]), flat(first["evaluation"] or {}), _defaults()["evaluation"]
-        for option in sorted((set(a) | set(b)) - {"generation_batch_size"}):  # how many a call: same answers
-            if a.get(option, defaults.get(option)) != b.get(option, defaults.get(option)):
-                raise SystemExit(f"the added runs' evaluation.{option} differs ({b.get(option)!r} vs {a.get(option)!r})")
+    # (generation_batch_size: how many answers a call, the same answers)
+    differs = "evaluation" in report and _option_differing(
+        "evaluation", report["evaluation"], first["evaluation"] or {}, ignore=("generation_batch_size",))
+    if differs:
+        raise SystemExit(f"the added runs' {differs}")
     if "inputs" in report and first["dtype"] != report["inputs"].get("dtype"):
         raise SystemExit(f"the added runs ran in {first['dtype']}, the first report in {report['inputs'].get('dtype')}")
     seeds = sorted({seed for by_seed in found.values() for seed in by_seed}, key=int)
