@@ -224,10 +224,7 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
     largest = 0.0
     for folder in folders:
         base_path = folder / "base_eval.json"
-        try:
-            base_stored = json.loads(base_path.read_text())
-        except FileNotFoundError:
-            raise SystemExit(f"{base_path}: no such file (give the output folder of a `forgetless compare`)") from None
+        base_stored = _read_json(base_path)
         largest = max(largest, _base_difference(report["results"]["base"], base_stored["results"], str(base_path)))
         suites[str(base_path)] = _suite(base_stored["key"])
         for name in report["methods"]:
@@ -240,13 +237,13 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
                     raise SystemExit(f"{where}: seed {seed} is already in the first report")
                 if seed in found[name]:
                     raise SystemExit(f"{where}: {name} seed {seed} is also in {found[name][seed][0]}")
-                stored = json.loads((run / "compare_eval.json").read_text())
+                stored = _read_json(run / "compare_eval.json")
                 key = stored["key"]
                 if {k: v for k, v in key.items() if k != "run"} != base_stored["key"]:
                     raise SystemExit(f"{where}/compare_eval.json: evaluated with another suite, model or machine than "
                                      f"{base_path} (an older evaluation kept from an earlier comparison?)")
                 summary_path = run / "train_summary.json"
-                if not summary_path.is_file() or json.loads(summary_path.read_text()) != key.get("run"):
+                if not summary_path.is_file() or _read_json(summary_path) != key.get("run"):
                     raise SystemExit(f"{where}/compare_eval.json: the evaluation of another training than the run "
                                      f"there ({summary_path.name} missing or different)")
                 config = load_config(run / "config.yaml")
@@ -305,7 +302,11 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
 
 def _read(folder: Path) -> dict:
     """A comparison's report.json, or SystemExit saying what is wrong with it."""
-    path = folder / "report.json"
+    return _read_json(folder / "report.json")
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file compare wrote, or SystemExit saying what is wrong with it."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -781,6 +781,9 @@ def test_seeds_added_from_run_folders_are_the_report_of_all_seeds(tmp_path, caps
     write_runs(tmp_path / "retrained")
     (tmp_path / "retrained" / "sft" / f"seed-{last}" / "train_summary.json").write_text(json.dumps({"global_steps": 80}))
     refused(r"the evaluation of another training than the run there", tmp_path / "retrained")
+    write_runs(tmp_path / "torn")  # a file cut short (a machine lost while copying): said, not a traceback
+    (tmp_path / "torn" / "sft" / f"seed-{last}" / "compare_eval.json").write_text("{")
+    refused(r"compare_eval\.json: not valid JSON", tmp_path / "torn")
     write_runs(tmp_path / "longer")
     for name in names:
         path = tmp_path / "longer" / name / f"seed-{last}" / "config.yaml"
