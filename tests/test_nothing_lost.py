@@ -115,6 +115,62 @@ def test_resume_trims_metrics_and_refuses_changed_data(tiny_gpt2, tmp_path):
         train(cfg, resume=True)
 
 
+def _adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(run / "adapter_model.safetensors")
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "train_summary.json").read_text())
+
+
+def test_a_resumed_run_ends_as_the_uninterrupted_one_did_and_its_summary_counts_every_step(tiny_gpt2, tmp_path):
+    """16 examples in batches of 8: 2 steps an epoch, so step 3's checkpoint is part-way through the second epoch.
+    Trainer takes a step before it checks max_steps: resumed from that last checkpoint it trained a 4th."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i)} for i in range(16)])
+    cfg = tiny_config(tiny_gpt2, data, tmp_path / "run", max_steps=3, save_steps=1, save_total_limit=5, batch_size=8)
+    run = tmp_path / "run"
+    train(cfg)
+    whole, weights = _summary(run), _adapter(run)
+    ends = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "train_runtime" in line]
+    assert len(ends) == 1 and ends[0]["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)  # Trainer's own
+
+    (run / "train_summary.json").unlink()  # killed after its last checkpoint, before the summary
+    train(cfg, resume=True)
+    after = _summary(run)
+    assert after["global_steps"] == 3 and after["resumed_at_step"] == 3
+    for name, tensor in weights.items():
+        torch.testing.assert_close(_adapter(run)[name], tensor, rtol=0, atol=0)
+    assert after["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)  # not 0: no step was trained here
+    assert after["train_seconds"] >= 0.9 * whole["train_seconds"]  # the tally's seconds, saved in the checkpoint
+    ends = [line for line in (run / "metrics.jsonl").read_text().splitlines() if "train_runtime" in line]
+    assert len(ends) == 1, "the killed run's end-of-training row is trimmed; the resume logs its own"
+
+    (run / "train_summary.json").unlink()  # killed after step 1's checkpoint
+    for step in (2, 3):
+        shutil.rmtree(run / "checkpoints" / f"checkpoint-{step}")
+    train(cfg, resume=True)
+    after = _summary(run)
+    assert after["global_steps"] == 3 and after["resumed_at_step"] == 1
+    assert after["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)  # over steps 1-3, not 2-3
+    for name, tensor in weights.items():
+        torch.testing.assert_close(_adapter(run)[name], tensor, rtol=1e-5, atol=1e-7)
+
+    # a checkpoint written before forgetless kept its tally: resumed, its figures over the steps trained then
+    (run / "train_summary.json").unlink()
+    for step in (2, 3):
+        shutil.rmtree(run / "checkpoints" / f"checkpoint-{step}")
+    state_file = run / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["RunTally"]
+    state_file.write_text(json.dumps(state))
+    train(cfg, resume=True)
+    after = _summary(run)
+    steps = {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "loss" in row}
+    assert after["global_steps"] == 3 and after["train_loss"] == pytest.approx((steps[2] + steps[3]) / 2, rel=1e-5)
+
+
 def test_save_aside_leaves_the_old_files_when_the_save_fails(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_text("old")
 

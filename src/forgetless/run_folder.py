@@ -268,19 +268,26 @@ def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str
     return checkpoint
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer steps a checkpoint was saved after."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
 def trim_metrics(output_dir: Path, checkpoint: str) -> None:
-    """metrics.jsonl back to the checkpoint's step: the resumed run logs the later steps again."""
+    """metrics.jsonl back to the checkpoint's step: the resumed run logs the later steps again, and its end of
+    training (the row Trainer logs when training ends, `train_runtime`: a run killed after its last checkpoint
+    may have logged it already)."""
     path = Path(output_dir) / METRICS
     if not path.is_file():
         return
-    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    step = checkpoint_step(checkpoint)
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line) if line.strip() else None
         except ValueError:  # a line cut short by the kill
             continue
-        if isinstance(row, dict) and row.get("step", 0) <= step:
+        if isinstance(row, dict) and row.get("step", 0) <= step and "train_runtime" not in row:
             kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from forgetless import registry
 from forgetless.regularizers import Regularizer
 from forgetless.replay import ReplaySource
 from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
-                                   is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
+                                   checkpoint_step, is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
                                    save_aside, set_aside, stopped_with_checkpoint, trim_metrics, write_run,
                                    write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
@@ -154,11 +153,15 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         curve.attach(trainer)
     tensorboard_into(trainer, output_dir / "tensorboard")
 
-    started = time.perf_counter()
+    # a resumed run's summary counts its steps before the resume too (the checkpoint's tally); a checkpoint
+    # written before forgetless kept one: the steps trained here alone
+    resumed_at = checkpoint_step(resume_from) if resume_from else 0
+    whole_run = trainer.tally.resume_from(resume_from) if resume_from else True
     memory: dict[str, int] = {}
     with peak_memory(memory) if measure_memory else contextlib.nullcontext():
         result = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.perf_counter() - started
+    counted = result.global_step - (0 if whole_run else resumed_at)  # the steps the tally's figures cover
+    train_seconds = trainer.tally.total_seconds()
 
     summary: dict[str, Any] = {
         "method": config.method,
@@ -166,13 +169,15 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         "finetune": config.model.finetune,
         "train_examples": len(train_ds),
         "global_steps": result.global_step,
-        # Trainer's figure is this process's own for the steps since its last log: average it
+        # the mean step loss, as Trainer's train_loss, over the run; each process's own: averaged
         "train_loss": trainer.accelerator.reduce(
-            torch.tensor(result.training_loss, device=trainer.args.device), "mean").item(),
+            torch.tensor(trainer.tally.total_loss() / max(counted, 1), device=trainer.args.device), "mean").item(),
         "train_seconds": round(train_seconds, 2),
-        "step_time_s": train_seconds / max(result.global_step, 1),
+        "step_time_s": train_seconds / max(counted, 1),
         "inputs": inputs,
     }
+    if resume_from:
+        summary["resumed_at_step"] = resumed_at
     if measure_memory:
         summary["peak_mem_bytes"] = memory["peak_bytes"]
     if curve:

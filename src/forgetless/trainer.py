@@ -54,6 +54,7 @@ from forgetless.rows import SFT, Rows, joined_inputs, split_outputs
 
 with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,8 @@ class ForgetlessTrainer(Trainer):
             if problem:
                 raise ConfigError(f"train.loss_chunk: {problem}")
         self._step = self._additive_step if self.perturber is None else self._perturbing_step
+        self.tally = RunTally()  # the run's seconds and loss, carried through a resume (its summary's)
+        self.add_callback(self.tally)
         self._micro_of_step = (-1, 0)  # (optimizer step, micro-batches run in it): see micro_step()
         # Makes Trainer count the response tokens of each optimizer step (over accumulation and
         # processes) and pass the count to training_step as `num_items_in_batch`.
@@ -186,7 +189,17 @@ class ForgetlessTrainer(Trainer):
         if num_items_in_batch is None:  # called outside Trainer's loop: this batch is the whole step
             num_items_in_batch = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) * self.accelerator.num_processes
         sft = Rows(SFT, inputs, self.accelerator.num_processes / max(float(num_items_in_batch), 1.0))
-        return self._step(model, sft, self.micro_step())
+        loss = self._step(model, sft, self.micro_step())
+        self.tally.add(loss)
+        return loss
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        # Trainer takes a step before it checks max_steps: a run resumed from its last checkpoint part-way
+        # through an epoch would train one step past its end (tests/test_nothing_lost.py pins this)
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
 
     def _additive_step(self, model, sft: Rows, micro: int) -> torch.Tensor:
         """SFT rows (+ replay rows: joined, or in their own pass first) + each penalty's term; one backward."""
@@ -454,6 +467,53 @@ class ForgetlessTrainer(Trainer):
             logs["tokens_per_s"] = total_tokens / max(now - self._last_log_time, 1e-9)
             self._tokens_seen, self._last_log_time = 0, now
         super().log(logs, start_time)
+
+
+class RunTally(TrainerCallback, ExportableState):
+    """The run's training seconds and summed micro-batch losses (what training_step returns, as Trainer sums them
+    for its train_loss), saved in every checkpoint (trainer_state.json's stateful_callbacks) and read back by
+    `resume_from`: Trainer counts only the steps its own process trained, so a resumed run's summary would
+    report the part after the resume (and 0 for a resume from the last checkpoint). Under several processes
+    the steps before a resume count the main process's losses (the one that writes the checkpoint)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0  # trained before this process's training began (a resumed run's earlier part)
+        self.loss_sum = 0.0
+        self._pending: torch.Tensor | None = None  # summed on the device: no sync per micro-batch
+        self._since: float | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        self._pending = loss if self._pending is None else self._pending + loss
+
+    def total_loss(self) -> float:
+        if self._pending is not None:
+            self.loss_sum += float(self._pending)
+            self._pending = None
+        return self.loss_sum
+
+    def total_seconds(self) -> float:
+        return self.seconds + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def resume_from(self, checkpoint: str | Path) -> bool:
+        """Take the tally a checkpoint saved; False when it has none (written before forgetless kept one)."""
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+        attributes = (saved.get(type(self).__name__) or {}).get("attributes")
+        if not attributes:
+            return False
+        self.seconds, self.loss_sum = float(attributes["seconds"]), float(attributes["loss_sum"])
+        return True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._since = time.perf_counter()
+        # a checkpoint written before the tally existed has no entry, and Trainer's save expects one
+        state.stateful_callbacks.setdefault(type(self).__name__, {})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds, self._since = self.total_seconds(), None
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seconds": self.total_seconds(), "loss_sum": self.total_loss()}}
 
 
 class MetricsFileCallback(TrainerCallback):
