@@ -168,7 +168,15 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one_did_and_its_summary_counts_
     after = _summary(run)
     steps = {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "loss" in row}
-    assert after["global_steps"] == 3 and after["train_loss"] == pytest.approx((steps[2] + steps[3]) / 2, rel=1e-5)
+    assert after["global_steps"] == 3 and after["counted_from_step"] == 1
+    assert after["train_loss"] == pytest.approx((steps[2] + steps[3]) / 2, rel=1e-5)
+    # the checkpoints that resume wrote say where their tally starts: resumed again, the figures are still 2-3's
+    (run / "train_summary.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "checkpoint-3")
+    train(cfg, resume=True)
+    again = _summary(run)
+    assert again["resumed_at_step"] == 2 and again["counted_from_step"] == 1
+    assert again["train_loss"] == pytest.approx(after["train_loss"], rel=1e-5)
 
 
 def test_save_aside_leaves_the_old_files_when_the_save_fails(tmp_path):

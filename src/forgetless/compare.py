@@ -362,8 +362,8 @@ def summarise_runs(by_seed: dict[int, dict]) -> dict[str, Any]:
     summaries = list(by_seed.values())
     if len(summaries) == 1:
         return summaries[0]
-    return {k: statistics.fmean(s[k] for s in summaries) for k, v in summaries[0].items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: statistics.fmean(s[k] for s in summaries) for k in summaries[0]
+            if all(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool) for s in summaries)}
 
 
 def summarise_results(by_seed: dict[int, dict]) -> dict[str, Any]:
@@ -646,7 +646,7 @@ def render_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name in ["base"] + report["methods"]:
         run = runs.get(name, {})
-        step = f"{run['step_time_s']:.2f}" if run else "–"
+        step = f"{run['step_time_s']:.2f}" if run.get("step_time_s") is not None else "–"
         mem = f"{run['peak_mem_bytes'] / 2**30:.2f}" if run and "peak_mem_bytes" in run else "–"
         lines.append("| " + " | ".join([name, *_results_cells(res[name], base), step, mem]) + " |")
     n = {k: base[k]["n"] for k in ("target_acc", "general_ppl", "mc_acc_norm") if k in base}

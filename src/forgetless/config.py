@@ -429,6 +429,7 @@ OWNED_TRAINING_ARGUMENTS = {
     "bf16": "model.dtype", "fp16": "model.dtype", "report_to": "train.report_to",
     "disable_tqdm": "train.progress_bar", "remove_unused_columns": "(forgetless needs its columns)",
     "use_cpu": "(chosen from the machine)",
+    "restore_callback_states_from_checkpoint": "(--resume restores forgetless's own run state)",
 }
 
 

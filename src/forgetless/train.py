@@ -153,14 +153,16 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         curve.attach(trainer)
     tensorboard_into(trainer, output_dir / "tensorboard")
 
-    # a resumed run's summary counts its steps before the resume too (the checkpoint's tally); a checkpoint
-    # written before forgetless kept one: the steps trained here alone
+    # a resumed run's summary counts its steps before the resume too (the checkpoint's tally; from a checkpoint
+    # written before forgetless kept one: the steps trained from there)
     resumed_at = checkpoint_step(resume_from) if resume_from else 0
-    whole_run = trainer.tally.resume_from(resume_from) if resume_from else True
+    if resume_from:
+        trainer.tally.resume_from(resume_from, resumed_at)
     memory: dict[str, int] = {}
     with peak_memory(memory) if measure_memory else contextlib.nullcontext():
+        trainer.tally.start()
         result = trainer.train(resume_from_checkpoint=resume_from)
-    counted = result.global_step - (0 if whole_run else resumed_at)  # the steps the tally's figures cover
+    counted = result.global_step - trainer.tally.from_step  # the steps the tally's figures cover
     train_seconds = trainer.tally.total_seconds()
 
     summary: dict[str, Any] = {
@@ -169,15 +171,19 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         "finetune": config.model.finetune,
         "train_examples": len(train_ds),
         "global_steps": result.global_step,
-        # the mean step loss, as Trainer's train_loss, over the run; each process's own: averaged
+        # the mean step loss over the run, as Trainer's train_loss; each process's own, averaged (None: no step
+        # counted, a resume from the last checkpoint of a run written before forgetless kept its tally)
         "train_loss": trainer.accelerator.reduce(
-            torch.tensor(trainer.tally.total_loss() / max(counted, 1), device=trainer.args.device), "mean").item(),
+            torch.tensor(trainer.tally.total_loss() / counted, device=trainer.args.device), "mean").item()
+        if counted else None,
         "train_seconds": round(train_seconds, 2),
-        "step_time_s": train_seconds / max(counted, 1),
+        "step_time_s": train_seconds / counted if counted else None,
         "inputs": inputs,
     }
     if resume_from:
         summary["resumed_at_step"] = resumed_at
+        if trainer.tally.from_step:
+            summary["counted_from_step"] = trainer.tally.from_step  # train_loss, train_seconds, step_time_s
     if measure_memory:
         summary["peak_mem_bytes"] = memory["peak_bytes"]
     if curve:

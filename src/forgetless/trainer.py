@@ -38,7 +38,7 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate.utils import DistributedType
@@ -148,7 +148,9 @@ class ForgetlessTrainer(Trainer):
             if problem:
                 raise ConfigError(f"train.loss_chunk: {problem}")
         self._step = self._additive_step if self.perturber is None else self._perturbing_step
-        self.tally = RunTally()  # the run's seconds and loss, carried through a resume (its summary's)
+        # the run's seconds and loss, carried through a resume (its summary's)
+        self.tally = RunTally(lambda value: self.accelerator.reduce(
+            torch.tensor(value, device=self.args.device), "mean").item())
         self.add_callback(self.tally)
         self._micro_of_step = (-1, 0)  # (optimizer step, micro-batches run in it): see micro_step()
         # Makes Trainer count the response tokens of each optimizer step (over accumulation and
@@ -471,16 +473,38 @@ class ForgetlessTrainer(Trainer):
 
 class RunTally(TrainerCallback, ExportableState):
     """The run's training seconds and summed micro-batch losses (what training_step returns, as Trainer sums them
-    for its train_loss), saved in every checkpoint (trainer_state.json's stateful_callbacks) and read back by
-    `resume_from`: Trainer counts only the steps its own process trained, so a resumed run's summary would
-    report the part after the resume (and 0 for a resume from the last checkpoint). Under several processes
-    the steps before a resume count the main process's losses (the one that writes the checkpoint)."""
+    for its train_loss) since step `from_step`, saved in every checkpoint (trainer_state.json's
+    stateful_callbacks) and read back by `resume_from`. Trainer counts only the steps its own process trained,
+    so a resumed run's summary would report the part after the resume (and 0 for a resume from the last
+    checkpoint). `from_step` is 0 but for a run resumed from a checkpoint written before forgetless kept a
+    tally: its figures start at that checkpoint's step, and say so in the checkpoints it writes.
 
-    def __init__(self) -> None:
-        self.seconds = 0.0  # trained before this process's training began (a resumed run's earlier part)
-        self.loss_sum = 0.0
+    The loss sum is each process's own; at each save every process takes the mean over processes (`reduce`,
+    a collective: on_step_end, where every process knows a save is due), so what the main process saves, and
+    every process reads back on resume, is the mean, as the summary's figure is."""
+
+    def __init__(self, reduce: Callable[[float], float] = lambda value: value) -> None:
+        self.reduce = reduce
+        self.from_step = 0
+        self._before = (0.0, 0.0)  # (seconds, loss sum) of the steps before this process's training
+        self.seconds, self.loss_sum = self._before
         self._pending: torch.Tensor | None = None  # summed on the device: no sync per micro-batch
         self._since: float | None = None
+
+    def resume_from(self, checkpoint: str | Path, step: int) -> None:
+        """Continue the tally `checkpoint` (saved after `step` steps) holds; or, from one written before
+        forgetless kept a tally, start it at `step`."""
+        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+        attributes = (saved.get(type(self).__name__) or {}).get("attributes")
+        if attributes:
+            self._before = (float(attributes["seconds"]), float(attributes["loss_sum"]))
+            self.from_step = int(attributes.get("from_step", 0))
+        else:
+            self._before, self.from_step = (0.0, 0.0), step
+
+    def start(self) -> None:
+        """The clock starts (train(), just before Trainer's train: its setup and step 0's curve are training time)."""
+        self._since = time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
         loss = loss.detach().float()
@@ -495,25 +519,25 @@ class RunTally(TrainerCallback, ExportableState):
     def total_seconds(self) -> float:
         return self.seconds + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
-    def resume_from(self, checkpoint: str | Path) -> bool:
-        """Take the tally a checkpoint saved; False when it has none (written before forgetless kept one)."""
-        saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
-        attributes = (saved.get(type(self).__name__) or {}).get("attributes")
-        if not attributes:
-            return False
-        self.seconds, self.loss_sum = float(attributes["seconds"]), float(attributes["loss_sum"])
-        return True
-
     def on_train_begin(self, args, state, control, **kwargs):
-        self._since = time.perf_counter()
+        # afresh at each start of Trainer's loop (auto_find_batch_size starts it again after an out-of-memory)
+        self.loss_sum, self._pending = self._before[1], None
+        self.seconds = self._before[0]
+        if self._since is None:
+            self.start()
         # a checkpoint written before the tally existed has no entry, and Trainer's save expects one
         state.stateful_callbacks.setdefault(type(self).__name__, {})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by then (DefaultFlowCallback comes first), alike on every process
+            self.loss_sum = self.reduce(self.total_loss())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds, self._since = self.total_seconds(), None
 
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"seconds": self.total_seconds(), "loss_sum": self.total_loss()}}
+        return {"args": {}, "attributes": {"seconds": self.total_seconds(), "loss_sum": self.total_loss(),
+                                           "from_step": self.from_step}}
 
 
 class MetricsFileCallback(TrainerCallback):
