@@ -205,8 +205,9 @@ def test_the_base_answers_are_generated_once_and_reused_by_a_fresh_process(tiny_
     root = tmp_path / "cmp"
     stored = json.loads((root / BASE_ANSWERS).read_text())
     assert stored["key"] == json.loads(json.dumps(Suite(config, root).key()))
-    [(spec, budget, prompts, ends, tokens, ended)] = stored["answers"]
+    [(spec, budget, prompts, ends, tokens, ended, rows)] = stored["answers"]
     assert budget == suite.instructions_max_new_tokens and len(prompts) == len(tokens) == len(ended) > 0
+    assert rows == evaluate_mod.generation_batch(config.evaluation)
     folder = next(root.glob("sft/**/train_summary.json")).parent
     first = json.loads((folder / RUN_EVAL).read_text())["results"]["items"]
 
@@ -219,6 +220,12 @@ def test_the_base_answers_are_generated_once_and_reused_by_a_fresh_process(tiny_
     again = Suite(config, root).run_results("sft", run_cfg, summary, overwrite=True)  # a new base object
     assert calls and not [d for d in calls if d.endswith("base answers")]
     assert again["items"]["instr_nll"] == first["instr_nll"] and again["items"]["instr_nll_ids"] == first["instr_nll_ids"]
+
+    # a store written before entries recorded their rows per generate call: of its suite's, so reused
+    (root / BASE_ANSWERS).write_text(json.dumps({**stored, "answers": [entry[:6] for entry in stored["answers"]]}))
+    calls.clear()
+    Suite(config, root).run_results("sft", run_cfg, summary, overwrite=True)
+    assert calls and not [d for d in calls if d.endswith("base answers")]
 
     (root / BASE_ANSWERS).write_text(json.dumps({**stored, "key": {"another": "suite"}}))
     calls.clear()

@@ -293,6 +293,9 @@ def test_instruction_retention_scores_the_base_models_own_answers(tiny_llama, su
     assert len(calls) == 3  # still no second generation of the base's answers
     evaluate(tuned, tok, dataclasses.replace(cfg, instructions_max_new_tokens=budget + 2), DataConfig(), base=base)
     assert len(calls) == 5 and calls[4] is base  # another budget: the base's answers generated again
+    other_rows = dataclasses.replace(cfg, generation_batch_size=ev.generation_batch(cfg) + 1)
+    evaluate(tuned, tok, other_rows, DataConfig(), base=base)
+    assert len(calls) == 7 and calls[6] is base  # other rows per generate call (other padding): generated again
 
     # by hand, in float64: the base's answers as generated, each ending with its end-of-sequence token
     answers, ended = [], []

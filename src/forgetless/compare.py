@@ -34,8 +34,8 @@ import torch
 from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
-from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluate_run, know_base_answers,
-                                 load_base)
+from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluate_run, generation_batch,
+                                 know_base_answers, load_base)
 from forgetless.identity import evaluation_inputs, source_digest
 from forgetless.model import resolve_model_path
 from forgetless.run_folder import reusable_summary, stopped_with_checkpoint
@@ -293,7 +293,7 @@ class Suite:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet, or unreadable: generated (and written) again
         if stored:
-            know_base_answers(base, stored)
+            know_base_answers(base, stored, generation_batch(self.config.evaluation))
         results = compute(base, tokenizer)
         answers = base_answers(base)
         if answers and answers != stored:  # keyed as it is after the evaluation, as _cached keys its results

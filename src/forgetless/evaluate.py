@@ -335,24 +335,29 @@ def run_lm_eval(model, tokenizer, cfg: EvalConfig) -> dict[str, Any]:
 
 # the base model's greedy answers to the instructions (token ids, each up to and including the end-of-sequence
 # token that ended it, and whether it ended), per base model (dropped with it) and (instructions, budget,
-# prompts, end-of-sequence id): generated once however many tuned models are compared with it
+# prompts, end-of-sequence ids, rows per generate call: padding changes the arithmetic, so a near tie may go
+# another way): generated once however many tuned models are compared with it
 _BASE_ANSWERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def base_answers(base) -> list[list]:
     """The base's instruction answers generated so far in this process, as JSON-ready entries
-    [instructions, max_new_tokens, prompts, end-of-sequence ids, answers' tokens, ended] (compare stores them
-    beside the base's evaluation, so a worker process, or a later comparison, need not generate them again)."""
-    return [[spec, budget, list(prompts), list(ends), tokens, ended]
-            for (spec, budget, prompts, ends), (tokens, ended) in _BASE_ANSWERS.get(base, {}).items()]
+    [instructions, max_new_tokens, prompts, end-of-sequence ids, answers' tokens, ended, rows per generate call]
+    (compare stores them beside the base's evaluation, so a worker process, or a later comparison, need not
+    generate them again)."""
+    return [[spec, budget, list(prompts), list(ends), tokens, ended, batch]
+            for (spec, budget, prompts, ends, batch), (tokens, ended) in _BASE_ANSWERS.get(base, {}).items()]
 
 
-def know_base_answers(base, entries: list[list]) -> None:
+def know_base_answers(base, entries: list[list], batch: int) -> None:
     """Take `entries` (as base_answers returns them) as the base's answers: instruction_retention reuses
-    an entry whose instructions, budget, rendered prompts and end-of-sequence ids are its own."""
+    an entry whose instructions, budget, rendered prompts, end-of-sequence ids and rows per generate call are
+    its own. `batch`: the rows per call of an entry stored before entries recorded it (compare's file is keyed
+    by the suite, whose generation batch it was)."""
     known = _BASE_ANSWERS.setdefault(base, {})
-    for spec, budget, prompts, ends, tokens, ended in entries:
-        known.setdefault((spec, budget, tuple(prompts), tuple(ends)), (tokens, ended))
+    for spec, budget, prompts, ends, tokens, ended, *stored_batch in entries:
+        known.setdefault((spec, budget, tuple(prompts), tuple(ends), stored_batch[0] if stored_batch else batch),
+                         (tokens, ended))
 
 
 def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfig, base, name: str,
@@ -379,7 +384,8 @@ def instruction_retention(model, tokenizer, cfg: EvalConfig, data_cfg: DataConfi
     greedy_answers(model, tokenizer, prompts, cfg.instructions_max_new_tokens, generation_batch(cfg),
                    f"{name}: instructions", ended=own_ended, tokens=own_tokens)
     known = _BASE_ANSWERS.setdefault(base if base is not None else model, {})
-    key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts), tuple(end_of_sequence_ids(model, tokenizer)))
+    key = (cfg.instructions, cfg.instructions_max_new_tokens, tuple(prompts), tuple(end_of_sequence_ids(model, tokenizer)),
+           generation_batch(cfg))
     if base is None:
         known[key] = own_tokens, own_ended
     if key not in known:
