@@ -164,3 +164,12 @@ def test_every_method_of_a_long_report_has_its_own_look():
     assert len(set(styles)) == 20
     assert styles[:10] == [(f"C{i}", "o", "-") for i in range(10)]
     assert styles[12] == ("C2", "^", "--")
+
+
+def test_a_paired_difference_without_an_interval_says_so_instead_of_printing_nan():
+    """One scored item (a smoke run's single instruction answer that ended) has no interval: the cell says so."""
+    nan = float("nan")
+    one = {"mean": 0.09, "ci95": [nan, nan], "unit": "nats", "p": nan, "n": 1, "p_holm": nan, "holm": False}
+    assert _diff(one) == "+0.0900 (no interval: n=1)"
+    two = {**one, "ci95": [0.01, 0.17], "holm": True}
+    assert _diff(two) == "+0.0900 [+0.0100, +0.1700] *"

@@ -555,7 +555,10 @@ def _diff(entry: dict | None) -> str:
     if not entry:
         return "–"
     digits, suffix = _unit_format(entry["unit"])
-    lo, hi = entry["ci95"]
+    ci = entry.get("ci95")
+    if not ci or not all(math.isfinite(x) for x in ci):  # too few items for an interval (one answer scored)
+        return f"{entry['mean']:+.{digits}f}{suffix} (no interval: n={entry.get('n', '?')})"
+    lo, hi = ci
     star = " *" if entry.get("holm") else ""
     return f"{entry['mean']:+.{digits}f}{suffix} [{lo:+.{digits}f}, {hi:+.{digits}f}]{star}"
 
