@@ -268,11 +268,6 @@ def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str
     return checkpoint
 
 
-def checkpoint_step(checkpoint: str | Path) -> int:
-    """The optimizer steps a checkpoint was saved after."""
-    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
-
-
 def trim_metrics(output_dir: Path, checkpoint: str) -> None:
     """metrics.jsonl back to the checkpoint's step: the resumed run logs the later steps again, and its end of
     training (the row Trainer logs when training ends, `train_runtime`: a run killed after its last checkpoint
@@ -280,7 +275,7 @@ def trim_metrics(output_dir: Path, checkpoint: str) -> None:
     path = Path(output_dir) / METRICS
     if not path.is_file():
         return
-    step = checkpoint_step(checkpoint)
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -31,7 +31,7 @@ from forgetless import registry
 from forgetless.regularizers import Regularizer
 from forgetless.replay import ReplaySource
 from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
-                                   checkpoint_step, is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
+                                   is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
                                    save_aside, set_aside, stopped_with_checkpoint, trim_metrics, write_run,
                                    write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
@@ -155,9 +155,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 
     # a resumed run's summary counts its steps before the resume too (the checkpoint's tally; from a checkpoint
     # written before forgetless kept one: the steps trained from there)
-    resumed_at = checkpoint_step(resume_from) if resume_from else 0
-    if resume_from:
-        trainer.tally.resume_from(resume_from, resumed_at)
+    resumed_at = trainer.tally.resume_from(resume_from) if resume_from else 0
     memory: dict[str, int] = {}
     with peak_memory(memory) if measure_memory else contextlib.nullcontext():
         trainer.tally.start()
