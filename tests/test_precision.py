@@ -124,6 +124,8 @@ def test_train_extra_reaches_training_arguments_and_is_checked(tmp_path):
         load_config(None, ["train.extra={adam_beta: 0.9}"])
     with pytest.raises(ConfigError, match="train.extra.learning_rate: set by forgetless from train.learning_rate"):
         load_config(None, ["train.extra={learning_rate: 0.1}"])
+    with pytest.raises(ConfigError, match=r"train.extra.use_cpu: set by forgetless \(chosen from the machine\); leave it"):
+        load_config(None, ["train.extra={use_cpu: true}"])
     with pytest.raises(ConfigError, match="train.extra.bf16: set by forgetless from model.dtype"):
         load_config(None, ["train.extra={bf16: true}"])
 

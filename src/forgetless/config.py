@@ -446,8 +446,10 @@ def check_training_extra(extra: dict[str, Any], where: str = "") -> None:
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     for key in extra:
         if key in OWNED_TRAINING_ARGUMENTS:
-            raise ConfigError(f"{where}train.extra.{key}: set by forgetless from {OWNED_TRAINING_ARGUMENTS[key]}; "
-                              "use that key instead")
+            owner = OWNED_TRAINING_ARGUMENTS[key]
+            if owner.startswith("("):  # no key of ours sets it: a reason
+                raise ConfigError(f"{where}train.extra.{key}: set by forgetless {owner}; leave it out")
+            raise ConfigError(f"{where}train.extra.{key}: set by forgetless from {owner}; use that key instead")
         if key not in fields:
             close = difflib.get_close_matches(str(key), sorted(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
