@@ -143,8 +143,9 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one_did_and_its_summary_counts_
         torch.testing.assert_close(_adapter(run)[name], tensor, rtol=0, atol=0)
     assert after["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)  # not 0: no step was trained here
     assert after["train_seconds"] >= 0.9 * whole["train_seconds"]  # the tally's seconds, saved in the checkpoint
-    ends = [line for line in (run / "metrics.jsonl").read_text().splitlines() if "train_runtime" in line]
+    ends = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "train_runtime" in line]
     assert len(ends) == 1, "the killed run's end-of-training row is trimmed; the resume logs its own"
+    assert ends[0]["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)  # the run's, not Trainer's 0
 
     (run / "train_summary.json").unlink()  # killed after step 1's checkpoint
     for step in (2, 3):
@@ -177,6 +178,31 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one_did_and_its_summary_counts_
     again = _summary(run)
     assert again["resumed_at_step"] == 2 and again["counted_from_step"] == 1
     assert again["train_loss"] == pytest.approx(after["train_loss"], rel=1e-5)
+
+
+def test_a_resumed_runs_curve_seconds_count_the_measurements_before_the_resume(tiny_gpt2, suite, tmp_path):
+    """The forgetting curve's seconds are saved in each checkpoint: a run resumed from its last checkpoint, which
+    measures nothing more, reports the curve's cost over the whole run, not 0."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i)} for i in range(16)])
+    cfg = tiny_config(tiny_gpt2, data, tmp_path / "run", max_steps=3, save_steps=1, batch_size=8)
+    cfg.evaluation = suite
+    cfg.evaluation.every_steps, cfg.evaluation.curve_blocks, cfg.evaluation.curve_examples = 1, 2, 3
+    run = tmp_path / "run"
+    train(cfg)
+    whole = _summary(run)
+    assert whole["curve_seconds"] > 0
+    (run / "train_summary.json").unlink()  # killed after its last checkpoint, before the summary
+    train(cfg, resume=True)
+    after = _summary(run)
+    assert after["resumed_at_step"] == 3 and after["curve_seconds"] == pytest.approx(whole["curve_seconds"], abs=0.011)
+    # a checkpoint written before the curve saved its seconds: counted from the resume, as before
+    state_file = run / "checkpoints" / "checkpoint-3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["ForgettingCurve"]
+    state_file.write_text(json.dumps(state))
+    (run / "train_summary.json").unlink()
+    train(cfg, resume=True)
+    assert _summary(run)["curve_seconds"] == 0
 
 
 def test_save_aside_leaves_the_old_files_when_the_save_fails(tmp_path):

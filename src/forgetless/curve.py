@@ -13,6 +13,7 @@ train_summary.json) is what the curve cost.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,13 +28,17 @@ from forgetless.losses import forward_rows, next_token_targets, prediction_mask,
 
 with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "curve_reference.safetensors"
 
 
-class ForgettingCurve(TrainerCallback):
+class ForgettingCurve(TrainerCallback, ExportableState):
+    """The curve's measurements during training. Its seconds are saved in every checkpoint (trainer_state.json's
+    stateful_callbacks) and read back by `resume_from`, so a resumed run's curve_seconds covers the whole run."""
+
     def __init__(self, config, tokenizer, inputs_key: str = "") -> None:
         ev = config.evaluation
         self.every = ev.every_steps
@@ -66,6 +71,15 @@ class ForgettingCurve(TrainerCallback):
     def attach(self, trainer) -> None:
         self.trainer = trainer
 
+    def resume_from(self, checkpoint: str | Path) -> None:
+        """Continue the seconds `checkpoint` holds (one written before they were saved: from 0, this part's)."""
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        attributes = (state.get("stateful_callbacks", {}).get(type(self).__name__) or {}).get("attributes") or {}
+        self.seconds = float(attributes.get("seconds", 0.0))
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seconds": self.seconds}}
+
     @torch.no_grad()
     def _general(self, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position (NLL, log-probs) of the model on the fixed general-text blocks."""
@@ -75,6 +89,8 @@ class ForgettingCurve(TrainerCallback):
         return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1), logp
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # a checkpoint written before the curve saved its seconds has no entry, and Trainer's save expects one
+        state.stateful_callbacks.setdefault(type(self).__name__, {})
         if self.blocks is None:
             return
         path = Path(args.output_dir) / REFERENCE_FILE

@@ -156,6 +156,8 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     # a resumed run's summary counts its steps before the resume too (the checkpoint's tally; from a checkpoint
     # written before forgetless kept one: the steps trained from there)
     resumed_at = trainer.tally.resume_from(resume_from) if resume_from else 0
+    if curve and resume_from:
+        curve.resume_from(resume_from)
     memory: dict[str, int] = {}
     with peak_memory(memory) if measure_memory else contextlib.nullcontext():
         trainer.tally.start()
@@ -171,9 +173,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         "global_steps": result.global_step,
         # the mean step loss over the run, as Trainer's train_loss; each process's own, averaged (None: no step
         # counted, a resume from the last checkpoint of a run written before forgetless kept its tally)
-        "train_loss": trainer.accelerator.reduce(
-            torch.tensor(trainer.tally.total_loss() / counted, device=trainer.args.device), "mean").item()
-        if counted else None,
+        "train_loss": trainer.run_train_loss(),
         "train_seconds": round(train_seconds, 2),
         "step_time_s": train_seconds / counted if counted else None,
         "inputs": inputs,

@@ -468,7 +468,22 @@ class ForgetlessTrainer(Trainer):
             now = time.perf_counter()
             logs["tokens_per_s"] = total_tokens / max(now - self._last_log_time, 1e-9)
             self._tokens_seen, self._last_log_time = 0, now
+        if "train_runtime" in logs:  # the end of training: Trainer's train_loss counts only this process's steps
+            logs.pop("train_loss", None)  # (0 after a resume from the last checkpoint); the run's, as the summary's
+            loss = self.run_train_loss()
+            if loss is not None:
+                logs["train_loss"] = loss
         super().log(logs, start_time)
+
+    def run_train_loss(self) -> float | None:
+        """The mean step loss over the run, a resumed run's steps before its resume included (RunTally), averaged
+        over processes (a collective: every process calls it); None when the tally counted no step (a resume
+        from the last checkpoint of a run written before forgetless kept one)."""
+        counted = self.state.global_step - self.tally.from_step
+        if not counted:
+            return None
+        loss = torch.tensor(self.tally.total_loss() / counted, device=self.args.device)
+        return self.accelerator.reduce(loss, "mean").item()
 
 
 class RunTally(TrainerCallback, ExportableState):
