@@ -239,7 +239,7 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
                     raise SystemExit(f"{where}: {name} seed {seed} is also in {found[name][seed][0]}")
                 stored = _read_json(run / "compare_eval.json")
                 key = stored["key"]
-                if {k: v for k, v in key.items() if k != "run"} != base_stored["key"]:
+                if {k: v for k, v in key.items() if k not in ("run", "adapters")} != base_stored["key"]:
                     raise SystemExit(f"{where}/compare_eval.json: evaluated with another suite, model or machine than "
                                      f"{base_path} (an older evaluation kept from an earlier comparison?)")
                 summary_path = run / "train_summary.json"

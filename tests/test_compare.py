@@ -267,3 +267,53 @@ def test_a_comparison_stopped_mid_run_resumes_that_run_from_its_checkpoint(tiny_
     calls.clear()
     run_compare(tiny_compare(tiny_llama, suite, tmp_path, *overrides, "train.learning_rate=2e-2"))
     assert [kw.get("resume", False) for kw in calls] == [False] and (folder / "train_summary.json").exists()
+
+
+def test_a_float32_lora_run_is_evaluated_with_its_adapters_merged(tiny_llama, suite, tmp_path, monkeypatch):
+    """compare folds a float32 run's LoRA adapters into its base's weights before the suite (one matmul a layer,
+    not three): the figures equal the unmerged model's to float32 rounding, the stored evaluation's key says
+    so (an unmerged one is not reused for it), and a half-precision or quantised run stays unmerged."""
+    import yaml
+
+    import forgetless.evaluate as evaluate_mod
+    from forgetless.compare import RUN_EVAL, Suite
+    from forgetless.evaluate import evaluate, merges_for_evaluation
+    from forgetless.model import load_trained
+
+    config = tiny_compare(tiny_llama, suite, tmp_path, "train.max_steps=2", "train.learning_rate=5e-2",
+                          "compare.methods=[sft]")
+    run_compare(config)
+    root = tmp_path / "cmp"
+    folder = next(root.glob("sft/**/train_summary.json")).parent
+    stored = json.loads((folder / RUN_EVAL).read_text())
+    assert stored["key"]["adapters"] == "merged"
+    merged = stored["results"]["items"]
+
+    suite_obj = Suite(config, root)
+    base, tokenizer = suite_obj.base()
+    unmerged_model, _ = load_trained(folder, dtype=base.dtype)
+    lora_b = [p for n, p in unmerged_model.named_parameters() if "lora_B" in n]
+    assert max(float(p.abs().max()) for p in lora_b) > 1e-3  # trained: merging changes the weights
+    unmerged = evaluate(unmerged_model.eval(), tokenizer, config.evaluation, config.data, base=base)["items"]
+    for key in ("target_nll", "general_nll", "general_drift_kl", "instr_nll", "mc_acc"):
+        assert merged[key] == pytest.approx(unmerged[key], rel=1e-4, abs=1e-6), key
+    base_q = dict(base.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    merged_q = dict(unmerged_model.merge_and_unload().named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(base_q, merged_q)
+
+    # an evaluation stored unmerged (before this change) is evaluated again, not reused
+    summary = json.loads((folder / "train_summary.json").read_text())
+    (folder / RUN_EVAL).write_text(json.dumps({**stored, "key": {k: v for k, v in stored["key"].items()
+                                                                   if k != "adapters"}, "results": {"stale": 1}}))
+    seen = []
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda model, *a, **k: seen.append(model) or evaluate(model, *a, **k))
+    again = suite_obj.run_results("sft", load_config(folder / "config.yaml"), summary)
+    assert "stale" not in again and again["items"]["target_nll"] == pytest.approx(merged["target_nll"])
+    assert [type(m).__name__ for m in seen] == ["LlamaForCausalLM"]  # the merged model, not a PeftModel
+
+    assert not merges_for_evaluation(folder, torch.bfloat16)
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    saved["model"]["quantization"] = "4bit"
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert not merges_for_evaluation(folder, torch.float32)
+    assert not merges_for_evaluation(tiny_llama, torch.float32)  # a whole model: nothing to merge

@@ -35,9 +35,9 @@ from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.config import ForgetlessConfig, resolve_runs
 from forgetless.data import source_spec, train_sources
 from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluate_run, generation_batch,
-                                 know_base_answers, load_base)
+                                 know_base_answers, load_base, merges_for_evaluation)
 from forgetless.identity import evaluation_inputs, source_digest
-from forgetless.model import resolve_model_path
+from forgetless.model import resolve_dtype, resolve_model_path
 from forgetless.run_folder import reusable_summary, stopped_with_checkpoint
 from forgetless import stats
 from forgetless.train import set_aside_kept, train, why_not_resumed
@@ -273,8 +273,17 @@ class Suite:
         return self._cached(self.root / BASE_EVAL, self.key, overwrite, lambda: self._sharing_base_answers(
             lambda base, tokenizer: evaluate(base, tokenizer, self.config.evaluation, self.config.data, name="base")))
 
+    def run_key(self, cfg: ForgetlessConfig, summary: dict) -> dict:
+        """A run's stored evaluation's key: the suite's, the run's training summary, and whether its adapters are
+        merged for the suite (evaluate.merges_for_evaluation: the figures then differ in float32 rounding, so an
+        evaluation stored unmerged is not reused as a merged one's, nor the other way)."""
+        key = {**self.key(), "run": summary}
+        if merges_for_evaluation(cfg.output_dir, resolve_dtype(self.config.model)):
+            key["adapters"] = "merged"
+        return key
+
     def run_results(self, name: str, cfg: ForgetlessConfig, summary: dict, overwrite: bool = False) -> dict:
-        return self._cached(Path(cfg.output_dir) / RUN_EVAL, lambda: {**self.key(), "run": summary}, overwrite,
+        return self._cached(Path(cfg.output_dir) / RUN_EVAL, lambda: self.run_key(cfg, summary), overwrite,
                             lambda: self._sharing_base_answers(
                                 lambda base, tokenizer: evaluate_run(self.config, base, tokenizer, cfg.output_dir,
                                                                      name)))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from forgetless.data import (check_encodable, end_of_sequence_ids, general_blocks, general_domains,
@@ -419,10 +420,26 @@ def load_base(config):
     return base, load_tokenizer(path)
 
 
+def merges_for_evaluation(out_dir: str | Path, dtype: torch.dtype) -> bool:
+    """Whether evaluate_run folds the folder's LoRA adapters into its base's weights before the suite: only a
+    float32 base (in half precision W + BA is rounded to W's precision, which loses most of a small update)
+    and only unquantised (QLoRA's 4/8-bit weights hold no exact sum). The same model, with one matmul per
+    layer instead of three: about a fifth less time per evaluation on a CPU (bench/eval_merge.py); figures
+    equal to float32 rounding, so the stored evaluation's key records it (forgetless.compare.Suite)."""
+    folder = Path(out_dir)
+    if dtype != torch.float32 or not (folder / "adapter_config.json").is_file():
+        return False
+    saved = folder / "config.yaml"
+    quantised = saved.is_file() and ((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("quantization")
+    return not quantised
+
+
 def evaluate_run(config, base, tokenizer, out_dir: str, name: str) -> dict[str, Any]:
     """The suite on one fine-tuned output folder, with drift measured against `base`."""
     # in the base model's precision, so drift measures training, not a change of dtype
     model, _ = load_trained(out_dir, dtype=base.dtype, device=default_device())
+    if merges_for_evaluation(out_dir, base.dtype):
+        model = model.merge_and_unload()
     results = evaluate(model.eval(), tokenizer, config.evaluation, config.data, base=base, name=name)
     del model
     return results
