@@ -195,14 +195,18 @@ def test_a_resumed_runs_curve_seconds_count_the_measurements_before_the_resume(t
     train(cfg, resume=True)
     after = _summary(run)
     assert after["resumed_at_step"] == 3 and after["curve_seconds"] == pytest.approx(whole["curve_seconds"], abs=0.011)
-    # a checkpoint written before the curve saved its seconds: counted from the resume, as before
-    state_file = run / "checkpoints" / "checkpoint-3" / "trainer_state.json"
+    # a checkpoint written before the curve saved its seconds: counted from the resume (step 3's measurement),
+    # and the checkpoint that resume writes has the entry again
+    state_file = run / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     del state["stateful_callbacks"]["ForgettingCurve"]
     state_file.write_text(json.dumps(state))
+    shutil.rmtree(run / "checkpoints" / "checkpoint-3")
     (run / "train_summary.json").unlink()
     train(cfg, resume=True)
-    assert _summary(run)["curve_seconds"] == 0
+    assert 0 < _summary(run)["curve_seconds"] < whole["curve_seconds"]
+    rewritten = json.loads((run / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert rewritten["stateful_callbacks"]["ForgettingCurve"]["attributes"]["seconds"] > 0
 
 
 def test_save_aside_leaves_the_old_files_when_the_save_fails(tmp_path):

@@ -44,6 +44,7 @@ class ForgettingCurve(TrainerCallback, ExportableState):
         self.every = ev.every_steps
         self.trainer = None  # set by attach(): the curve logs through the trainer, like its other metrics
         self.seconds = 0.0
+        self._before = 0.0  # the seconds of the steps before this process's training (a resumed run's)
         self.blocks = None
         if ev.general_text:
             # held-out blocks of every domain in turn; a short text's reported blocks when that is all there is
@@ -75,7 +76,7 @@ class ForgettingCurve(TrainerCallback, ExportableState):
         """Continue the seconds `checkpoint` holds (one written before they were saved: from 0, this part's)."""
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         attributes = (state.get("stateful_callbacks", {}).get(type(self).__name__) or {}).get("attributes") or {}
-        self.seconds = float(attributes.get("seconds", 0.0))
+        self._before = self.seconds = float(attributes.get("seconds", 0.0))
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"seconds": self.seconds}}
@@ -91,6 +92,7 @@ class ForgettingCurve(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # a checkpoint written before the curve saved its seconds has no entry, and Trainer's save expects one
         state.stateful_callbacks.setdefault(type(self).__name__, {})
+        self.seconds = self._before  # afresh at each start (auto_find_batch_size starts again after out-of-memory)
         if self.blocks is None:
             return
         path = Path(args.output_dir) / REFERENCE_FILE

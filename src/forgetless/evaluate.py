@@ -15,6 +15,7 @@ how the report shows it). The suite computes the per-item values and records eac
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -420,14 +421,26 @@ def load_base(config):
     return base, load_tokenizer(path)
 
 
+# layers whose LoRA update merged into a weight tied between the input and output embeddings would change both
+# (peft only warns): a run adapting one of these is evaluated unmerged (always right, merely slower)
+EMBEDDING_LAYERS = {"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out", "word_embeddings"}
+
+
 def merges_for_evaluation(out_dir: str | Path, dtype: torch.dtype) -> bool:
     """Whether evaluate_run folds the folder's LoRA adapters into its base's weights before the suite: only a
-    float32 base (in half precision W + BA is rounded to W's precision, which loses most of a small update)
-    and only unquantised (QLoRA's 4/8-bit weights hold no exact sum). The same model, with one matmul per
-    layer instead of three: about a fifth less time per evaluation on a CPU (bench/eval_merge.py); figures
-    equal to float32 rounding, so the stored evaluation's key records it (forgetless.compare.Suite)."""
+    float32 base (in half precision W + BA is rounded to W's precision, which loses most of a small update),
+    only unquantised (QLoRA's 4/8-bit weights hold no exact sum), only a plain LoRA adapter on named layers that
+    are not embeddings or the LM head, with no whole modules saved beside it. The same model with one matmul per
+    layer instead of three: 0.93x the suite's time on the embedded default (bench/eval_merge.py); figures equal
+    to float32 rounding, so the stored evaluation's key records it (forgetless.compare.Suite.run_key). Decided
+    from the folder's files alone, so the key is known before the model is loaded."""
     folder = Path(out_dir)
     if dtype != torch.float32 or not (folder / "adapter_config.json").is_file():
+        return False
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    targets, saved_whole = adapter.get("target_modules"), adapter.get("modules_to_save")
+    if (adapter.get("peft_type") != "LORA" or not isinstance(targets, list) or saved_whole
+            or any(name.split(".")[-1] in EMBEDDING_LAYERS for name in targets)):
         return False
     saved = folder / "config.yaml"
     quantised = saved.is_file() and ((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("quantization")
