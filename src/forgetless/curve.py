@@ -13,7 +13,6 @@ train_summary.json) is what the curve cost.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -72,11 +71,10 @@ class ForgettingCurve(TrainerCallback, ExportableState):
     def attach(self, trainer) -> None:
         self.trainer = trainer
 
-    def resume_from(self, checkpoint: str | Path) -> None:
-        """Continue the seconds `checkpoint` holds (one written before they were saved: from 0, this part's)."""
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-        attributes = (state.get("stateful_callbacks", {}).get(type(self).__name__) or {}).get("attributes") or {}
-        self._before = self.seconds = float(attributes.get("seconds", 0.0))
+    def resume_from(self, attributes: dict) -> None:
+        """Continue the seconds a checkpoint's `attributes` hold (run_folder.checkpoint_state; one written before
+        they were saved has none: from 0, this part's). on_train_begin starts from them."""
+        self._before = float(attributes.get("seconds", 0.0))
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"seconds": self.seconds}}

@@ -268,14 +268,23 @@ def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str
     return checkpoint
 
 
-def trim_metrics(output_dir: Path, checkpoint: str) -> None:
+def checkpoint_state(checkpoint: str | Path) -> tuple[int, dict[str, dict]]:
+    """What a resume reads of a checkpoint's trainer_state.json: (the optimizer steps it was saved after, each
+    saved callback's attributes by class name: forgetless's RunTally and ForgettingCurve, absent from a
+    checkpoint written before they were saved)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    callbacks = state.get("stateful_callbacks") or {}
+    return int(state["global_step"]), {name: (saved or {}).get("attributes") or {} for name, saved in callbacks.items()
+                                        if isinstance(saved, dict)}
+
+
+def trim_metrics(output_dir: Path, step: int) -> None:
     """metrics.jsonl back to the checkpoint's step: the resumed run logs the later steps again, and its end of
     training (the row Trainer logs when training ends, `train_runtime`: a run killed after its last checkpoint
     may have logged it already)."""
     path = Path(output_dir) / METRICS
     if not path.is_file():
         return
-    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -31,9 +31,9 @@ from forgetless import registry
 from forgetless.regularizers import Regularizer
 from forgetless.replay import ReplaySource
 from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_dir, check_resume,  # noqa: F401
-                                   is_finished, is_run, latest_checkpoint, prepare_output_dir, reusable_summary,
-                                   save_aside, set_aside, stopped_with_checkpoint, trim_metrics, write_run,
-                                   write_summary)
+                                   checkpoint_state, is_finished, is_run, latest_checkpoint, prepare_output_dir,
+                                   reusable_summary, save_aside, set_aside, stopped_with_checkpoint, trim_metrics,
+                                   write_run, write_summary)
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
@@ -120,6 +120,8 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     # resume and its reuse by compare are keyed by it
     inputs = run_inputs(config, holdout)
     resume_from = check_resume(output_dir, config.to_dict(), inputs) if resume else None
+    # the checkpoint's step and what forgetless's callbacks saved in it (read once: trimming, tally, curve)
+    saved_step, saved = checkpoint_state(resume_from) if resume_from else (0, {})
     regularizers, replay = build_method(config)
 
     args = training_arguments(config, checkpoint_dir)
@@ -130,7 +132,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if is_main:
         prepare_output_dir(output_dir, overwrite, resume, inputs)
         if resume_from:
-            trim_metrics(output_dir, resume_from)
+            trim_metrics(output_dir, saved_step)
         dump_config(config, output_dir / "config.yaml")  # before the caches are built: a kill then can resume
     args.distributed_state.wait_for_everyone()
     inputs_key = digest(inputs)
@@ -155,9 +157,10 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
 
     # a resumed run's summary counts its steps before the resume too (the checkpoint's tally; from a checkpoint
     # written before forgetless kept one: the steps trained from there)
-    resumed_at = trainer.tally.resume_from(resume_from) if resume_from else 0
-    if curve and resume_from:
-        curve.resume_from(resume_from)
+    if resume_from:
+        trainer.tally.resume_from(saved.get(type(trainer.tally).__name__, {}), saved_step)
+        if curve:
+            curve.resume_from(saved.get(type(curve).__name__, {}))
     memory: dict[str, int] = {}
     with peak_memory(memory) if measure_memory else contextlib.nullcontext():
         trainer.tally.start()
@@ -179,7 +182,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
         "inputs": inputs,
     }
     if resume_from:
-        summary["resumed_at_step"] = resumed_at
+        summary["resumed_at_step"] = saved_step
         if trainer.tally.from_step:
             summary["counted_from_step"] = trainer.tally.from_step  # train_loss, train_seconds, step_time_s
     if measure_memory:

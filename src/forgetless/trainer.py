@@ -506,18 +506,14 @@ class RunTally(TrainerCallback, ExportableState):
         self._pending: torch.Tensor | None = None  # summed on the device: no sync per micro-batch
         self._since: float | None = None
 
-    def resume_from(self, checkpoint: str | Path) -> int:
-        """Continue the tally `checkpoint` holds; or, from one written before forgetless kept a tally, start it
-        at the checkpoint's step. Returns that step (the optimizer steps the checkpoint was saved after)."""
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-        step = int(state["global_step"])
-        attributes = (state.get("stateful_callbacks", {}).get(type(self).__name__) or {}).get("attributes")
+    def resume_from(self, attributes: dict, step: int) -> None:
+        """Continue the tally a checkpoint saved after `step` steps holds (its `attributes`:
+        run_folder.checkpoint_state); or, from one written before forgetless kept a tally (none), start it at `step`."""
         if attributes:
             self._before = (float(attributes["seconds"]), float(attributes["loss_sum"]))
             self.from_step = int(attributes.get("from_step", 0))
         else:
             self._before, self.from_step = (0.0, 0.0), step
-        return step
 
     def start(self) -> None:
         """The clock starts (train(), just before Trainer's train: its setup and step 0's curve are training time)."""
