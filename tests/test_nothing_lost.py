@@ -5,11 +5,12 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from forgetless import identity
+from forgetless import curve as curve_module, identity
 from forgetless.cache import build_once, load_matching, save_atomic
 from forgetless.cli import main
 from forgetless.errors import ConfigError
@@ -180,23 +181,27 @@ def test_a_resumed_run_ends_as_the_uninterrupted_one_did_and_its_summary_counts_
     assert again["train_loss"] == pytest.approx(after["train_loss"], rel=1e-5)
 
 
-def test_a_resumed_runs_curve_seconds_count_the_measurements_before_the_resume(tiny_gpt2, suite, tmp_path):
+def test_a_resumed_runs_curve_seconds_count_the_measurements_before_the_resume(tiny_gpt2, suite, tmp_path, monkeypatch):
     """The forgetting curve's seconds are saved in each checkpoint: a run resumed from its last checkpoint, which
     measures nothing more, reports the curve's cost over the whole run, not 0."""
+    # a clock on which each timed part of the curve takes exactly one second: the sums below are exact, where a real
+    # clock's few milliseconds on a fast machine round to 0.0 in the summary
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(curve_module, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Calculate {i} + 1.", "response": str(i)} for i in range(16)])
     cfg = tiny_config(tiny_gpt2, data, tmp_path / "run", max_steps=3, save_steps=1, batch_size=8)
     cfg.evaluation = suite
     cfg.evaluation.every_steps, cfg.evaluation.curve_blocks, cfg.evaluation.curve_examples = 1, 2, 3
     run = tmp_path / "run"
     train(cfg)
-    whole = _summary(run)
-    assert whole["curve_seconds"] > 0
+    # the base reference, the measurement before the first step, and one after each of the 3 steps
+    assert _summary(run)["curve_seconds"] == 5.0
     (run / "train_summary.json").unlink()  # killed after its last checkpoint, before the summary
     train(cfg, resume=True)
     after = _summary(run)
-    assert after["resumed_at_step"] == 3 and after["curve_seconds"] == pytest.approx(whole["curve_seconds"], abs=0.011)
-    # a checkpoint written before the curve saved its seconds: counted from the resume (step 3's measurement),
-    # and the checkpoint that resume writes has the entry again
+    assert after["resumed_at_step"] == 3 and after["curve_seconds"] == 5.0
+    # a checkpoint written before the curve saved its seconds: counted from the resume (step 3's measurement; the
+    # stored reference is reused), and the checkpoint that resume writes has the entry again
     state_file = run / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     del state["stateful_callbacks"]["ForgettingCurve"]
@@ -204,9 +209,9 @@ def test_a_resumed_runs_curve_seconds_count_the_measurements_before_the_resume(t
     shutil.rmtree(run / "checkpoints" / "checkpoint-3")
     (run / "train_summary.json").unlink()
     train(cfg, resume=True)
-    assert 0 < _summary(run)["curve_seconds"] < whole["curve_seconds"]
+    assert _summary(run)["curve_seconds"] == 1.0
     rewritten = json.loads((run / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
-    assert rewritten["stateful_callbacks"]["ForgettingCurve"]["attributes"]["seconds"] > 0
+    assert rewritten["stateful_callbacks"]["ForgettingCurve"]["attributes"]["seconds"] == 1.0
 
 
 def test_save_aside_leaves_the_old_files_when_the_save_fails(tmp_path):

@@ -188,7 +188,7 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     if measure_memory:
         summary["peak_mem_bytes"] = memory["peak_bytes"]
     if curve:
-        summary["curve_seconds"] = round(curve.seconds, 2)
+        summary["curve_seconds"] = round(curve.seconds, 3)  # a tiny model's few milliseconds are not 0
     summary.update(extra_summary or {})
     if replay is not None:
         summary.update(replay.summary())
