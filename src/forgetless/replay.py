@@ -125,7 +125,7 @@ class ReplaySource:
         """What train_summary.json records of the source (self-replay's generation cost)."""
         if self.generation_seconds is None:
             return {}
-        return {"self_replay_generation_seconds": round(self.generation_seconds, 2),
+        return {"self_replay_generation_seconds": round(self.generation_seconds, 3),
                 "self_replay_rows": len(self)}
 
     def row_indices(self, first: int, count: int, rank: int | None = None) -> list[int]:
