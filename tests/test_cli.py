@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from forgetless.errors import ModelError
+from forgetless.model import load_trained
+
 from conftest import memorisation_rows, write_jsonl
 
 
@@ -96,3 +99,14 @@ def test_eval_command_writes_results_for_base_and_run(tiny_llama, tmp_path):
     assert set(results) == {"base", str(tmp_path / "o")}
     assert results["base"]["general_drift_kl"]["value"] == 0.0
     assert results[str(tmp_path / "o")]["target_acc"]["n"] == 4
+    # a damaged adapter config: one line naming the file, no traceback, and nothing written over the results
+    adapter = tmp_path / "o" / "adapter_config.json"
+    text = adapter.read_text()
+    adapter.write_text(text[: len(text) // 2])  # cut short, as by a full disk
+    res = run_cli("eval", "default", *common, "--run", str(tmp_path / "o"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"{adapter} is not valid JSON" in res.stderr and "train the run again" in res.stderr
+    assert json.loads((tmp_path / "o" / "eval.json").read_text()) == results
+    adapter.write_text("[]")
+    with pytest.raises(ModelError, match="not a peft adapter config"):
+        load_trained(tmp_path / "o")

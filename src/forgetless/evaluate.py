@@ -15,7 +15,6 @@ how the report shows it). The suite computes the per-item values and records eac
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -38,7 +37,8 @@ from forgetless.sections import SELF, ReplayConfig
 from forgetless.errors import ConfigError, DataError
 from forgetless.generation import complete
 from forgetless.losses import forward_rows, token_kl, upcast
-from forgetless.model import default_device, load_model, load_tokenizer, load_trained, resolve_model_path
+from forgetless.model import (default_device, load_model, load_tokenizer, load_trained, read_adapter_config,
+                              resolve_model_path)
 from forgetless import stats
 
 logger = logging.getLogger(__name__)
@@ -437,7 +437,7 @@ def merges_for_evaluation(out_dir: str | Path, dtype: torch.dtype) -> bool:
     folder = Path(out_dir)
     if dtype != torch.float32 or not (folder / "adapter_config.json").is_file():
         return False
-    adapter = json.loads((folder / "adapter_config.json").read_text())
+    adapter = read_adapter_config(folder)
     targets, saved_whole = adapter.get("target_modules"), adapter.get("modules_to_save")
     if (adapter.get("peft_type") != "LORA" or not isinstance(targets, list) or saved_whole
             or any(name.split(".")[-1] in EMBEDDING_LAYERS for name in targets)):

@@ -305,6 +305,21 @@ def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     return factors
 
 
+def read_adapter_config(folder: str | Path) -> dict:
+    """A folder's adapter_config.json as a dict; a file cut short or edited into something else is a ModelError
+    naming it (peft would fail on it deep inside from_pretrained)."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        adapter = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"{path} is not valid JSON ({error}); the adapter folder is damaged: train the run again "
+                         "(or restore the file from its last checkpoint in checkpoints/)") from None
+    if not isinstance(adapter, dict) or "peft_type" not in adapter:
+        raise ModelError(f"{path} is not a peft adapter config (no 'peft_type'); the adapter folder is damaged: "
+                         "train the run again (or restore the file from its last checkpoint in checkpoints/)")
+    return adapter
+
+
 def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
     """Load a forgetless output folder (adapter or full model), or any model folder, for inference:
     (model, tokenizer) on `device` (default: the CPU).
@@ -329,10 +344,13 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
         with environment_kept():
             from peft import PeftModel
 
+        adapter = read_adapter_config(output_dir)
         if saved.is_file():
             base_path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
+        elif not adapter.get("base_model_name_or_path"):
+            raise ModelError(f"{output_dir / 'adapter_config.json'} names no base model ('base_model_name_or_path') "
+                             "and the folder has no config.yaml: add the base's path or Hub id to the file")
         else:  # an adapter folder from elsewhere: the base it names
-            adapter = json.loads((output_dir / "adapter_config.json").read_text())
             base_path = resolve_model_path(adapter["base_model_name_or_path"])
         base = load_model(model_cfg, base_path, device=device)
         model = PeftModel.from_pretrained(base, output_dir)
