@@ -210,7 +210,8 @@ def _suite(key: dict) -> dict:
     """What of a stored evaluation's key names the suite and its data (not the machine that ran it)."""
     inputs = key.get("inputs", {})
     return {"evaluation": key.get("evaluation"), "data": key.get("data"),
-            "evaluation_data": inputs.get("data"), "dtype": inputs.get("dtype")}
+            "evaluation_data": inputs.get("data"), "dtype": inputs.get("dtype"),
+            "mc_contexts": key.get("mc_contexts")}  # multiple choice scored pair by pair (None) or contexts shared
 
 
 def joined_seeds(report: dict, folders: list[Path]) -> dict:
@@ -267,7 +268,7 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
     first = next(iter(suites.values()))
     for where, suite in suites.items():
         if suite != first:
-            raise SystemExit(f"{where}: another suite, evaluation data or dtype than {next(iter(suites))}'s")
+            raise SystemExit(f"{where}: another suite, evaluation data, dtype or multiple-choice scoring than {next(iter(suites))}'s")
     # (generation_batch_size: how many answers a call, the same answers)
     differs = "evaluation" in report and _option_differing(
         "evaluation", report["evaluation"], first["evaluation"] or {}, ignore=("generation_batch_size",))

@@ -287,7 +287,7 @@ def test_a_float32_lora_run_is_evaluated_with_its_adapters_merged(tiny_llama, su
     folder = next(root.glob("sft/**/train_summary.json")).parent
     shared_base = {n: p.clone() for n, p in Suite(config, root).base()[0].named_parameters()}
     stored = json.loads((folder / RUN_EVAL).read_text())
-    assert stored["key"]["adapters"] == "merged"
+    assert stored["key"]["adapters"] == "merged" and stored["key"]["mc_contexts"] == "shared"
     merged = stored["results"]["items"]
 
     suite_obj = Suite(config, root)
@@ -299,15 +299,17 @@ def test_a_float32_lora_run_is_evaluated_with_its_adapters_merged(tiny_llama, su
     for key in ("target_nll", "general_nll", "general_drift_kl", "instr_nll", "mc_acc"):
         assert merged[key] == pytest.approx(unmerged[key], rel=1e-4, abs=1e-6), key
 
-    # an evaluation stored unmerged (before this change) is evaluated again, not reused
+    # an evaluation stored unmerged, or with multiple choice scored pair by pair (before these changes), is
+    # evaluated again, not reused
     summary = json.loads((folder / "train_summary.json").read_text())
-    (folder / RUN_EVAL).write_text(json.dumps({**stored, "key": {k: v for k, v in stored["key"].items()
-                                                                   if k != "adapters"}, "results": {"stale": 1}}))
     seen = []
     monkeypatch.setattr(evaluate_mod, "evaluate", lambda model, *a, **k: seen.append(model) or evaluate(model, *a, **k))
-    again = suite_obj.run_results("sft", load_config(folder / "config.yaml"), summary)
-    assert "stale" not in again and again["items"]["target_nll"] == pytest.approx(merged["target_nll"])
-    assert [type(m).__name__ for m in seen] == ["LlamaForCausalLM"]  # the merged model, not a PeftModel
+    for before in ("adapters", "mc_contexts"):
+        (folder / RUN_EVAL).write_text(json.dumps({**stored, "key": {k: v for k, v in stored["key"].items()
+                                                                       if k != before}, "results": {"stale": 1}}))
+        again = suite_obj.run_results("sft", load_config(folder / "config.yaml"), summary)
+        assert "stale" not in again and again["items"]["target_nll"] == pytest.approx(merged["target_nll"])
+    assert [type(m).__name__ for m in seen] == ["LlamaForCausalLM"] * 2  # the merged model, not a PeftModel
     for name, weight in suite_obj.base()[0].named_parameters():  # merging never touches the base drift is measured against
         assert torch.equal(weight, shared_base[name]), name
 

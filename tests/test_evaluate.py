@@ -14,7 +14,8 @@ from forgetless.config import DataConfig, EvalConfig, load_config
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import DataError
 from forgetless.replay import ReplayConfig
-from forgetless.evaluate import check_disjoint, continuation_logprobs, evaluate, is_correct, measure
+from forgetless.evaluate import (check_disjoint, choice_logprobs, continuation_logprobs, evaluate, is_correct, measure,
+                                 token_logprobs)
 from forgetless.model import load_tokenizer
 
 from conftest import GENERAL, write_jsonl
@@ -35,6 +36,42 @@ def test_mc_scoring_equals_a_hand_computation(tiny_llama):
             expected += torch.log_softmax(logits[len(ctx_ids) + j - 1], -1)[token].item()
         assert score == pytest.approx(expected, abs=1e-4)
 
+
+
+class NoCache(torch.nn.Module):
+    """A model whose forward returns no transformers Cache (as a model without one would)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.device = model.device
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        out.past_key_values = None
+        return out
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_mc_with_each_context_run_once_scores_as_every_pair_does(fixture, request):
+    """choice_logprobs (a context run once, its cache copied for its choices) gives what token_logprobs gives on
+    each (context, choice) pair, the hand-checked path above: contexts of many lengths (left padding), choices of
+    one token and of several, a question with another number of choices, groups and choice rows cut at 2."""
+    model_dir = request.getfixturevalue(fixture)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    questions = [(enc("Question: What jumps over the lazy dog in the old story?\nAnswer:"),
+                  [enc(" the fox"), enc(" a"), enc(" the quick brown fox, of course"), enc(" 12")]),
+                 (enc("Sum?"), [enc(" 12"), enc(" twelve and a half")]),
+                 (enc("hello there, how are you today, my friend? I hope well"), [enc(" world"), enc(" fine thanks")]),
+                 (enc("A"), [enc(" b"), enc(" c d e")])]
+    pairs = [(ctx, choice) for ctx, choices in questions for choice in choices]
+    expected = token_logprobs(model, tok, pairs, batch_size=3, desc="t")
+    for scored in (model, NoCache(model)):
+        got = [v for per_question in choice_logprobs(scored, tok, questions, batch_size=2, desc="t") for v in per_question]
+        assert got == pytest.approx(expected, abs=1e-4)
+    assert len({round(v, 3) for v in expected}) == len(expected)  # distinct scores: a mix-up would show
 
 def test_perplexity_is_exp_of_mean_nll_and_identical_model_has_zero_drift(tiny_llama, suite):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()

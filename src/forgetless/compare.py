@@ -269,15 +269,24 @@ class Suite:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def results_key(self) -> dict:
+        """A stored evaluation's key: the suite's, and how multiple choice was scored (each question's context
+        run once for all its choices since forgetless 0.3.0's evaluate.choice_logprobs: figures equal to float
+        rounding, a near tie may go the other way, so an evaluation stored before is not reused)."""
+        key = self.key()
+        if self.config.evaluation.mc:
+            key["mc_contexts"] = "shared"
+        return key
+
     def base_results(self, overwrite: bool = False) -> dict:
-        return self._cached(self.root / BASE_EVAL, self.key, overwrite, lambda: self._sharing_base_answers(
+        return self._cached(self.root / BASE_EVAL, self.results_key, overwrite, lambda: self._sharing_base_answers(
             lambda base, tokenizer: evaluate(base, tokenizer, self.config.evaluation, self.config.data, name="base")))
 
     def run_key(self, cfg: ForgetlessConfig, summary: dict) -> dict:
         """A run's stored evaluation's key: the suite's, the run's training summary, and whether its adapters are
         merged for the suite (evaluate.merges_for_evaluation: the figures then differ in float32 rounding, so an
         evaluation stored unmerged is not reused as a merged one's, nor the other way)."""
-        key = {**self.key(), "run": summary}
+        key = {**self.results_key(), "run": summary}
         if merges_for_evaluation(cfg.output_dir, resolve_dtype(self.config.model)):
             key["adapters"] = "merged"
         return key
