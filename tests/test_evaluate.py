@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from forgetless import evaluate as evaluate_module
 from forgetless.config import DataConfig, EvalConfig, load_config
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import DataError
@@ -53,7 +54,7 @@ class NoCache(torch.nn.Module):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
-def test_mc_with_each_context_run_once_scores_as_every_pair_does(fixture, request):
+def test_mc_with_each_context_run_once_scores_as_every_pair_does(fixture, request, monkeypatch):
     """choice_logprobs (a context run once, its cache copied for its choices) gives what token_logprobs gives on
     each (context, choice) pair, the hand-checked path above: contexts of many lengths (left padding), choices of
     one token and of several, a question with another number of choices, groups and choice rows cut at 2."""
@@ -71,6 +72,13 @@ def test_mc_with_each_context_run_once_scores_as_every_pair_does(fixture, reques
     for scored in (model, NoCache(model)):
         got = [v for per_question in choice_logprobs(scored, tok, questions, batch_size=2, desc="t") for v in per_question]
         assert got == pytest.approx(expected, abs=1e-4)
+    # a sliding attention window shorter than a row: scored pair by pair (its cache would keep only the window)
+    pair_by_pair = []
+    monkeypatch.setattr(evaluate_module, "token_logprobs",
+                        lambda *a, **k: pair_by_pair.append(len(a[2])) or token_logprobs(*a, **k))
+    model.config.sliding_window = 8
+    got = [v for per_question in choice_logprobs(model, tok, questions, batch_size=2, desc="t") for v in per_question]
+    assert got == pytest.approx(expected, abs=1e-4) and pair_by_pair == [len(pairs)]
     assert len({round(v, 3) for v in expected}) == len(expected)  # distinct scores: a mix-up would show
 
 def test_perplexity_is_exp_of_mean_nll_and_identical_model_has_zero_drift(tiny_llama, suite):
