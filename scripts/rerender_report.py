@@ -37,6 +37,7 @@ times and peak memory are DIR's seeds' alone. DIR's base evaluation stays the ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import json
 import math
@@ -47,7 +48,7 @@ from pathlib import Path
 from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.compare import (mark_comparisons, paired_differences, plot, render_markdown, report_settings,
                                 shared_training, summarise_results)
-from forgetless.config import ForgetlessConfig, load_config
+from forgetless.config import ForgetlessConfig, ReplayConfig, load_config
 from forgetless.run_folder import flat
 
 # settings that may differ between two comparisons joined (how many trained side by side)
@@ -124,7 +125,8 @@ def joined(report: dict, other: dict, where: str = "the added report") -> dict:
     mine, theirs = report["inputs"], other["inputs"]
     for key, what in (("model_files", "the model's files"), ("dtype", "the resolved dtype"),
                       ("device", "the device kind"), ("train_data", "the training data's content"),
-                      ("evaluation_data", "the evaluation data's content")):
+                      ("evaluation_data", "the evaluation data's content"),
+                      ("mc_contexts", "how multiple choice was scored (each context once, or pair by pair before)")):
         if mine.get(key) != theirs.get(key):
             refuse(f"inputs.{key} differs: {what} ({theirs.get(key)!r} vs {mine.get(key)!r})")
     if mine.get("forgetless") != theirs.get("forgetless"):
@@ -250,6 +252,8 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
                 config = load_config(run / "config.yaml")
                 mine = {k: config.to_dict()[k] for k in ("regularizers", "replay")}
                 theirs = {k: report["run_settings"][name][k] for k in ("regularizers", "replay")}
+                if isinstance(theirs["replay"], dict):  # an option the report predates counts at its default
+                    theirs["replay"] = {**dataclasses.asdict(ReplayConfig()), **theirs["replay"]}
                 if json.loads(json.dumps(mine)) != json.loads(json.dumps(theirs)):
                     raise SystemExit(f"{where}/config.yaml: {name}'s regularizers or replay differ from the first "
                                      f"report's ({mine} vs {theirs})")

@@ -115,6 +115,7 @@ def test_compare_runs_and_seeds_end_to_end(tiny_llama, suite, tmp_path):
     assert stored["evaluation"] == json.loads(json.dumps(config.to_dict()["evaluation"]))
     assert stored["inputs"]["model_files"] == model_identity(config.model)["files"]
     assert list(stored["inputs"]["train_data"].values()) == [file_digest(Path(config.data.train))]
+    assert config.evaluation.mc and stored["inputs"]["mc_contexts"] == "shared"  # a join checks it
 
 
 def test_forgetting_curve_is_logged_during_training_and_plotted(tiny_llama, suite, tmp_path):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from forgetless import evaluate as evaluate_module
 from forgetless.config import DataConfig, EvalConfig, load_config
 from forgetless.data import load_texts, pack_blocks
-from forgetless.errors import DataError
+from forgetless.errors import DataError, ModelError
 from forgetless.replay import ReplayConfig
 from forgetless.evaluate import (check_disjoint, choice_logprobs, continuation_logprobs, evaluate, is_correct, measure,
                                  token_logprobs)
@@ -72,6 +72,10 @@ def test_mc_with_each_context_run_once_scores_as_every_pair_does(fixture, reques
     for scored in (model, NoCache(model)):
         got = [v for per_question in choice_logprobs(scored, tok, questions, batch_size=2, desc="t") for v in per_question]
         assert got == pytest.approx(expected, abs=1e-4)
+    with monkeypatch.context() as patch:  # a transformers that cannot slice logits by a mask (5.17, the GPU image's)
+        patch.setattr(evaluate_module, "logits_mask_supported", lambda: False)
+        got = [v for per_question in choice_logprobs(model, tok, questions, batch_size=2, desc="t") for v in per_question]
+        assert got == pytest.approx(expected, abs=1e-4)
     # a sliding attention window shorter than a row: scored pair by pair (its cache would keep only the window)
     pair_by_pair = []
     monkeypatch.setattr(evaluate_module, "token_logprobs",
@@ -79,6 +83,32 @@ def test_mc_with_each_context_run_once_scores_as_every_pair_does(fixture, reques
     model.config.sliding_window = 8
     got = [v for per_question in choice_logprobs(model, tok, questions, batch_size=2, desc="t") for v in per_question]
     assert got == pytest.approx(expected, abs=1e-4) and pair_by_pair == [len(pairs)]
+
+
+def test_mc_scores_pair_by_pair_where_the_cache_is_not_plain_keys_and_values(tiny_llama, monkeypatch):
+    """A model whose cache layers slide (Mistral's, here with a window longer than every row) is scored pair by
+    pair, group by group, with the same figures; a NaN score is an error naming the question, never a pick."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = load_tokenizer(tiny_llama)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=64, pad_token_id=tok.pad_token_id)).eval()
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    questions = [(enc("Question: What jumps over the lazy dog?\nAnswer:"), [enc(" the fox"), enc(" a"), enc(" 12")]),
+                 (enc("Sum?"), [enc(" 12"), enc(" twelve and a half")]), (enc("A"), [enc(" b c"), enc(" d")])]
+    pairs = [(ctx, choice) for ctx, choices in questions for choice in choices]
+    expected = token_logprobs(model, tok, pairs, batch_size=3, desc="t")
+    calls = []
+    monkeypatch.setattr(evaluate_module, "token_logprobs",
+                        lambda *a, **k: calls.append(len(a[2])) or token_logprobs(*a, **k))
+    got = [v for per_question in choice_logprobs(model, tok, questions, batch_size=2, desc="t") for v in per_question]
+    assert got == pytest.approx(expected, abs=1e-4) and calls == [4, 3]  # each group's pairs (shortest contexts first)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(ModelError, match="non-finite log-probabilities to the choices of question 1"):
+        choice_logprobs(model, tok, questions, batch_size=2, desc="t")
     assert len({round(v, 3) for v in expected}) == len(expected)  # distinct scores: a mix-up would show
 
 def test_perplexity_is_exp_of_mean_nll_and_identical_model_has_zero_drift(tiny_llama, suite):

@@ -11,7 +11,7 @@ from forgetless.config import DataConfig, ReplayConfig, load_config
 from forgetless.data import load_records, load_texts, pack_blocks, tokenize_records
 from forgetless.errors import ConfigError, DataError
 from forgetless.model import load_tokenizer
-from forgetless.replay import ReplaySource
+from forgetless.replay import ReplaySource, self_replay_settings
 from forgetless.train import load_trained, train
 
 from conftest import make_batch, make_trainer, memorisation_rows, tiny_config, with_method, write_jsonl
@@ -81,7 +81,7 @@ def eos_prone(model_dir, bias: float = 4.0):
     return model
 
 
-def test_self_replay_pairs_are_written_in_context_answered_and_cached(tiny_llama, tmp_path):
+def test_self_replay_pairs_are_written_in_context_answered_and_cached(tiny_llama, tmp_path, monkeypatch):
     """SSR's rows: instructions the model writes after `shots` real training prompts (new ones: no copy of a
     prompt, no repeat), answered by the initial model with end-of-sequence allowed (answers that do not end
     are dropped), cached with their settings and reused; the same seed writes the same pairs."""
@@ -122,6 +122,15 @@ def test_self_replay_pairs_are_written_in_context_answered_and_cached(tiny_llama
     given, _, _ = load_or_generate_pairs(model, tok, tmp_path / "c", dict(settings, prompts=str(prompts)), state, demos,
                                          render)
     assert set(given) <= {"say hello", "name a colour"}
+    # rows per generate call (replay.self_batch_size, "batch" in the settings): writing the instructions and
+    # answering them alike
+    import forgetless.self_replay as self_replay
+
+    batches = []
+    complete = self_replay.complete
+    monkeypatch.setattr(self_replay, "complete", lambda *a, **k: batches.append(a[4]) or complete(*a, **k))
+    load_or_generate_pairs(model, tok, tmp_path / "d", dict(settings, batch=2), state, demos, render)
+    assert len(batches) >= 2 and set(batches) == {2}
 
 
 def test_self_replay_pairs_train_as_chat_rows_on_the_answers(tiny_llama, tmp_path, monkeypatch):
@@ -206,6 +215,16 @@ def test_self_replay_blocks_are_generated_once_cached_and_seeded(tiny_llama, mem
     assert seconds > 0 and torch.equal(fresh, blocks)  # the same seed writes the same text
     other, _ = load_or_generate(model, tok, tmp_path / "other", dict(settings, seed=7), state)
     assert not torch.equal(other, blocks)
+    # rows per generate call: the default's key is as before the option (the run's cache above was found with it);
+    # another value is another cache entry, written afresh, and other text
+    assert self_replay_settings(ReplayConfig(data="self", self_blocks=6, max_length=16, self_top_p=0.95, self_mode="text"),
+                                42, settings["inputs"]) == settings
+    in_fours = self_replay_settings(ReplayConfig(data="self", self_blocks=6, max_length=16, self_top_p=0.95,
+                                                 self_mode="text", self_batch_size=4), 42, settings["inputs"])
+    assert in_fours == dict(settings, batch=4)
+    batched, seconds = load_or_generate(model, tok, tmp_path / "o" / "checkpoints", in_fours, state)
+    assert seconds > 0 and batched.shape == blocks.shape and not torch.equal(batched, blocks)
+    assert torch.equal(load_or_generate(model, tok, tmp_path / "o" / "checkpoints", in_fours, state)[0], batched)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello world\nthe lazy dog\n")
     prompted, _ = load_or_generate(model, tok, tmp_path / "p", dict(settings, prompts=str(prompts)), state)

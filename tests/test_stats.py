@@ -514,6 +514,10 @@ def test_two_reports_joined_are_the_report_of_all_their_runs(tmp_path, capsys):
     other_data["inputs"]["train_data"]["builtin:arithmetic/train.jsonl"] = "c" * 64  # the file edited between
     with pytest.raises(SystemExit, match=r"inputs\.train_data differs: the training data's content"):
         module.joined(first, other_data)
+    shared_contexts = json.loads(json.dumps(second))  # multiple choice scored each context once (0.3.0 on)
+    shared_contexts["inputs"]["mc_contexts"] = "shared"
+    with pytest.raises(SystemExit, match=r"inputs\.mc_contexts differs: how multiple choice was scored"):
+        module.joined(first, shared_contexts)
     newer = json.loads(json.dumps(second))
     newer["inputs"]["forgetless"] = "0.3.0"
     assert module.joined(first, newer)["methods"] == got["methods"]

@@ -207,10 +207,13 @@ def shared_inputs(config: ForgetlessConfig) -> dict[str, Any]:
     """What every compared run and the base's evaluation read, by content: the model's files, the training
     and evaluation data, the resolved dtype and device kind, the forgetless version (forgetless.identity)."""
     evaluation = evaluation_inputs(config)
-    return {"forgetless": evaluation["forgetless"], "model_files": evaluation["model"]["files"],
-            "dtype": evaluation["dtype"], "device": evaluation["device"],
-            "train_data": {spec: source_digest(spec) for spec in map(source_spec, train_sources(config.data))},
-            "evaluation_data": evaluation["data"]}
+    inputs = {"forgetless": evaluation["forgetless"], "model_files": evaluation["model"]["files"],
+              "dtype": evaluation["dtype"], "device": evaluation["device"],
+              "train_data": {spec: source_digest(spec) for spec in map(source_spec, train_sources(config.data))},
+              "evaluation_data": evaluation["data"]}
+    if config.evaluation.mc:
+        inputs["mc_contexts"] = "shared"  # as Suite.results_key: multiple choice ran each context once
+    return inputs
 
 
 def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int = 1) -> dict:

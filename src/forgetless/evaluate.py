@@ -35,7 +35,7 @@ from forgetless.data import (check_encodable, end_of_sequence_ids, general_block
 from forgetless.config import DEFAULT_TEMPLATES, DataConfig, EvalConfig  # noqa: F401  (re-exported)
 from forgetless.replay import replay_documents
 from forgetless.sections import SELF, ReplayConfig
-from forgetless.errors import ConfigError, DataError
+from forgetless.errors import ConfigError, DataError, ModelError
 from forgetless.generation import complete
 from forgetless.losses import forward_rows, logits_mask_supported, token_kl, upcast
 from forgetless.model import (default_device, load_model, load_tokenizer, load_trained, read_adapter_config,
@@ -155,7 +155,8 @@ def choice_logprobs(model, tokenizer, questions: list[tuple[list[int], list[list
     context's). On the embedded default's MMLU sample 9,611 tokens run instead of 25,871, in 0.58-0.60x the
     time (bench/mc_shared_context.py: padding the choices to their batch's longest costs the rest). A model
     whose cache cannot be copied and selected row by row (not a transformers Cache), or one with a sliding
-    attention window shorter than the longest row, is scored pair by pair."""
+    attention window shorter than the longest row (or a cache layer other than plain keys and values), is scored
+    pair by pair. A non-finite score is a ModelError, not a pick."""
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     if isinstance(window, int) and max((len(ctx) + max(map(len, choices)) for ctx, choices in questions), default=0) > window:
         # a sliding-window layer's cache keeps only the window's last tokens: rows that long run whole
@@ -179,7 +180,10 @@ def choice_logprobs(model, tokenizer, questions: list[tuple[list[int], list[list
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        if not hasattr(cache, "batch_select_indices"):
+        # only plain key/value layers are copied and continued: a sliding or chunked layer keeps only its window,
+        # a recurrent one's state would have read the left padding
+        if not hasattr(cache, "batch_select_indices") or any(type(layer).__name__ != "DynamicLayer"
+                                                             for layer in getattr(cache, "layers", [])):
             pairs = [(questions[q][0], choice) for q in group for choice in questions[q][1]]
             flat = iter(token_logprobs(model, tokenizer, pairs, batch_size, desc=f"{desc} (pair by pair)"))
             for q in group:
@@ -217,6 +221,11 @@ def choice_logprobs(model, tokenizer, questions: list[tuple[list[int], list[list
                                                                    torch.tensor(targets, device=device)]
             for (_, q, c), part in zip(chunk, token_logp.split([len(x) for x in inputs])):
                 scores[q][c] += part.sum().item()
+    broken = [q for q, per_choice in enumerate(scores) if not all(map(math.isfinite, per_choice))]
+    if broken:  # a pick among NaNs would be arbitrary
+        raise ModelError(f"multiple choice: the model gives non-finite log-probabilities to the choices of question "
+                         f"{broken[0] + 1} (and {len(broken) - 1} more): its weights or logits overflow; evaluate it "
+                         "in float32 (model.dtype=float32)")
     return scores
 
 

@@ -50,6 +50,17 @@ from forgetless.rows import REPLAY, Rows
 from forgetless.sections import SELF, DataConfig, ReplayConfig  # noqa: F401  (ReplayConfig: re-exported)
 from forgetless.self_replay import load_or_generate, load_or_generate_pairs
 
+
+def self_replay_settings(c: ReplayConfig, seed: int, inputs_key: str) -> dict:
+    """What the model's replay text is written from, the key of its cache (forgetless.self_replay). The rows per
+    generate call only when not the default 16, so text cached before the option existed stays reusable."""
+    settings = {"mode": c.self_mode, "blocks": c.self_blocks, "length": c.max_length,
+                "temperature": c.self_temperature, "top_p": c.self_top_p, "prompts": c.self_prompts,
+                "seed": seed, "inputs": inputs_key}
+    if c.self_batch_size != 16:
+        settings["batch"] = c.self_batch_size
+    return settings
+
 class ReplaySource:
     """The replay rows of a run; `setup` loads (or generates) them, `draw` hands each micro-batch its share."""
 
@@ -80,9 +91,7 @@ class ReplaySource:
         # chat rows are rendered as data.train is (template, train_on, system prompt), their format detected per row
         render = replace(self.data_cfg or DataConfig(), format="auto", max_length=c.max_length, limit=None)
         if c.data == SELF:
-            settings = {"mode": c.self_mode, "blocks": c.self_blocks, "length": c.max_length,
-                        "temperature": c.self_temperature, "top_p": c.self_top_p, "prompts": c.self_prompts,
-                        "seed": run.seed, "inputs": run.inputs_key}
+            settings = self_replay_settings(c, run.seed, run.inputs_key)
             # before the first update the model is the initial one (on resume the cache already exists)
             if c.self_mode == "text":
                 self.blocks, self.generation_seconds = load_or_generate(run.model, run.tokenizer, run.output_dir,

@@ -376,10 +376,14 @@ class ReplayConfig:
     # self_shots training prompts; text: from the BOS token)
     self_prompts: str | None = None
     self_shots: int = 3
+    # rows per generate call while the model writes: more is faster on a GPU, but the sampler then draws
+    # other numbers, so another value writes other text (a cached one is not reused for it)
+    self_batch_size: int = 16
 
     def problems(self) -> dict[str, str]:
         found = out_of_range(self, {"ratio": ">= 0", "max_length": ">= 2", "weight": ">= 0", "self_blocks": ">= 1",
-                                    "self_temperature": "> 0", "self_top_p": "(0, 1]", "self_shots": ">= 1"})
+                                    "self_temperature": "> 0", "self_top_p": "(0, 1]", "self_shots": ">= 1",
+                                    "self_batch_size": ">= 1"})
         if not self.data:
             found["data"] = f"give a replay corpus (a file, folder or Hub dataset), or {SELF}"
         if self.data == SELF and self.format != "auto":

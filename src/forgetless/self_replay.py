@@ -141,7 +141,7 @@ def write_instructions(model, tokenizer, demos: list[str], count: int, shots: in
 def generate_pairs(model, tokenizer, settings: dict, demos: list[str], render) -> tuple[list[str], list[str]]:
     """(instructions, answers): SSR's rows, written by the initial model (see the module docstring).
     `render(instruction) -> prompt text` renders an instruction as data.train's rows are."""
-    count, length = settings["blocks"], settings["length"]
+    count, length, batch = settings["blocks"], settings["length"], settings.get("batch", 16)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -156,7 +156,7 @@ def generate_pairs(model, tokenizer, settings: dict, demos: list[str], render) -
                     instructions = [lines[i % len(lines)] for i in range(count)]
                 else:
                     instructions = write_instructions(model, tokenizer, demos, count, settings["shots"],
-                                                      settings["temperature"], settings["top_p"])
+                                                      settings["temperature"], settings["top_p"], batch)
             finally:
                 random.setstate(state)
             prompts = [render(i) for i in instructions]
@@ -166,7 +166,7 @@ def generate_pairs(model, tokenizer, settings: dict, demos: list[str], render) -
                 raise ConfigError(f"replay.max_length: {length} tokens leave no room for an answer after the "
                                   "self-replay prompts; raise it")
             answers = sample_completions(model, tokenizer, prompts, max(room), settings["temperature"],
-                                         settings["top_p"])
+                                         settings["top_p"], batch)
     finally:
         model.train(was_training)
     kept = [(i, a) for i, (a, ended), r in zip(instructions, answers, room)
@@ -219,7 +219,7 @@ def load_or_generate(model, tokenizer, folder: Path, settings: dict, accelerator
         nonlocal seconds
         started = time.perf_counter()
         blocks = generate_blocks(model, tokenizer, settings["blocks"], settings["length"], settings["temperature"],
-                                 settings["top_p"], settings["seed"], settings["prompts"])
+                                 settings["top_p"], settings["seed"], settings["prompts"], settings.get("batch", 16))
         seconds = time.perf_counter() - started
         logger.info("self-replay: generated %d blocks of %d tokens in %.1f s", len(blocks), settings["length"], seconds)
         return {"blocks": blocks}
