@@ -280,6 +280,10 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
         raise SystemExit(f"the added runs' {differs}")
     if "inputs" in report and first["dtype"] != report["inputs"].get("dtype"):
         raise SystemExit(f"the added runs ran in {first['dtype']}, the first report in {report['inputs'].get('dtype')}")
+    if "inputs" in report and first["mc_contexts"] != report["inputs"].get("mc_contexts"):
+        scoring = {None: "pair by pair", "shared": "each context once"}
+        raise SystemExit(f"the added runs scored multiple choice {scoring.get(first['mc_contexts'])}, the first report "
+                         f"{scoring.get(report['inputs'].get('mc_contexts'))}: evaluate them again with one forgetless")
     seeds = sorted({seed for by_seed in found.values() for seed in by_seed}, key=int)
     if not seeds:
         raise SystemExit(f"{', '.join(map(str, folders))}: no finished run of the first report's methods")

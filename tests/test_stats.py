@@ -795,6 +795,11 @@ def test_seeds_added_from_run_folders_are_the_report_of_all_seeds(tmp_path, caps
     refused(r"settings\.max_steps differs \(320 vs 160\)", tmp_path / "longer")
     with pytest.raises(SystemExit, match=f"seed {last} is already in the first report"):
         module.joined_seeds(whole, [tmp_path / "runs"])
+    # a first report whose multiple choice ran each context once, seeds scored pair by pair (an older forgetless)
+    shared_first = json.loads(json.dumps(first))
+    shared_first["inputs"] = {"dtype": "float32", "mc_contexts": "shared"}
+    with pytest.raises(SystemExit, match="scored multiple choice pair by pair, the first report each context once"):
+        module.joined_seeds(shared_first, [tmp_path / "runs"])
 
     (tmp_path / "first").mkdir()
     (tmp_path / "first" / "report.json").write_text(json.dumps(first))
