@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from forgetless import evaluate as evaluate_module
+from forgetless import evaluate as evaluate_module, losses as losses_module
 from forgetless.config import DataConfig, EvalConfig, load_config
 from forgetless.data import load_texts, pack_blocks
 from forgetless.errors import DataError, ModelError
@@ -73,7 +73,7 @@ def test_mc_with_each_context_run_once_scores_as_every_pair_does(fixture, reques
         got = [v for per_question in choice_logprobs(scored, tok, questions, batch_size=2, desc="t") for v in per_question]
         assert got == pytest.approx(expected, abs=1e-4)
     with monkeypatch.context() as patch:  # a transformers that cannot slice logits by a mask (5.17, the GPU image's)
-        patch.setattr(evaluate_module, "logits_mask_supported", lambda: False)
+        patch.setattr(losses_module, "logits_mask_supported", lambda: False)
         got = [v for per_question in choice_logprobs(model, tok, questions, batch_size=2, desc="t") for v in per_question]
         assert got == pytest.approx(expected, abs=1e-4)
     # a sliding attention window shorter than a row: scored pair by pair (its cache would keep only the window)

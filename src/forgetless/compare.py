@@ -211,9 +211,14 @@ def shared_inputs(config: ForgetlessConfig) -> dict[str, Any]:
               "dtype": evaluation["dtype"], "device": evaluation["device"],
               "train_data": {spec: source_digest(spec) for spec in map(source_spec, train_sources(config.data))},
               "evaluation_data": evaluation["data"]}
-    if config.evaluation.mc:
-        inputs["mc_contexts"] = "shared"  # as Suite.results_key: multiple choice ran each context once
-    return inputs
+    return {**inputs, **mc_scoring(config)}
+
+
+def mc_scoring(config: ForgetlessConfig) -> dict[str, str]:
+    """How the suite scores multiple choice, for a stored evaluation's key and report.json's inputs: each
+    question's context run once for all its choices since forgetless 0.3.0 (evaluate.choice_logprobs; figures
+    equal to float rounding, but a near tie may go the other way, so one scored before is not reused or joined)."""
+    return {"mc_contexts": "shared"} if config.evaluation.mc else {}
 
 
 def train_or_reuse(cfg: ForgetlessConfig, overwrite: bool, label: str, jobs: int = 1) -> dict:
@@ -273,13 +278,8 @@ class Suite:
             torch.cuda.empty_cache()
 
     def results_key(self) -> dict:
-        """A stored evaluation's key: the suite's, and how multiple choice was scored (each question's context
-        run once for all its choices since forgetless 0.3.0's evaluate.choice_logprobs: figures equal to float
-        rounding, a near tie may go the other way, so an evaluation stored before is not reused)."""
-        key = self.key()
-        if self.config.evaluation.mc:
-            key["mc_contexts"] = "shared"
-        return key
+        """A stored evaluation's key: the suite's, and how multiple choice was scored (mc_scoring)."""
+        return {**self.key(), **mc_scoring(self.config)}
 
     def base_results(self, overwrite: bool = False) -> dict:
         return self._cached(self.root / BASE_EVAL, self.results_key, overwrite, lambda: self._sharing_base_answers(

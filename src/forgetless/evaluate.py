@@ -37,7 +37,7 @@ from forgetless.replay import replay_documents
 from forgetless.sections import SELF, ReplayConfig
 from forgetless.errors import ConfigError, DataError, ModelError
 from forgetless.generation import complete
-from forgetless.losses import forward_rows, logits_mask_supported, token_kl, upcast
+from forgetless.losses import forward_rows, token_kl, upcast
 from forgetless.model import (default_device, load_model, load_tokenizer, load_trained, read_adapter_config,
                               resolve_model_path)
 from forgetless import stats
@@ -157,18 +157,24 @@ def choice_logprobs(model, tokenizer, questions: list[tuple[list[int], list[list
     whose cache cannot be copied and selected row by row (not a transformers Cache), or one with a sliding
     attention window shorter than the longest row (or a cache layer other than plain keys and values), is scored
     pair by pair. A non-finite score is a ModelError, not a pick."""
-    window = getattr(getattr(model, "config", None), "sliding_window", None)
-    if isinstance(window, int) and max((len(ctx) + max(map(len, choices)) for ctx, choices in questions), default=0) > window:
-        # a sliding-window layer's cache keeps only the window's last tokens: rows that long run whole
-        flat = iter(token_logprobs(model, tokenizer, [(ctx, c) for ctx, choices in questions for c in choices],
-                                   batch_size, desc))
-        return [[next(flat) for _ in choices] for _, choices in questions]
     scores: list[list[float]] = [[0.0] * len(choices) for _, choices in questions]
+
+    def pair_by_pair(indices: list[int]) -> None:
+        flat = iter(token_logprobs(model, tokenizer, [(questions[q][0], c) for q in indices for c in questions[q][1]],
+                                   batch_size, f"{desc} (pair by pair)"))
+        for q in indices:
+            scores[q] = [next(flat) for _ in questions[q][1]]
+
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    longest = max((len(ctx) + max(map(len, choices)) for ctx, choices in questions), default=0)
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(questions)), key=lambda q: len(questions[q][0]))  # similar lengths batch together
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        group = order[start:start + batch_size]
+    groups = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if isinstance(window, int) and longest > window:  # a sliding layer's cache keeps only the window's last tokens
+        pair_by_pair(order)
+        groups = []
+    for group in tqdm(groups, desc=desc, leave=False):
         contexts = [questions[q][0] for q in group]
         width = max(len(ids) for ids in contexts)
         ids = torch.full((len(group), width), pad, dtype=torch.long)
@@ -184,10 +190,7 @@ def choice_logprobs(model, tokenizer, questions: list[tuple[list[int], list[list
         # a recurrent one's state would have read the left padding
         if not hasattr(cache, "batch_select_indices") or any(type(layer).__name__ != "DynamicLayer"
                                                              for layer in getattr(cache, "layers", [])):
-            pairs = [(questions[q][0], choice) for q in group for choice in questions[q][1]]
-            flat = iter(token_logprobs(model, tokenizer, pairs, batch_size, desc=f"{desc} (pair by pair)"))
-            for q in group:
-                scores[q] = [next(flat) for _ in questions[q][1]]
+            pair_by_pair(group)
             continue
         first = torch.log_softmax(upcast(out.logits[:, -1]), dim=-1)  # [group, V]: each choice's first token
         # (row in the group, question, choice index) of every choice with tokens after its first
@@ -211,11 +214,8 @@ def choice_logprobs(model, tokenizer, questions: list[tuple[list[int], list[list
             copied.batch_select_indices(rows)
             c_ids, c_mask = c_ids.to(device), c_mask.to(device)
             positions = mask[rows].sum(-1, keepdim=True) + torch.arange(span, device=device)
-            keep = c_mask.bool()
-            logits = model(input_ids=c_ids, attention_mask=torch.cat([mask[rows], c_mask], dim=-1),
-                           position_ids=positions, past_key_values=copied, use_cache=True,
-                           logits_to_keep=keep if logits_mask_supported() else 0).logits
-            logits = logits if logits.dim() == 2 else logits[keep]
+            _, logits = forward_rows(model, c_ids, torch.cat([mask[rows], c_mask], dim=-1), c_mask.bool(),
+                                     use_cache=True, position_ids=positions, past_key_values=copied)
             targets = [t for _, q, c in chunk for t in questions[q][1][c][1:]]
             token_logp = torch.log_softmax(upcast(logits), dim=-1)[torch.arange(len(targets)),
                                                                    torch.tensor(targets, device=device)]

@@ -32,14 +32,16 @@ def next_token_targets(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
     return labels[:, 1:][keep[:, :-1]]
 
 
-def forward_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor, **kwargs):
+def forward_rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
+                 use_cache: bool = False, **kwargs):
     """Forward that computes logits only where `keep` is True: returns (outputs, logits rows [N, V]).
+    (`use_cache` with `past_key_values` in kwargs: `input_ids` continue that cache; `keep` is over them.)
 
     transformers >= 5.2x takes the [B, T] mask as `logits_to_keep`; older releases (5.17 on the GPU image
     we checked) index with it wrongly, so there every position's logits are computed and then selected."""
     mask_ok = logits_mask_supported()
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep if mask_ok else 0,
-                    use_cache=False, **kwargs)
+                    use_cache=use_cache, **kwargs)
     logits = outputs.logits
     return outputs, (logits if logits.dim() == 2 else logits[keep])
 

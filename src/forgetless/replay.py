@@ -48,18 +48,19 @@ from forgetless.registry import Strength, register
 from forgetless.regularizers.base import RunInfo
 from forgetless.rows import REPLAY, Rows
 from forgetless.sections import SELF, DataConfig, ReplayConfig  # noqa: F401  (ReplayConfig: re-exported)
-from forgetless.self_replay import load_or_generate, load_or_generate_pairs
+from forgetless.self_replay import GENERATION_BATCH, load_or_generate, load_or_generate_pairs
 
 
 def self_replay_settings(c: ReplayConfig, seed: int, inputs_key: str) -> dict:
     """What the model's replay text is written from, the key of its cache (forgetless.self_replay). The rows per
-    generate call only when not the default 16, so text cached before the option existed stays reusable."""
+    generate call only when not GENERATION_BATCH, so text cached before the option existed stays reusable."""
     settings = {"mode": c.self_mode, "blocks": c.self_blocks, "length": c.max_length,
                 "temperature": c.self_temperature, "top_p": c.self_top_p, "prompts": c.self_prompts,
                 "seed": seed, "inputs": inputs_key}
-    if c.self_batch_size != 16:
+    if c.self_batch_size != GENERATION_BATCH:
         settings["batch"] = c.self_batch_size
     return settings
+
 
 class ReplaySource:
     """The replay rows of a run; `setup` loads (or generates) them, `draw` hands each micro-batch its share."""

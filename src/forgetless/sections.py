@@ -378,7 +378,7 @@ class ReplayConfig:
     self_shots: int = 3
     # rows per generate call while the model writes: more is faster on a GPU, but the sampler then draws
     # other numbers, so another value writes other text (a cached one is not reused for it)
-    self_batch_size: int = 16
+    self_batch_size: int = 16  # self_replay.GENERATION_BATCH (a test ties the two)
 
     def problems(self) -> dict[str, str]:
         found = out_of_range(self, {"ratio": ">= 0", "max_length": ">= 2", "weight": ">= 0", "self_blocks": ">= 1",

@@ -38,6 +38,8 @@ from forgetless.generation import complete
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "self_replay.safetensors"
+# rows per generate call before replay.self_batch_size existed, and its default: settings without "batch"
+GENERATION_BATCH = 16
 
 
 def _prompts(tokenizer, prompts_file: str | None) -> list[list[int]]:
@@ -56,7 +58,7 @@ def _prompts(tokenizer, prompts_file: str | None) -> list[list[int]]:
 
 @torch.no_grad()
 def generate_blocks(model, tokenizer, n_blocks: int, length: int, temperature: float, top_p: float, seed: int,
-                    prompts_file: str | None = None, batch_size: int = 16) -> torch.Tensor:
+                    prompts_file: str | None = None, batch_size: int = GENERATION_BATCH) -> torch.Tensor:
     """[n_blocks, length] token blocks sampled from `model` (prompt tokens included, so each block is
     what the model reads and continues)."""
     prompts = _prompts(tokenizer, prompts_file)
@@ -99,7 +101,7 @@ def _tensors_to_strings(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
-                       batch_size: int = 16) -> list[tuple[str, bool]]:
+                       batch_size: int = GENERATION_BATCH) -> list[tuple[str, bool]]:
     """(completion, ended at end-of-sequence) of each already-rendered text, sampled (left-padded batches).
     Seeded by the caller's torch RNG."""
     return [(c.text, c.ended) for c in complete(model, tokenizer, texts, max_new_tokens, batch_size,
@@ -107,7 +109,7 @@ def sample_completions(model, tokenizer, texts: list[str], max_new_tokens: int, 
 
 
 def write_instructions(model, tokenizer, demos: list[str], count: int, shots: int, temperature: float, top_p: float,
-                       batch_size: int = 16) -> list[str]:
+                       batch_size: int = GENERATION_BATCH) -> list[str]:
     """SSR's first step: `count` new instructions the model writes in context from `shots` real ones each
     (the demonstrations a seeded sample of `demos`: the caller seeds `random` and torch)."""
     demos = [" ".join(d.split("\n\n")).strip() for d in demos if d.strip()]  # one blank line ends an instruction
@@ -141,7 +143,7 @@ def write_instructions(model, tokenizer, demos: list[str], count: int, shots: in
 def generate_pairs(model, tokenizer, settings: dict, demos: list[str], render) -> tuple[list[str], list[str]]:
     """(instructions, answers): SSR's rows, written by the initial model (see the module docstring).
     `render(instruction) -> prompt text` renders an instruction as data.train's rows are."""
-    count, length, batch = settings["blocks"], settings["length"], settings.get("batch", 16)
+    count, length, batch = settings["blocks"], settings["length"], settings.get("batch", GENERATION_BATCH)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -219,7 +221,7 @@ def load_or_generate(model, tokenizer, folder: Path, settings: dict, accelerator
         nonlocal seconds
         started = time.perf_counter()
         blocks = generate_blocks(model, tokenizer, settings["blocks"], settings["length"], settings["temperature"],
-                                 settings["top_p"], settings["seed"], settings["prompts"], settings.get("batch", 16))
+                                 settings["top_p"], settings["seed"], settings["prompts"], settings.get("batch", GENERATION_BATCH))
         seconds = time.perf_counter() - started
         logger.info("self-replay: generated %d blocks of %d tokens in %.1f s", len(blocks), settings["length"], seconds)
         return {"blocks": blocks}
