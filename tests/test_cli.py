@@ -95,6 +95,7 @@ def test_eval_command_writes_results_for_base_and_run(tiny_llama, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     res = run_cli("eval", "default", *common, "--run", str(tmp_path / "o"))
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "base: task NLL" in res.stderr  # its progress: below, a damaged run stops eval before this
     results = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert set(results) == {"base", str(tmp_path / "o")}
     assert results["base"]["general_drift_kl"]["value"] == 0.0
@@ -106,7 +107,14 @@ def test_eval_command_writes_results_for_base_and_run(tiny_llama, tmp_path):
     res = run_cli("eval", "default", *common, "--run", str(tmp_path / "o"))
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert f"{adapter} is not valid JSON" in res.stderr and "train the run again" in res.stderr
+    assert "base: task NLL" not in res.stderr  # refused before the base's evaluation, not after it
     assert json.loads((tmp_path / "o" / "eval.json").read_text()) == results
     adapter.write_text("[]")
     with pytest.raises(ModelError, match="not a peft adapter config"):
         load_trained(tmp_path / "o")
+    adapter.write_text(text)
+    saved = tmp_path / "o" / "config.yaml"
+    saved.write_text("model: [unclosed\n  name: x\n")  # a run's own config, edited by hand into invalid YAML
+    res = run_cli("eval", "default", *common, "--run", str(tmp_path / "o"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"{saved}: line 2 not valid YAML" in res.stderr and "base: task NLL" not in res.stderr

@@ -14,6 +14,8 @@ from forgetless import curve as curve_module, identity
 from forgetless.cache import build_once, load_matching, save_atomic
 from forgetless.cli import main
 from forgetless.errors import ConfigError
+from forgetless.evaluate import merges_for_evaluation
+from forgetless.model import load_trained, read_run_config
 from forgetless.run_folder import MARKER, check_same_base, reusable_summary, save_aside
 from forgetless.train import continue_run, train
 
@@ -418,6 +420,40 @@ def test_eval_run_refuses_a_run_of_another_base(tiny_gpt2, tiny_llama, memo_data
     other = tiny_config(tiny_llama, memo_data, tmp_path / "x", max_steps=1)
     with pytest.raises(ConfigError, match="was trained from"):
         check_same_base(tmp_path / "run", other)
+
+
+def test_a_damaged_config_or_summary_in_a_run_folder_is_named_and_the_run_kept(tiny_gpt2, memo_data, tmp_path, caplog):
+    """A run folder's config.yaml or train_summary.json cut short or edited into something else: every reader
+    raises a ConfigError naming the file (its line, for YAML) before any model is loaded, never yaml's or json's
+    traceback; reuse passes the run over with a warning, and the run is then set aside whole, never trained over."""
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=1)
+    train(cfg)
+    run = tmp_path / "run"
+    config_text, summary_text = (run / "config.yaml").read_text(), (run / "train_summary.json").read_text()
+    assert merges_for_evaluation(run, torch.float32) and reusable_summary(cfg) is not None
+    load_trained(run)  # the readers read the intact folder
+
+    (run / "config.yaml").write_text("model: [unclosed\n  name: x\n")
+    for read in (lambda: read_run_config(run), lambda: check_same_base(run, cfg), lambda: load_trained(run),
+                 lambda: merges_for_evaluation(run, torch.float32)):
+        with pytest.raises(ConfigError, match=rf"{run / 'config.yaml'}: line 2 not valid YAML: expected ',' or ']'"):
+            read()
+    (run / "config.yaml").write_text("- model\n- train\n")
+    with pytest.raises(ConfigError, match="config.yaml: the top level must be a mapping of sections, got list"):
+        check_same_base(run, cfg)
+    with caplog.at_level("WARNING", logger="forgetless.run_folder"):
+        assert reusable_summary(cfg) is None
+    assert f"{run}: not reused: {run / 'config.yaml'}" in caplog.text
+
+    (run / "config.yaml").write_text(config_text)
+    (run / "train_summary.json").write_text(summary_text[: len(summary_text) // 2])  # cut short, as by a full disk
+    with pytest.raises(ConfigError, match=rf"{run / 'train_summary.json'} is not valid JSON"):
+        check_same_base(run, cfg)
+    assert reusable_summary(cfg) is None
+    damaged = (run / "train_summary.json").read_bytes()
+    continue_run(cfg)  # what frontier and budget --resume do: the damaged run is moved aside whole, then trained
+    assert (tmp_path / "run.replaced-1" / "train_summary.json").read_bytes() == damaged
+    assert reusable_summary(cfg) is not None
 
 
 def test_caches_are_rebuilt_for_other_inputs_or_when_corrupt(tmp_path):

@@ -37,7 +37,6 @@ collective), every process measures its copy of each candidate and all follow th
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from pathlib import Path
@@ -55,7 +54,7 @@ from forgetless.data import (general_blocks, general_domains, held_out_blocks, l
 from forgetless.errors import ConfigError, DataError, TrainingError
 from forgetless.evaluate import block_nll_and_drift, continuation_logprobs
 from forgetless.replay import row_format
-from forgetless.run_folder import METRICS, copy_run_files, write_run
+from forgetless.run_folder import METRICS, copy_run_files, read_run_json, write_run
 from forgetless.sections import SELF
 from forgetless.model import default_device, load_model, load_tokenizer, load_trained, resolve_model_path
 from forgetless.regularizers.wise_ft import WeightMixer
@@ -228,7 +227,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             tokenizer.save_pretrained(str(folder))
 
         save, metrics = save_mixed, tuned_dir / METRICS
-        summary = json.loads((Path(cfg.output_dir) / SUMMARY).read_text())
+        summary = read_run_json(Path(cfg.output_dir) / SUMMARY)
     else:
         option = strength.option
         for value in sorted(b.grid or strength.grid):
@@ -252,7 +251,7 @@ def train_with_budget(config: ForgetlessConfig, overwrite: bool = False, resume:
             )
         # the chosen trial's weights and tokenizer, byte for byte, and its metrics
         save, metrics = copy_run_files(Path(chosen["run"])), Path(chosen["run"]) / METRICS
-        summary = json.loads((Path(chosen["run"]) / SUMMARY).read_text())
+        summary = read_run_json(Path(chosen["run"]) / SUMMARY)
 
     # the held-out check: the test blocks the evaluation reports on (not those the search saw)
     held_out = None

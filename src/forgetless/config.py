@@ -26,7 +26,7 @@ from forgetless.environment import environment_kept
 from forgetless.errors import ConfigError
 from forgetless.registry import METHODS, PRESETS, combination_problems, entry, parse_entries, strengths
 from forgetless.registry import knob as registry_knob, main_knob, method_of
-from forgetless.schema import check_problems, from_dict, out_of_range
+from forgetless.schema import check_problems, from_dict, out_of_range, read_yaml_mapping
 from forgetless.sections import (DEFAULT_MODEL, DEFAULT_TEMPLATES, GENERAL_DOMAINS, RUN_NAME, SEED_RANGE,  # noqa: F401
                                  BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, FrontierConfig,
                                  LoraSettings, ModelConfig, ReplayConfig, TrainingSettings, template_problem)
@@ -379,19 +379,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = f"{path} (with command-line overrides): " if overrides else f"{path}: "
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{at} not valid YAML: {getattr(exc, 'problem', exc)}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
+        raw = read_yaml_mapping(path)
     given = apply_overrides(raw, overrides or [])
     config = from_dict(ForgetlessConfig, lay_over_preset(given), where=where)
     validate(config, where)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from forgetless.data import (check_encodable, end_of_sequence_ids, general_blocks, general_domains,
@@ -39,7 +38,7 @@ from forgetless.errors import ConfigError, DataError, ModelError
 from forgetless.generation import complete
 from forgetless.losses import forward_rows, token_kl, upcast
 from forgetless.model import (default_device, load_model, load_tokenizer, load_trained, read_adapter_config,
-                              resolve_model_path)
+                              read_run_config, resolve_model_path)
 from forgetless import stats
 
 logger = logging.getLogger(__name__)
@@ -527,9 +526,8 @@ def merges_for_evaluation(out_dir: str | Path, dtype: torch.dtype) -> bool:
     if (adapter.get("peft_type") != "LORA" or not isinstance(targets, list) or saved_whole
             or any(name.split(".")[-1] in EMBEDDING_LAYERS for name in targets)):
         return False
-    saved = folder / "config.yaml"
-    quantised = saved.is_file() and ((yaml.safe_load(saved.read_text()) or {}).get("model") or {}).get("quantization")
-    return not quantised
+    model = (read_run_config(folder) or {}).get("model")
+    return not (isinstance(model, dict) and model.get("quantization"))
 
 
 def evaluate_run(config, base, tokenizer, out_dir: str, name: str) -> dict[str, Any]:

@@ -17,12 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from forgetless.environment import environment_kept
 from forgetless.sections import DEFAULT_MODEL, ModelConfig
 from forgetless.errors import ModelError
-from forgetless.schema import from_dict
+from forgetless.schema import from_dict, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +304,17 @@ def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     return factors
 
 
+def read_run_config(folder: str | Path) -> dict | None:
+    """A run folder's config.yaml as written, None when there is none; a file cut short or edited into
+    something else is a ConfigError naming it and its line (schema.read_yaml_mapping), never yaml's traceback."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return None
+    return read_yaml_mapping(path, hint="; the run folder's config is damaged: restore it (the config the run was "
+                                        "trained with, as `forgetless config CONFIG key=value ...` prints it), or "
+                                        "pass --overwrite to train the run again")
+
+
 def read_adapter_config(folder: str | Path) -> dict:
     """A folder's adapter_config.json as a dict; a file cut short or edited into something else is a ModelError
     naming it (peft would fail on it deep inside from_pretrained)."""
@@ -331,11 +341,11 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
         from transformers import AutoTokenizer
 
     output_dir = Path(output_dir)
-    saved = output_dir / "config.yaml"
     model_cfg = ModelConfig(name_or_path=str(output_dir), dtype="float32")
-    if saved.is_file():
-        model_cfg = from_dict(ModelConfig, (yaml.safe_load(saved.read_text()) or {}).get("model", {}),
-                              where=f"{saved}: ", prefix="model.")
+    saved = read_run_config(output_dir)
+    if saved is not None:
+        model_cfg = from_dict(ModelConfig, saved.get("model") or {}, where=f"{output_dir / 'config.yaml'}: ",
+                              prefix="model.")
     if dtype is not None:
         model_cfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
@@ -345,7 +355,7 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
             from peft import PeftModel
 
         adapter = read_adapter_config(output_dir)
-        if saved.is_file():
+        if saved is not None:  # a run of ours: its base as its config names it
             base_path = resolve_model_path(model_cfg.name_or_path, model_cfg.revision)
         elif not adapter.get("base_model_name_or_path"):
             raise ModelError(f"{output_dir / 'adapter_config.json'} names no base model ('base_model_name_or_path') "

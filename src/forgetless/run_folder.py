@@ -26,7 +26,7 @@ from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.errors import ConfigError
 from forgetless.identity import changed_inputs, model_identity, run_inputs
-from forgetless.model import load_trained
+from forgetless.model import load_trained, read_adapter_config, read_run_config
 from forgetless.schema import from_dict
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,20 @@ def is_run(folder: Path) -> bool:
 def foreign_entries(folder: Path) -> list[str]:
     """Top-level entries of a run folder that forgetless does not write there."""
     return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in RUN_ENTRIES))
+
+
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A JSON file forgetless wrote in a run folder (its summary, its marker) as a dict; one cut short or edited
+    into something else is a ConfigError naming it, never json's traceback."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is not valid JSON ({exc}); the run folder {path.parent} is damaged: restore the "
+                          "file, or pass --overwrite to train the run again") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} holds a {type(loaded).__name__}, not the mapping forgetless wrote there; the run "
+                          f"folder {path.parent} is damaged: restore the file, or pass --overwrite to train the run again")
+    return loaded
 
 
 def is_finished(folder: Path) -> bool:
@@ -219,7 +233,7 @@ def saved_config(output_dir: Path) -> dict[str, Any]:
     (A new option's default keeps what the version before it did; a change of behaviour comes with a new
     version, which the run's recorded inputs name.) A file this version cannot read (an option removed
     since) comes back as written: it then differs from any current config."""
-    saved = yaml.safe_load((Path(output_dir) / CONFIG).read_text(encoding="utf-8")) or {}
+    saved = read_run_config(output_dir) or {}
     # the sections reuse and resume ignore are left out, so that a preset renamed under compare or a grid
     # that no longer parses cannot make the run unreadable
     try:
@@ -255,7 +269,7 @@ def check_resume(output_dir: Path, config_dict: dict[str, Any], inputs: dict[str
         raise ConfigError(f"--resume: the config differs from the run's own {saved_path} in {shown}; resume with "
                           "the same settings, or start again with --overwrite")
     marker = output_dir / MARKER
-    old_inputs = json.loads(marker.read_text()).get("inputs") if marker.is_file() else None
+    old_inputs = read_run_json(marker).get("inputs") if marker.is_file() else None
     if old_inputs is not None:
         changed = changed_inputs(old_inputs, inputs)
         if changed:
@@ -325,13 +339,19 @@ def save_aside(output_dir: Path, save: Callable[[Path], None], is_main: bool = T
 def reusable_summary(config, holdout: int = 0) -> dict | None:
     """The summary of a finished run in config.output_dir trained with the same config (what it trains:
     evaluation, compare, budget and frontier aside) and the same inputs by content (data files, model, resolved
-    dtype, device kind, forgetless version, examples held out: `holdout`), else None."""
+    dtype, device kind, forgetless version, examples held out: `holdout`), else None. A run whose config.yaml or
+    summary is damaged is not reused (its caller sets it aside, whole, and trains the run again), with a warning
+    naming the file."""
     out = Path(config.output_dir).expanduser()
     if not is_finished(out) or not (out / CONFIG).is_file():
         return None
-    if training_part(saved_config(out)) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
+    try:
+        saved, summary = saved_config(out), read_run_json(out / SUMMARY)
+    except ConfigError as exc:
+        logger.warning("%s: not reused: %s", out, exc)
         return None
-    summary = json.loads((out / SUMMARY).read_text())
+    if training_part(saved) != training_part(yaml.safe_load(yaml.safe_dump(config.to_dict()))):
+        return None
     if "merged_dir" in summary:  # where the run lies now (it may have been moved since it was written)
         summary["merged_dir"] = str(out / "merged")
     old, new = summary.get("inputs"), run_inputs(config, holdout)
@@ -343,9 +363,13 @@ def reusable_summary(config, holdout: int = 0) -> dict | None:
 
 
 def check_same_base(run_dir: Path, config) -> None:
-    """Refuse to evaluate a run against a base it was not trained from (`eval --run`)."""
+    """Refuse to evaluate a run against a base it was not trained from (`eval --run`). Its config.yaml and
+    adapter config are read first, so a damaged one stops `eval` before any model is loaded or evaluated."""
     run_dir = Path(run_dir).expanduser()
-    summary = json.loads((run_dir / SUMMARY).read_text()) if (run_dir / SUMMARY).is_file() else {}
+    saved = (read_run_config(run_dir) or {}).get("model")
+    if (run_dir / "adapter_config.json").is_file():
+        read_adapter_config(run_dir)
+    summary = read_run_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
     recorded = (summary.get("inputs") or {}).get("model")
     if recorded is not None:
         if recorded != model_identity(config.model):
@@ -354,8 +378,7 @@ def check_same_base(run_dir: Path, config) -> None:
                               f"{config.model.name_or_path!r} as it is now; evaluate it with the config it was "
                               f"trained with ({run_dir / CONFIG})")
         return
-    if (run_dir / CONFIG).is_file():  # a run from an older forgetless: compare the names
-        saved = (yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}).get("model", {})
+    if isinstance(saved, dict):  # a run from an older forgetless: compare the names
         if (saved.get("name_or_path"), saved.get("revision")) != (config.model.name_or_path, config.model.revision):
             raise ConfigError(f"--run {run_dir} was trained from model.name_or_path {saved.get('name_or_path')!r}, "
                               f"not this config's {config.model.name_or_path!r}; evaluate it with its own "

@@ -9,9 +9,30 @@ import math
 import operator
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from forgetless.errors import ConfigError
+
+
+def read_yaml_mapping(path: Path, hint: str = "") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file: {}); anything else is a ConfigError naming the
+    file and the line where it breaks, with `hint` (what to do) after it, never yaml's traceback."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{at} not valid YAML: {getattr(exc, 'problem', None) or exc}{hint}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}){hint}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}{hint}")
+    return loaded
 
 
 def _type_name(tp: Any) -> str:
