@@ -49,6 +49,7 @@ from forgetless.cache import write_json_atomic, write_text_atomic
 from forgetless.compare import (mark_comparisons, paired_differences, plot, render_markdown, report_settings,
                                 shared_training, summarise_results)
 from forgetless.config import ForgetlessConfig, ReplayConfig, load_config
+from forgetless.registry import METHODS
 from forgetless.run_folder import flat
 
 # settings that may differ between two comparisons joined (how many trained side by side)
@@ -77,6 +78,19 @@ def _same_values(a, b) -> bool:
         return isinstance(a, (int, float)) and isinstance(b, (int, float)) and (
             math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b)))
     return a == b
+
+
+def method_at_defaults(settings: dict) -> dict:
+    """A report's stored `regularizers` and `replay` of one run with every option the report predates at its
+    default, as this forgetless reads the run's config.yaml (a method it no longer knows: as stored)."""
+    regularizers = []
+    for entry in settings["regularizers"]:
+        regularizers.append({name: {**dataclasses.asdict(METHODS[name].config()), **(options or {})}
+                             if name in METHODS else options for name, options in entry.items()})
+    replay = settings["replay"]
+    if isinstance(replay, dict):
+        replay = {**dataclasses.asdict(ReplayConfig()), **replay}
+    return {"regularizers": regularizers, "replay": replay}
 
 
 def _defaults() -> dict[str, dict]:
@@ -251,9 +265,7 @@ def joined_seeds(report: dict, folders: list[Path]) -> dict:
                                      f"there ({summary_path.name} missing or different)")
                 config = load_config(run / "config.yaml")
                 mine = {k: config.to_dict()[k] for k in ("regularizers", "replay")}
-                theirs = {k: report["run_settings"][name][k] for k in ("regularizers", "replay")}
-                if isinstance(theirs["replay"], dict):  # an option the report predates counts at its default
-                    theirs["replay"] = {**dataclasses.asdict(ReplayConfig()), **theirs["replay"]}
+                theirs = method_at_defaults(report["run_settings"][name])
                 if json.loads(json.dumps(mine)) != json.loads(json.dumps(theirs)):
                     raise SystemExit(f"{where}/config.yaml: {name}'s regularizers or replay differ from the first "
                                      f"report's ({mine} vs {theirs})")

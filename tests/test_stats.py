@@ -776,6 +776,18 @@ def test_seeds_added_from_run_folders_are_the_report_of_all_seeds(tmp_path, caps
     changed["regularizers"][0]["ewc"]["coef"] *= 10
     path.write_text(yaml.safe_dump(changed))
     refused(r"ewc-0\.03's regularizers or replay differ", tmp_path / "other")
+    # a first report from before a regularizer option existed (kl.cache here): its runs, which hold it at its
+    # default, join; a run that sets it to something else does not
+    older = json.loads(json.dumps(first))
+    assert older["run_settings"]["replay-kl-3"]["regularizers"][0]["kl"].pop("cache") == "none"
+    assert module.joined_seeds(older, [tmp_path / "runs"])["seeds"] == whole["seeds"]
+    write_runs(tmp_path / "cached")
+    path = tmp_path / "cached" / "replay-kl-3" / f"seed-{last}" / "config.yaml"
+    changed = yaml.safe_load(path.read_text())
+    changed["regularizers"][0]["kl"]["cache"] = "topk"
+    path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(SystemExit, match=r"replay-kl-3's regularizers or replay differ"):
+        module.joined_seeds(older, [tmp_path / "cached"])
     write_runs(tmp_path / "stale")  # an evaluation kept from an earlier suite, or of an earlier training
     path = tmp_path / "stale" / "ewc-0.03" / f"seed-{last}" / "compare_eval.json"
     stale = json.loads(path.read_text())
