@@ -246,10 +246,11 @@ def test_hub_dataset_id_from_the_local_cache(tmp_path, monkeypatch):
 
 def test_a_mixture_of_sources_by_weight_tagged_and_seeded(tiny_gpt2, tmp_path):
     from forgetless.config import load_config
-    from forgetless.data import build_training_dataset
+    from forgetless.data import build_training_dataset as tokenised, training_records
     from forgetless.errors import ConfigError
 
     tok = load_tokenizer(tiny_gpt2)
+    build_training_dataset = lambda data, tok, seed: tokenised(training_records(data, seed), tok, data)
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "response": "x"} for i in range(4)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(10)])
     sources = f"data.train=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 0.5, format: alpaca}}]"

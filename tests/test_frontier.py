@@ -267,7 +267,7 @@ def test_a_compare_run_is_a_frontier_method_with_its_own_corpus_and_settings(tmp
 
 def test_validation_split_is_disjoint_from_training_and_from_the_reported_test_items_and_blocks(pretrained, tmp_path):
     from forgetless.config import load_config
-    from forgetless.data import build_training_dataset, general_blocks, load_records
+    from forgetless.data import build_training_dataset, general_blocks, load_records, split_holdout, training_records
     from forgetless.frontier import make_validator, point_config, validation_records
 
     # general text of distinct sentences, so that equal blocks would be the same text, not a coincidence
@@ -286,7 +286,8 @@ def test_validation_split_is_disjoint_from_training_and_from_the_reported_test_i
     assert len(set(val)) == len(val) == len(validator.pairs)
     assert all(prompt in rendered for prompt, (rendered, _) in zip(val, validator.pairs))
     point = point_config(cfg, tmp_path / "out", "kl", "kl", 0.1)
-    trained = build_training_dataset(point.data, tokenizer, point.train.seed, cfg.budget.validation_examples)
+    mixture = training_records(point.data, point.train.seed)
+    trained = build_training_dataset(split_holdout(mixture, cfg.budget.validation_examples)[0], tokenizer, point.data)
     texts = [tokenizer.decode(ids) for ids in trained["input_ids"]]
     assert all(prompt not in text for prompt in val for text in texts)
     assert sum(any(f"Calculate {i} + {j}." in t for t in texts) for i in range(8) for j in range(8)) == 64 - len(val)

@@ -1,6 +1,7 @@
 """Nothing lost: --overwrite deletes only runs, --resume continues only the same run, and every reused
 result or cache is keyed by the content of what it was computed from (forgetless.run_folder, .identity)."""
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -13,7 +14,9 @@ import torch
 from forgetless import curve as curve_module, identity
 from forgetless.cache import build_once, load_matching, save_atomic
 from forgetless.cli import main
-from forgetless.errors import ConfigError
+from forgetless import train as train_module
+from forgetless.errors import ConfigError, DataError
+from forgetless.compare import read_curve
 from forgetless.evaluate import merges_for_evaluation
 from forgetless.model import load_trained, read_run_config
 from forgetless.run_folder import MARKER, check_same_base, reusable_summary, save_aside
@@ -438,6 +441,12 @@ def test_a_damaged_config_or_summary_in_a_run_folder_is_named_and_the_run_kept(t
                  lambda: merges_for_evaluation(run, torch.float32)):
         with pytest.raises(ConfigError, match=rf"{run / 'config.yaml'}: line 2 not valid YAML: expected ',' or ']'"):
             read()
+    for model in ("null", "gpt2"):  # a section edited away: refused, never the default model loaded as its base
+        (run / "config.yaml").write_text(config_text.replace("model:\n", f"model: {model}\nold_model:\n", 1))
+        for read in (lambda: check_same_base(run, cfg), lambda: load_trained(run),
+                     lambda: merges_for_evaluation(run, torch.float32)):
+            with pytest.raises(ConfigError, match=r"config.yaml: `model:` is (missing|'gpt2'), not the mapping"):
+                read()
     (run / "config.yaml").write_text("- model\n- train\n")
     with pytest.raises(ConfigError, match="config.yaml: the top level must be a mapping of sections, got list"):
         check_same_base(run, cfg)
@@ -454,6 +463,63 @@ def test_a_damaged_config_or_summary_in_a_run_folder_is_named_and_the_run_kept(t
     continue_run(cfg)  # what frontier and budget --resume do: the damaged run is moved aside whole, then trained
     assert (tmp_path / "run.replaced-1" / "train_summary.json").read_bytes() == damaged
     assert reusable_summary(cfg) is not None
+
+
+
+def test_a_metrics_line_cut_short_leaves_the_curve_without_it(tmp_path, caplog):
+    """compare's report reads each run's forgetting curve from metrics.jsonl: a line cut short (or not a mapping)
+    is left out with a warning naming the file and line, never a traceback after all the training is done."""
+    points = [{"step": s, "curve_general_nll": 3.0 + s, "curve_drift_kl": 0.1 * s, "curve_target_nll": 2.0 - s}
+              for s in (0, 20, 40)]
+    lines = [json.dumps(points[0]), json.dumps({"step": 1, "loss": 2.5}), json.dumps(points[1])[:25], "[1, 2]",
+             json.dumps(points[2])]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="forgetless.compare"):
+        assert read_curve(tmp_path) == [points[0], points[2]]
+    assert f"{tmp_path / 'metrics.jsonl'}: line 3 is not JSON" in caplog.text
+
+
+def test_bad_names_and_missing_data_stop_train_before_the_model_loads(memo_data, tmp_path, monkeypatch):
+    """A misspelt scheduler, optimizer or logger, and a missing data file, are one line naming the key or the
+    file, said before the model loads (transformers would raise after it) and before the folder is written."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(train_module, "load_for_training", no_model)
+    cfg = tiny_config(tmp_path / "no-model", memo_data, tmp_path / "run", max_steps=1)
+    for key, value, said in (("lr_scheduler", "cosin", "did you mean 'cosine'?"),
+                             ("optim", "adamw_torc", "did you mean 'adamw_torch'?"),
+                             ("report_to", ["none", "tensorbord"], "did you mean 'tensorboard'?")):
+        bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{key: value}))
+        with pytest.raises(ConfigError, match=rf"train\.{key}: '\w+' is not a name transformers knows; {said}"):
+            train(bad)
+    missing = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        train(missing)
+    no_eval = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        train(no_eval)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_trains_beside_the_base_evaluation_eval_wrote_in_its_folder(tiny_gpt2, memo_data, tmp_path):
+    """`forgetless eval` without --run writes OUTPUT_DIR/eval.json; `train` into that folder is not refused as
+    a folder of foreign files, and keeps the file (with or without --overwrite); anything beside it is refused."""
+    cfg = tiny_config(tiny_gpt2, memo_data, tmp_path / "run", max_steps=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval.json").write_text('{"base": {}}')
+    train(cfg)
+    assert (tmp_path / "run" / "eval.json").read_text() == '{"base": {}}'
+    assert reusable_summary(cfg) is not None
+    other = tiny_config(tiny_gpt2, memo_data, tmp_path / "other", max_steps=1)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "eval.json").write_text('{"base": {}}')
+    train(other, overwrite=True)
+    assert (tmp_path / "other" / "eval.json").read_text() == '{"base": {}}'
+    mine = user_folder(tmp_path / "mine")
+    (mine / "eval.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds files that are not a forgetless run"):
+        train(tiny_config(tiny_gpt2, memo_data, mine, max_steps=1))
 
 
 def test_caches_are_rebuilt_for_other_inputs_or_when_corrupt(tmp_path):

@@ -87,7 +87,7 @@ def run_eval(config, run_dir: str | None) -> int:
     from forgetless.cache import write_json_atomic
     from forgetless.data import source_spec, train_sources
     from forgetless.evaluate import check_disjoint, evaluate_base_and_runs
-    from forgetless.run_folder import check_same_base
+    from forgetless.run_folder import EVAL_FILE, check_same_base
 
     if run_dir:
         check_same_base(Path(run_dir), config)
@@ -95,7 +95,7 @@ def run_eval(config, run_dir: str | None) -> int:
     results = evaluate_base_and_runs(config, {run_dir: run_dir} if run_dir else {})
     out = Path(run_dir or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "eval.json", results, indent=2)
+    write_json_atomic(out / EVAL_FILE, results, indent=2)
     for name, res in results.items():
         print(name)
         for key, entry in res.items():

@@ -311,7 +311,7 @@ class Suite:
         try:
             saved = json.loads(path.read_text())
             stored = saved["answers"] if saved.get("key") == json.loads(json.dumps(self.key())) else None
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: not a mapping
             pass  # none yet, or unreadable: generated (and written) again
         if stored:
             know_base_answers(base, stored, generation_batch(self.config.evaluation))
@@ -328,7 +328,7 @@ class Suite:
                 saved = json.loads(path.read_text())
                 if saved.get("key") == json.loads(json.dumps(key())):  # as it reads back from the file
                     return saved["results"]
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: not a mapping
                 pass  # unreadable: measured again
         results = compute()
         # keyed as it is after the evaluation: a Hub dataset it read is in the local cache now, hashed
@@ -370,7 +370,15 @@ def read_curve(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:  # cut short or edited by hand: the curve is drawn without it, never a traceback
+            logger.warning("%s: line %d is not JSON; the forgetting curve leaves it out", path, number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     keys = ("step", "curve_general_nll", "curve_drift_kl", "curve_target_nll")
     return [{k: r[k] for k in keys if k in r} for r in rows if "curve_target_nll" in r or "curve_drift_kl" in r]
 

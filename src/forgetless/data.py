@@ -543,14 +543,19 @@ def tokenize_records(records: list[Record], tokenizer, cfg: DataConfig) -> tuple
 
 
 def build_dataset(spec: str, tokenizer, cfg: DataConfig):
-    """Records -> tokenised `datasets.Dataset` with input_ids and labels."""
-    return _as_dataset([(record, 0) for record in load_records(spec, cfg)], tokenizer, cfg)
+    """A source's records -> tokenised `datasets.Dataset` with input_ids and labels."""
+    return records_dataset(load_records(spec, cfg), tokenizer, cfg)
 
 
-def build_training_dataset(cfg: DataConfig, tokenizer, seed: int, holdout: int = 0):
-    """data.train's mixture (see training_records) less its last `holdout` examples (split_holdout),
-    tokenised, each row tagged with its `source`."""
-    return _as_dataset(split_holdout(training_records(cfg, seed), holdout)[0], tokenizer, cfg)
+def records_dataset(records: list[Record], tokenizer, cfg: DataConfig):
+    """Records already read -> tokenised `datasets.Dataset` with input_ids and labels."""
+    return _as_dataset([(record, 0) for record in records], tokenizer, cfg)
+
+
+def build_training_dataset(mixture: list[tuple[Record, int]], tokenizer, cfg: DataConfig):
+    """The training mixture as read (training_records, less split_holdout's examples) tokenised, each row tagged
+    with its `source`."""
+    return _as_dataset(mixture, tokenizer, cfg)
 
 
 def _as_dataset(tagged: list[tuple[Record, int]], tokenizer, cfg: DataConfig):

@@ -38,7 +38,7 @@ from forgetless.errors import ConfigError, DataError, ModelError
 from forgetless.generation import complete
 from forgetless.losses import forward_rows, token_kl, upcast
 from forgetless.model import (default_device, load_model, load_tokenizer, load_trained, read_adapter_config,
-                              read_run_config, resolve_model_path)
+                              read_run_model, resolve_model_path)
 from forgetless import stats
 
 logger = logging.getLogger(__name__)
@@ -526,8 +526,7 @@ def merges_for_evaluation(out_dir: str | Path, dtype: torch.dtype) -> bool:
     if (adapter.get("peft_type") != "LORA" or not isinstance(targets, list) or saved_whole
             or any(name.split(".")[-1] in EMBEDDING_LAYERS for name in targets)):
         return False
-    model = (read_run_config(folder) or {}).get("model")
-    return not (isinstance(model, dict) and model.get("quantization"))
+    return not (read_run_model(folder) or {}).get("quantization")
 
 
 def evaluate_run(config, base, tokenizer, out_dir: str, name: str) -> dict[str, Any]:

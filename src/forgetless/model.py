@@ -20,7 +20,7 @@ import torch
 
 from forgetless.environment import environment_kept
 from forgetless.sections import DEFAULT_MODEL, ModelConfig
-from forgetless.errors import ModelError
+from forgetless.errors import ConfigError, ModelError
 from forgetless.schema import from_dict, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,21 @@ def read_run_config(folder: str | Path) -> dict | None:
                                         "pass --overwrite to train the run again")
 
 
+def read_run_model(folder: str | Path) -> dict | None:
+    """The `model:` section of a run folder's config.yaml (what its base is and how it was loaded), None when
+    the folder has no config.yaml; a section missing or not a mapping is a ConfigError naming the file
+    (forgetless always writes one), never a silent fallback to the default model."""
+    saved = read_run_config(folder)
+    if saved is None:
+        return None
+    model = saved.get("model")
+    if not isinstance(model, dict):
+        raise ConfigError(f"{Path(folder) / 'config.yaml'}: `model:` is {'missing' if model is None else repr(model)}, "
+                          "not the mapping forgetless wrote (name_or_path, dtype, ...); the run folder's config is "
+                          "damaged: restore it, or pass --overwrite to train the run again")
+    return model
+
+
 def read_adapter_config(folder: str | Path) -> dict:
     """A folder's adapter_config.json as a dict; a file cut short or edited into something else is a ModelError
     naming it (peft would fail on it deep inside from_pretrained)."""
@@ -342,10 +357,9 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype | None = None, devic
 
     output_dir = Path(output_dir)
     model_cfg = ModelConfig(name_or_path=str(output_dir), dtype="float32")
-    saved = read_run_config(output_dir)
+    saved = read_run_model(output_dir)
     if saved is not None:
-        model_cfg = from_dict(ModelConfig, saved.get("model") or {}, where=f"{output_dir / 'config.yaml'}: ",
-                              prefix="model.")
+        model_cfg = from_dict(ModelConfig, saved, where=f"{output_dir / 'config.yaml'}: ", prefix="model.")
     if dtype is not None:
         model_cfg.dtype = {v: k for k, v in DTYPES.items()}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)

@@ -26,7 +26,7 @@ from forgetless.cache import write_json_atomic
 from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.errors import ConfigError
 from forgetless.identity import changed_inputs, model_identity, run_inputs
-from forgetless.model import load_trained, read_adapter_config, read_run_config
+from forgetless.model import load_trained, read_adapter_config, read_run_config, read_run_model
 from forgetless.schema import from_dict
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 MARKER = ".forgetless-run"  # JSON: the forgetless version and the run's inputs (forgetless.identity)
 SUMMARY = "train_summary.json"  # written last: its presence marks a finished run
 CONFIG = "config.yaml"
+EVAL_FILE = "eval.json"  # `forgetless eval`'s results: of the base (in output_dir) or of a run and its base (in it)
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
@@ -49,7 +50,7 @@ RESUMABLE = NOT_TRAINED + ("merge", "train.progress_bar", "train.logging_steps",
 # the tokenizer, compare's and eval's results, budget's trials. `--overwrite` deletes a run only when
 # nothing else is there: a file you added to a run folder is never deleted with it.
 RUN_ENTRIES = (MARKER, CONFIG, METRICS, SUMMARY, CHECKPOINTS, "tensorboard", "merged", ".saving", ".merged",
-               "budget", "budget.json", "eval.json", "compare_eval.json", "README.md", "adapter_config.json",
+               "budget", "budget.json", EVAL_FILE, "compare_eval.json", "README.md", "adapter_config.json",
                "adapter_model.safetensors", "adapter_model.bin", "config.json", "generation_config.json",
                "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
                "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "vocab.txt", "merges.txt",
@@ -101,6 +102,13 @@ def stopped_with_checkpoint(folder: Path) -> bool:
     return is_run(folder) and not is_finished(folder) and latest_checkpoint(folder / CHECKPOINTS) is not None
 
 
+def holds_base_evaluation_only(folder: Path) -> bool:
+    """Whether `folder` holds nothing but what `forgetless eval` without --run writes in output_dir (eval.json):
+    a run then trains there beside it, and keeps it."""
+    entries = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return bool(entries) and set(entries) <= {EVAL_FILE} and (folder / EVAL_FILE).is_file()
+
+
 def _holds_files(folder: Path) -> bool:
     """Whether a folder holds a file to lose: not a run stopped while being set up (bad input found after
     the folder was prepared), which holds its marker and, beside it, its config.yaml at most."""
@@ -144,7 +152,7 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
             raise ConfigError(f"--resume: the run in {output_dir} has finished ({SUMMARY} is there); "
                               "pass --overwrite to train it again, or choose another output_dir")
         return
-    if not holds_files:
+    if not holds_files or holds_base_evaluation_only(output_dir):
         return
     if not is_run(output_dir):
         what = f"{output_dir} holds files that are not a forgetless run ({_listing(output_dir)})"
@@ -180,7 +188,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool, inputs: 
     several processes only the main one calls this, after every process has run check_output_dir."""
     output_dir = Path(output_dir).expanduser()
     check_output_dir(output_dir, overwrite, resume)
-    if overwrite and _holds_files(output_dir):
+    if overwrite and _holds_files(output_dir) and not holds_base_evaluation_only(output_dir):
         shutil.rmtree(output_dir)  # check_output_dir: a forgetless run, not a protected folder
     output_dir.mkdir(parents=True, exist_ok=True)
     if not resume or not (output_dir / MARKER).is_file():
@@ -366,7 +374,7 @@ def check_same_base(run_dir: Path, config) -> None:
     """Refuse to evaluate a run against a base it was not trained from (`eval --run`). Its config.yaml and
     adapter config are read first, so a damaged one stops `eval` before any model is loaded or evaluated."""
     run_dir = Path(run_dir).expanduser()
-    saved = (read_run_config(run_dir) or {}).get("model")
+    saved = read_run_model(run_dir)
     if (run_dir / "adapter_config.json").is_file():
         read_adapter_config(run_dir)
     summary = read_run_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else {}
@@ -378,7 +386,7 @@ def check_same_base(run_dir: Path, config) -> None:
                               f"{config.model.name_or_path!r} as it is now; evaluate it with the config it was "
                               f"trained with ({run_dir / CONFIG})")
         return
-    if isinstance(saved, dict):  # a run from an older forgetless: compare the names
+    if saved is not None:  # a run from an older forgetless: compare the names
         if (saved.get("name_or_path"), saved.get("revision")) != (config.model.name_or_path, config.model.revision):
             raise ConfigError(f"--run {run_dir} was trained from model.name_or_path {saved.get('name_or_path')!r}, "
                               f"not this config's {config.model.name_or_path!r}; evaluate it with its own "

@@ -11,6 +11,7 @@ OUTPUT_DIR after a run:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
     from transformers import TrainingArguments, set_seed
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,20 @@ def build_method(config: ForgetlessConfig) -> tuple[list[Regularizer], ReplaySou
     regularizers = [registry.build(options) for options in config.regularizers]
     replay = ReplaySource(config.replay, config.data) if config.replay is not None else None
     return regularizers, replay
+
+
+def check_transformers_names(settings) -> None:
+    """train.lr_scheduler, train.optim and train.report_to name things transformers defines: checked against its
+    lists before the model loads, one line naming the key (TrainingArguments or Trainer would raise after it)."""
+    reporters = settings.report_to if isinstance(settings.report_to, list) else [settings.report_to]
+    for key, values, known in (("lr_scheduler", [settings.lr_scheduler], [s.value for s in SchedulerType]),
+                               ("optim", [settings.optim], [o.value for o in OptimizerNames]),
+                               ("report_to", reporters, ["none", "all", *INTEGRATION_TO_CALLBACK])):
+        for value in values:
+            if value not in known:
+                close = difflib.get_close_matches(str(value), known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(known)}"
+                raise ConfigError(f"train.{key}: {value!r} is not a name transformers knows; {hint}")
 
 
 def training_arguments(config: ForgetlessConfig, checkpoint_dir: Path) -> TrainingArguments:
@@ -109,13 +127,17 @@ def train(config: ForgetlessConfig, overwrite: bool = False, resume: bool = Fals
     record it (its identity: resume, reuse, caches)."""
     output_dir = Path(config.output_dir).expanduser()
     check_output_dir(output_dir, overwrite, resume)  # before the model loads: fail fast
+    check_transformers_names(config.train)
     checkpoint_dir = output_dir / CHECKPOINTS
     set_seed(config.train.seed)
 
-    # model first: the tokenizer decides how data is rendered
+    # the data read before the model loads (a missing file or a bad row is said at once), tokenised after it
+    # (the tokenizer decides how it is rendered)
+    mixture = data_mod.split_holdout(data_mod.training_records(config.data, config.train.seed), holdout)[0]
+    eval_records = data_mod.load_records(data_mod.eval_source(config.data), config.data) if config.data.eval else None
     model, tokenizer, model_path = load_for_training(config.model, config.train.gradient_checkpointing)
-    train_ds = data_mod.build_training_dataset(config.data, tokenizer, config.train.seed, holdout)
-    eval_ds = data_mod.build_dataset(data_mod.eval_source(config.data), tokenizer, config.data) if config.data.eval else None
+    train_ds = data_mod.build_training_dataset(mixture, tokenizer, config.data)
+    eval_ds = data_mod.records_dataset(eval_records, tokenizer, config.data) if eval_records is not None else None
     # by content, once the data is read (a Hub dataset is in the local cache now): the run's caches, its
     # resume and its reuse by compare are keyed by it
     inputs = run_inputs(config, holdout)
