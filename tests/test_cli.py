@@ -47,6 +47,16 @@ def test_bad_config_key_is_one_clear_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_misspelt_packaged_config_name_says_which_it_was_close_to(tmp_path, monkeypatch, capsys):
+    from forgetless.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "defualt"]) == 2
+    assert "config file defualt does not exist (did you mean the packaged 'default'?)" in capsys.readouterr().err
+    assert main(["config", "nothing-like-it"]) == 2
+    assert capsys.readouterr().err.strip() == "forgetless: error: config file nothing-like-it does not exist"
+
+
 def test_uncached_hub_id_offline_is_one_clear_error(tmp_path):
     res = run_cli("train", "default", "model.name_or_path=meta-llama/Llama-3.1-8B", f"output_dir={tmp_path}/o",
                   HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))

@@ -121,6 +121,17 @@ def test_replay_is_a_section_and_the_old_entry_names_it():
     assert klr.method == "klr" and klr.replay.weight == 0.0 and klr.regularizers[0].on == "replay"
     with pytest.raises(ConfigError, match="method: unknown method 'lfuu'"):
         load_config(None, ["method=lfuu"])
+    # a misspelt preset is named with the closest one; one close to none is not
+    with pytest.raises(ConfigError, match=r"method: unknown method 'lfu-fats' \(did you mean 'lfu-fast'\?\)"):
+        load_config(None, ["method=lfu-fats"])
+    with pytest.raises(ConfigError, match=r"compare.methods\[1\]: unknown method 'replay-kll' \(did you mean 'replay-kl'"):
+        load_config(None, ["compare.methods=[sft, replay-kll]"])
+    with pytest.raises(ConfigError, match=r"frontier.methods\[1\]: unknown method 'mine2' \(did you mean 'mine'"):
+        load_config(None, ["frontier.methods=[sft, mine2]", "compare.runs={mine: {method: kl}}"])
+    with pytest.raises(ConfigError, match=r"unknown method 'zzzzzzzz' \(presets:"):
+        load_config(None, ["method=zzzzzzzz"])
+    with pytest.raises(ConfigError, match=r"^replay: expected a mapping of its options or null, got True$"):
+        load_config(None, ["replay=true"])  # what to write, not the class it is read into
 
 
 def test_a_config_changed_in_code_is_resolved_by_validate(caplog):

@@ -7,24 +7,31 @@ transformers."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from pathlib import Path
 
 import yaml
 
-from forgetless.errors import ForgetlessError
+from forgetless.errors import ConfigError, ForgetlessError
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config_path(name: str) -> Path:
-    """A path, or the name of a config that ships with forgetless (e.g. `default`)."""
+    """A path, or the name of a config that ships with forgetless (e.g. `default`); a name that is neither,
+    but close to a packaged one, is a ConfigError that says so (`defualt`)."""
     path = Path(name)
     if path.exists() or path.suffix:
         return path
     packaged = PACKAGED_CONFIGS / f"{name}.yaml"
-    return packaged if packaged.exists() else path
+    if packaged.exists():
+        return packaged
+    close = difflib.get_close_matches(name, [p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")], n=1)
+    if close:
+        raise ConfigError(f"config file {name} does not exist (did you mean the packaged '{close[0]}'?)")
+    return path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

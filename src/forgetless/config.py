@@ -77,8 +77,9 @@ class ForgetlessConfig:
             found["model.dtype"] = ("float16 weights cannot be fully fine-tuned with mixed precision (the gradient "
                                     "scaler refuses float16 parameters); use bfloat16 or float32")
         if not self.regularizers and self.replay is None and self.method not in PRESETS:
-            found["method"] = (f"unknown method '{self.method}' (presets: {', '.join(PRESETS)}); or list `regularizers` "
-                               "(or `replay`) explicitly and use method as a label")
+            found["method"] = (f"unknown method '{self.method}'{_did_you_mean(self.method)} (presets: "
+                               f"{', '.join(PRESETS)}); or list `regularizers` (or `replay`) explicitly and use method "
+                               "as a label")
         found.update(combination_problems(self.regularizers, self.replay is not None))
         perturbing = any("perturbs" in getattr(o, "provides", lambda: set())() for o in self.regularizers)
         if self.replay is not None and self.replay.forward == "with_sft" and perturbing:
@@ -87,8 +88,8 @@ class ForgetlessConfig:
         c = self.compare
         for i, method in enumerate(c.methods):
             if method not in PRESETS:
-                found[f"compare.methods[{i}]"] = (f"unknown method '{method}' (presets: {', '.join(PRESETS)}; or define "
-                                                  "it under compare.runs)")
+                found[f"compare.methods[{i}]"] = (f"unknown method '{method}'{_did_you_mean(method)} (presets: "
+                                                  f"{', '.join(PRESETS)}; or define it under compare.runs)")
                 break
         for name in c.runs:
             if name in c.methods or name == "base":
@@ -124,8 +125,8 @@ class ForgetlessConfig:
                                                    "run")
                 break
             if name not in PRESETS and name not in c.runs:
-                found[f"frontier.methods[{i}]"] = (f"unknown method '{name}' (presets: {', '.join(PRESETS)}; or the "
-                                                   "name of a compare.runs entry)")
+                found[f"frontier.methods[{i}]"] = (f"unknown method '{name}'{_did_you_mean(name, c.runs)} (presets: "
+                                                   f"{', '.join(PRESETS)}; or the name of a compare.runs entry)")
                 break
             run = c.runs.get(name)
             fixed = [key for key in ("data", "model") if isinstance(run, dict) and key in run]
@@ -170,6 +171,11 @@ class ForgetlessConfig:
         out["regularizers"] = [entry(options) for options in self.regularizers]
         return out
 
+
+def _did_you_mean(name: str, also: Any = ()) -> str:
+    """The suffix ` (did you mean 'x'?)` naming the preset (or run in `also`) closest to a misspelt method, or ''."""
+    close = difflib.get_close_matches(str(name), [*PRESETS, *also], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def lay_over_preset(raw: dict[str, Any]) -> dict[str, Any]:

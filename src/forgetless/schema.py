@@ -47,6 +47,8 @@ def _type_name(tp: Any) -> str:
         return "mapping"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):  # a section of options: what the user writes, not the class it is read into
+        return "a mapping of its options"
     return getattr(tp, "__name__", str(tp))
 
 
