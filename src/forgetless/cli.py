@@ -7,7 +7,6 @@ transformers."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from forgetless.errors import ConfigError, ForgetlessError
+from forgetless.schema import closest
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -28,9 +28,9 @@ def resolve_config_path(name: str) -> Path:
     packaged = PACKAGED_CONFIGS / f"{name}.yaml"
     if packaged.exists():
         return packaged
-    close = difflib.get_close_matches(name, [p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")], n=1)
+    close = closest(name, [p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")])
     if close:
-        raise ConfigError(f"config file {name} does not exist (did you mean the packaged '{close[0]}'?)")
+        raise ConfigError(f"config file {name} does not exist (did you mean the packaged '{close}'?)")
     return path
 
 

@@ -38,7 +38,7 @@ from forgetless.evaluate import (base_answers, check_disjoint, evaluate, evaluat
                                  know_base_answers, load_base, merges_for_evaluation)
 from forgetless.identity import evaluation_inputs, source_digest
 from forgetless.model import resolve_dtype, resolve_model_path
-from forgetless.run_folder import reusable_summary, stopped_with_checkpoint
+from forgetless.run_folder import metrics_rows, reusable_summary, stopped_with_checkpoint
 from forgetless import stats
 from forgetless.train import set_aside_kept, train, why_not_resumed
 from forgetless.workers import worker_pool
@@ -370,15 +370,7 @@ def read_curve(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except ValueError:  # cut short or edited by hand: the curve is drawn without it, never a traceback
-            logger.warning("%s: line %d is not JSON; the forgetting curve leaves it out", path, number)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
+    rows = [row for _, row in metrics_rows(path)]  # a torn line is left out of the curve, with a warning
     keys = ("step", "curve_general_nll", "curve_drift_kl", "curve_target_nll")
     return [{k: r[k] for k in keys if k in r} for r in rows if "curve_target_nll" in r or "curve_drift_kl" in r]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from forgetless.environment import environment_kept
 from forgetless.errors import ConfigError
 from forgetless.registry import METHODS, PRESETS, combination_problems, entry, parse_entries, strengths
 from forgetless.registry import knob as registry_knob, main_knob, method_of
-from forgetless.schema import check_problems, from_dict, out_of_range, read_yaml_mapping
+from forgetless.schema import check_problems, closest, from_dict, out_of_range, read_yaml_mapping
 from forgetless.sections import (DEFAULT_MODEL, DEFAULT_TEMPLATES, GENERAL_DOMAINS, RUN_NAME, SEED_RANGE,  # noqa: F401
                                  BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, FrontierConfig,
                                  LoraSettings, ModelConfig, ReplayConfig, TrainingSettings, template_problem)
@@ -103,8 +102,8 @@ class ForgetlessConfig:
                 break
         knobs = strengths()
         if self.budget.knob not in knobs:
-            close = difflib.get_close_matches(self.budget.knob, sorted(knobs), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = closest(self.budget.knob, sorted(knobs))
+            hint = f" (did you mean '{close}'?)" if close else ""
             found["budget.knob"] = f"must be one of {', '.join(sorted(knobs))}, got {self.budget.knob!r}{hint}"
         elif knobs[self.budget.knob].holds is None:
             found["budget.knob"] = (f"{self.budget.knob} is a knob to tune, not a hold on the initial model (no "
@@ -174,8 +173,8 @@ class ForgetlessConfig:
 
 def _did_you_mean(name: str, also: Any = ()) -> str:
     """The suffix ` (did you mean 'x'?)` naming the preset (or run in `also`) closest to a misspelt method, or ''."""
-    close = difflib.get_close_matches(str(name), [*PRESETS, *also], n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = closest(name, [*PRESETS, *also])
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 def lay_over_preset(raw: dict[str, Any]) -> dict[str, Any]:
@@ -445,8 +444,8 @@ def check_training_extra(extra: dict[str, Any], where: str = "") -> None:
                 raise ConfigError(f"{where}train.extra.{key}: set by forgetless {owner}; leave it out")
             raise ConfigError(f"{where}train.extra.{key}: set by forgetless from {owner}; use that key instead")
         if key not in fields:
-            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = closest(key, sorted(fields))
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise ConfigError(f"{where}train.extra.{key}: not a transformers TrainingArguments field{hint}")
 
 

@@ -304,15 +304,18 @@ def lora_factors(model) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
     return factors
 
 
+# what to do about a run folder's config.yaml that cannot be read as forgetless wrote it
+DAMAGED_RUN_CONFIG = ("the run folder's config is damaged: restore it (the config the run was trained with, as "
+                      "`forgetless config CONFIG key=value ...` prints it), or pass --overwrite to train the run again")
+
+
 def read_run_config(folder: str | Path) -> dict | None:
     """A run folder's config.yaml as written, None when there is none; a file cut short or edited into
     something else is a ConfigError naming it and its line (schema.read_yaml_mapping), never yaml's traceback."""
     path = Path(folder) / "config.yaml"
     if not path.is_file():
         return None
-    return read_yaml_mapping(path, hint="; the run folder's config is damaged: restore it (the config the run was "
-                                        "trained with, as `forgetless config CONFIG key=value ...` prints it), or "
-                                        "pass --overwrite to train the run again")
+    return read_yaml_mapping(path, hint=f"; {DAMAGED_RUN_CONFIG}")
 
 
 def read_run_model(folder: str | Path) -> dict | None:
@@ -325,8 +328,7 @@ def read_run_model(folder: str | Path) -> dict | None:
     model = saved.get("model")
     if not isinstance(model, dict):
         raise ConfigError(f"{Path(folder) / 'config.yaml'}: `model:` is {'missing' if model is None else repr(model)}, "
-                          "not the mapping forgetless wrote (name_or_path, dtype, ...); the run folder's config is "
-                          "damaged: restore it, or pass --overwrite to train the run again")
+                          f"not the mapping forgetless wrote (name_or_path, dtype, ...); {DAMAGED_RUN_CONFIG}")
     return model
 
 

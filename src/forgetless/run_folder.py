@@ -27,7 +27,7 @@ from forgetless.config import ForgetlessConfig, dump_config
 from forgetless.errors import ConfigError
 from forgetless.identity import changed_inputs, model_identity, run_inputs
 from forgetless.model import load_trained, read_adapter_config, read_run_config, read_run_model
-from forgetless.schema import from_dict
+from forgetless.schema import from_dict, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,10 @@ RUN_ENTRIES = (MARKER, CONFIG, METRICS, SUMMARY, CHECKPOINTS, "tensorboard", "me
 
 def _looks_like_run_config(path: Path) -> bool:
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = read_yaml_mapping(path)
+    except (OSError, ConfigError):  # unreadable, or not a mapping: not a config forgetless wrote
         return False
-    return isinstance(saved, dict) and {"model", "data", "train", "output_dir"} <= set(saved)
+    return {"model", "data", "train", "output_dir"} <= set(saved)
 
 
 def is_run(folder: Path) -> bool:
@@ -300,6 +300,21 @@ def checkpoint_state(checkpoint: str | Path) -> tuple[int, dict[str, dict]]:
                                         if isinstance(saved, dict)}
 
 
+def metrics_rows(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's rows (each with its line as written); a line that is not JSON (cut short by a kill, or
+    edited by hand) is left out with a warning naming it, and so, silently, is one that is not a mapping."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            logger.warning("%s: line %d is not JSON; left out", path, number)
+            continue
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
+
+
 def trim_metrics(output_dir: Path, step: int) -> None:
     """metrics.jsonl back to the checkpoint's step: the resumed run logs the later steps again, and its end of
     training (the row Trainer logs when training ends, `train_runtime`: a run killed after its last checkpoint
@@ -307,14 +322,7 @@ def trim_metrics(output_dir: Path, step: int) -> None:
     path = Path(output_dir) / METRICS
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line) if line.strip() else None
-        except ValueError:  # a line cut short by the kill
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= step and "train_runtime" not in row:
-            kept.append(line)
+    kept = [line for line, row in metrics_rows(path) if row.get("step", 0) <= step and "train_runtime" not in row]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)

@@ -17,6 +17,12 @@ import yaml
 from forgetless.errors import ConfigError
 
 
+def closest(name: Any, choices: Any) -> str | None:
+    """The one of `choices` closest to a misspelt `name` (difflib's rule), or None: every "did you mean" here."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return close[0] if close else None
+
+
 def read_yaml_mapping(path: Path, hint: str = "") -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file: {}); anything else is a ConfigError naming the
     file and the line where it breaks, with `hint` (what to do) after it, never yaml's traceback."""
@@ -190,8 +196,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", prefix: str = ""
         if f"{prefix}{key}" in REMOVED_KEYS:
             raise ConfigError(f"{where}{prefix}{key}: no longer a setting: {REMOVED_KEYS[f'{prefix}{key}']}")
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            close = closest(key, fields)
+            hint = f" (did you mean '{prefix}{close}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{where}{prefix}{key}: unknown key{hint}")
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

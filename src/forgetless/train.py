@@ -11,7 +11,6 @@ OUTPUT_DIR after a run:
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from forgetless.run_folder import (CHECKPOINTS, METRICS, SUMMARY, check_output_d
                                    checkpoint_state, is_finished, is_run, latest_checkpoint, prepare_output_dir,
                                    reusable_summary, save_aside, set_aside, stopped_with_checkpoint, trim_metrics,
                                    write_run, write_summary)
+from forgetless.schema import closest
+from forgetless.sections import TrainingSettings
 from forgetless.trainer import ForgetlessTrainer, MetricsFileCallback
 
 with environment_kept():  # forgetless.environment: importing transformers writes TORCHINDUCTOR_CACHE_DIR
@@ -59,7 +60,7 @@ def build_method(config: ForgetlessConfig) -> tuple[list[Regularizer], ReplaySou
     return regularizers, replay
 
 
-def check_transformers_names(settings) -> None:
+def check_transformers_names(settings: TrainingSettings) -> None:
     """train.lr_scheduler, train.optim and train.report_to name things transformers defines: checked against its
     lists before the model loads, one line naming the key (TrainingArguments or Trainer would raise after it)."""
     reporters = settings.report_to if isinstance(settings.report_to, list) else [settings.report_to]
@@ -68,8 +69,8 @@ def check_transformers_names(settings) -> None:
                                ("report_to", reporters, ["none", "all", *INTEGRATION_TO_CALLBACK])):
         for value in values:
             if value not in known:
-                close = difflib.get_close_matches(str(value), known, n=1)
-                hint = f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(known)}"
+                close = closest(value, known)
+                hint = f"did you mean '{close}'?" if close else f"one of: {', '.join(known)}"
                 raise ConfigError(f"train.{key}: {value!r} is not a name transformers knows; {hint}")
 
 
