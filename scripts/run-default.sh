@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: install, then compare plain SFT, LfU (its lfu-fast setting) and distillation replay (replay-kl) on the embedded default
+# The main job: install, then compare plain SFT and distillation replay (replay-kl) on the embedded default
 # (SmolLM2-135M-Instruct learning shipped arithmetic data), offline on CPU, and write
 # runs/compare/report.md with its plots. Extra arguments are config overrides, e.g. train.max_steps=20.
 set -euo pipefail
