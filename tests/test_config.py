@@ -4,6 +4,7 @@ import pytest
 from forgetless.cli import resolve_config_path
 from forgetless.config import ForgetlessConfig, load_config
 from forgetless.errors import ConfigError
+from forgetless.schema import read_yaml_mapping
 
 
 def write(tmp_path, text):
@@ -57,6 +58,21 @@ def test_wrong_values_name_the_key(tmp_path, text, message):
 def test_invalid_yaml_names_the_line(tmp_path):
     with pytest.raises(ConfigError, match=r"run.yaml: line 2 not valid YAML"):
         load_config(write(tmp_path, "method: sft\ntrain: {batch_size: 1]\nmerge: false\n"))
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    # plain yaml keeps the last silently: this config would train at 3e-4 while reading as 1e-3
+    text = "train:\n  learning_rate: 1.0e-3\n  max_steps: 4\n  learning_rate: 3.0e-4\n"
+    with pytest.raises(ConfigError, match=r"run.yaml: line 4 not valid YAML: the key 'learning_rate' appears twice "
+                                          r"in one mapping \(first on line 2\)"):
+        load_config(write(tmp_path, text))
+    # the same key in two sections is two keys; a merge key's entries may be overridden (that is merging)
+    assert load_config(write(tmp_path, "train: {seed: 3}\nevaluation: {seed: 4}\n")).train.seed == 3
+    merged = "x-train: &t {seed: 3, max_steps: 9}\ntrain:\n  <<: *t\n  seed: 5\n"
+    assert read_yaml_mapping(write(tmp_path, merged))["train"] == {"seed": 5, "max_steps": 9}
+    with pytest.raises(ConfigError, match=r"override 'replay=\{ratio: 0.1, ratio: 0.2\}': value is not valid YAML "
+                                          r"\(the key 'ratio' appears twice"):
+        load_config(None, ["replay={ratio: 0.1, ratio: 0.2}"])
 
 
 def test_missing_file_and_bad_override():

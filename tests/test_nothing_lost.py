@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from forgetless import curve as curve_module, identity
+from forgetless import curve as curve_module, frontier as frontier_module, identity
 from forgetless.cache import build_once, load_matching, save_atomic
 from forgetless.cli import main
 from forgetless import train as train_module
@@ -460,9 +460,18 @@ def test_a_damaged_config_or_summary_in_a_run_folder_is_named_and_the_run_kept(t
         check_same_base(run, cfg)
     assert reusable_summary(cfg) is None
     damaged = (run / "train_summary.json").read_bytes()
-    continue_run(cfg)  # what frontier and budget --resume do: the damaged run is moved aside whole, then trained
+    continue_run(cfg)  # what budget --resume does: the damaged run is moved aside whole, then trained
     assert (tmp_path / "run.replaced-1" / "train_summary.json").read_bytes() == damaged
     assert reusable_summary(cfg) is not None
+
+    # frontier's point: the same, and the damaged file named once (it used to ask twice, and warn twice)
+    (run / "train_summary.json").write_text("[]")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forgetless.run_folder"):
+        summary, trained = frontier_module._train_or_reuse(cfg, 0, False, "point")
+    assert trained and summary["global_steps"] == 1
+    assert caplog.text.count(f"{run}: not reused: {run / 'train_summary.json'} holds a list") == 1, caplog.text
+    assert (tmp_path / "run.replaced-2" / "train_summary.json").read_text() == "[]"
 
 
 

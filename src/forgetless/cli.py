@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from forgetless.console import quiet_third_party_noise
 from forgetless.errors import ConfigError, ForgetlessError
 from forgetless.schema import closest
 
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(resolve_config_path(args.config), args.overrides)
+        # before torch's neighbours load: lines every run printed that no user can act on
+        quiet_third_party_noise(quantized=config.model.quantization is not None)
         if args.command == "config":
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0

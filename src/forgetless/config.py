@@ -25,7 +25,7 @@ from forgetless.environment import environment_kept
 from forgetless.errors import ConfigError
 from forgetless.registry import METHODS, PRESETS, combination_problems, entry, parse_entries, strengths
 from forgetless.registry import knob as registry_knob, main_knob, method_of
-from forgetless.schema import check_problems, closest, from_dict, out_of_range, read_yaml_mapping
+from forgetless.schema import check_problems, closest, from_dict, out_of_range, load_yaml, read_yaml_mapping
 from forgetless.sections import (DEFAULT_MODEL, DEFAULT_TEMPLATES, GENERAL_DOMAINS, RUN_NAME, SEED_RANGE,  # noqa: F401
                                  BudgetConfig, CompareSettings, DataConfig, DataSource, EvalConfig, FrontierConfig,
                                  LoraSettings, ModelConfig, ReplayConfig, TrainingSettings, template_problem)
@@ -354,7 +354,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if raw.strip().startswith("@"):  # `data.eval=@test`: YAML reserves a leading @, the meaning is plain
         return key.split("."), raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem})") from None
     return key.split("."), value

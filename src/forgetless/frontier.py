@@ -76,7 +76,7 @@ from forgetless.registry import knob as registry_knob
 from forgetless.regularizers.wise_ft import WeightMixer
 from forgetless.run_folder import reusable_summary
 from forgetless.sections import RUN_NAME, FrontierConfig
-from forgetless.train import continue_run, train
+from forgetless.train import resume_or_train_afresh, train
 from forgetless.workers import worker_pool
 
 logger = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _label(method: str, knob: str | None, value: float | None, cfg: ForgetlessCo
 
 def _train_or_reuse(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label: str) -> tuple[dict, bool]:
     """(the run's summary, whether it trained now): a finished run of the same config and inputs is reused,
-    an unfinished one resumed (train.continue_run); --overwrite trains it again."""
+    an unfinished one resumed (train.resume_or_train_afresh); --overwrite trains it again."""
     if not overwrite:
         summary = reusable_summary(cfg, holdout)
         if summary is not None:
@@ -236,7 +236,7 @@ def _train_or_reuse(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label:
     logger.info("frontier: %s: training -> %s", label, cfg.output_dir)
     if overwrite:
         return train(cfg, overwrite=True, holdout=holdout).summary, True
-    return continue_run(cfg, holdout=holdout), True
+    return resume_or_train_afresh(cfg, holdout=holdout), True
 
 
 def _train_in_worker(cfg: ForgetlessConfig, holdout: int, overwrite: bool, label: str,

@@ -23,11 +23,40 @@ def closest(name: Any, choices: Any) -> str | None:
     return close[0] if close else None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a mapping naming a key twice is an error at the second one: plain yaml
+    keeps the last silently, so a config setting train.learning_rate twice would train with whichever came
+    last. (A merge key's entries, `<<: *defaults`, may still be overridden: that is what merging is for.)"""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    line = first_line.get(key)
+                except TypeError:  # an unhashable key: the safe loader's own error says so
+                    continue
+                if line is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} appears twice in one mapping (first on line {line + 1}); "
+                        "keep one", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` read as YAML by forgetless's one loader (UniqueKeyLoader): config files, run files, overrides."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml_mapping(path: Path, hint: str = "") -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file: {}); anything else is a ConfigError naming the
     file and the line where it breaks, with `hint` (what to do) after it, never yaml's traceback."""
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark else ""

@@ -248,6 +248,12 @@ def continue_run(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
     summary = reusable_summary(config, kwargs.get("holdout", 0))
     if summary is not None:
         return summary
+    return resume_or_train_afresh(config, **kwargs)
+
+
+def resume_or_train_afresh(config: ForgetlessConfig, **kwargs: Any) -> dict[str, Any]:
+    """continue_run past its reuse check, for a caller that has just found the run not reusable (frontier,
+    which logs that itself: asking again would say a damaged run's warning twice)."""
     out = Path(config.output_dir).expanduser()
     if why_not_resumed(out, config, kwargs.get("holdout", 0)) is None:
         return train(config, resume=True, **kwargs).summary

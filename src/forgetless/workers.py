@@ -19,6 +19,8 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
+from forgetless import console
+
 # the exit status of a worker whose parent is gone (128 + SIGTERM, as if it had been terminated)
 ORPHAN_EXIT = 143
 
@@ -29,19 +31,23 @@ def worker_pool(jobs: int) -> ProcessPoolExecutor:
                                initargs=parent_logging())
 
 
-def parent_logging() -> tuple[int, str | None]:
-    """What a spawned worker needs to log as this process does: the root logger's level and its first
-    handler's format (None: this process configured no logging, and the workers configure none either)."""
+def parent_logging() -> tuple[int, str | None, bool | None]:
+    """What a spawned worker needs to log as this process does: the root logger's level, its first handler's
+    format (None: this process configured no logging, and the workers configure none either) and how it
+    quieted third-party noise (forgetless.console.quieted)."""
     root = logging.getLogger()
     fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
-    return root.level, fmt
+    return root.level, fmt, console.quieted()
 
 
-def _start_worker(level: int, fmt: str | None) -> None:
+def _start_worker(level: int, fmt: str | None, quieted: bool | None = None) -> None:
     """A worker's initializer: log lines reach the console as the parent's do (only when the parent
-    configured logging: the CLI does; a library caller's choice is theirs), and exit once the parent is gone."""
+    configured logging: the CLI does; a library caller's choice is theirs), third-party noise quieted as the
+    parent quieted it, and exit once the parent is gone."""
     if fmt is not None:
         logging.basicConfig(level=level, format=fmt)
+    if quieted is not None:
+        console.quiet_third_party_noise(quantized=quieted)
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), name="forgetless-parent-watch",
